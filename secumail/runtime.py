@@ -1,0 +1,158 @@
+"""Process runtime shared by every service: logging, metrics, signals, graceful drain.
+
+A service is an object with `start()` (bind its listeners) and `drain(timeout)` (stop
+accepting, let in-flight work finish, close). `run_service` wires it to SIGTERM/SIGINT, so
+`docker stop` never cuts a mail transaction in half.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Protocol
+
+from secumail.logs import log_event, setup_logging
+from secumail.metrics import start_metrics_listener
+from secumail.netaddr import HostPort
+from secumail.settings import Settings
+
+log = logging.getLogger("secumail.runtime")
+
+
+class Service(Protocol):
+    async def start(self) -> None: ...
+
+    async def drain(self, timeout: float) -> None: ...
+
+
+class InFlight:
+    """Counts units of work in progress so that shutdown can wait for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        self.count += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+ConnectionHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class ConnectionServer:
+    """A TCP listener with a connection cap, for the line and packet protocols.
+
+    Handlers wrap each request in `self.inflight.track()` and stop reading new requests
+    once `self.draining` is set; idle connections are closed at drain time.
+    """
+
+    def __init__(
+        self, name: str, listen: HostPort, handler: ConnectionHandler, max_connections: int
+    ) -> None:
+        self.name = name
+        self.listen = listen
+        self.handler = handler
+        self.max_connections = max_connections
+        self.inflight = InFlight()
+        self.draining = False
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None and self._server.sockets
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def connections(self) -> int:
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._accept, self.listen.host, self.listen.port, reuse_address=True, limit=65536
+        )
+        log_event(log, "listening", service=self.name, listen=str(self.listen))
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.draining or len(self._tasks) >= self.max_connections:
+            log_event(
+                log, "connection refused", logging.WARNING, service=self.name,
+                peer=_peer(writer), reason="draining" if self.draining else "too many connections",
+            )
+            writer.close()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self.handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+    async def drain(self, timeout: float) -> None:
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        finished = await self.inflight.wait_idle(timeout)
+        if not finished:
+            log_event(log, "drain timed out", logging.WARNING, in_flight=self.inflight.count)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=1)
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+
+async def serve_until_signalled(service: Service, drain_timeout: float) -> None:
+    """Start `service`, wait for SIGTERM or SIGINT, then drain it."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    await stop.wait()
+    log_event(log, "stopping: draining in-flight work", timeout=drain_timeout)
+    await service.drain(drain_timeout)
+    log_event(log, "stopped")
+
+
+def run_service(name: str, settings: Settings, make_service: Callable[[], Service]) -> None:
+    """The body of every service's `main()`: logging, metrics listener, run until signalled."""
+    setup_logging(settings.log_level, settings.log_format)
+    start_metrics_listener(settings.metrics_listen)
+    log_event(log, "starting", service=name, metrics=str(settings.metrics_listen))
+
+    async def main() -> None:
+        await serve_until_signalled(make_service(), settings.drain_timeout)
+
+    asyncio.run(main())

@@ -1,0 +1,160 @@
+"""Every SECUMAIL_* setting, in one place: names, defaults, validation.
+
+Each service calls `load_settings()` once at start. A bad value stops the service with a
+message naming the environment variable, instead of failing later in the middle of a mail.
+The same fields are listed, with their defaults, in `.env.example`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from secumail.netaddr import HostPort, Network, parse_host_port, parse_network
+
+ENV_PREFIX = "SECUMAIL_"
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: object) -> object:
+    """Accept `a, b,c` (what people write in an env file) as well as a real list."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """The whole stack's settings. A service reads only the fields it needs."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # --- shared by every service -------------------------------------------------------
+    hostname: str = Field("mail.example.org", min_length=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    metrics_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:9100")
+    drain_timeout: float = Field(30.0, ge=0)
+    dns_servers: Annotated[list[HostPort], NoDecode] = []
+    dns_timeout: float = Field(5.0, gt=0)
+    mynetworks: Annotated[list[Network], NoDecode] = [
+        parse_network("127.0.0.0/8"),
+        parse_network("[::1]/128"),
+    ]
+
+    # --- policy service (10023) --------------------------------------------------------
+    policy_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:10023")
+    policy_fail_open: bool = False
+    policy_max_connections: int = Field(1000, ge=1)
+    policy_idle_timeout: float = Field(300.0, gt=0)
+    policy_max_line: int = Field(2048, ge=128)
+    policy_max_attributes: int = Field(64, ge=8)
+    policy_strict_attributes: bool = True
+
+    greylist_enabled: bool = True
+    greylist_store: str = "sqlite:///var/lib/secumail/greylist.sqlite"
+    greylist_delay: int = Field(300, ge=0)
+    greylist_retry_window: int = Field(2 * 86400, gt=0)
+    greylist_max_age: int = Field(35 * 86400, gt=0)
+    greylist_auto_whitelist: int = Field(5, ge=0)
+    greylist_whitelist_clients: CommaList = []
+    greylist_whitelist_recipients: CommaList = []
+
+    spf_enabled: bool = True
+    spf_reject_fail: bool = True
+
+    dnsbl_zones: CommaList = []
+    dnsbl_threshold: float = Field(1.0, gt=0)
+
+    @field_validator(
+        "greylist_whitelist_clients", "greylist_whitelist_recipients", "dnsbl_zones",
+        mode="before",
+    )
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("metrics_listen", "policy_listen", mode="before")
+    @classmethod
+    def _host_port(cls, value: object) -> object:
+        return parse_host_port(value) if isinstance(value, str) else value
+
+    @field_validator("dns_servers", mode="before")
+    @classmethod
+    def _host_ports(cls, value: object) -> object:
+        items = _split_commas(value)
+        if isinstance(items, list):
+            return [parse_host_port(i, default_port=53) if isinstance(i, str) else i for i in items]
+        return items
+
+    @field_validator("mynetworks", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> object:
+        items = _split_commas(value)
+        if isinstance(items, list):
+            return [parse_network(i) if isinstance(i, str) else i for i in items]
+        return items
+
+    @field_validator("dnsbl_zones")
+    @classmethod
+    def _dnsbl_zones(cls, zones: list[str]) -> list[str]:
+        for zone in zones:
+            parse_weighted_zone(zone)  # raises ValueError with the offending entry
+        return zones
+
+    @field_validator("greylist_store")
+    @classmethod
+    def _store_url(cls, url: str) -> str:
+        if not (url.startswith("sqlite://") or url.startswith(("redis://", "rediss://"))):
+            raise ValueError("must start with sqlite:/// or redis://")
+        return url
+
+    def in_mynetworks(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.mynetworks)
+
+    @property
+    def weighted_dnsbl_zones(self) -> list[tuple[str, float]]:
+        return [parse_weighted_zone(z) for z in self.dnsbl_zones]
+
+
+def parse_weighted_zone(entry: str) -> tuple[str, float]:
+    """`zen.spamhaus.org*2` -> ("zen.spamhaus.org", 2.0); no weight means 1."""
+    zone, _, weight = entry.partition("*")
+    zone = zone.strip().rstrip(".").lower()
+    if not zone or " " in zone or "." not in zone:
+        raise ValueError(f"bad DNSBL zone {entry!r}")
+    try:
+        value = float(weight) if weight else 1.0
+    except ValueError:
+        raise ValueError(f"bad weight in DNSBL zone {entry!r}") from None
+    if value <= 0:
+        raise ValueError(f"weight must be positive in {entry!r}")
+    return zone, value
+
+
+def describe_errors(error: ValidationError) -> list[str]:
+    """One line per invalid setting, naming the variable as the user spelled it."""
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else "?"
+        variable = ENV_PREFIX + field.upper()
+        lines.append(f"{variable}: {item['msg']} (got {item.get('input')!r})")
+    return lines
+
+
+def load_settings() -> Settings:
+    """Read the environment once; exit with status 2 and a clear message on a bad value."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        for line in describe_errors(error):
+            print(f"secumail: invalid setting {line}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,141 @@
+"""The policy service on port 10023: policy-protocol connections in, engine decisions out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from secumail import dns as secumail_dns
+from secumail.logs import log_event
+from secumail.policy_codec import PolicyDecoder, PolicyProtocolError, encode_action
+from secumail.runtime import ConnectionServer
+from secumail.settings import Settings
+from services.policy.engine import TEMPORARY_FAILURE, Decision, PolicyEngine
+from services.policy.stores import GreylistStore, open_store
+
+log = logging.getLogger("secumail.policy")
+
+DECISIONS = Counter(
+    "secumail_policy_decisions", "Policy decisions by deciding check and action kind",
+    ["check", "action"],
+)
+LATENCY = Histogram(
+    "secumail_policy_request_duration_seconds", "Time to answer one policy request",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+)
+CHECK_ERRORS = Counter(
+    "secumail_policy_check_errors", "Checks that failed (store or DNS trouble)", ["check"]
+)
+PROTOCOL_ERRORS = Counter(
+    "secumail_policy_protocol_errors", "Connections closed for malformed or idle input", ["reason"]
+)
+CONNECTIONS = Gauge("secumail_policy_connections", "Open policy connections")
+GREYLIST_ENTRIES = Gauge("secumail_greylist_entries", "Triplets in the greylist store")
+
+MAINTENANCE_INTERVAL = 60.0
+
+
+class PolicyService:
+    def __init__(self, settings: Settings, store: GreylistStore | None = None) -> None:
+        self.settings = settings
+        self.store = store or open_store(settings.greylist_store, settings.greylist_max_age)
+        self.engine = PolicyEngine(
+            settings, self.store,
+            secumail_dns.make_resolver(settings.dns_servers, settings.dns_timeout),
+            secumail_dns.make_async_resolver(settings.dns_servers, settings.dns_timeout),
+        )
+        self.engine.on_check_error = lambda check: CHECK_ERRORS.labels(check).inc()
+        self.server = ConnectionServer(
+            "policy", settings.policy_listen, self.handle, settings.policy_max_connections
+        )
+        self._maintenance: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.server.start()
+        self._maintenance = asyncio.create_task(self._maintain())
+
+    async def drain(self, timeout: float) -> None:
+        await self.server.drain(timeout)
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+        self.engine.close()
+        await self.store.close()
+
+    async def _maintain(self) -> None:
+        """Expire old triplets and publish the store size, once a minute."""
+        while True:
+            try:
+                cutoff = time.time() - self.settings.greylist_max_age
+                removed = await self.store.purge(cutoff)
+                GREYLIST_ENTRIES.set(await self.store.count())
+                if removed:
+                    log_event(log, "expired greylist entries", removed=removed)
+            except Exception as error:
+                CHECK_ERRORS.labels("store").inc()
+                log_event(log, "store maintenance failed", logging.WARNING, error=repr(error))
+            await asyncio.sleep(MAINTENANCE_INTERVAL)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        peer_text = f"{peer[0]}:{peer[1]}" if peer else "?"
+        decoder = PolicyDecoder(
+            self.settings.policy_max_line, self.settings.policy_max_attributes,
+            self.settings.policy_strict_attributes,
+        )
+        CONNECTIONS.inc()
+        try:
+            while not self.server.draining:
+                try:
+                    data = await asyncio.wait_for(
+                        reader.read(65536), self.settings.policy_idle_timeout
+                    )
+                except TimeoutError:
+                    self._drop(peer_text, "idle", "no request within the idle timeout")
+                    return
+                if not data:
+                    if decoder.pending:
+                        self._drop(peer_text, "truncated", "connection closed mid-request")
+                    return
+                try:
+                    requests = decoder.feed(data)
+                except PolicyProtocolError as error:
+                    self._drop(peer_text, "malformed", str(error))
+                    return
+                for request in requests:
+                    if request.get("request") != "smtpd_access_policy":
+                        self._drop(peer_text, "malformed", "not an smtpd_access_policy request")
+                        return
+                    with self.server.inflight.track():
+                        started = time.perf_counter()
+                        decision = await self.answer(request)
+                        writer.write(encode_action(decision.action))
+                        await writer.drain()
+                        LATENCY.observe(time.perf_counter() - started)
+        finally:
+            CONNECTIONS.dec()
+
+    async def answer(self, request: dict[str, str]) -> Decision:
+        try:
+            decision = await self.engine.evaluate(request)
+        except Exception:
+            log.exception("policy engine failed")
+            CHECK_ERRORS.labels("engine").inc()
+            fallback = "DUNNO" if self.settings.policy_fail_open else TEMPORARY_FAILURE
+            decision = Decision(fallback, "error", "internal error")
+        DECISIONS.labels(decision.check, decision.kind).inc()
+        log_event(
+            log, "decision", action=decision.action, check=decision.check,
+            reason=decision.reason, state=request.get("protocol_state", ""),
+            client=request.get("client_address", ""), helo=request.get("helo_name", ""),
+            sender=request.get("sender", ""), recipient=request.get("recipient", ""),
+            queue_id=request.get("queue_id", ""),
+        )
+        return decision
+
+    def _drop(self, peer: str, reason: str, detail: str) -> None:
+        PROTOCOL_ERRORS.labels(reason).inc()
+        log_event(log, "closing connection", logging.WARNING, peer=peer, reason=detail)
+

@@ -1,0 +1,80 @@
+"""SPF (RFC 7208) through pyspf, with every lookup sent to the shared resolver."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import dns.exception
+import dns.resolver
+import spf as pyspf
+
+SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
+
+
+@dataclass(frozen=True)
+class SpfOutcome:
+    result: str  # one of SPF_RESULTS
+    explanation: str
+    header: str  # Received-SPF value, result keyword first (RFC 7208 section 9.1)
+
+
+def clean_text(text: str, limit: int = 200) -> str:
+    """Text from DNS (exp=) goes into SMTP replies and headers: printable ASCII, bounded."""
+    return _UNPRINTABLE.sub(" ", text).strip()[:limit]
+
+
+def spf_action(outcome: SpfOutcome, reject_fail: bool) -> str | None:
+    """The policy action for an SPF result, or None to go on with the next check."""
+    if outcome.result == "fail" and reject_fail:
+        return f"550 5.7.23 SPF fail: {outcome.explanation or 'sender not authorized'}"
+    if outcome.result == "temperror":
+        return "451 4.7.24 SPF temporary error, please retry later"
+    return None
+
+
+def dns_lookup_via(resolver: dns.resolver.Resolver) -> Callable[..., list[Any]]:
+    """A replacement for pyspf's DNSLookup that asks `resolver` instead of the system one."""
+
+    def lookup(name: str, qtype: str, strict: bool = True, timeout: float = 20) -> list[Any]:
+        results: list[Any] = []
+        try:
+            answer = resolver.resolve(name, qtype, lifetime=timeout, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            return results
+        except (dns.exception.Timeout, dns.resolver.NoNameservers) as error:
+            raise pyspf.TempError(f"DNS {error}") from None
+        for rdata in answer:
+            if qtype in ("A", "AAAA"):
+                results.append(((name, qtype), rdata.address))
+            elif qtype == "MX":
+                results.append(((name, qtype), (rdata.preference, rdata.exchange)))
+            elif qtype == "PTR":
+                results.append(((name, qtype), rdata.target.to_text(True)))
+            elif qtype in ("TXT", "SPF"):
+                results.append(((name, qtype), rdata.strings))
+        return results
+
+    return lookup
+
+
+def use_resolver(resolver: dns.resolver.Resolver) -> None:
+    """Route pyspf's lookups (a module-level hook in pyspf) through `resolver`."""
+    pyspf.DNSLookup = dns_lookup_via(resolver)
+
+
+def check_spf(
+    client_address: str, sender: str, helo: str, receiver: str, timeout: float
+) -> SpfOutcome:
+    """Blocking: run it in a thread. An empty sender checks the HELO identity (RFC 7208 2.4)."""
+    query = pyspf.query(i=client_address, s=sender, h=helo, receiver=receiver, querytime=timeout)
+    result, _code, explanation = query.check()
+    if result not in SPF_RESULTS:
+        result = "permerror"
+    header = query.get_header(result, receiver=receiver)
+    # pyspf capitalises the keyword ("Pass (...)"); RFC 7208 writes it in lower case.
+    header = result + header[header.index(" ") :] if " " in header else result
+    return SpfOutcome(result, clean_text(explanation), clean_text(header, 900))

@@ -1,0 +1,148 @@
+"""Where greylisting state lives: SQLite (embedded default) or Redis (shared by replicas).
+
+Both speak the same small async interface. Errors propagate as exceptions: the policy
+engine turns them into a clear DEFER_IF_PERMIT (or DUNNO when failing open).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Protocol
+from urllib.parse import urlparse
+
+import redis.asyncio as aioredis
+
+from services.policy.greylist import ClientRecord, Triplet
+
+
+class GreylistStore(Protocol):
+    async def get(self, key: str) -> Triplet | None: ...
+
+    async def put(self, key: str, entry: Triplet) -> None: ...
+
+    async def get_client(self, network: str) -> ClientRecord | None: ...
+
+    async def put_client(self, network: str, record: ClientRecord) -> None: ...
+
+    async def purge(self, older_than: float) -> int: ...
+
+    async def count(self) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+class SqliteStore:
+    """One file, WAL journal: a write costs tens of microseconds, readers never block."""
+
+    def __init__(self, path: str) -> None:
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS triplets (key TEXT PRIMARY KEY, first_seen REAL, "
+            "last_seen REAL, passed INTEGER)"
+        )
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS clients (network TEXT PRIMARY KEY, passes INTEGER, "
+            "last_seen REAL)"
+        )
+
+    async def get(self, key: str) -> Triplet | None:
+        row = self.db.execute(
+            "SELECT first_seen, last_seen, passed FROM triplets WHERE key=?", (key,)
+        ).fetchone()
+        return Triplet(row[0], row[1], bool(row[2])) if row else None
+
+    async def put(self, key: str, entry: Triplet) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO triplets VALUES (?, ?, ?, ?)",
+            (key, entry.first_seen, entry.last_seen, int(entry.passed)),
+        )
+
+    async def get_client(self, network: str) -> ClientRecord | None:
+        row = self.db.execute(
+            "SELECT passes, last_seen FROM clients WHERE network=?", (network,)
+        ).fetchone()
+        return ClientRecord(row[0], row[1]) if row else None
+
+    async def put_client(self, network: str, record: ClientRecord) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO clients VALUES (?, ?, ?)",
+            (network, record.passes, record.last_seen),
+        )
+
+    async def purge(self, older_than: float) -> int:
+        removed = self.db.execute("DELETE FROM triplets WHERE last_seen < ?", (older_than,))
+        self.db.execute("DELETE FROM clients WHERE last_seen < ?", (older_than,))
+        return removed.rowcount
+
+    async def count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM triplets").fetchone()[0])
+
+    async def close(self) -> None:
+        self.db.close()
+
+
+class RedisStore:
+    """Shared state for scaled policy replicas; Redis expires old entries by itself."""
+
+    PREFIX = "secumail:greylist:"
+
+    def __init__(self, url: str, max_age: int, timeout: float = 2.0) -> None:
+        self.redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
+        )
+        self.max_age = max_age
+
+    async def get(self, key: str) -> Triplet | None:
+        data = await self.redis.hgetall(self.PREFIX + "t:" + key)
+        if not data:
+            return None
+        return Triplet(float(data["first"]), float(data["last"]), data["passed"] == "1")
+
+    async def put(self, key: str, entry: Triplet) -> None:
+        name = self.PREFIX + "t:" + key
+        mapping: dict[str | bytes | bytearray | memoryview | int | float, float] = {
+            "first": entry.first_seen, "last": entry.last_seen, "passed": int(entry.passed)
+        }
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(name, mapping=mapping)
+            pipe.expire(name, self.max_age)
+            await pipe.execute()
+
+    async def get_client(self, network: str) -> ClientRecord | None:
+        data = await self.redis.hgetall(self.PREFIX + "c:" + network)
+        return ClientRecord(int(data["passes"]), float(data["last"])) if data else None
+
+    async def put_client(self, network: str, record: ClientRecord) -> None:
+        name = self.PREFIX + "c:" + network
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(name, mapping={"passes": record.passes, "last": record.last_seen})
+            pipe.expire(name, self.max_age)
+            await pipe.execute()
+
+    async def purge(self, older_than: float) -> int:
+        return 0  # keys carry their own expiry
+
+    async def count(self) -> int:
+        total = 0
+        async for _ in self.redis.scan_iter(match=self.PREFIX + "t:*", count=1000):
+            total += 1
+        return total
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+def open_store(url: str, max_age: int) -> GreylistStore:
+    """`sqlite:///abs/path`, `sqlite://:memory:` or `redis://host:port/db`."""
+    if url.startswith(("redis://", "rediss://")):
+        return RedisStore(url, max_age)
+    parsed = urlparse(url)
+    path = parsed.netloc + parsed.path if parsed.netloc == ":memory:" else parsed.path
+    if not path:
+        raise ValueError(f"no path in greylist store URL {url!r}")
+    return SqliteStore(path)

@@ -1,0 +1,72 @@
+"""Settings: read once, validated, a bad value names its variable."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from secumail.netaddr import HostPort, parse_host_port, parse_network, postfix_network
+from secumail.settings import Settings, load_settings, parse_weighted_zone
+
+
+def test_defaults_match_the_documented_ones() -> None:
+    settings = Settings()
+    assert settings.policy_listen == HostPort("0.0.0.0", 10023)
+    assert settings.metrics_listen == HostPort("0.0.0.0", 9100)
+    assert settings.greylist_delay == 300
+    assert settings.greylist_retry_window == 2 * 86400
+    assert settings.greylist_max_age == 35 * 86400
+    assert settings.greylist_auto_whitelist == 5
+    assert settings.spf_reject_fail is True
+    assert settings.dnsbl_zones == []
+    assert settings.dns_servers == []
+
+
+def test_comma_lists_and_addresses_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SECUMAIL_DNS_SERVERS", "127.0.0.1:5353, [::1]:53,10.0.0.2")
+    monkeypatch.setenv("SECUMAIL_MYNETWORKS", "127.0.0.0/8, [2001:db8::]/48")
+    monkeypatch.setenv("SECUMAIL_DNSBL_ZONES", "zen.spamhaus.org*2, bl.example")
+    monkeypatch.setenv("SECUMAIL_GREYLIST_WHITELIST_CLIENTS", "")
+    settings = Settings()
+    assert settings.dns_servers == [
+        HostPort("127.0.0.1", 5353), HostPort("::1", 53), HostPort("10.0.0.2", 53)
+    ]
+    assert settings.in_mynetworks("2001:db8:0:1::7") and not settings.in_mynetworks("192.0.2.1")
+    assert settings.weighted_dnsbl_zones == [("zen.spamhaus.org", 2.0), ("bl.example", 1.0)]
+    assert settings.greylist_whitelist_clients == []
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("SECUMAIL_GREYLIST_DELAY", "five minutes"),
+        ("SECUMAIL_POLICY_LISTEN", "10023"),
+        ("SECUMAIL_DNSBL_ZONES", "zen.spamhaus.org*heavy"),
+        ("SECUMAIL_MYNETWORKS", "192.168.1/33"),
+        ("SECUMAIL_GREYLIST_STORE", "mysql://x"),
+        ("SECUMAIL_LOG_FORMAT", "xml"),
+        ("SECUMAIL_SPF_REJECT_FAIL", "maybe"),
+    ],
+)
+def test_bad_value_stops_with_the_variable_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as stop:
+        load_settings()
+    assert stop.value.code == 2
+    assert variable in capsys.readouterr().err
+
+
+def test_address_parsing() -> None:
+    assert parse_host_port("clamav:10025") == HostPort("clamav", 10025)
+    assert parse_host_port("[::1]:10023") == HostPort("::1", 10023)
+    assert parse_host_port("::1", default_port=53) == HostPort("::1", 53)
+    assert str(HostPort("::1", 53)) == "[::1]:53"
+    for bad in ("host:", ":25", "host:99999", "host:x"):
+        with pytest.raises(ValueError):
+            parse_host_port(bad)
+    assert parse_network("[::1]/128") == ipaddress.ip_network("::1/128")
+    assert postfix_network(parse_network("2001:db8::/48")) == "[2001:db8::]/48"
+    assert parse_weighted_zone("Bl.Example.*0.5") == ("bl.example", 0.5)
