@@ -30,7 +30,7 @@ def clean_text(text: str, limit: int = 200) -> str:
 def spf_action(outcome: SpfOutcome, reject_fail: bool) -> str | None:
     """The policy action for an SPF result, or None to go on with the next check."""
     if outcome.result == "fail" and reject_fail:
-        return f"550 5.7.23 SPF fail: {outcome.explanation or 'sender not authorized'}"
+        return f"550 5.7.23 SPF check failed: {outcome.explanation or 'sender not authorized'}"
     if outcome.result == "temperror":
         return "451 4.7.24 SPF temporary error, please retry later"
     return None
@@ -74,6 +74,9 @@ def check_spf(
     result, _code, explanation = query.check()
     if result not in SPF_RESULTS:
         result = "permerror"
+    if explanation == pyspf.EXPLANATIONS.get(result):
+        # pyspf's stock text says little; the header comment names the domain and the address.
+        explanation = query.get_header_comment(result)
     header = query.get_header(result, receiver=receiver)
     # pyspf capitalises the keyword ("Pass (...)"); RFC 7208 writes it in lower case.
     header = result + header[header.index(" ") :] if " " in header else result

@@ -37,7 +37,7 @@ class ZoneResolver(BaseResolver):  # type: ignore[misc]
         return reply
 
 
-class TestDNSServer:
+class LoopbackDNS:
     """`add("example.org", "TXT", '"v=spf1 -all"')`; `address` is (host, port)."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
@@ -58,12 +58,13 @@ class TestDNSServer:
         with self.resolver.lock:
             self.resolver.slow_suffixes.add(suffix)
 
-    def start(self) -> TestDNSServer:
+    def start(self) -> LoopbackDNS:
         self.server.start_thread()
         return self
 
     def stop(self) -> None:
         self.server.stop()
+        self.server.server.server_close()
 
 
 class _Quiet:

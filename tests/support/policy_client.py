@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from typing import ClassVar
 
 from secumail.policy_codec import encode_request
 
@@ -30,9 +31,18 @@ def rcpt_request(**overrides: str) -> dict[str, str]:
 
 
 class PolicyClient:
+    opened: ClassVar[list[PolicyClient]] = []
+
     def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.buffer = b""
+        PolicyClient.opened.append(self)
+
+    @classmethod
+    def close_all(cls) -> None:
+        """Called after each test (conftest), so no test leaks a socket."""
+        while cls.opened:
+            cls.opened.pop().close()
 
     def ask(self, request: dict[str, str]) -> str:
         """Send one request and return the action text (what follows `action=`)."""

@@ -64,6 +64,7 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.close()
         return int(self.proc.returncode)
 
 

@@ -84,8 +84,15 @@ def test_auto_whitelist_after_n_passes() -> None:
 
 
 def test_client_whitelist_by_ip_network_host_and_domain() -> None:
-    whitelist = ClientWhitelist(["192.0.2.10", "198.51.100.0/24", "[2001:db8::]/32",
-                                 "mx.partner.example", "bigmail.example"])
+    whitelist = ClientWhitelist(
+        [
+            "192.0.2.10",
+            "198.51.100.0/24",
+            "[2001:db8::]/32",
+            "mx.partner.example",
+            "bigmail.example",
+        ]
+    )
     assert whitelist.matches("192.0.2.10", "unknown")
     assert not whitelist.matches("192.0.2.11", "unknown")
     assert whitelist.matches("198.51.100.200", "")

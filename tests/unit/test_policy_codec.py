@@ -34,7 +34,8 @@ GOLDEN = [
     (b"request=smtpd_access_policy\nhelo_name=a=b\n\n", 1, {"helo_name": "a=b"}),
     (
         "request=smtpd_access_policy\nsender=jos\u00e9@exemple.fr\n\n".encode(),
-        1, {"sender": "jos\u00e9@exemple.fr"},
+        1,
+        {"sender": "jos\u00e9@exemple.fr"},
     ),
 ]
 

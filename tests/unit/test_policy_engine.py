@@ -42,8 +42,11 @@ def make_engine(
     sync_dns = FakeResolver()
     sync_dns.records, sync_dns.failing = dns.records, dns.failing
     return PolicyEngine(
-        settings, store or SqliteStore(":memory:"), sync_dns,  # type: ignore[arg-type]
-        dns, clock,  # type: ignore[arg-type]
+        settings,
+        store or SqliteStore(":memory:"),
+        sync_dns,  # type: ignore[arg-type]
+        dns,
+        clock,  # type: ignore[arg-type]
     )
 
 
@@ -94,15 +97,19 @@ async def test_auto_whitelist_after_enough_passes(dns: FakeResolver, clock: Fake
         recipient = f"user{n}@secumail.test"
         assert (await engine.evaluate(rcpt_request(recipient=recipient))).kind == "defer"
         clock.advance(301)
-        assert (await engine.evaluate(rcpt_request(recipient=recipient))).kind == "prepend"
+        retry = rcpt_request(recipient=recipient, instance=f"retry-{n}")
+        assert (await engine.evaluate(retry)).kind == "prepend"
     fresh = await engine.evaluate(rcpt_request(recipient="someone-new@secumail.test"))
     assert fresh.action == "DUNNO"
 
 
 async def test_whitelists_skip_greylisting(dns: FakeResolver, clock: FakeClock) -> None:
     engine = make_engine(
-        dns, clock, spf_enabled=False,
-        greylist_whitelist_clients="remote.test", greylist_whitelist_recipients="postmaster@",
+        dns,
+        clock,
+        spf_enabled=False,
+        greylist_whitelist_clients="remote.test",
+        greylist_whitelist_recipients="postmaster@",
     )
     assert (await engine.evaluate(rcpt_request())).action == "DUNNO"
     other = rcpt_request(client_name="unknown", recipient="postmaster@secumail.test")
@@ -113,7 +120,7 @@ async def test_whitelists_skip_greylisting(dns: FakeResolver, clock: FakeClock) 
 async def test_spf_fail_is_rejected_with_550(dns: FakeResolver, clock: FakeClock) -> None:
     engine = make_engine(dns, clock)
     decision = await engine.evaluate(rcpt_request(sender="ceo@forged.test"))
-    assert decision.action.startswith("550 5.7.23 SPF fail")
+    assert decision.action.startswith("550 5.7.23 SPF check failed")
     assert decision.check == "spf" and decision.kind == "reject"
 
 
@@ -161,16 +168,24 @@ async def test_softfail_and_none_pass(dns: FakeResolver, clock: FakeClock) -> No
 
 async def test_dnsbl_weights_and_threshold(dns: FakeResolver, clock: FakeClock) -> None:
     engine = make_engine(
-        dns, clock, spf_enabled=False, greylist_enabled=False,
-        dnsbl_zones="bl.test*2,weak.test*1,clean.test*5", dnsbl_threshold=3,
+        dns,
+        clock,
+        spf_enabled=False,
+        greylist_enabled=False,
+        dnsbl_zones="bl.test*2,weak.test*1,clean.test*5",
+        dnsbl_threshold=3,
     )
     decision = await engine.evaluate(rcpt_request())
     assert decision.action == (
         "554 5.7.1 Service unavailable; client [203.0.113.7] blocked using bl.test, weak.test"
     )
     lenient = make_engine(
-        dns, clock, spf_enabled=False, greylist_enabled=False,
-        dnsbl_zones="bl.test*2", dnsbl_threshold=3,
+        dns,
+        clock,
+        spf_enabled=False,
+        greylist_enabled=False,
+        dnsbl_zones="bl.test*2",
+        dnsbl_threshold=3,
     )
     assert (await lenient.evaluate(rcpt_request())).action == "DUNNO"
     assert (await engine.evaluate(rcpt_request(client_address="203.0.113.8"))).action == "DUNNO"
@@ -194,8 +209,9 @@ async def test_store_failure_defers(dns: FakeResolver, clock: FakeClock) -> None
     engine = make_engine(dns, clock, BrokenStore(":memory:"), spf_enabled=False)
     decision = await engine.evaluate(rcpt_request())
     assert (decision.action, decision.check) == (TEMPORARY_FAILURE, "greylist")
-    open_ = make_engine(dns, clock, BrokenStore(":memory:"), spf_enabled=False,
-                        policy_fail_open=True)
+    open_ = make_engine(
+        dns, clock, BrokenStore(":memory:"), spf_enabled=False, policy_fail_open=True
+    )
     assert (await open_.evaluate(rcpt_request())).action == "DUNNO"
 
 

@@ -30,7 +30,9 @@ def test_comma_lists_and_addresses_from_the_environment(monkeypatch: pytest.Monk
     monkeypatch.setenv("SECUMAIL_GREYLIST_WHITELIST_CLIENTS", "")
     settings = Settings()
     assert settings.dns_servers == [
-        HostPort("127.0.0.1", 5353), HostPort("::1", 53), HostPort("10.0.0.2", 53)
+        HostPort("127.0.0.1", 5353),
+        HostPort("::1", 53),
+        HostPort("10.0.0.2", 53),
     ]
     assert settings.in_mynetworks("2001:db8:0:1::7") and not settings.in_mynetworks("192.0.2.1")
     assert settings.weighted_dnsbl_zones == [("zen.spamhaus.org", 2.0), ("bl.example", 1.0)]

@@ -1,0 +1,208 @@
+"""secumail-policy as a real process over TCP, with the test's own DNS server and Redis."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.dnsserver import LoopbackDNS
+from tests.support.policy_client import PolicyClient, rcpt_request
+from tests.support.processes import VENV_BIN, Daemon, free_port, policy_env, start_policy
+
+StartPolicy = Callable[..., tuple[Daemon, int]]
+
+
+@pytest.fixture
+def policy(tmp_path: Path, dns_server: LoopbackDNS) -> Iterator[StartPolicy]:
+    """Start secumail-policy processes with settings overrides; all stopped at the end."""
+    daemons: list[Daemon] = []
+
+    def start(store: str = "", **overrides: str) -> tuple[Daemon, int]:
+        port = free_port()
+        store = store or f"sqlite:///{tmp_path}/greylist-{port}.sqlite"
+        env = policy_env(port, store, dns_server.spec, **overrides)
+        daemon = start_policy(env)
+        daemon.metrics_port = int(env["SECUMAIL_METRICS_LISTEN"].rsplit(":", 1)[1])  # type: ignore[attr-defined]
+        daemons.append(daemon)
+        return daemon, port
+
+    yield start
+    for daemon in daemons:
+        daemon.stop()
+
+
+def metrics(daemon: Daemon) -> str:
+    port = daemon.metrics_port  # type: ignore[attr-defined]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return str(response.read().decode())
+
+
+def test_greylisting_round_trip(policy: StartPolicy) -> None:
+    daemon, port = policy(greylist_delay="1", spf_enabled="false")
+    client = PolicyClient(port)
+    assert client.ask(rcpt_request(instance="1")) == (
+        "DEFER_IF_PERMIT 4.7.1 Greylisted, please try again in 1 seconds"
+    )
+    time.sleep(1.2)
+    action = client.ask(rcpt_request(instance="2"))
+    assert action.startswith(
+        "PREPEND X-Greylist: delayed 1 seconds by SecuMail at mx.secumail.test;"
+    )
+    assert client.ask(rcpt_request(instance="3")) == "DUNNO"
+    exposition = metrics(daemon)
+    assert 'secumail_policy_decisions_total{action="defer",check="greylist"} 1.0' in exposition
+    assert 'secumail_policy_decisions_total{action="prepend",check="greylist"} 1.0' in exposition
+    assert "secumail_policy_request_duration_seconds_count 3.0" in exposition
+    assert "decision" in daemon.output() and "check=greylist" in daemon.output()
+
+
+def test_spf_and_dnsbl_through_the_test_dns(policy: StartPolicy, dns_server: LoopbackDNS) -> None:
+    dns_server.add("remote.test", "TXT", '"v=spf1 ip4:203.0.113.0/24 -all"')
+    dns_server.add("bank.test", "TXT", '"v=spf1 ip4:192.0.2.1 -all"')
+    dns_server.add("66.113.0.203.rbl.test", "A", "127.0.0.4")
+    _, port = policy(greylist_enabled="false", dnsbl_zones="rbl.test")
+    client = PolicyClient(port)
+    assert client.ask(rcpt_request()) == "DUNNO"
+    header = client.ask(rcpt_request(protocol_state="DATA"))
+    assert header.startswith("PREPEND Received-SPF: pass (mx.secumail.test: domain of remote.test")
+    assert client.ask(rcpt_request(sender="ceo@bank.test")).startswith(
+        "550 5.7.23 SPF check failed"
+    )
+    assert client.ask(rcpt_request(client_address="203.0.113.66")) == (
+        "554 5.7.1 Service unavailable; client [203.0.113.66] blocked using rbl.test"
+    )
+    asked = {name for name, _ in dns_server.resolver.queries}
+    assert {"remote.test", "bank.test", "66.113.0.203.rbl.test"} <= asked
+
+
+def test_dns_timeout_defers_and_service_keeps_serving(
+    policy: StartPolicy, dns_server: LoopbackDNS
+) -> None:
+    dns_server.make_slow("slow.test")
+    _, port = policy(greylist_enabled="false", dnsbl_zones="slow.test", dns_timeout="0.5")
+    slow = PolicyClient(port)
+    assert slow.ask(rcpt_request()).startswith("DEFER_IF_PERMIT 4.7.1 Service temporarily")
+    _, open_port = policy(
+        greylist_enabled="false",
+        dnsbl_zones="slow.test",
+        dns_timeout="0.5",
+        policy_fail_open="true",
+        spf_enabled="false",
+    )
+    assert PolicyClient(open_port).ask(rcpt_request()) == "DUNNO"
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        bytes(range(256)) * 4,
+        b"request=smtpd_access_policy\nnot an attribute\n\n",
+        b"sender=" + b"A" * 100_000,
+        b"request=smtpd_access_policy\nfavourite=blue\n\n",
+        b"request=other_request\n\n",
+    ],
+)
+def test_junk_closes_that_connection_only(policy: StartPolicy, junk: bytes) -> None:
+    daemon, port = policy(spf_enabled="false")
+    bystander = PolicyClient(port)
+    assert bystander.ask(rcpt_request(client_address="198.51.100.1")).startswith("DEFER_IF_PERMIT")
+    offender = PolicyClient(port)
+    offender.sock.sendall(junk)
+    assert offender.closed_by_peer()
+    assert bystander.ask(rcpt_request(client_address="198.51.100.2")).startswith("DEFER_IF_PERMIT")
+    assert "closing connection" in daemon.output()
+    assert "secumail_policy_protocol_errors_total" in metrics(daemon)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_idle_and_half_sent_requests_are_dropped_memory_bounded(policy: StartPolicy) -> None:
+    daemon, port = policy(
+        spf_enabled="false", policy_idle_timeout="1", policy_max_connections="300"
+    )
+    before = rss_kib(daemon.proc.pid)
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(400)]
+    for sock in idle[:200]:
+        sock.sendall(b"request=smtpd_access_policy\nsender=never-finished")
+    # Over the cap, connections are refused at once; the service itself still answers.
+    time.sleep(1.5)
+    for sock in idle:
+        sock.settimeout(5)
+        assert sock.recv(1) == b""  # closed by the service: over the cap, idle or half-sent
+        sock.close()
+    assert PolicyClient(port).ask(rcpt_request()).startswith("DEFER_IF_PERMIT")
+    after = rss_kib(daemon.proc.pid)
+    assert after - before < 20_000, (before, after)
+    log = daemon.output()
+    assert "too many connections" in log and "no request within the idle timeout" in log
+
+
+def test_sigterm_finishes_the_request_in_flight(
+    policy: StartPolicy, dns_server: LoopbackDNS
+) -> None:
+    dns_server.make_slow("slow.test")
+    daemon, port = policy(
+        greylist_enabled="false", spf_enabled="false", dnsbl_zones="slow.test", dns_timeout="1.5"
+    )
+    client = PolicyClient(port)
+    answers: list[str] = []
+    asking = threading.Thread(target=lambda: answers.append(client.ask(rcpt_request())))
+    asking.start()
+    time.sleep(0.5)
+    daemon.proc.terminate()
+    asking.join(10)
+    assert answers and answers[0].startswith("DEFER_IF_PERMIT")
+    assert daemon.proc.wait(10) == 0
+    assert "draining" in daemon.output()
+
+
+def test_redis_store_is_shared_by_replicas(policy: StartPolicy, redis_url: str) -> None:
+    _, port_a = policy(redis_url, greylist_delay="1", spf_enabled="false")
+    _, port_b = policy(redis_url, greylist_delay="1", spf_enabled="false")
+    assert PolicyClient(port_a).ask(rcpt_request()).startswith("DEFER_IF_PERMIT")
+    time.sleep(1.2)
+    assert PolicyClient(port_b).ask(rcpt_request()).startswith("PREPEND X-Greylist: delayed 1")
+
+
+def test_unreachable_redis_defers_and_the_service_stays_up(policy: StartPolicy) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    daemon, port = policy(dead, spf_enabled="false")
+    client = PolicyClient(port)
+    for _ in range(3):
+        assert client.ask(rcpt_request()).startswith("DEFER_IF_PERMIT 4.7.1 Service temporarily")
+    assert daemon.proc.poll() is None
+    assert "check failed" in daemon.output()
+
+
+def test_bad_setting_stops_the_service_naming_the_variable() -> None:
+    env = {**os.environ, "SECUMAIL_GREYLIST_DELAY": "soon"}
+    result = subprocess.run(
+        [str(VENV_BIN / "secumail-policy")], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert "SECUMAIL_GREYLIST_DELAY" in result.stderr
+
+
+def test_module_runs_without_console_script() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "import services.policy.main as m; print(m.main.__doc__ is None)"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,83 @@
+"""A real Postfix consults the real policy service through check_policy_service."""
+
+from __future__ import annotations
+
+import smtplib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.dnsserver import LoopbackDNS
+from tests.support.postfix import PostfixInstance, sink_transport
+from tests.support.processes import Daemon, free_port, policy_env, start_policy
+from tests.support.sink import SmtpSink
+
+DELAY = 2
+
+
+@pytest.fixture
+def chain(tmp_path: Path, dns_server: LoopbackDNS) -> Iterator[tuple[PostfixInstance, SmtpSink]]:
+    dns_server.add("remote.test", "TXT", '"v=spf1 ip4:203.0.113.0/24 -all"')
+    dns_server.add("bank.test", "TXT", '"v=spf1 ip4:192.0.2.1 -all"')
+    policy_port = free_port()
+    policy: Daemon = start_policy(
+        policy_env(
+            policy_port,
+            f"sqlite:///{tmp_path}/grey.sqlite",
+            dns_server.spec,
+            greylist_delay=str(DELAY),
+        )
+    )
+    sink = SmtpSink().start()
+    service = f"check_policy_service inet:127.0.0.1:{policy_port}"
+    postfix = PostfixInstance(
+        {
+            **sink_transport(sink.port),
+            "smtpd_recipient_restrictions": (
+                f"permit_mynetworks, reject_unauth_destination, {service}"
+            ),
+            "smtpd_data_restrictions": service,
+        }
+    ).start()
+    yield postfix, sink
+    postfix.stop()
+    sink.stop()
+    policy.stop()
+
+
+def send_as_remote(port: int, sender: str, client: str = "203.0.113.7") -> tuple[int, bytes]:
+    """One SMTP transaction, appearing through XCLIENT as a remote client; RCPT's reply."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.ehlo("test-client.secumail.test")
+        code, reply = smtp.docmd("XCLIENT", f"ADDR={client} NAME=mail.remote.test")
+        assert code == 220, reply
+        smtp.ehlo("mail.remote.test")
+        smtp.mail(sender)
+        code, reply = smtp.rcpt("bob@secumail.test")
+        if code == 250:
+            smtp.data(b"From: " + sender.encode() + b"\r\nSubject: hello\r\n\r\nHi Bob.\r\n")
+        return code, reply
+
+
+def test_first_attempt_greylisted_retry_delivered_with_headers(
+    chain: tuple[PostfixInstance, SmtpSink],
+) -> None:
+    postfix, sink = chain
+    code, reply = send_as_remote(postfix.port, "alice@remote.test")
+    assert code == 450 and b"Greylisted" in reply, reply
+    time.sleep(DELAY + 0.5)
+    code, reply = send_as_remote(postfix.port, "alice@remote.test")
+    assert code == 250, reply
+    [message] = sink.wait_for(1)
+    assert message["X-Greylist"].startswith(f"delayed {DELAY} seconds by SecuMail")
+    assert message["Received-SPF"].startswith("pass (mx.secumail.test: domain of remote.test")
+    assert message["Subject"] == "hello"
+
+
+def test_spf_fail_is_refused_by_postfix(chain: tuple[PostfixInstance, SmtpSink]) -> None:
+    postfix, _ = chain
+    code, reply = send_as_remote(postfix.port, "ceo@bank.test")
+    assert code == 550 and b"5.7.23" in reply and b"SPF check failed: domain of bank.test" in reply
+    assert "SPF check failed: domain of bank.test does not designate 203.0.113.7" in postfix.log()
