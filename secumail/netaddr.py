@@ -6,6 +6,7 @@ import ipaddress
 from typing import NamedTuple
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class HostPort(NamedTuple):
@@ -33,7 +34,7 @@ def parse_host_port(text: str, default_port: int | None = None) -> HostPort:
         if default_port is None:
             raise ValueError(f"no port in {text!r} (expected host:port)")
         return HostPort(host, default_port)
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"bad port in {text!r}")
     return HostPort(host, int(port))
 
@@ -54,8 +55,16 @@ def postfix_network(net: Network) -> str:
     return str(net)
 
 
-def client_network(address: str) -> str:
+def parse_ip(text: str) -> IPAddress | None:
+    """A client address as Postfix sends it; None for "unknown" or anything not an IP."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def client_network(ip: IPAddress) -> str:
     """The network greylisting groups a client into: /24 for IPv4, /64 for IPv6 (as postgrey)."""
-    ip = ipaddress.ip_address(address)
-    prefix = 24 if ip.version == 4 else 64
-    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+    if ip.version == 4:
+        return str(ip).rsplit(".", 1)[0] + ".0/24"  # same text as ip_network(), 10x cheaper
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))

@@ -7,14 +7,13 @@ The same fields are listed, with their defaults, in `.env.example`.
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from secumail.netaddr import HostPort, Network, parse_host_port, parse_network
+from secumail.netaddr import HostPort, IPAddress, Network, parse_host_port, parse_network
 
 ENV_PREFIX = "SECUMAIL_"
 
@@ -113,12 +112,8 @@ class Settings(BaseSettings):
             raise ValueError("must start with sqlite:/// or redis://")
         return url
 
-    def in_mynetworks(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.mynetworks)
+    def in_mynetworks(self, ip: IPAddress | None) -> bool:
+        return ip is not None and any(ip in net for net in self.mynetworks)
 
     @property
     def weighted_dnsbl_zones(self) -> list[tuple[str, float]]:

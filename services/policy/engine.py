@@ -22,7 +22,7 @@ import dns.asyncresolver
 import dns.resolver
 
 from secumail.logs import log_event
-from secumail.netaddr import client_network
+from secumail.netaddr import IPAddress, client_network, parse_ip
 from secumail.policy_codec import PolicyRequest
 from secumail.settings import Settings
 from services.policy import dnsbl, spf
@@ -109,12 +109,15 @@ class PolicyEngine:
         return Decision("DUNNO", "none", f"nothing to check at {state or 'unknown'} stage")
 
     async def _recipient_stage(self, request: PolicyRequest) -> Decision:
-        client = request.get("client_address", "")
-        if self.settings.in_mynetworks(client):
+        ip = parse_ip(request.get("client_address", ""))
+        if ip is None:
+            return Decision("DUNNO", "none", "no client address to check")
+        if self.settings.in_mynetworks(ip):
             return Decision("DUNNO", "trusted", "client in mynetworks")
         if request.get("sasl_username"):
             return Decision("DUNNO", "trusted", "authenticated sender")
-        steps: list[tuple[str, bool, Callable[[PolicyRequest], Awaitable[Decision | None]]]] = [
+        Step = Callable[[PolicyRequest, IPAddress], Awaitable[Decision | None]]
+        steps: list[tuple[str, bool, Step]] = [
             ("dnsbl", bool(self.dnsbl_weights), self._check_dnsbl),
             ("spf", self.settings.spf_enabled, self._check_spf),
             ("greylist", self.settings.greylist_enabled, self._check_greylist),
@@ -123,7 +126,7 @@ class PolicyEngine:
             if not enabled:
                 continue
             try:
-                decision = await step(request)
+                decision = await step(request, ip)
             except Exception as error:
                 failure = self._failure(name, error)
                 if failure is not None:
@@ -145,10 +148,8 @@ class PolicyEngine:
             return None
         return Decision(TEMPORARY_FAILURE, check, f"{check} unavailable: {type(error).__name__}")
 
-    async def _check_dnsbl(self, request: PolicyRequest) -> Decision | None:
-        client = request.get("client_address", "")
-        if not client or client == "unknown":
-            return None
+    async def _check_dnsbl(self, request: PolicyRequest, ip: IPAddress) -> Decision | None:
+        client = str(ip)
         zones = list(self.dnsbl_weights)
         listed = await dnsbl.lookup_all(self.async_resolver, client, zones)
         rejected, score, hits = dnsbl.dnsbl_verdict(
@@ -174,25 +175,24 @@ class PolicyEngine:
             )
         return transaction.spf
 
-    async def _check_spf(self, request: PolicyRequest) -> Decision | None:
+    async def _check_spf(self, request: PolicyRequest, ip: IPAddress) -> Decision | None:
         outcome = await self._spf_outcome(request)
         action = spf.spf_action(outcome, self.settings.spf_reject_fail)
         if action is None:
             return None
         return Decision(action, "spf", f"spf={outcome.result}")
 
-    async def _check_greylist(self, request: PolicyRequest) -> Decision | None:
-        client = request.get("client_address", "")
+    async def _check_greylist(self, request: PolicyRequest, ip: IPAddress) -> Decision | None:
         recipient = request.get("recipient", "")
-        if self.client_whitelist.matches(client, request.get("client_name", "")):
+        if self.client_whitelist.matches(ip, request.get("client_name", "")):
             return None
         if self.recipient_whitelist.matches(recipient):
             return None
-        network = client_network(client)
+        network = client_network(ip)
         now = self.clock()
         if client_is_whitelisted(await self.store.get_client(network), now, self.greylist):
             return None
-        key = triplet_key(client, request.get("sender", ""), recipient)
+        key = triplet_key(network, request.get("sender", ""), recipient)
         verdict = check_triplet(await self.store.get(key), now, self.greylist)
         await self.store.put(key, verdict.entry)
         if verdict.defer:
@@ -214,8 +214,8 @@ class PolicyEngine:
 
     async def _data_stage(self, request: PolicyRequest) -> Decision:
         """Add Received-SPF once the recipients are known and the message is coming."""
-        client = request.get("client_address", "")
-        trusted = self.settings.in_mynetworks(client) or request.get("sasl_username")
+        ip = parse_ip(request.get("client_address", ""))
+        trusted = self.settings.in_mynetworks(ip) or request.get("sasl_username")
         if not self.settings.spf_enabled or trusted:
             return Decision("DUNNO", "none", "no header to add")
         try:

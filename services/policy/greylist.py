@@ -7,11 +7,10 @@ someone else's job (stores.py); nothing here does I/O or reads the clock.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, replace
 from email.utils import formatdate
 
-from secumail.netaddr import Network, client_network, parse_network
+from secumail.netaddr import IPAddress, Network, parse_network
 
 
 @dataclass(frozen=True)
@@ -49,8 +48,9 @@ class GreyVerdict:
     retry_in: float = 0.0
 
 
-def triplet_key(client_address: str, sender: str, recipient: str) -> str:
-    return f"{client_network(client_address)}/{(sender or '<>').lower()}/{recipient.lower()}"
+def triplet_key(network: str, sender: str, recipient: str) -> str:
+    """`network` is the client's, from `client_network()`."""
+    return f"{network}/{(sender or '<>').lower()}/{recipient.lower()}"
 
 
 def check_triplet(entry: Triplet | None, now: float, cfg: GreylistConfig) -> GreyVerdict:
@@ -101,12 +101,8 @@ class ClientWhitelist:
             except ValueError:
                 self.names.append(entry.lower().strip(".").removeprefix("*."))
 
-    def matches(self, address: str, client_name: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            ip = None
-        if ip is not None and any(ip in net for net in self.networks):
+    def matches(self, ip: IPAddress, client_name: str) -> bool:
+        if any(ip in net for net in self.networks):
             return True
         name = client_name.lower().rstrip(".")
         if not name or name == "unknown":

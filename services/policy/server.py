@@ -89,9 +89,8 @@ class PolicyService:
         try:
             while not self.server.draining:
                 try:
-                    data = await asyncio.wait_for(
-                        reader.read(65536), self.settings.policy_idle_timeout
-                    )
+                    async with asyncio.timeout(self.settings.policy_idle_timeout):
+                        data = await reader.read(65536)
                 except TimeoutError:
                     self._drop(peer_text, "idle", "no request within the idle timeout")
                     return

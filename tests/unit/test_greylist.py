@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from ipaddress import ip_address
+
+from secumail.netaddr import client_network
 from services.policy.greylist import (
     ClientRecord,
     ClientWhitelist,
@@ -62,14 +65,19 @@ def test_zero_delay_passes_on_first_retry() -> None:
     assert not check_triplet(Triplet(T0, T0), T0, cfg).defer
 
 
+def key(client: str, sender: str, recipient: str) -> str:
+    return triplet_key(client_network(ip_address(client)), sender, recipient)
+
+
 def test_triplet_groups_ipv4_by_24_and_ipv6_by_64() -> None:
-    assert triplet_key("192.0.2.1", "A@X.example", "b@y.example") == triplet_key(
+    assert key("192.0.2.1", "A@X.example", "b@y.example") == key(
         "192.0.2.254", "a@x.example", "B@Y.example"
     )
-    assert triplet_key("192.0.2.1", "a@x", "b@y") != triplet_key("192.0.3.1", "a@x", "b@y")
-    assert triplet_key("2001:db8::1", "", "b@y") == triplet_key("2001:db8::ffff:1", "", "b@y")
-    assert triplet_key("2001:db8::1", "", "b@y") != triplet_key("2001:db8:0:1::1", "", "b@y")
-    assert "/<>/" in triplet_key("192.0.2.1", "", "b@y")
+    assert key("192.0.2.1", "a@x", "b@y") == "192.0.2.0/24/a@x/b@y"
+    assert key("192.0.2.1", "a@x", "b@y") != key("192.0.3.1", "a@x", "b@y")
+    assert key("2001:db8::1", "", "b@y") == key("2001:db8::ffff:1", "", "b@y")
+    assert key("2001:db8::1", "", "b@y") == "2001:db8::/64/<>/b@y"
+    assert key("2001:db8::1", "", "b@y") != key("2001:db8:0:1::1", "", "b@y")
 
 
 def test_auto_whitelist_after_n_passes() -> None:
@@ -93,14 +101,14 @@ def test_client_whitelist_by_ip_network_host_and_domain() -> None:
             "bigmail.example",
         ]
     )
-    assert whitelist.matches("192.0.2.10", "unknown")
-    assert not whitelist.matches("192.0.2.11", "unknown")
-    assert whitelist.matches("198.51.100.200", "")
-    assert whitelist.matches("2001:db8:1::5", "")
-    assert whitelist.matches("203.0.113.1", "mx.partner.example")
-    assert not whitelist.matches("203.0.113.1", "evil-mx.partner.example.attacker.test")
-    assert whitelist.matches("203.0.113.1", "out-17.bigmail.example.")
-    assert not whitelist.matches("203.0.113.1", "notbigmail.example")
+    assert whitelist.matches(ip_address("192.0.2.10"), "unknown")
+    assert not whitelist.matches(ip_address("192.0.2.11"), "unknown")
+    assert whitelist.matches(ip_address("198.51.100.200"), "")
+    assert whitelist.matches(ip_address("2001:db8:1::5"), "")
+    assert whitelist.matches(ip_address("203.0.113.1"), "mx.partner.example")
+    assert not whitelist.matches(ip_address("203.0.113.1"), "evil-mx.partner.example.attacker.test")
+    assert whitelist.matches(ip_address("203.0.113.1"), "out-17.bigmail.example.")
+    assert not whitelist.matches(ip_address("203.0.113.1"), "notbigmail.example")
 
 
 def test_recipient_whitelist() -> None:

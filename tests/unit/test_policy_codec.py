@@ -128,3 +128,8 @@ def test_fuzz_any_bytes_give_requests_or_protocol_error(chunks: list[bytes]) -> 
     except PolicyProtocolError:
         pass
     assert len(decoder._buffer) <= 256
+
+
+def test_carriage_return_inside_a_value_is_refused() -> None:
+    with pytest.raises(PolicyProtocolError, match="control character"):
+        PolicyDecoder().feed(b"request=smtpd_access_policy\nsender=a\rb@c\n\n")

@@ -34,7 +34,9 @@ def test_comma_lists_and_addresses_from_the_environment(monkeypatch: pytest.Monk
         HostPort("::1", 53),
         HostPort("10.0.0.2", 53),
     ]
-    assert settings.in_mynetworks("2001:db8:0:1::7") and not settings.in_mynetworks("192.0.2.1")
+    assert settings.in_mynetworks(ipaddress.ip_address("2001:db8:0:1::7"))
+    assert not settings.in_mynetworks(ipaddress.ip_address("192.0.2.1"))
+    assert not settings.in_mynetworks(None)
     assert settings.weighted_dnsbl_zones == [("zen.spamhaus.org", 2.0), ("bl.example", 1.0)]
     assert settings.greylist_whitelist_clients == []
 

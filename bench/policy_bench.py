@@ -1,0 +1,179 @@
+"""Policy service benchmark: SecuMail's policy service next to postgrey, same stream, same run.
+
+Replays one mixed stream of Postfix policy requests (new triplets, retries of known ones,
+neighbours in the same /24, null senders) over N concurrent connections, as Postfix's
+smtpd processes would, and prints requests/s, p50/p99 latency and the server's RSS for
+each server, with the ratio. Greylisting only, with the defaults both servers share
+(300 s delay, /24 grouping, SQLite vs postgrey's Berkeley DB), logging on as in production.
+
+    .venv/bin/python bench/policy_bench.py [--requests 40000] [--connections 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from secumail.policy_codec import encode_request  # noqa: E402
+from tests.support.processes import free_port, wait_for_port  # noqa: E402
+
+
+def make_stream(count: int, seed: int = 7) -> list[bytes]:
+    """A reproducible mix: 50% new triplets, 35% retries of known ones, 15% null senders."""
+    rng = random.Random(seed)
+    known: list[tuple[str, str, str]] = []
+    stream = []
+    for n in range(count):
+        roll = rng.random()
+        if known and roll < 0.35:
+            client, sender, recipient = rng.choice(known)
+            client = client.rsplit(".", 1)[0] + f".{rng.randint(1, 254)}"  # same /24
+        else:
+            octets = (rng.randint(1, 223), rng.randint(0, 255), rng.randint(0, 255))
+            client = ".".join(map(str, octets)) + f".{rng.randint(1, 254)}"
+            user, domain = rng.randint(1, 10**6), rng.randint(1, 5000)
+            sender = "" if roll > 0.85 else f"user{user}@sender{domain}.example"
+            recipient = f"rcpt{rng.randint(1, 500)}@secumail.test"
+            known.append((client, sender, recipient))
+        stream.append(
+            encode_request({
+                "request": "smtpd_access_policy", "protocol_state": "RCPT",
+                "protocol_name": "ESMTP", "client_address": client,
+                "client_name": "unknown", "reverse_client_name": "unknown",
+                "helo_name": f"mx{n % 977}.example.net", "sender": sender,
+                "recipient": recipient, "recipient_count": "0", "queue_id": "",
+                "instance": f"{n:x}.{n % 13}.0", "size": "2048", "sasl_method": "",
+                "sasl_username": "", "sasl_sender": "", "encryption_protocol": "",
+                "encryption_cipher": "", "encryption_keysize": "0", "etrn_domain": "",
+                "stress": "", "ccert_subject": "", "ccert_issuer": "",
+                "ccert_fingerprint": "", "ccert_pubkey_fingerprint": "",
+                "client_port": str(1024 + n % 60000), "server_address": "127.0.0.1",
+                "server_port": "25",
+            })
+        )
+    return stream
+
+
+async def replay(port: int, stream: list[bytes], connections: int) -> tuple[float, list[float]]:
+    """Send the stream over `connections` sockets; each socket waits for each answer."""
+    latencies: list[float] = []
+    shares = [stream[i::connections] for i in range(connections)]
+
+    async def worker(share: list[bytes]) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for request in share:
+            started = time.perf_counter()
+            writer.write(request)
+            answer = await reader.readuntil(b"\n\n")
+            latencies.append(time.perf_counter() - started)
+            if not answer.startswith(b"action="):
+                raise RuntimeError(f"bad answer {answer!r}")
+        writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(s) for s in shares))
+    return time.perf_counter() - started, latencies
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@dataclass
+class Result:
+    name: str
+    rate: float
+    p50_ms: float
+    p99_ms: float
+    rss_mib: float
+
+
+def measure(name: str, port: int, pid: int, stream: list[bytes], connections: int) -> Result:
+    asyncio.run(replay(port, stream[:500], connections))  # warm up (connections, caches)
+    elapsed, latencies = asyncio.run(replay(port, stream, connections))
+    latencies.sort()
+    return Result(
+        name, len(stream) / elapsed,
+        statistics.median(latencies) * 1000, latencies[int(len(latencies) * 0.99)] * 1000,
+        rss_mib(pid),
+    )
+
+
+def start_secumail(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "SECUMAIL_POLICY_LISTEN": f"127.0.0.1:{port}",
+        "SECUMAIL_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
+        "SECUMAIL_GREYLIST_STORE": f"sqlite:///{workdir}/secumail.sqlite",
+        "SECUMAIL_SPF_ENABLED": "false",
+        "SECUMAIL_GREYLIST_AUTO_WHITELIST": "5",
+    }
+    log = open(workdir / "secumail.log", "wb")
+    proc = subprocess.Popen([str(ROOT / ".venv/bin/secumail-policy")], env=env, stderr=log)
+    wait_for_port(port)
+    return proc, port
+
+
+def start_postgrey(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    binary = shutil.which("postgrey") or "/usr/sbin/postgrey"
+    if not os.path.exists(binary):
+        raise SystemExit("postgrey is not installed: run scripts/install-deps.sh")
+    port = free_port()
+    dbdir = workdir / "postgrey"
+    dbdir.mkdir()
+    shutil.chown(dbdir, "postgrey", "postgrey")
+    os.chmod(workdir, 0o755)
+    log = open(workdir / "postgrey.log", "wb")
+    proc = subprocess.Popen(
+        [binary, f"--inet=127.0.0.1:{port}", f"--dbdir={dbdir}", "--delay=300",
+         "--whitelist-clients=/dev/null", "--whitelist-recipients=/dev/null"],
+        stdout=log, stderr=log,
+    )
+    wait_for_port(port)
+    return proc, port
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=40000)
+    parser.add_argument("--connections", type=int, default=20)
+    args = parser.parse_args()
+    stream = make_stream(args.requests)
+    workdir = Path(tempfile.mkdtemp(prefix="secumail-bench-"))
+    results = []
+    for name, start in (("secumail-policy", start_secumail), ("postgrey", start_postgrey)):
+        proc, port = start(workdir)
+        try:
+            results.append(measure(name, port, proc.pid, stream, args.connections))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    shutil.rmtree(workdir, ignore_errors=True)
+    print(f"policy benchmark: {args.requests} requests over {args.connections} connections")
+    print(f"{'server':<18}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'RSS MiB':>10}")
+    for r in results:
+        print(f"{r.name:<18}{r.rate:>10.0f}{r.p50_ms:>10.2f}{r.p99_ms:>10.2f}{r.rss_mib:>10.1f}")
+    ours, peer = results
+    print(f"ratio secumail/postgrey: {ours.rate / peer.rate:.2f}x requests/s, "
+          f"p50 {ours.p50_ms / peer.p50_ms:.2f}x, p99 {ours.p99_ms / peer.p99_ms:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
