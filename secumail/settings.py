@@ -69,6 +69,14 @@ class Settings(BaseSettings):
     dnsbl_zones: CommaList = []
     dnsbl_threshold: float = Field(1.0, gt=0)
 
+    # --- DKIM milter (10028) ------------------------------------------------------------
+    dkim_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:10028")
+    dkim_keys_dir: str = "/var/lib/secumail/dkim"
+    dkim_fail_open: bool = False
+    dkim_max_connections: int = Field(1000, ge=1)
+    authserv_id: str = ""  # empty: the hostname
+    dmarc_reject: bool = False
+
     @field_validator(
         "greylist_whitelist_clients", "greylist_whitelist_recipients", "dnsbl_zones",
         mode="before",
@@ -77,7 +85,7 @@ class Settings(BaseSettings):
     def _comma_list(cls, value: object) -> object:
         return _split_commas(value)
 
-    @field_validator("metrics_listen", "policy_listen", mode="before")
+    @field_validator("metrics_listen", "policy_listen", "dkim_listen", mode="before")
     @classmethod
     def _host_port(cls, value: object) -> object:
         return parse_host_port(value) if isinstance(value, str) else value
