@@ -69,6 +69,28 @@ class Settings(BaseSettings):
     dnsbl_zones: CommaList = []
     dnsbl_threshold: float = Field(1.0, gt=0)
 
+    # --- content filters: ClamAV (10025 -> 10026) and SpamAssassin (10026 -> 10027) -------
+    message_size_limit: int = Field(10240000, ge=1024)
+    relay_timeout: float = Field(120.0, gt=0)
+    filter_max_connections: int = Field(200, ge=1)
+    quarantine_dir: str = "/var/lib/secumail/quarantine"
+
+    clamav_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:10025")
+    clamav_next_hop: Annotated[HostPort, NoDecode] = parse_host_port("spamd:10026")
+    clamd_address: str = "clamd:3310"
+    clamd_stream_max_length: int = Field(25 * 1024 * 1024, ge=1024)
+    virus_action: Literal["reject", "drop", "quarantine", "pass"] = "drop"
+    clamav_fail_open: bool = False
+
+    spamd_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:10026")
+    spamd_next_hop: Annotated[HostPort, NoDecode] = parse_host_port("postfix:10027")
+    spamd_address: str = "spamassassin:783"
+    spam_tag_score: float = 5.0
+    spam_reject_score: float = 10.0
+    spam_action: Literal["reject", "quarantine"] = "reject"
+    spam_report_symbols: bool = True
+    spamd_fail_open: bool = False
+
     # --- DKIM milter (10028) ------------------------------------------------------------
     dkim_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:10028")
     dkim_keys_dir: str = "/var/lib/secumail/dkim"
@@ -85,7 +107,10 @@ class Settings(BaseSettings):
     def _comma_list(cls, value: object) -> object:
         return _split_commas(value)
 
-    @field_validator("metrics_listen", "policy_listen", "dkim_listen", mode="before")
+    @field_validator(
+        "metrics_listen", "policy_listen", "dkim_listen", "clamav_listen", "clamav_next_hop",
+        "spamd_listen", "spamd_next_hop", mode="before",
+    )
     @classmethod
     def _host_port(cls, value: object) -> object:
         return parse_host_port(value) if isinstance(value, str) else value
@@ -112,6 +137,13 @@ class Settings(BaseSettings):
         for zone in zones:
             parse_weighted_zone(zone)  # raises ValueError with the offending entry
         return zones
+
+    @field_validator("clamd_address", "spamd_address")
+    @classmethod
+    def _backend_address(cls, address: str) -> str:
+        if not address.startswith("/"):
+            parse_host_port(address)  # raises ValueError naming the address
+        return address
 
     @field_validator("greylist_store")
     @classmethod
