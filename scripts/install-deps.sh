@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-DEBIAN_PACKAGES=(postfix redis-server postgrey swaks)
+DEBIAN_PACKAGES=(postfix redis-server postgrey swaks clamav-daemon clamav-testfiles spamd)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do

@@ -9,6 +9,8 @@ import pytest
 from tests.support.dnsserver import LoopbackDNS
 from tests.support.policy_client import PolicyClient
 from tests.support.processes import Daemon, free_port, require_binary, wait_for_port
+from tests.support.scanners import Clamd, Spamd
+from tests.support.sink import SmtpSink
 
 
 @pytest.fixture(autouse=True)
@@ -36,3 +38,26 @@ def redis_url() -> Iterator[str]:
     wait_for_port(port)
     yield f"redis://127.0.0.1:{port}/0"
     daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def clamd() -> Iterator[Clamd]:
+    """Debian's clamd with the tests' own signatures (EICAR, clam.exe), shared by the tests."""
+    daemon = Clamd().start()
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def spamd() -> Iterator[Spamd]:
+    """Debian's spamd with local tests only, shared by the tests."""
+    daemon = Spamd().start()
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    server = SmtpSink().start()
+    yield server
+    server.stop()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -52,9 +53,19 @@ class Daemon:
         self.log = tempfile.NamedTemporaryFile(prefix=f"{self.name}-", suffix=".log", delete=False)
         full_env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(argv, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.metrics_port = 0  # set for the project's own services
 
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
+
+    def logged(self, text: str, timeout: float = 5.0) -> bool:
+        """Whether `text` shows up in the output (services flush their logs every 0.2 s)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def stop(self, timeout: float = 10.0) -> int:
         if self.proc.poll() is None:
@@ -68,26 +79,42 @@ class Daemon:
         return int(self.proc.returncode)
 
 
-def policy_env(port: int, store: str, dns: str = "", **overrides: str) -> dict[str, str]:
+def service_env(**settings: str) -> dict[str, str]:
+    """SECUMAIL_* variables for a service under test: loopback, its own metrics port."""
     env = {
-        "SECUMAIL_POLICY_LISTEN": f"127.0.0.1:{port}",
         "SECUMAIL_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
-        "SECUMAIL_GREYLIST_STORE": store,
-        "SECUMAIL_DNS_SERVERS": dns,
-        "SECUMAIL_DNS_TIMEOUT": "1",
         "SECUMAIL_HOSTNAME": "mx.secumail.test",
         "SECUMAIL_DRAIN_TIMEOUT": "5",
+        "SECUMAIL_DNS_TIMEOUT": "1",
     }
-    env.update({f"SECUMAIL_{k.upper()}": v for k, v in overrides.items()})
+    env.update({f"SECUMAIL_{k.upper()}": v for k, v in settings.items()})
     return env
 
 
-def start_policy(env: dict[str, str]) -> Daemon:
-    daemon = Daemon([str(VENV_BIN / "secumail-policy")], env, name="secumail-policy")
-    port = int(env["SECUMAIL_POLICY_LISTEN"].rsplit(":", 1)[1])
+def policy_env(port: int, store: str, dns: str = "", **overrides: str) -> dict[str, str]:
+    return service_env(
+        policy_listen=f"127.0.0.1:{port}", greylist_store=store, dns_servers=dns, **overrides
+    )
+
+
+def start_service(script: str, env: dict[str, str], listen_variable: str) -> Daemon:
+    """Run a console script of the project and wait until its listener answers."""
+    daemon = Daemon([str(VENV_BIN / script)], env, name=script)
+    port = int(env[listen_variable].rsplit(":", 1)[1])
     try:
         wait_for_port(port)
     except TimeoutError:
         daemon.stop()
-        raise AssertionError("secumail-policy did not start:\n" + daemon.output()) from None
+        raise AssertionError(f"{script} did not start:\n" + daemon.output()) from None
+    daemon.metrics_port = int(env["SECUMAIL_METRICS_LISTEN"].rsplit(":", 1)[1])
     return daemon
+
+
+def start_policy(env: dict[str, str]) -> Daemon:
+    return start_service("secumail-policy", env, "SECUMAIL_POLICY_LISTEN")
+
+
+def scrape(port: int) -> str:
+    """The Prometheus exposition of a service's metrics listener."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return str(response.read().decode())

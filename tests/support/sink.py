@@ -14,9 +14,27 @@ from tests.support.processes import free_port
 
 
 class SinkHandler:
+    """Stores what arrives. Recipients whose local part starts with `refuse` get 550, with
+    `defer` 450: how the tests make a next hop answer differently per recipient."""
+
     def __init__(self) -> None:
         self.messages: list[tuple[Envelope, bytes]] = []
         self.arrived = threading.Condition()
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        if address.startswith("refuse"):
+            return "550 5.1.1 <" + address + ">: Recipient address rejected: no such user"
+        if address.startswith("defer"):
+            return "450 4.2.1 <" + address + ">: Mailbox busy, try later"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         with self.arrived:
@@ -37,6 +55,10 @@ class SmtpSink:
 
     def stop(self) -> None:
         self.controller.stop()
+
+    @property
+    def envelopes(self) -> list[Envelope]:
+        return [envelope for envelope, _ in self.handler.messages]
 
     def wait_for(self, count: int, timeout: float = 30.0) -> list[Message]:
         deadline = time.monotonic() + timeout

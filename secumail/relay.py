@@ -1,0 +1,332 @@
+"""The content-filter relay shared by the ClamAV and SpamAssassin filters.
+
+Postfix hands a message to the filter over SMTP; the filter inspects it and hands it to its
+next hop. The relay works in lockstep with the next hop: MAIL and each RCPT are passed on
+as they come and the next hop's answer goes back upstream unchanged (so a per-recipient
+refusal stays per recipient), and the end of DATA is answered only once the next hop
+answered it. Whatever goes wrong (next hop unreachable, timeout, scanner down, a bug) is a
+451: Postfix keeps the message and retries. Nothing is lost, and refusals cascade up the
+chain as the tutorial describes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+from prometheus_client import Counter, Gauge, Histogram
+
+from secumail.logs import log_event
+from secumail.message import normalize_newlines, prepend_headers, remove_headers
+from secumail.netaddr import HostPort
+from secumail.quarantine import Quarantine
+from secumail.runtime import InFlight
+from secumail.smtp_client import NextHop, SmtpClient, SmtpUnavailable
+
+log = logging.getLogger("secumail.relay")
+
+MESSAGES = Counter(
+    "secumail_filter_messages", "Messages handled by a content filter", ["filter", "verdict"]
+)
+SCAN_SECONDS = Histogram(
+    "secumail_filter_scan_duration_seconds", "Time the scanner took for one message",
+    ["filter"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+)
+BACKEND_ERRORS = Counter(
+    "secumail_filter_backend_errors", "Scanner (clamd, spamd) failures", ["filter"]
+)
+NEXT_HOP_ERRORS = Counter(
+    "secumail_filter_next_hop_errors", "Next hop unreachable or broken off", ["filter"]
+)
+CONNECTIONS = Gauge("secumail_filter_connections", "Open SMTP connections", ["filter"])
+
+TEMPFAIL_NEXT_HOP = "451 4.4.1 Next hop unavailable, please try again later"
+TEMPFAIL_INTERNAL = "451 4.3.0 Internal error, please try again later"
+XFORWARD_NAMES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a filter decided about one message."""
+
+    action: Literal["deliver", "reject", "drop", "quarantine", "tempfail"]
+    label: str  # for metrics and logs: clean, virus, spam, ham, unchecked, error...
+    reason: str = ""
+    reply: str = ""  # the SMTP reply for reject and tempfail ("554 5.7.1 ...")
+    headers: tuple[tuple[str, str], ...] = ()  # added on top when delivering
+    remove: frozenset[str] = frozenset()  # headers of the same names, forged or stale
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    client: dict[str, str]  # XFORWARD attributes from Postfix (ADDR, NAME, HELO, ...)
+
+
+Inspector = Callable[[MessageInfo, bytes], Awaitable[Verdict]]
+
+
+@dataclass
+class _Transaction:
+    downstream: SmtpClient | None = None
+    xforward: dict[str, str] = field(default_factory=dict)
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's server plus XFORWARD, a connection cap, and the downstream's lifetime."""
+
+    def __init__(self, handler: RelayHandler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.relay = handler
+        self.transaction = _Transaction()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.relay.connections >= self.relay.max_connections or self.relay.draining:
+            log_event(log, "connection refused", logging.WARNING, filter=self.relay.name,
+                      reason="draining" if self.relay.draining else "too many connections")
+            transport.write(b"421 4.7.0 Too many connections, try again later\r\n")  # type: ignore[attr-defined]
+            transport.close()
+            return
+        self.relay.connections += 1
+        CONNECTIONS.labels(self.relay.name).inc()
+        self._counted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if getattr(self, "_counted", False):
+            self._counted = False
+            self.relay.connections -= 1
+            CONNECTIONS.labels(self.relay.name).dec()
+            downstream = self.transaction.downstream
+            if downstream is not None:
+                self.relay.closing.add(asyncio.ensure_future(downstream.quit()))
+                self.relay.closing = {t for t in self.relay.closing if not t.done()}
+            super().connection_lost(error)
+
+    @syntax("XFORWARD attribute=value ...")
+    async def smtp_XFORWARD(self, arg: str | None) -> None:
+        """Postfix's client attributes (XFORWARD_README), passed on to the next hop."""
+        if not arg:
+            await self.push("501 5.5.4 Syntax: XFORWARD attribute=value ...")
+            return
+        attributes = {}
+        for item in arg.split():
+            name, sep, value = item.partition("=")
+            if not sep or name.upper() not in XFORWARD_NAMES or len(value) > 255:
+                await self.push(f"501 5.5.4 Bad XFORWARD attribute {name[:32]!r}")
+                return
+            attributes[name.upper()] = value
+        self.transaction.xforward.update(attributes)
+        await self.push("250 2.0.0 Ok")
+
+
+class RelayHandler:
+    """aiosmtpd handler: lockstep relay to `next_hop`, with `inspect` deciding at DATA."""
+
+    def __init__(
+        self, name: str, next_hop: HostPort, inspect: Inspector, hostname: str,
+        timeout: float, quarantine: Quarantine, max_connections: int,
+    ) -> None:
+        self.name = name
+        self.next_hop = NextHop(next_hop)
+        self.inspect = inspect
+        self.hostname = hostname
+        self.timeout = timeout
+        self.quarantine = quarantine
+        self.max_connections = max_connections
+        self.connections = 0
+        self.draining = False
+        self.inflight = InFlight()
+        self.closing: set[asyncio.Future[None]] = set()  # next-hop QUITs under way
+
+    # --- the transaction, command by command ---------------------------------------------
+
+    async def handle_EHLO(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-XFORWARD " + " ".join(XFORWARD_NAMES), responses[-1]]
+
+    async def handle_MAIL(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str,
+        options: list[str],
+    ) -> str:
+        transaction = server.transaction
+        try:
+            downstream = await self._downstream(transaction)
+            if isinstance(downstream, str):
+                return downstream
+            await self._forward_xforward(downstream, transaction.xforward)
+            wanted = [o for o in options if o.split("=")[0] in ("BODY", "SMTPUTF8", "SIZE")]
+            reply = await downstream.command(" ".join([f"MAIL FROM:<{address}>", *wanted]))
+        except SmtpUnavailable as error:
+            return self._next_hop_failed(error)
+        if reply.ok:
+            envelope.mail_from = address
+            envelope.mail_options.extend(options)
+        return str(reply)
+
+    async def handle_RCPT(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str,
+        options: list[str],
+    ) -> str:
+        downstream = server.transaction.downstream
+        if downstream is None or not downstream.connected:
+            return TEMPFAIL_NEXT_HOP
+        try:
+            reply = await downstream.command(f"RCPT TO:<{address}>")
+        except SmtpUnavailable as error:
+            return self._next_hop_failed(error)
+        if reply.ok:
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(options)
+        return str(reply)
+
+    async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        transaction = server.transaction
+        with self.inflight.track():
+            info = MessageInfo(
+                str(envelope.mail_from), tuple(envelope.rcpt_tos), dict(transaction.xforward)
+            )
+            transaction.xforward.clear()
+            message = normalize_newlines(bytes(envelope.original_content or b""))
+            started = time.perf_counter()
+            verdict = await self.inspect(info, message)
+            SCAN_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+            reply = await self._act(transaction, info, message, verdict)
+            MESSAGES.labels(self.name, verdict.label).inc()
+            log_event(
+                log, "message", filter=self.name, verdict=verdict.label, action=verdict.action,
+                reason=verdict.reason, reply=reply.split("\r\n")[-1][:120],
+                client=info.client.get("ADDR", ""), sender=info.mail_from,
+                recipients=",".join(info.rcpt_tos), size=len(message),
+            )
+            return reply
+
+    async def handle_RSET(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        server.transaction.xforward.clear()
+        downstream = server.transaction.downstream
+        if downstream is not None and downstream.connected:
+            try:
+                await downstream.command("RSET")
+            except SmtpUnavailable:
+                pass  # the next MAIL will reconnect
+        return "250 2.0.0 Ok"
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A bug must not bounce mail: aiosmtpd would say 500; say 451 so Postfix retries."""
+        log.error("filter %s: internal error", self.name, exc_info=error)
+        return TEMPFAIL_INTERNAL
+
+    # --- helpers -------------------------------------------------------------------------
+
+    async def _downstream(self, transaction: _Transaction) -> SmtpClient | str:
+        """The next-hop connection of this session, opened on first use and then reused."""
+        client = transaction.downstream
+        if client is not None and client.connected:
+            return client
+        client = SmtpClient(self.timeout)
+        reply = await client.connect(self.next_hop, self.hostname)
+        if reply.code != 250:
+            await client.close()
+            log_event(log, "next hop refused the session", logging.WARNING, filter=self.name,
+                      reply=str(reply)[:200])
+            # A 5xx greeting must not bounce mail that a healthy replica would take.
+            return TEMPFAIL_NEXT_HOP if reply.code >= 500 else str(reply)
+        transaction.downstream = client
+        return client
+
+    async def _forward_xforward(self, downstream: SmtpClient, attributes: dict[str, str]) -> None:
+        supported = set(downstream.extensions.get("XFORWARD", "").upper().split())
+        items = [f"{k}={v}" for k, v in attributes.items() if k in supported]
+        if items:
+            reply = await downstream.command("XFORWARD " + " ".join(items))
+            if not reply.ok:
+                log_event(log, "next hop refused XFORWARD", logging.WARNING, filter=self.name,
+                          reply=str(reply)[:200])
+
+    def _next_hop_failed(self, error: Exception) -> str:
+        NEXT_HOP_ERRORS.labels(self.name).inc()
+        log_event(log, "next hop unavailable", logging.WARNING, filter=self.name, error=str(error))
+        return TEMPFAIL_NEXT_HOP
+
+    async def _act(
+        self, transaction: _Transaction, info: MessageInfo, message: bytes, verdict: Verdict
+    ) -> str:
+        downstream = transaction.downstream
+        if verdict.action == "deliver":
+            if downstream is None or not downstream.connected:
+                return self._next_hop_failed(SmtpUnavailable("connection lost before DATA"))
+            if verdict.remove:
+                message = remove_headers(message, set(verdict.remove))
+            try:
+                reply = await downstream.data(prepend_headers(message, list(verdict.headers)))
+            except SmtpUnavailable as error:
+                return self._next_hop_failed(error)
+            return str(reply)
+        # Not delivering: the next hop holds an open transaction for this message; cancel it.
+        if downstream is not None and downstream.connected:
+            try:
+                await downstream.command("RSET")
+            except SmtpUnavailable:
+                pass
+        if verdict.action == "quarantine":
+            try:
+                ident = await asyncio.to_thread(
+                    self.quarantine.store, self.name, info, message, verdict.label, verdict.reason
+                )
+            except OSError as error:
+                log_event(log, "quarantine failed", logging.ERROR, error=str(error))
+                return "451 4.3.0 Quarantine unavailable, please try again later"
+            return f"250 2.0.0 Ok: quarantined as {ident} ({verdict.reason})"
+        if verdict.action == "drop":
+            return f"250 2.0.0 Ok: discarded ({verdict.reason})"
+        return verdict.reply  # reject or tempfail
+
+
+class FilterService:
+    """A content filter: an SMTP listener whose messages go through `inspect`."""
+
+    def __init__(self, name: str, listen: HostPort, handler: RelayHandler,
+                 message_size_limit: int, hostname: str) -> None:
+        self.name = name
+        self.listen = listen
+        self.handler = handler
+        self.message_size_limit = message_size_limit
+        self.hostname = hostname
+        self._server: asyncio.Server | None = None
+
+    def _protocol(self) -> RelaySMTP:
+        return RelaySMTP(
+            self.handler, data_size_limit=self.message_size_limit, enable_SMTPUTF8=True,
+            decode_data=False, hostname=self.hostname, ident=f"SecuMail {self.name} filter",
+            timeout=300, loop=asyncio.get_running_loop(),
+        )
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None and self._server.sockets
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol, self.listen.host, self.listen.port, reuse_address=True
+        )
+        log_event(log, "listening", filter=self.name, listen=str(self.listen),
+                  next_hop=str(self.handler.next_hop.address))
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, let messages being scanned or relayed finish, then close."""
+        self.handler.draining = True
+        if self._server is not None:
+            self._server.close()
+        if not await self.handler.inflight.wait_idle(timeout):
+            log_event(log, "drain timed out", logging.WARNING, filter=self.name)

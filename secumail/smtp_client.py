@@ -1,0 +1,157 @@
+"""A small asyncio SMTP client: what a filter needs to hand a message to its next hop.
+
+It gives back every reply as it came (code and text), so that the relay can pass the next
+hop's answers upstream unchanged. Any socket trouble raises `SmtpUnavailable`, which the
+relay turns into a 451: the message stays in Postfix's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+from dataclasses import dataclass
+
+from secumail.message import dot_stuff
+from secumail.netaddr import HostPort
+
+MAX_REPLY_LINES = 100
+
+
+class SmtpUnavailable(Exception):
+    """The next hop could not be reached, or broke off, or did not answer in time."""
+
+
+@dataclass(frozen=True)
+class SmtpReply:
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 400
+
+    def __str__(self) -> str:
+        """The reply as one SMTP response, ready to send upstream (multi-line kept)."""
+        last = len(self.lines) - 1
+        return "\r\n".join(
+            f"{self.code}{' ' if i == last else '-'}{line}" for i, line in enumerate(self.lines)
+        )
+
+
+class NextHop:
+    """`host:port` of the next hop. A name with several addresses (a scaled compose service)
+    is spread over them in turn; a connection failure moves on to the next address."""
+
+    def __init__(self, address: HostPort) -> None:
+        self.address = address
+        self._turn = itertools.count()
+
+    async def addresses(self) -> list[tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(
+                self.address.host, self.address.port, type=socket.SOCK_STREAM
+            )
+        except OSError as error:
+            raise SmtpUnavailable(f"cannot resolve {self.address}: {error}") from None
+        found = list(dict.fromkeys((str(info[4][0]), int(info[4][1])) for info in infos))
+        start = next(self._turn) % len(found)
+        return found[start:] + found[:start]
+
+
+class SmtpClient:
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.extensions: dict[str, str] = {}
+        self.peer = ""
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def connect(self, next_hop: NextHop, helo_name: str) -> SmtpReply:
+        """Connect to the first address of `next_hop` that answers, then EHLO."""
+        errors = []
+        for host, port in await next_hop.addresses():
+            try:
+                async with asyncio.timeout(self.timeout):
+                    self._reader, self._writer = await asyncio.open_connection(host, port)
+                    banner = await self._read_reply()
+            except (OSError, TimeoutError, SmtpUnavailable) as error:
+                errors.append(f"{host}:{port}: {error or type(error).__name__}")
+                await self.close()
+                continue
+            self.peer = f"{host}:{port}"
+            if banner.code != 220:
+                return banner
+            return await self.ehlo(helo_name)
+        raise SmtpUnavailable("no next hop answered: " + "; ".join(errors))
+
+    async def ehlo(self, name: str) -> SmtpReply:
+        reply = await self.command(f"EHLO {name}")
+        if reply.code == 250:
+            self.extensions = {}
+            for line in reply.lines[1:]:
+                keyword, _, params = line.partition(" ")
+                self.extensions[keyword.upper()] = params
+        return reply
+
+    async def command(self, line: str) -> SmtpReply:
+        if self._writer is None:
+            raise SmtpUnavailable("not connected")
+        try:
+            async with asyncio.timeout(self.timeout):
+                self._writer.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
+                await self._writer.drain()
+                return await self._read_reply()
+        except (OSError, TimeoutError) as error:
+            await self.close()
+            raise SmtpUnavailable(f"{line.split(' ', 1)[0]}: {error or 'timeout'}") from None
+
+    async def data(self, message: bytes) -> SmtpReply:
+        """DATA, the dot-stuffed message (CRLF line endings only), and the final dot."""
+        reply = await self.command("DATA")
+        if reply.code != 354:
+            return reply
+        assert self._writer is not None
+        try:
+            async with asyncio.timeout(self.timeout):
+                self._writer.write(dot_stuff(message) + b".\r\n")
+                await self._writer.drain()
+                return await self._read_reply()
+        except (OSError, TimeoutError) as error:
+            await self.close()
+            raise SmtpUnavailable(f"end of data: {error or 'timeout'}") from None
+
+    async def _read_reply(self) -> SmtpReply:
+        assert self._reader is not None
+        lines: list[str] = []
+        while len(lines) < MAX_REPLY_LINES:
+            raw = await self._reader.readline()
+            if not raw.endswith(b"\n"):
+                raise SmtpUnavailable("connection closed by the next hop")
+            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            code, separator = text[:3], text[3:4]
+            if not code.isdigit() or separator not in ("", " ", "-"):
+                raise SmtpUnavailable(f"malformed reply {text[:80]!r}")
+            lines.append(text[4:])
+            if separator != "-":
+                return SmtpReply(int(code), tuple(lines))
+        raise SmtpUnavailable("reply too long")
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None and not self._writer.is_closing()
+
+    async def quit(self) -> None:
+        if self.connected:
+            try:
+                await self.command("QUIT")
+            except SmtpUnavailable:
+                pass
+        await self.close()
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self._reader = None

@@ -1,0 +1,47 @@
+"""`secumail-clamav`: the ClamAV content filter (port 10025, clean mail on to 10026)."""
+
+from __future__ import annotations
+
+from secumail.backend import BackendError
+from secumail.quarantine import Quarantine
+from secumail.relay import (
+    BACKEND_ERRORS,
+    FilterService,
+    MessageInfo,
+    RelayHandler,
+    Verdict,
+)
+from secumail.runtime import run_service
+from secumail.settings import Settings, load_settings
+from services.clamav import clamd
+from services.clamav.verdict import unscanned_verdict, virus_verdict
+
+
+def make_filter(settings: Settings) -> FilterService:
+    async def inspect(info: MessageInfo, message: bytes) -> Verdict:
+        try:
+            result = await clamd.scan(
+                settings.clamd_address, message, settings.relay_timeout,
+                settings.clamd_stream_max_length,
+            )
+        except BackendError as error:
+            BACKEND_ERRORS.labels("clamav").inc()
+            return unscanned_verdict(str(error), settings.clamav_fail_open, settings.hostname)
+        return virus_verdict(result, settings.virus_action, settings.hostname)
+
+    handler = RelayHandler(
+        "clamav", settings.clamav_next_hop, inspect, settings.hostname, settings.relay_timeout,
+        Quarantine(settings.quarantine_dir), settings.filter_max_connections,
+    )
+    return FilterService(
+        "clamav", settings.clamav_listen, handler, settings.message_size_limit, settings.hostname
+    )
+
+
+def main() -> None:
+    settings = load_settings()
+    run_service("clamav", settings, lambda: make_filter(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""`secumail-spamd`: the SpamAssassin content filter (port 10026, mail back to Postfix 10027)."""
+
+from __future__ import annotations
+
+from secumail.backend import BackendError
+from secumail.quarantine import Quarantine
+from secumail.relay import (
+    BACKEND_ERRORS,
+    FilterService,
+    MessageInfo,
+    RelayHandler,
+    Verdict,
+)
+from secumail.runtime import run_service
+from secumail.settings import Settings, load_settings
+from services.spamd import spamc
+from services.spamd.verdict import spam_verdict, unchecked_verdict
+
+
+def make_filter(settings: Settings) -> FilterService:
+    async def inspect(info: MessageInfo, message: bytes) -> Verdict:
+        try:
+            result = await spamc.check(settings.spamd_address, message, settings.relay_timeout)
+        except BackendError as error:
+            BACKEND_ERRORS.labels("spamd").inc()
+            return unchecked_verdict(str(error), settings.spamd_fail_open)
+        return spam_verdict(
+            result, settings.spam_tag_score, settings.spam_reject_score, settings.spam_action,
+            settings.spam_report_symbols,
+        )
+
+    handler = RelayHandler(
+        "spamd", settings.spamd_next_hop, inspect, settings.hostname, settings.relay_timeout,
+        Quarantine(settings.quarantine_dir), settings.filter_max_connections,
+    )
+    return FilterService(
+        "spamd", settings.spamd_listen, handler, settings.message_size_limit, settings.hostname
+    )
+
+
+def main() -> None:
+    settings = load_settings()
+    run_service("spamd", settings, lambda: make_filter(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""The ClamAV and SpamAssassin filters as real processes, with real clamd and spamd, in a
+chain clamav filter -> spamd filter -> SMTP sink, driven by real SMTP sessions."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import mail
+from tests.support.processes import Daemon, free_port, scrape, service_env, start_service
+from tests.support.scanners import Clamd, Spamd
+from tests.support.sink import SmtpSink
+
+
+class Chain:
+    def __init__(self, clamav: Daemon, spamd: Daemon, port: int, quarantine: Path) -> None:
+        self.clamav, self.spamd, self.port, self.quarantine = clamav, spamd, port, quarantine
+
+    def send(
+        self,
+        message: bytes,
+        recipients: tuple[str, ...] = ("bob@secumail.test",),
+        sender: str = "alice@secumail.test",
+    ) -> dict[str, tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=60) as smtp:
+            return smtp.sendmail(sender, list(recipients), message)  # type: ignore[return-value]
+
+
+StartChain = Callable[..., Chain]
+
+
+@pytest.fixture
+def chain(tmp_path: Path, clamd: Clamd, spamd: Spamd, sink: SmtpSink) -> Iterator[StartChain]:
+    daemons: list[Daemon] = []
+
+    def start(**overrides: str) -> Chain:
+        clamav_port, spamd_port = free_port(), free_port()
+        quarantine = tmp_path / "quarantine"
+        common = {
+            "clamd_address": clamd.address,
+            "spamd_address": spamd.address,
+            "quarantine_dir": str(quarantine),
+            "relay_timeout": "30",
+        }
+        settings = {**common, **overrides}
+        spamd_filter = start_service(
+            "secumail-spamd",
+            service_env(
+                spamd_listen=f"127.0.0.1:{spamd_port}",
+                spamd_next_hop=settings.pop("spamd_next_hop", f"127.0.0.1:{sink.port}"),
+                **settings,
+            ),
+            "SECUMAIL_SPAMD_LISTEN",
+        )
+        daemons.append(spamd_filter)
+        clamav_filter = start_service(
+            "secumail-clamav",
+            service_env(
+                clamav_listen=f"127.0.0.1:{clamav_port}",
+                clamav_next_hop=f"127.0.0.1:{spamd_port}",
+                **settings,
+            ),
+            "SECUMAIL_CLAMAV_LISTEN",
+        )
+        daemons.append(clamav_filter)
+        return Chain(clamav_filter, spamd_filter, clamav_port, quarantine)
+
+    yield start
+    for daemon in daemons:
+        daemon.stop()
+
+
+def test_clean_mail_passes_both_filters_with_their_headers(
+    chain: StartChain, sink: SmtpSink
+) -> None:
+    forged = b"X-Spam-Flag: NO\r\nX-Virus-Infected: nothing to see\r\n" + mail.plain()
+    filters = chain()
+    assert filters.send(forged) == {}
+    [message] = sink.wait_for(1)
+    assert message["X-AV-Checked"] == "ClamAV using SecuMail at mx.secumail.test"
+    assert message["X-Spam-Flag"] == "NO"
+    assert message["X-Spam-Status"].startswith("No, score=")
+    assert float(message["X-Spam-Score"]) < 5
+    assert message.get_all("X-Spam-Flag") == ["NO"]  # the sender's own copy was removed
+    assert message["X-Virus-Infected"] is None
+    assert 'secumail_filter_messages_total{filter="clamav",verdict="clean"} 1.0' in scrape(
+        filters.clamav.metrics_port
+    )
+    assert filters.clamav.logged("verdict=clean")
+
+
+@pytest.mark.parametrize(
+    "attachment", ["clam.zip", "clam.7z", "clam.pdf", "clam.ole.doc", "clam.exe"]
+)
+def test_viruses_in_attachments_are_rejected(
+    chain: StartChain, sink: SmtpSink, attachment: str
+) -> None:
+    filters = chain(virus_action="reject")
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        filters.send(mail.with_attachment(attachment))
+    assert refused.value.smtp_code == 554
+    assert b"virus found (ClamAV-Test-File" in refused.value.smtp_error
+    assert sink.handler.messages == []
+
+
+def test_eicar_drop_quarantine_and_pass(chain: StartChain, sink: SmtpSink) -> None:
+    dropped = chain(virus_action="drop")
+    code, reply = data_reply(dropped.port, mail.eicar())
+    assert code == 250 and b"discarded (virus Eicar-Test-Signature" in reply
+    kept = chain(virus_action="quarantine")
+    code, reply = data_reply(kept.port, mail.eicar())
+    assert code == 250 and b"quarantined as " in reply, reply
+    [record] = list((kept.quarantine / "clamav").glob("*.json"))
+    assert '"verdict": "virus"' in record.read_text()
+    assert record.with_suffix(".eml").read_bytes().count(b"EICAR-STANDARD-ANTIVIRUS") == 1
+    assert sink.handler.messages == []
+    passed = chain(virus_action="pass")
+    passed.send(mail.eicar())
+    [message] = sink.wait_for(1)
+    assert message["X-Virus-Infected"].startswith("Eicar-Test-Signature")
+
+
+def data_reply(port: int, message: bytes) -> tuple[int, bytes]:
+    """The answer to the end of DATA, whatever it is."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+        smtp.ehlo()
+        assert smtp.mail("alice@secumail.test")[0] == 250
+        assert smtp.rcpt("bob@secumail.test")[0] == 250
+        return smtp.data(message)
+
+
+def test_gtube_rejected_or_tagged(chain: StartChain, sink: SmtpSink) -> None:
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        chain().send(mail.gtube())
+    assert refused.value.smtp_code == 554 and b"as spam (score" in refused.value.smtp_error
+    chain(spam_reject_score="5000").send(mail.gtube())
+    [message] = sink.wait_for(1)
+    assert message["X-Spam-Flag"] == "YES"
+    assert "GTUBE" in message["X-Spam-Status"]
+
+
+def test_next_hop_answers_per_recipient(chain: StartChain, sink: SmtpSink) -> None:
+    filters = chain()
+    refused = filters.send(
+        mail.plain(), ("bob@secumail.test", "refuse@secumail.test", "defer@secumail.test")
+    )
+    assert refused["refuse@secumail.test"][0] == 550
+    assert b"no such user" in refused["refuse@secumail.test"][1]
+    assert refused["defer@secumail.test"][0] == 450
+    sink.wait_for(1)
+    assert [e.rcpt_tos for e in sink.envelopes] == [["bob@secumail.test"]]
+
+
+def test_unreachable_next_hop_is_451(chain: StartChain, sink: SmtpSink) -> None:
+    filters = chain(spamd_next_hop=f"127.0.0.1:{free_port()}")
+    with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+        filters.send(mail.plain())
+    assert refused.value.smtp_code == 451
+    assert filters.spamd.logged("next hop unavailable")
+
+
+@pytest.mark.parametrize("scanner", ["clamd_address", "spamd_address"])
+def test_scanner_down_is_451_or_marked_when_failing_open(
+    chain: StartChain, sink: SmtpSink, scanner: str
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        chain(**{scanner: dead}).send(mail.plain())
+    assert refused.value.smtp_code == 451
+    fail_open = {"clamd_address": "clamav_fail_open", "spamd_address": "spamd_fail_open"}
+    chain(**{scanner: dead, fail_open[scanner]: "true"}).send(mail.plain())
+    [message] = sink.wait_for(1)
+    if scanner == "clamd_address":
+        assert message["X-AV-Checked"].startswith("not scanned")
+    else:
+        assert message["X-Spam-Status"] == "unchecked (spam checker unavailable)"
+
+
+def test_oversized_mail_is_552(chain: StartChain, sink: SmtpSink) -> None:
+    filters = chain(message_size_limit="20000")
+    big = mail.plain(body="x" * 70 + "\n") * 400
+    with smtplib.SMTP("127.0.0.1", filters.port, timeout=60) as smtp:
+        smtp.ehlo()
+        assert smtp.mail("alice@secumail.test")[0] == 250
+        assert smtp.rcpt("bob@secumail.test")[0] == 250
+        code, _ = smtp.data(big)
+    assert code == 552
+    assert sink.handler.messages == []
+
+
+def test_xforward_reaches_the_next_filter(chain: StartChain, sink: SmtpSink) -> None:
+    filters = chain()
+    with smtplib.SMTP("127.0.0.1", filters.port, timeout=60) as smtp:
+        smtp.ehlo("postfix.secumail.test")
+        assert "xforward" in smtp.esmtp_features
+        code, _ = smtp.docmd("XFORWARD", "NAME=mail.remote.test ADDR=203.0.113.9 PROTO=ESMTP")
+        assert code == 250
+        assert smtp.docmd("XFORWARD", "SHOESIZE=42")[0] == 501
+        smtp.sendmail("alice@secumail.test", ["bob@secumail.test"], mail.plain())
+    sink.wait_for(1)
+    assert filters.spamd.logged("client=203.0.113.9")
+
+
+def raw_session(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.settimeout(60)
+        answers = b""
+        sock.sendall(payload)
+        # No half-close: aiosmtpd drops a session at end of input. Read until it hangs up.
+        while chunk := sock.recv(65536):
+            answers += chunk
+    return answers
+
+
+@pytest.mark.parametrize("smuggled", [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r\n.\r"])
+def test_smuggled_end_of_data_never_makes_two_messages(
+    chain: StartChain, sink: SmtpSink, smuggled: bytes
+) -> None:
+    filters = chain()
+    payload = (
+        b"EHLO attacker.test\r\nMAIL FROM:<alice@secumail.test>\r\nRCPT TO:<bob@secumail.test>\r\n"
+        b"DATA\r\nSubject: one\r\n\r\nfirst"
+        + smuggled
+        + b"MAIL FROM:<ceo@bank.test>\r\nRCPT TO:<bob@secumail.test>\r\nDATA\r\n"
+        b"Subject: smuggled\r\n\r\nsecond\r\n.\r\nQUIT\r\n"
+    )
+    answers = raw_session(filters.port, payload)
+    assert answers.count(b"\r\n250 ") + answers.startswith(b"250 ") >= 1
+    messages = sink.wait_for(1)
+    assert len(sink.handler.messages) == 1
+    assert [e.mail_from for e in sink.envelopes] == ["alice@secumail.test"]
+    assert messages[0]["Subject"] == "one"
+    raw = sink.handler.messages[0][1]
+    assert b"MAIL FROM:<ceo@bank.test>" in raw  # it stayed text inside the one message
+
+
+def test_junk_on_the_port_does_not_stop_the_filter(chain: StartChain, sink: SmtpSink) -> None:
+    filters = chain()
+    raw_session(filters.port, bytes(range(256)) * 64 + b"\r\n" + b"A" * 100000 + b"\r\n")
+    assert filters.send(mail.plain()) == {}
+    sink.wait_for(1)
+    assert filters.clamav.proc.poll() is None

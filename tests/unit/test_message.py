@@ -1,0 +1,69 @@
+"""Raw message helpers: line endings, dot-stuffing, header insertion and removal."""
+
+from __future__ import annotations
+
+import pytest
+
+from secumail.message import (
+    dot_stuff,
+    has_bare_newlines,
+    header_value,
+    normalize_newlines,
+    prepend_headers,
+    remove_headers,
+)
+
+MESSAGE = (
+    b"Received: from a\r\n\tby b\r\nX-Spam-Flag: YES\r\nX-Spam-Status: Yes,\r\n"
+    b" score=99\r\nSubject: hi\r\n\r\nX-Spam-Flag: in the body stays\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [
+        (b"a\r\nb\r\n", b"a\r\nb\r\n"),
+        (b"a\nb\n", b"a\r\nb\r\n"),
+        (b"a\rb\r", b"a\r\nb\r\n"),
+        (b"a\r\n.\nMAIL FROM:<x>\n", b"a\r\n.\r\nMAIL FROM:<x>\r\n"),
+        (b"\r\r\n\n", b"\r\n\r\n\r\n"),
+    ],
+)
+def test_bare_newlines_become_crlf(raw: bytes, normal: bytes) -> None:
+    assert has_bare_newlines(raw) == (raw != normal)
+    assert normalize_newlines(raw) == normal
+    assert not has_bare_newlines(normalize_newlines(raw))
+
+
+@pytest.mark.parametrize(
+    "smuggled",
+    [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r\n.\r", b"\r.\r\n"],
+)
+def test_no_end_of_data_survives_normalising_and_stuffing(smuggled: bytes) -> None:
+    """The 2023 SMTP smuggling endings: after normalize + stuff, no lone dot line is left."""
+    message = b"Subject: x\r\n\r\nbody" + smuggled + b"MAIL FROM:<evil@example>\r\n"
+    wire = dot_stuff(normalize_newlines(message))
+    assert b"\r\n.\r\n" not in wire
+    assert wire.endswith(b"\r\n")
+
+
+def test_dot_stuffing() -> None:
+    assert dot_stuff(b".start\r\nmid\r\n.\r\n..two\r\nend") == (
+        b"..start\r\nmid\r\n..\r\n...two\r\nend\r\n"
+    )
+
+
+def test_prepend_and_remove_headers() -> None:
+    cleaned = remove_headers(MESSAGE, {"X-Spam-Flag", "x-spam-status"})
+    assert cleaned == (
+        b"Received: from a\r\n\tby b\r\nSubject: hi\r\n\r\nX-Spam-Flag: in the body stays\r\n"
+    )
+    added = prepend_headers(cleaned, [("X-Spam-Flag", "NO"), ("X-Spam-Score", "0.1")])
+    assert added.startswith(b"X-Spam-Flag: NO\r\nX-Spam-Score: 0.1\r\nReceived: from a\r\n")
+
+
+def test_header_value_unfolds() -> None:
+    assert header_value(MESSAGE, "x-spam-status") == "Yes, score=99"
+    assert header_value(MESSAGE, "Received") == "from a by b"
+    assert header_value(MESSAGE, "Missing") is None
+    assert header_value(b"no headers at all", "Subject") is None
