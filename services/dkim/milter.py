@@ -1,0 +1,407 @@
+"""One milter connection: commands in, replies out, DKIM and DMARC decisions in between.
+
+The session is I/O-free except for the DNS lookups at end of message (awaited): the server
+feeds it decoded commands and writes back the bytes it returns.
+
+Options negotiated with the MTA (when offered): add and change headers; skip HELO, RCPT,
+DATA and unknown commands; send no reply to connect, MAIL, headers, end of headers and
+body chunks (Postfix then streams the whole message without waiting); header values with
+their leading space, so that simple canonicalisation sees the exact bytes.
+
+Mail from SECUMAIL_MYNETWORKS or from an authenticated client ({auth_authen}) whose From
+domain has a key is signed; everything else is verified and gets Authentication-Results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from secumail import milter_codec as mc
+from secumail.logs import log_event
+from secumail.netaddr import IPAddress, parse_ip
+from secumail.settings import Settings
+from services.dkim import authres, dmarc, signature
+from services.dkim.canonical import RELAXED, BodyHasher, header_value_crlf
+from services.dkim.keys import KeyStore, SigningKey
+
+log = logging.getLogger("secumail.dkim")
+
+WANTED_ACTIONS = mc.ACTION_ADD_HEADERS | mc.ACTION_CHANGE_HEADERS
+WANTED_PROTOCOL = (
+    mc.NO_HELO | mc.NO_RCPT | mc.NO_DATA | mc.NO_UNKNOWN
+    | mc.NO_REPLY_CONNECT | mc.NO_REPLY_MAIL | mc.NO_REPLY_HEADER | mc.NO_REPLY_EOH
+    | mc.NO_REPLY_BODY | mc.HEADER_LEADING_SPACE
+)
+WANTED_MACROS = {mc.STAGE_MAIL: "{auth_authen}", mc.STAGE_EOM: "i"}
+
+# Bounds on what one message may make the milter hold or do.
+MAX_HEADER_BYTES = 1024 * 1024
+MAX_HEADERS = 2000
+MAX_SIGNATURES = 10
+
+AUTH_RESULTS = b"Authentication-Results"
+_SIGN_BODY = (RELAXED, "sha256", None)
+
+TxtLookup = Callable[[str], Awaitable[list[str] | None]]
+
+
+@dataclass
+class Outcome:
+    """What happened to one message: for the log line, the metrics and the tests."""
+
+    mode: str  # sign, verify, skip, error
+    action: str  # continue, tempfail, reject
+    reason: str = ""
+    fields: dict[str, object] = field(default_factory=dict)
+
+
+class DkimMilter:
+    """What every connection shares: settings, keys, the DNS lookup, the clock."""
+
+    def __init__(self, settings: Settings, keys: KeyStore, lookup: TxtLookup,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.lookup = lookup
+        self.clock = clock
+        self.authserv_id = settings.authserv_id or settings.hostname or socket.gethostname()
+        self.on_outcome: Callable[[Outcome], None] | None = None
+
+    def session(self, peer: str = "?") -> MilterSession:
+        return MilterSession(self, peer)
+
+
+class MilterSession:
+    def __init__(self, milter: DkimMilter, peer: str) -> None:
+        self.milter = milter
+        self.settings = milter.settings
+        self.peer = peer
+        self.negotiated: mc.Negotiated | None = None
+        self.leading_space = False
+        self.client_ip: IPAddress | None = None
+        self.client = ""
+        self.connection_macros: dict[str, str] = {}
+        self._new_message()
+
+    # --- state ------------------------------------------------------------------------------
+
+    def _new_message(self) -> None:
+        self.macros: dict[str, str] = {}
+        self.sender = ""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.header_bytes = 0
+        self.too_big = False
+        self.mode = ""
+        self.skip_reason = ""
+        self.hashers: dict[tuple[str, str, int | None], BodyHasher] = {}
+        self.sign_keys: list[SigningKey] = []
+        self.parsed: list[signature.ParsedSignature | tuple[signature.SignatureInfo, str]] = []
+        self.in_message = False
+
+    @property
+    def queue_id(self) -> str:
+        return self.macros.get("i") or self.connection_macros.get("i", "")
+
+    # --- commands before end of message -----------------------------------------------------
+
+    def handle(self, command: mc.Command) -> bytes:
+        """Everything but EndOfMessage: returns the bytes to send (often none)."""
+        if isinstance(command, mc.OptionNegotiation):
+            self.negotiated = mc.negotiate(command, WANTED_ACTIONS, WANTED_PROTOCOL,
+                                           WANTED_MACROS)
+            self.leading_space = self.negotiated.header_leading_space
+            return self.negotiated.reply
+        if self.negotiated is None:
+            raise mc.MilterProtocolError(f"{type(command).__name__} before option negotiation")
+        if isinstance(command, mc.Header):
+            self._header(command)
+        elif isinstance(command, mc.BodyChunk):
+            for hasher in self.hashers.values():
+                hasher.update(command.data)
+        elif isinstance(command, mc.DefineMacros):
+            target = self.connection_macros if command.stage in (b"C", b"H") else self.macros
+            target.update(command.macros)
+        elif isinstance(command, mc.EndOfHeaders):
+            self._decide()
+        elif isinstance(command, mc.MailFrom):
+            if self.in_message:
+                self._new_message()
+            self.in_message = True
+            self.sender = command.sender
+        elif isinstance(command, mc.Connect):
+            self.client = f"{command.hostname}[{command.address}]"
+            self.client_ip = parse_ip(command.address) if command.family in "46" else None
+        elif isinstance(command, mc.Abort):
+            self._new_message()
+        elif isinstance(command, mc.QuitNewConnection):
+            self._new_message()
+            self.connection_macros = {}
+            self.client_ip, self.client = None, ""
+        return mc.CONTINUE if self.negotiated.needs_reply(command) else b""
+
+    def _header(self, command: mc.Header) -> None:
+        self.in_message = True
+        if self.too_big:
+            return
+        self.header_bytes += len(command.name) + len(command.value) + 3
+        if self.header_bytes > MAX_HEADER_BYTES or len(self.headers) >= MAX_HEADERS:
+            self.too_big = True
+            return
+        value = command.value if self.leading_space else b" " + command.value
+        self.headers.append((command.name, header_value_crlf(value)))
+
+    def _header_values(self, name: bytes) -> list[bytes]:
+        return [v for n, v in self.headers if n.lower() == name]
+
+    def _internal(self) -> bool:
+        return self.settings.in_mynetworks(self.client_ip) or bool(
+            self.macros.get("auth_authen") or self.connection_macros.get("auth_authen")
+        )
+
+    def _decide(self) -> None:
+        """At end of headers: sign, verify or let pass, and set up the body hashers."""
+        if self.too_big:
+            self.mode, self.skip_reason = "skip", f"header block over {MAX_HEADER_BYTES} bytes"
+            return
+        if self._internal():
+            self._decide_signing()
+        else:
+            self._decide_verifying()
+
+    def _decide_signing(self) -> None:
+        domains = dmarc.from_domains([_text(v) for v in self._header_values(b"from")])
+        if not domains:
+            self.mode, self.skip_reason = "skip", "no From address to sign for"
+            return
+        found = self.milter.keys.lookup(domains[0])
+        if found is None:
+            self.mode, self.skip_reason = "skip", f"no key for {domains[0]}"
+        elif found.error:
+            self.mode, self.skip_reason = "error", f"key for {domains[0]} unusable: {found.error}"
+        else:
+            self.mode = "sign"
+            self.sign_keys = found.keys
+            self.hashers[_SIGN_BODY] = BodyHasher(RELAXED, "sha256")
+
+    def _decide_verifying(self) -> None:
+        self.mode = "verify"
+        for name, value in self.headers:
+            if name.lower() != b"dkim-signature":
+                continue
+            if len(self.parsed) >= MAX_SIGNATURES:
+                log_event(log, "signatures over the limit not verified", logging.WARNING,
+                          queue_id=self.queue_id, limit=MAX_SIGNATURES)
+                break
+            try:
+                parsed = signature.parse_signature(value, name)
+            except signature.SignatureSyntaxError as error:
+                self.parsed.append((signature.describe(value), str(error)))
+                continue
+            self.parsed.append(parsed)
+            key = parsed.body_hasher_key
+            if key not in self.hashers:
+                self.hashers[key] = BodyHasher(*key)
+
+    # --- end of message ---------------------------------------------------------------------
+
+    async def end_of_message(self, command: mc.EndOfMessage) -> bytes:
+        started = time.perf_counter()
+        if command.data:
+            for hasher in self.hashers.values():
+                hasher.update(command.data)
+        if not self.mode:  # no end of headers seen (a message without body separator)
+            self._decide()
+        try:
+            if self.mode == "sign":
+                reply, outcome = self._sign()
+            elif self.mode == "verify":
+                reply, outcome = await self._verify()
+            elif self.mode == "error":
+                reply, outcome = self._failure("sign", self.skip_reason)
+            else:
+                reply, outcome = mc.CONTINUE, Outcome("skip", "continue", self.skip_reason)
+        except Exception as error:
+            log.exception("end of message failed")
+            reply, outcome = self._failure(self.mode, f"internal error: {error!r}")
+        outcome.fields["ms"] = round((time.perf_counter() - started) * 1000, 2)
+        self._log(outcome)
+        self._new_message()
+        return reply
+
+    def _failure(self, mode: str, reason: str) -> tuple[bytes, Outcome]:
+        """Signing or verifying could not be done: defer, or let the mail through as is."""
+        if self.settings.dkim_fail_open:
+            return mc.CONTINUE, Outcome(mode, "continue", reason + " (fail open)")
+        text = "451 4.7.5 " + ("DKIM signing" if mode == "sign" else "DKIM")
+        reply = mc.encode_reply_code(text + " temporarily unavailable, try again later")
+        return reply, Outcome(mode, "tempfail", reason)
+
+    def _header_bytes(self, name: bytes, value: bytes) -> tuple[bytes, bytes]:
+        """A header as the MTA wants it: \\n line ends; a leading space only if negotiated."""
+        value = value.replace(b"\r\n", b"\n").lstrip(b" ")
+        return name, (b" " + value if self.leading_space else value)
+
+    def _sign(self) -> tuple[bytes, Outcome]:
+        body_hash = self.hashers[_SIGN_BODY].digest()
+        timestamp = int(self.milter.clock())
+        replies = []
+        # Inserted at the top one after the other: the last one inserted ends up first.
+        for key in reversed(self.sign_keys):
+            value = signature.sign(self.headers, body_hash, key, timestamp)
+            replies.append(mc.encode_insert_header(
+                0, *self._header_bytes(signature.SIGNATURE_HEADER, value)))
+        replies.append(mc.CONTINUE)
+        outcome = Outcome("sign", "continue", fields={
+            "domain": self.sign_keys[0].domain,
+            "selectors": ",".join(f"{k.selector}/{k.key_type}" for k in self.sign_keys),
+        })
+        return b"".join(replies), outcome
+
+    async def _verify(self) -> tuple[bytes, Outcome]:
+        lookup = self.milter.lookup
+        hashes = {key: hasher.digest() for key, hasher in self.hashers.items()}
+        parsed = [p for p in self.parsed if isinstance(p, signature.ParsedSignature)]
+        key_names = list(dict.fromkeys(p.key_name for p in parsed))
+        from_domains = list(dict.fromkeys(
+            dmarc.from_domains([_text(v) for v in self._header_values(b"from")])))
+
+        async def dmarc_record() -> tuple[dmarc.DmarcRecord | None, bool]:
+            if len(from_domains) != 1:
+                return None, False
+            return await dmarc.find_record(from_domains[0], lookup)
+
+        # Every key and the DMARC record at once: the slowest answer bounds the wait.
+        answers = await asyncio.gather(
+            dmarc_record(), *(lookup(name) for name in key_names), return_exceptions=True)
+        keys = dict(zip(key_names, answers[1:], strict=True))
+
+        reports = []
+        for item in self.parsed:
+            if isinstance(item, signature.ParsedSignature):
+                reports.append(self._check(item, keys[item.key_name], hashes))
+            else:
+                info, reason = item
+                reports.append(authres.DkimReport(
+                    "permerror", reason, info.domain, info.identity, info.selector,
+                    info.algorithm, info.b_prefix))
+        spf = self._spf_result()
+        outcome_dmarc = self._dmarc(from_domains, answers[0], reports, spf)
+
+        dkim_temporary = any(r.result == "temperror" for r in reports)
+        undecided = outcome_dmarc.result == "temperror" or (
+            dkim_temporary and outcome_dmarc.result != "pass")
+        fields: dict[str, object] = {
+            "dkim": ",".join(f"{r.result}:{r.domain or '?'}" for r in reports) or "none",
+            "spf": spf.result if spf else "-",
+            "dmarc": outcome_dmarc.result,
+            "from_domain": outcome_dmarc.domain,
+        }
+        if (outcome_dmarc.result == "fail" and outcome_dmarc.disposition == "reject"
+                and self.settings.dmarc_reject):
+            reply = mc.encode_reply_code(
+                f"550 5.7.1 Email rejected per DMARC policy for {outcome_dmarc.domain}")
+            return reply, Outcome("verify", "reject", "DMARC policy reject", fields)
+        if undecided:
+            reason = "DNS temporary failure: " + (
+                outcome_dmarc.reason if outcome_dmarc.result == "temperror"
+                else next(r.reason for r in reports if r.result == "temperror"))
+            failed, outcome = self._failure("verify", reason)
+            outcome.fields.update(fields)
+            if outcome.action == "tempfail":
+                return failed, outcome
+        else:
+            outcome = Outcome("verify", "continue", fields=fields)
+        value = authres.authentication_results(self.milter.authserv_id, reports, spf,
+                                               outcome_dmarc)
+        replies = [mc.encode_change_header(index, AUTH_RESULTS, b"")
+                   for index in reversed(self._forged_auth_results())]
+        if replies:
+            outcome.fields["removed_forged_auth_results"] = len(replies)
+        replies.append(mc.encode_insert_header(
+            0, *self._header_bytes(AUTH_RESULTS, value.encode("utf-8"))))
+        replies.append(mc.CONTINUE)
+        return b"".join(replies), outcome
+
+    def _check(self, parsed: signature.ParsedSignature, answer: object,
+               hashes: dict[tuple[str, str, int | None], bytes]) -> authres.DkimReport:
+        report = authres.DkimReport(
+            "permerror", "", parsed.domain, parsed.identity, parsed.selector,
+            parsed.algorithm, parsed.b_prefix)
+        if isinstance(answer, dmarc.DnsTemporaryError):
+            return dataclasses.replace(report, result="temperror", reason=f"key lookup: {answer}")
+        if isinstance(answer, BaseException):
+            raise answer
+        if not answer:
+            return dataclasses.replace(report, reason="no key for signature")
+        texts = [t for t in answer if isinstance(t, str)] if isinstance(answer, list) else []
+        if not texts:
+            return dataclasses.replace(report, reason="no key for signature")
+        try:
+            record = signature.parse_key_record(texts[0].encode("latin-1"))
+        except signature.KeyRecordError as error:
+            return dataclasses.replace(report, reason=str(error))
+        verdict = signature.check(parsed, record, self.headers, hashes[parsed.body_hasher_key])
+        return dataclasses.replace(report, result=verdict.result, reason=verdict.reason,
+                                   key_bits=record.bits, key_type=record.key_type)
+
+    def _spf_result(self) -> authres.SpfResult | None:
+        """The Received-SPF this host's policy service prepended: the first one, and only if
+        no Received header comes before it (one below a Received was added upstream)."""
+        for name, value in self.headers:
+            lowered = name.lower()
+            if lowered == b"received":
+                return None
+            if lowered == b"received-spf":
+                return authres.parse_received_spf(_text(value), self.settings.hostname)
+        return None
+
+    def _dmarc(self, from_domains: list[str], answer: object,
+               reports: list[authres.DkimReport],
+               spf: authres.SpfResult | None) -> dmarc.DmarcOutcome:
+        if not from_domains:
+            return dmarc.DmarcOutcome("none", reason="no From domain")
+        if len(from_domains) > 1:
+            return dmarc.DmarcOutcome("permerror", reason="several From domains")
+        if isinstance(answer, dmarc.DnsTemporaryError):
+            return dmarc.DmarcOutcome("temperror", from_domains[0], reason=str(answer))
+        if isinstance(answer, BaseException):
+            raise answer
+        assert isinstance(answer, tuple)
+        record, from_organizational = answer
+        return dmarc.evaluate(
+            from_domains[0], record, from_organizational,
+            [r.domain for r in reports if r.result == "pass"],
+            spf.result if spf else "none", spf.domain if spf else "",
+        )
+
+    def _forged_auth_results(self) -> list[int]:
+        """1-based positions, among Authentication-Results headers, of those that claim to
+        come from this host: only the ones added here may (RFC 8601 5)."""
+        positions = []
+        position = 0
+        ours = self.milter.authserv_id.lower()
+        for name, value in self.headers:
+            if name.lower() == b"authentication-results":
+                position += 1
+                if authres.authserv_id_of(_text(value)) == ours:
+                    positions.append(position)
+        return positions
+
+    def _log(self, outcome: Outcome) -> None:
+        failed = outcome.action != "continue" or "fail open" in outcome.reason
+        level = logging.WARNING if failed else logging.INFO
+        log_event(log, "message", level, mode=outcome.mode, action=outcome.action,
+                  queue_id=self.queue_id, client=self.client,
+                  reason=outcome.reason, **outcome.fields)
+        if self.milter.on_outcome is not None:
+            self.milter.on_outcome(outcome)
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "replace")

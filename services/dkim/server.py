@@ -1,0 +1,122 @@
+"""The DKIM milter service on port 10028: milter connections in, DKIM decisions out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from secumail import dns as secumail_dns
+from secumail import milter_codec as mc
+from secumail.logs import log_event
+from secumail.runtime import ConnectionServer
+from secumail.settings import Settings
+from services.dkim.dnslookup import async_txt_lookup
+from services.dkim.keys import DomainKeys, KeyStore
+from services.dkim.milter import DkimMilter, Outcome
+
+log = logging.getLogger("secumail.dkim")
+
+MESSAGES = Counter(
+    "secumail_dkim_messages", "Messages by what the milter did (sign, verify, skip) and answered",
+    ["mode", "action"],
+)
+END_OF_MESSAGE = Histogram(
+    "secumail_dkim_end_of_message_seconds", "Time from end of message to the answer",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+)
+PROTOCOL_ERRORS = Counter(
+    "secumail_dkim_protocol_errors", "Milter connections closed on malformed input"
+)
+CONNECTIONS = Gauge("secumail_dkim_connections", "Open milter connections")
+SIGNING_DOMAINS = Gauge("secumail_dkim_signing_domains", "Domains with a usable active key")
+
+
+class DkimService:
+    def __init__(self, settings: Settings, keys: KeyStore | None = None) -> None:
+        self.settings = settings
+        self.keys = keys or KeyStore(settings.dkim_keys_dir)
+        self.keys.on_reload = self._keys_reloaded
+        resolver = secumail_dns.make_async_resolver(settings.dns_servers, settings.dns_timeout)
+        self.milter = DkimMilter(settings, self.keys, async_txt_lookup(resolver))
+        self.milter.on_outcome = self._count
+        self.server = ConnectionServer(
+            "dkim", settings.dkim_listen, self.handle, settings.dkim_max_connections
+        )
+
+    async def start(self) -> None:
+        self.keys.refresh(force=True)
+        await self.server.start()
+
+    async def drain(self, timeout: float) -> None:
+        await self.server.drain(timeout)
+
+    @staticmethod
+    def _count(outcome: Outcome) -> None:
+        MESSAGES.labels(outcome.mode, outcome.action).inc()
+
+    @staticmethod
+    def _keys_reloaded(domains: dict[str, DomainKeys]) -> None:
+        usable = 0
+        for domain, keys in sorted(domains.items()):
+            if keys.error:
+                log_event(log, "signing key unusable", logging.ERROR, domain=domain,
+                          error=keys.error)
+            elif keys.keys:
+                usable += 1
+                log_event(log, "signing keys", domain=domain,
+                          selectors=",".join(f"{k.selector}/{k.key_type}" for k in keys.keys))
+            else:
+                log_event(log, "no active key", logging.WARNING, domain=domain,
+                          hint="secumail-dkim activate DOMAIN SELECTOR")
+        SIGNING_DOMAINS.set(usable)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        peer_text = f"{peer[0]}:{peer[1]}" if peer else "?"
+        decoder = mc.MilterDecoder()
+        session = self.milter.session(peer_text)
+        CONNECTIONS.inc()
+        try:
+            while True:
+                if self.server.draining and not session.in_message:
+                    return  # between messages: the MTA opens a new connection elsewhere
+                data = await reader.read(262144)
+                if not data:
+                    if decoder.pending or session.in_message:
+                        log_event(log, "connection closed mid-message", logging.WARNING,
+                                  peer=peer_text, queue_id=session.queue_id)
+                    return
+                try:
+                    commands = decoder.feed(data)
+                    out = []
+                    for command in commands:
+                        if isinstance(command, mc.EndOfMessage):
+                            with self.server.inflight.track():
+                                started = time.perf_counter()
+                                out.append(await session.end_of_message(command))
+                                END_OF_MESSAGE.observe(time.perf_counter() - started)
+                        elif isinstance(command, mc.Quit):
+                            return
+                        else:
+                            out.append(session.handle(command))
+                except mc.MilterProtocolError as error:
+                    self._malformed(writer, peer_text, session.queue_id, str(error))
+                    return
+                if out:
+                    writer.write(b"".join(out))
+                    await writer.drain()
+        finally:
+            CONNECTIONS.dec()
+
+    def _malformed(self, writer: asyncio.StreamWriter, peer: str, queue_id: str,
+                   error: str) -> None:
+        """Answer the message in progress as SECUMAIL_DKIM_FAIL_OPEN says, then hang up."""
+        PROTOCOL_ERRORS.inc()
+        fail_open = self.settings.dkim_fail_open
+        log_event(log, "malformed milter packet: closing connection", logging.WARNING,
+                  peer=peer, queue_id=queue_id, error=error,
+                  answer="accept" if fail_open else "tempfail")
+        writer.write(mc.ACCEPT if fail_open else mc.TEMPFAIL)

@@ -1,0 +1,338 @@
+"""DKIM signatures (RFC 6376, RFC 8463): make one, check one. Plain functions, no I/O.
+
+dkimpy parses the tag lists and checks the signature fields; the hashing of canonical
+headers is ours (canonical.py), and every RSA or Ed25519 operation goes to OpenSSL through
+`cryptography`: dkimpy's own RSA is pure Python, 25 times slower when signing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Final
+
+import dkim
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from services.dkim.canonical import CANONICALIZATIONS, RELAXED, header_hash_input
+from services.dkim.keys import SigningKey
+
+SIGNATURE_HEADER: Final = b"DKIM-Signature"
+MIN_RSA_BITS: Final = 1024
+
+# The fields RFC 6376 5.4.1 says should be signed (dkimpy's list), in the order they appear
+# in the message; From is signed once more than it appears, so none can be added.
+SIGNED_HEADERS: Final = frozenset(dkim.DKIM.SHOULD)
+OVERSIGNED_HEADERS: Final = (b"from",)
+
+ALGORITHMS: Final = {
+    b"rsa-sha256": ("rsa", "sha256"),
+    b"ed25519-sha256": ("ed25519", "sha256"),
+    b"rsa-sha1": ("rsa", "sha1"),
+}
+
+_WHITESPACE = re.compile(rb"\s+")
+
+PublicKey = rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+
+
+class SignatureSyntaxError(Exception):
+    """A DKIM-Signature that cannot be evaluated (RFC 6376 PERMFAIL: permerror)."""
+
+
+class KeyRecordError(Exception):
+    """A key record that cannot be used (permerror)."""
+
+
+# --- signing ------------------------------------------------------------------------------
+
+
+def signed_header_names(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    names = [name.lower() for name, _ in headers if name.lower() in SIGNED_HEADERS]
+    return names + [name for name in names if name in OVERSIGNED_HEADERS]
+
+
+def _fold(tags: list[bytes], width: int = 76) -> bytes:
+    """Tags joined by "; " with a fold (CRLF TAB) before a tag that would pass `width`.
+    A long h= list is cut after its colons, where a verifier's unfolding changes nothing
+    it compares (it strips the whitespace around each name)."""
+    lines: list[bytes] = []
+    line = b""
+    pieces: list[bytes] = []
+    for tag in tags:
+        if len(tag) > width and tag.startswith(b"h="):
+            names = tag.split(b":")
+            pieces.extend(n + b":" for n in names[:-1])
+            pieces.append(names[-1])
+        else:
+            pieces.append(tag)
+    room = width - len(SIGNATURE_HEADER) - 2  # the first line starts after the name
+    for piece in pieces:
+        joiner = b"" if line.endswith(b":") else b" "
+        if line and len(line) + len(piece) + 1 > room:
+            lines.append(line)
+            line = piece
+            room = width - 1
+        else:
+            line = line + joiner + piece if line else piece
+    lines.append(line)
+    return b"\r\n\t".join(lines)
+
+
+def _sign_bytes(key: SigningKey, data: bytes) -> bytes:
+    private = key.private_key
+    if isinstance(private, rsa.RSAPrivateKey):
+        return private.sign(data, padding.PKCS1v15(), hashes.SHA256())
+    # RFC 8463: Ed25519 signs the SHA-256 hash of the canonical headers, not the headers.
+    return private.sign(hashlib.sha256(data).digest())
+
+
+def sign(
+    headers: list[tuple[bytes, bytes]], body_hash: bytes, key: SigningKey, timestamp: int,
+) -> bytes:
+    """The DKIM-Signature value (after the colon, with a leading space, CRLF folds) for a
+    message with these headers (values in CRLF form) and this relaxed body hash."""
+    names = signed_header_names(headers)
+    tags = [
+        b"v=1;", f"a={key.algorithm};".encode(), b"c=relaxed/relaxed;",
+        f"d={key.domain};".encode(), f"s={key.selector};".encode(), f"t={timestamp};".encode(),
+        b"h=" + b":".join(names) + b";", b"bh=" + base64.b64encode(body_hash) + b";",
+    ]
+    unsigned = b" " + _fold(tags) + b"\r\n\tb="
+    data = header_hash_input(headers, names, (SIGNATURE_HEADER, unsigned), relaxed=True)
+    value = base64.b64encode(_sign_bytes(key, data))
+    return unsigned + b"\r\n\t".join(value[i : i + 72] for i in range(0, len(value), 72))
+
+
+# --- verifying ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParsedSignature:
+    name: bytes  # the header name as received (simple canonicalization keeps its case)
+    value: bytes  # the header value as received, CRLF form
+    domain: str
+    selector: str
+    identity: str
+    algorithm: str
+    key_type: str
+    hash_name: str
+    header_canonicalization: str
+    body_canonicalization: str
+    signed_headers: list[bytes]
+    body_hash: bytes
+    signature: bytes
+    length: int | None
+
+    @property
+    def key_name(self) -> str:
+        return f"{self.selector}._domainkey.{self.domain}"
+
+    @property
+    def b_prefix(self) -> str:
+        """The first characters of b=, which name the signature in Authentication-Results
+        (RFC 6008)."""
+        return base64.b64encode(self.signature)[:8].decode("ascii")
+
+    @property
+    def body_hasher_key(self) -> tuple[str, str, int | None]:
+        return self.body_canonicalization, self.hash_name, self.length
+
+
+@dataclass(frozen=True)
+class SignatureInfo:
+    """What is known of a signature for the report, even when it could not be parsed."""
+
+    domain: str = ""
+    selector: str = ""
+    identity: str = ""
+    algorithm: str = ""
+    b_prefix: str = ""
+
+
+def _decode_b64(value: bytes, tag: str) -> bytes:
+    try:
+        return base64.b64decode(_WHITESPACE.sub(b"", value), validate=True)
+    except (binascii.Error, ValueError):
+        raise SignatureSyntaxError(f"{tag}= is not base64") from None
+
+
+def _tags(value: bytes) -> dict[bytes, bytes]:
+    try:
+        return parse_tag_value(value.replace(b"\r\n", b""))  # type: ignore[no-any-return]
+    except InvalidTagValueList as error:
+        raise SignatureSyntaxError(f"malformed tag list ({error})") from None
+
+
+def describe(value: bytes) -> SignatureInfo:
+    """Best-effort d=, s=, i=, a= and b= of a signature, for a header that failed to parse."""
+    try:
+        tags = _tags(value)
+    except SignatureSyntaxError:
+        return SignatureInfo()
+    text = {k: v.decode("ascii", "replace") for k, v in tags.items()}
+    b_prefix = _WHITESPACE.sub(b"", tags.get(b"b", b""))[:8].decode("ascii", "replace")
+    return SignatureInfo(text.get(b"d", ""), text.get(b"s", ""), text.get(b"i", ""),
+                         text.get(b"a", ""), b_prefix)
+
+
+def parse_signature(value: bytes, name: bytes = SIGNATURE_HEADER) -> ParsedSignature:
+    """Parse and check a DKIM-Signature value; SignatureSyntaxError says why it is unusable."""
+    tags = _tags(value)
+    try:
+        dkim.validate_signature_fields(tags)
+    except dkim.ValidationError as error:
+        raise SignatureSyntaxError(str(error)) from None
+    algorithm = tags[b"a"]
+    if algorithm not in ALGORITHMS:
+        raise SignatureSyntaxError(f"unknown algorithm {algorithm.decode(errors='replace')}")
+    if algorithm == b"rsa-sha1":
+        raise SignatureSyntaxError("rsa-sha1 signatures are not accepted any more (RFC 8301)")
+    key_type, hash_name = ALGORITHMS[algorithm]
+    canonicalization = tags.get(b"c", b"simple/simple").decode("ascii", "replace").lower()
+    header_canon, _, body_canon = canonicalization.partition("/")
+    body_canon = body_canon or "simple"
+    if header_canon not in CANONICALIZATIONS or body_canon not in CANONICALIZATIONS:
+        raise SignatureSyntaxError(f"unknown canonicalization {canonicalization}")
+    signed = [n.strip().lower() for n in _WHITESPACE.sub(b"", tags[b"h"]).split(b":")]
+    if b"from" not in signed:
+        raise SignatureSyntaxError("From is not signed")
+    domain = tags[b"d"].decode("ascii", "replace").lower().rstrip(".")
+    if not domain or "." not in domain:
+        raise SignatureSyntaxError("d= is not a domain under a public suffix")
+    selector = tags[b"s"].decode("ascii", "replace").lower()
+    if not selector:
+        raise SignatureSyntaxError("empty s=")
+    length = int(tags[b"l"]) if b"l" in tags else None
+    return ParsedSignature(
+        name=name, value=value, domain=domain, selector=selector,
+        identity=tags.get(b"i", b"@" + tags[b"d"]).decode("utf-8", "replace"),
+        algorithm=algorithm.decode(), key_type=key_type, hash_name=hash_name,
+        header_canonicalization=header_canon, body_canonicalization=body_canon,
+        signed_headers=signed, body_hash=_decode_b64(tags[b"bh"], "bh"),
+        signature=_decode_b64(tags[b"b"], "b"), length=length,
+    )
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    key: PublicKey
+    key_type: str
+    bits: int
+    hashes: tuple[str, ...] | None  # None: any
+    testing: bool  # t=y
+    strict_identity: bool  # t=s
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_key_record(record: bytes) -> KeyRecord:
+    """A DKIM key record (RFC 6376 3.6.1) into a public key; KeyRecordError says why not.
+    Cached: the same few records come back with every message of a sender."""
+    try:
+        tags = parse_tag_value(record)
+    except InvalidTagValueList as error:
+        raise KeyRecordError(f"malformed key record ({error})") from None
+    if tags.get(b"v", b"DKIM1") != b"DKIM1":
+        raise KeyRecordError("key record is not v=DKIM1")
+    key_type = tags.get(b"k", b"rsa").decode("ascii", "replace").lower()
+    services = {s.strip() for s in tags.get(b"s", b"*").split(b":")}
+    if not services & {b"*", b"email"}:
+        raise KeyRecordError("key is not for email (s=)")
+    if b"p" not in tags:
+        raise KeyRecordError("key record has no p=")
+    raw_key = _WHITESPACE.sub(b"", tags[b"p"])
+    if not raw_key:
+        raise KeyRecordError("key revoked (empty p=)")
+    try:
+        der = base64.b64decode(raw_key, validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyRecordError("p= is not base64") from None
+    key: PublicKey
+    if key_type == "rsa":
+        key = _load_rsa_public_key(der)
+        bits = key.key_size
+        if bits < MIN_RSA_BITS:
+            raise KeyRecordError(f"{bits}-bit RSA key is too small")
+    elif key_type == "ed25519":
+        try:
+            key = ed25519.Ed25519PublicKey.from_public_bytes(der)
+        except ValueError:
+            raise KeyRecordError("p= is not a 32-byte Ed25519 key") from None
+        bits = 256
+    else:
+        raise KeyRecordError(f"unknown key type k={key_type}")
+    hash_list = None
+    if b"h" in tags:
+        hash_list = tuple(h.strip().decode("ascii", "replace") for h in tags[b"h"].split(b":"))
+    flags = {f.strip() for f in tags.get(b"t", b"").split(b":")}
+    return KeyRecord(key, key_type, bits, hash_list, b"y" in flags, b"s" in flags)
+
+
+def _load_rsa_public_key(der: bytes) -> rsa.RSAPublicKey:
+    """SubjectPublicKeyInfo, as RFC 6376 says; some publish a bare PKCS#1 RSAPublicKey."""
+    pkcs1_pem = (b"-----BEGIN RSA PUBLIC KEY-----\n" + base64.encodebytes(der)
+                 + b"-----END RSA PUBLIC KEY-----\n")
+    for encoded, load in ((der, serialization.load_der_public_key),
+                          (pkcs1_pem, serialization.load_pem_public_key)):
+        try:
+            key = load(encoded)
+        except (ValueError, UnsupportedAlgorithm):
+            continue
+        if isinstance(key, rsa.RSAPublicKey):
+            return key
+        raise KeyRecordError("k=rsa but p= is not an RSA key")
+    raise KeyRecordError("p= is not a public key")
+
+
+def strip_b_value(value: bytes) -> bytes:
+    """The signature header with the b= value (and whitespace around it) emptied (3.7).
+    Tag values cannot contain ';', so splitting on it finds the tags exactly."""
+    parts = value.split(b";")
+    for index, part in enumerate(parts):
+        name, equals, _ = part.partition(b"=")
+        if equals and name.strip(b" \t\r\n") == b"b":
+            parts[index] = part[: len(name) + 1]
+    return b";".join(parts)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    result: str  # pass, fail, permerror (RFC 8601 dkim results)
+    reason: str
+
+
+def check(
+    signature: ParsedSignature, record: KeyRecord, headers: list[tuple[bytes, bytes]],
+    body_hash: bytes,
+) -> Verdict:
+    """Check one parsed signature against its key, the headers and the computed body hash."""
+    if record.key_type != signature.key_type:
+        return Verdict("permerror", f"key type {record.key_type} does not match a=")
+    if record.hashes is not None and signature.hash_name not in record.hashes:
+        return Verdict("permerror", f"key does not allow {signature.hash_name}")
+    if record.strict_identity:
+        identity_domain = signature.identity.rpartition("@")[2].lower()
+        if identity_domain != signature.domain:
+            return Verdict("permerror", "key requires i= in d= exactly (t=s)")
+    if body_hash != signature.body_hash:
+        return Verdict("fail", "body hash did not verify")
+    data = header_hash_input(
+        headers, signature.signed_headers,
+        (signature.name, strip_b_value(signature.value)),
+        relaxed=signature.header_canonicalization == RELAXED,
+    )
+    try:
+        if isinstance(record.key, rsa.RSAPublicKey):
+            record.key.verify(signature.signature, data, padding.PKCS1v15(), hashes.SHA256())
+        else:
+            record.key.verify(signature.signature, hashlib.sha256(data).digest())
+    except InvalidSignature:
+        return Verdict("fail", "signature did not verify")
+    return Verdict("pass", "")

@@ -1,0 +1,300 @@
+"""The milter session without sockets: codec commands in, reply packets out, a fake DNS."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import dkim
+import pytest
+
+from secumail import milter_codec as mc
+from secumail.settings import Settings
+from services.dkim import keys
+from services.dkim.dmarc import DnsTemporaryError
+from services.dkim.milter import WANTED_PROTOCOL, DkimMilter, MilterSession, Outcome
+
+HOST = "mx.secumail.test"
+POSTFIX_OFFER = mc.OptionNegotiation(6, 0x1FF, 0x1FFFFF)
+
+
+class FakeDns:
+    def __init__(self) -> None:
+        self.records: dict[str, list[str]] = {}
+        self.failing: set[str] = set()
+        self.queries: list[str] = []
+
+    async def __call__(self, name: str) -> list[str] | None:
+        self.queries.append(name)
+        if name in self.failing:
+            raise DnsTemporaryError(f"{name}: Timeout")
+        return self.records.get(name)
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, **overrides: object) -> None:
+        self.dns = FakeDns()
+        self.keys_dir = tmp_path / "keys"
+        self.settings = Settings(hostname=HOST, dkim_keys_dir=str(self.keys_dir),
+                                 **overrides)  # type: ignore[arg-type]
+        self.outcomes: list[Outcome] = []
+        self.milter = DkimMilter(self.settings, keys.KeyStore(self.keys_dir), self.dns,
+                                 clock=lambda: 1_700_000_000)
+        self.milter.on_outcome = self.outcomes.append
+
+    def add_key(self, domain: str, selector: str, key_type: keys.KeyType = "rsa") -> None:
+        result = keys.keygen(self.keys_dir, domain, selector, key_type, 1024 if key_type ==
+                             "rsa" else 2048)
+        self.dns.records[result.record_name] = [result.record_value]
+        self.milter.keys.refresh(force=True)
+
+    def session(self, offer: mc.OptionNegotiation = POSTFIX_OFFER) -> MilterSession:
+        session = self.milter.session()
+        reply = session.handle(offer)
+        assert mc.ReplyDecoder().feed(reply)[0].code == "O"
+        return session
+
+    def send(self, message: bytes, client: str = "203.0.113.7", auth: str = "",
+             session: MilterSession | None = None) -> tuple[list[mc.Reply], bytes]:
+        """One message through a session as Postfix sends it; the replies to it."""
+        session = session or self.session()
+        head, _, body = message.partition(b"\r\n\r\n")
+        commands: list[mc.Command] = [
+            mc.DefineMacros(b"C", {"j": HOST}),
+            mc.Connect("client.example", "4", 40000, client),
+            mc.DefineMacros(b"M", {"auth_authen": auth} if auth else {}),
+            mc.MailFrom("<sender@example.org>"),
+        ]
+        for line in head.replace(b"\r\n ", b"\n ").replace(b"\r\n\t", b"\n\t").split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            commands.append(mc.Header(name, value))
+        commands += [mc.EndOfHeaders(), mc.BodyChunk(body), mc.DefineMacros(b"E", {"i": "QID"})]
+        early = b"".join(session.handle(c) for c in commands)
+        final = asyncio.run(session.end_of_message(mc.EndOfMessage(b"")))
+        session.handle(mc.Abort())
+        return mc.ReplyDecoder().feed(early + final), early
+
+
+def apply(message: bytes, replies: list[mc.Reply]) -> bytes:
+    """The message as Postfix delivers it after the milter's header changes."""
+    head, _, body = message.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    for reply in replies:
+        if reply.code == "m" and reply.value == b"":
+            positions = [i for i, line in enumerate(lines)
+                         if line.lower().startswith(reply.name.lower() + b":")]
+            del lines[positions[reply.index - 1]]
+        elif reply.code == "i":
+            lines.insert(reply.index, reply.name + b":" + reply.value.replace(b"\n", b"\r\n"))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+MESSAGE = (
+    b"From: Alice <alice@example.org>\r\nTo: bob@example.net\r\nSubject: hello\r\n"
+    b"Date: Sat, 28 Nov 2026 00:34:44 +0000\r\nMessage-ID: <1@example.org>\r\n\r\n"
+    b"Hello Bob.\r\n"
+)
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Harness:
+    return Harness(tmp_path)
+
+
+def test_negotiation_asks_for_fewer_round_trips() -> None:
+    agreed = mc.negotiate(POSTFIX_OFFER, 0x1FF, WANTED_PROTOCOL)
+    assert agreed.protocol & mc.NO_REPLY_HEADER and agreed.protocol & mc.NO_REPLY_BODY
+    assert agreed.header_leading_space
+
+
+def test_mail_from_mynetworks_is_signed(harness: Harness) -> None:
+    harness.add_key("example.org", "s1")
+    harness.add_key("example.org", "e1", "ed25519")
+    replies, early = harness.send(MESSAGE, client="127.0.0.1")
+    assert early == b""  # every step before end of message goes without a reply
+    assert [r.code for r in replies] == ["i", "i", "c"]
+    assert [r.name for r in replies[:2]] == [b"DKIM-Signature"] * 2
+    assert replies[0].value.startswith(b" v=1; a=ed25519-sha256;")  # leading space kept
+    assert replies[1].value.startswith(b" v=1; a=rsa-sha256;")
+    assert b"\r" not in replies[0].value  # Postfix wants \n line ends from a milter
+    signed = apply(MESSAGE, replies)
+    assert signed.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;")  # RSA on top
+
+    def dns(name: bytes, timeout: float = 5) -> bytes | None:
+        found = harness.dns.records.get(name.decode().rstrip("."))
+        return found[0].encode() if found else None
+
+    checker = dkim.DKIM(signed)
+    assert checker.verify(0, dnsfunc=dns) and checker.verify(1, dnsfunc=dns)
+    assert harness.outcomes[-1].mode == "sign"
+    assert harness.outcomes[-1].fields["selectors"] == "s1/rsa,e1/ed25519"
+
+
+def test_authenticated_sender_is_signed_from_anywhere(harness: Harness) -> None:
+    harness.add_key("example.org", "s1")
+    replies, _ = harness.send(MESSAGE, client="198.51.100.9", auth="alice")
+    assert [r.code for r in replies] == ["i", "c"]
+
+
+def test_internal_mail_without_key_passes_untouched(harness: Harness) -> None:
+    replies, _ = harness.send(MESSAGE, client="127.0.0.1")
+    assert [r.code for r in replies] == ["c"]
+    assert harness.outcomes[-1].reason == "no key for example.org"
+
+
+@pytest.mark.parametrize(("fail_open", "codes"), [(False, ["y"]), (True, ["c"])])
+def test_unreadable_key_defers_or_passes(tmp_path: Path, fail_open: bool,
+                                         codes: list[str]) -> None:
+    harness = Harness(tmp_path, dkim_fail_open=fail_open)
+    harness.add_key("example.org", "s1")
+    (harness.keys_dir / "example.org" / "s1.private").write_text("broken")
+    harness.milter.keys.refresh(force=True)
+    replies, _ = harness.send(MESSAGE, client="127.0.0.1")
+    assert [r.code for r in replies] == codes
+    if not fail_open:
+        assert replies[0].value.startswith(b"451 4.7.5 DKIM signing temporarily unavailable")
+    assert "unusable" in harness.outcomes[-1].reason
+
+
+def signed_elsewhere(harness: Harness, domain: str = "example.org") -> bytes:
+    """MESSAGE signed by another host of `domain` (its key published in the fake DNS)."""
+    harness.add_key(domain, "remote")
+    replies, _ = harness.send(MESSAGE, client="127.0.0.1")
+    (harness.keys_dir / domain / "active").unlink()  # this host does not sign for it
+    harness.milter.keys.refresh(force=True)
+    return apply(MESSAGE, replies)
+
+
+def first_header(message: bytes) -> bytes:
+    """The first header field with its continuation lines, CRLF included."""
+    lines = message.split(b"\r\n")
+    end = 1
+    while lines[end][:1] in (b" ", b"\t"):
+        end += 1
+    return b"\r\n".join(lines[:end]) + b"\r\n"
+
+
+def authentication_results(replies: list[mc.Reply]) -> str:
+    [value] = [r.value for r in replies if r.name == b"Authentication-Results"]
+    return value.decode()
+
+
+def test_inbound_signed_mail_gets_authentication_results(harness: Harness) -> None:
+    message = signed_elsewhere(harness)
+    harness.dns.records["_dmarc.example.org"] = ["v=DMARC1; p=reject"]
+    replies, _ = harness.send(message)
+    assert [r.code for r in replies] == ["i", "c"] and replies[0].index == 0
+    value = authentication_results(replies)
+    assert value.startswith(" mx.secumail.test;\n\tdkim=pass (1024-bit rsa key)")
+    assert "header.d=example.org header.i=@example.org header.s=remote" in value
+    assert "dmarc=pass (p=reject dis=none) header.from=example.org" in value
+    assert harness.outcomes[-1].fields["dkim"] == "pass:example.org"
+
+
+def test_tampered_body_fails_and_dmarc_reject_refuses_it(tmp_path: Path) -> None:
+    harness = Harness(tmp_path, dmarc_reject=True)
+    message = signed_elsewhere(harness).replace(b"Hello Bob.", b"Hello Eve.")
+    harness.dns.records["_dmarc.example.org"] = ["v=DMARC1; p=reject"]
+    replies, _ = harness.send(message)
+    assert [r.code for r in replies] == ["y"]
+    assert replies[0].value == b"550 5.7.1 Email rejected per DMARC policy for example.org"
+    harness.dns.records["_dmarc.example.org"] = ["v=DMARC1; p=quarantine"]
+    replies, _ = harness.send(message)
+    value = authentication_results(replies)
+    assert 'dkim=fail (1024-bit rsa key) reason="body hash did not verify"' in value
+    assert "dmarc=fail (p=quarantine dis=quarantine)" in value
+
+
+def test_without_dmarc_reject_a_failure_is_only_reported(harness: Harness) -> None:
+    message = signed_elsewhere(harness).replace(b"Hello Bob.", b"Hello Eve.")
+    harness.dns.records["_dmarc.example.org"] = ["v=DMARC1; p=reject"]
+    replies, _ = harness.send(message)
+    assert "dmarc=fail (p=reject dis=reject)" in authentication_results(replies)
+
+
+def test_every_signature_is_verified(harness: Harness) -> None:
+    message = signed_elsewhere(harness)
+    broken = b"DKIM-Signature: v=1; a=rsa-sha256; d=other.example; s=x; h=to; bh=AA==; b=AA==\r\n"
+    unknown = first_header(message.replace(b"s=remote;", b"s=gone;"))
+    replies, _ = harness.send(broken + unknown + message)
+    entries = authentication_results(replies).split(";\n\t")[1:]
+    assert entries[0].startswith('dkim=permerror reason="From is not signed"')
+    assert entries[1].startswith('dkim=permerror reason="no key for signature"')
+    assert entries[2].startswith("dkim=pass")
+    assert entries[3] == "dmarc=none header.from=example.org"
+
+
+def test_unsigned_mail_gets_dkim_none_and_spf_from_received_spf(harness: Harness) -> None:
+    spf = (b"Received-SPF: pass (mx.secumail.test: domain of example.org designates "
+           b"203.0.113.7 as permitted sender) client-ip=203.0.113.7; "
+           b'envelope-from="sender@example.org"; helo=client.example; '
+           b"receiver=mx.secumail.test; identity=mailfrom\r\n")
+    harness.dns.records["_dmarc.example.org"] = ["v=DMARC1; p=reject"]
+    replies, _ = harness.send(spf + MESSAGE)
+    assert authentication_results(replies).split(";\n\t")[1:] == [
+        "dkim=none", "spf=pass smtp.mailfrom=example.org",
+        "dmarc=pass (p=reject dis=none) header.from=example.org"]
+    # The same header below a Received header came from upstream: not trusted.
+    replies, _ = harness.send(b"Received: from elsewhere\r\n" + spf + MESSAGE)
+    assert "spf=" not in authentication_results(replies)
+
+
+def test_forged_authentication_results_are_removed(harness: Harness) -> None:
+    forged = (b"Authentication-Results: other.example; dkim=pass\r\n"
+              b"Authentication-Results: mx.secumail.test; dkim=pass header.d=bank.example\r\n"
+              b"Authentication-Results: MX.SECUMAIL.TEST (really); dmarc=pass\r\n")
+    replies, _ = harness.send(forged + MESSAGE)
+    assert [(r.code, r.index) for r in replies] == [("m", 3), ("m", 2), ("i", 0), ("c", 0)]
+    delivered = apply(forged + MESSAGE, replies)
+    assert delivered.count(b"Authentication-Results:") == 2
+    assert b"Authentication-Results: other.example; dkim=pass" in delivered
+    assert b"bank.example" not in delivered
+
+
+@pytest.mark.parametrize(("fail_open", "codes"), [(False, ["y"]), (True, ["i", "c"])])
+def test_dns_timeout_defers_or_reports_temperror(tmp_path: Path, fail_open: bool,
+                                                 codes: list[str]) -> None:
+    harness = Harness(tmp_path, dkim_fail_open=fail_open)
+    message = signed_elsewhere(harness)
+    harness.dns.failing.add("remote._domainkey.example.org")
+    replies, _ = harness.send(message)
+    assert [r.code for r in replies] == codes
+    if fail_open:
+        assert "dkim=temperror" in authentication_results(replies)
+    else:
+        assert replies[0].value.startswith(b"451 4.7.5 DKIM temporarily unavailable")
+    assert "DNS temporary failure" in harness.outcomes[-1].reason
+
+
+def test_dns_timeout_does_not_matter_once_dmarc_passes(harness: Harness) -> None:
+    message = signed_elsewhere(harness)
+    harness.dns.records["_dmarc.example.org"] = ["v=DMARC1; p=none"]
+    extra = first_header(message.replace(b"d=example.org", b"d=slow.example"))
+    harness.dns.failing.add("remote._domainkey.slow.example")
+    replies, _ = harness.send(extra + message)
+    assert [r.code for r in replies] == ["i", "c"]
+    assert "dkim=temperror" in authentication_results(replies)
+
+
+def test_several_messages_on_one_connection(harness: Harness) -> None:
+    harness.add_key("example.org", "s1")
+    session = harness.session()
+    for client, code in (("127.0.0.1", "i"), ("203.0.113.7", "i"), ("127.0.0.1", "i")):
+        replies, _ = harness.send(MESSAGE, client=client, session=session)
+        assert replies[0].code == code
+    assert [o.mode for o in harness.outcomes] == ["sign", "verify", "sign"]
+
+
+def test_peer_without_no_reply_options_gets_a_reply_per_step(harness: Harness) -> None:
+    """A minimal MTA (no SMFIP_NR_*, no leading space): every step is answered."""
+    harness.add_key("example.org", "s1")
+    session = harness.session(mc.OptionNegotiation(2, 0x3F, 0))
+    replies, early = harness.send(MESSAGE, client="127.0.0.1", session=session)
+    assert early.count(mc.CONTINUE) == 1 + 1 + 5 + 1 + 1  # connect, mail, headers, eoh, body
+    signature_reply = next(r for r in replies if r.code == "i")
+    assert signature_reply.value.startswith(b"v=1;")  # no leading space: the MTA adds it
+
+
+def test_commands_before_negotiation_are_a_protocol_error(harness: Harness) -> None:
+    with pytest.raises(mc.MilterProtocolError):
+        harness.milter.session().handle(mc.Header(b"From", b" a@b"))
