@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-DEBIAN_PACKAGES=(postfix redis-server postgrey swaks clamav-daemon clamav-testfiles spamd)
+DEBIAN_PACKAGES=(postfix redis-server postgrey swaks clamav-daemon clamav-testfiles spamd
+    miltertest opendkim opendkim-tools)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do

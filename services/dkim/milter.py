@@ -396,9 +396,10 @@ class MilterSession:
     def _log(self, outcome: Outcome) -> None:
         failed = outcome.action != "continue" or "fail open" in outcome.reason
         level = logging.WARNING if failed else logging.INFO
+        if outcome.reason:
+            outcome.fields["reason"] = outcome.reason
         log_event(log, "message", level, mode=outcome.mode, action=outcome.action,
-                  queue_id=self.queue_id, client=self.client,
-                  reason=outcome.reason, **outcome.fields)
+                  queue_id=self.queue_id, client=self.client, **outcome.fields)
         if self.milter.on_outcome is not None:
             self.milter.on_outcome(outcome)
 
