@@ -103,6 +103,9 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # aiosmtpd logs every SMTP command line at INFO ("mail.log"): the relay's own line per
+    # message says what matters, without an address per command.
+    logging.getLogger("mail.log").setLevel(max(logging.WARNING, root.level))
 
 
 def log_event(

@@ -7,6 +7,7 @@ The same fields are listed, with their defaults, in `.env.example`.
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Annotated, Literal
 
@@ -18,6 +19,8 @@ from secumail.netaddr import HostPort, IPAddress, Network, parse_host_port, pars
 ENV_PREFIX = "SECUMAIL_"
 
 CommaList = Annotated[list[str], NoDecode]
+_LOCAL_PART = re.compile(r"^([a-z0-9][a-z0-9._+-]{0,63})?$")  # empty: @domain catch-all
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$", re.I)
 
 
 def _split_commas(value: object) -> object:
@@ -69,6 +72,21 @@ class Settings(BaseSettings):
     dnsbl_zones: CommaList = []
     dnsbl_threshold: float = Field(1.0, gt=0)
 
+    # --- Postfix (25, and the 10027 re-injection smtpd) -------------------------------
+    domains: CommaList = ["example.org"]
+    mailboxes: CommaList = []  # user@domain or @domain (catch-all); postmaster@ always exists
+    relayhost: str = ""
+    delivery_transport: str = ""
+    rbl_zones: CommaList = []
+    policy_address: Annotated[HostPort, NoDecode] = parse_host_port("policy:10023")
+    content_filter_address: Annotated[HostPort, NoDecode] = parse_host_port("clamav:10025")
+    reinjection_port: int = Field(10027, ge=1, lt=65536)
+    filter_subnet: Annotated[Network, NoDecode] = parse_network("172.29.125.0/24")
+    dkim_milter_address: str = "dkim:10028"
+    xclient_hosts: Annotated[list[Network], NoDecode] = []
+    tls_cert_file: str = "/etc/secumail/tls/cert.pem"
+    tls_key_file: str = "/etc/secumail/tls/key.pem"
+
     # --- content filters: ClamAV (10025 -> 10026) and SpamAssassin (10026 -> 10027) -------
     message_size_limit: int = Field(10240000, ge=1024)
     relay_timeout: float = Field(120.0, gt=0)
@@ -101,7 +119,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "greylist_whitelist_clients", "greylist_whitelist_recipients", "dnsbl_zones",
-        mode="before",
+        "domains", "rbl_zones", "mailboxes", mode="before",
     )
     @classmethod
     def _comma_list(cls, value: object) -> object:
@@ -109,7 +127,8 @@ class Settings(BaseSettings):
 
     @field_validator(
         "metrics_listen", "policy_listen", "dkim_listen", "clamav_listen", "clamav_next_hop",
-        "spamd_listen", "spamd_next_hop", mode="before",
+        "spamd_listen", "spamd_next_hop", "policy_address", "content_filter_address",
+        mode="before",
     )
     @classmethod
     def _host_port(cls, value: object) -> object:
@@ -123,7 +142,12 @@ class Settings(BaseSettings):
             return [parse_host_port(i, default_port=53) if isinstance(i, str) else i for i in items]
         return items
 
-    @field_validator("mynetworks", mode="before")
+    @field_validator("filter_subnet", mode="before")
+    @classmethod
+    def _network(cls, value: object) -> object:
+        return parse_network(value) if isinstance(value, str) else value
+
+    @field_validator("mynetworks", "xclient_hosts", mode="before")
     @classmethod
     def _networks(cls, value: object) -> object:
         items = _split_commas(value)
@@ -137,6 +161,23 @@ class Settings(BaseSettings):
         for zone in zones:
             parse_weighted_zone(zone)  # raises ValueError with the offending entry
         return zones
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, domains: list[str]) -> list[str]:
+        for domain in domains:
+            if not _DOMAIN.match(domain):
+                raise ValueError(f"bad mail domain {domain!r}")
+        return [d.lower() for d in domains]
+
+    @field_validator("mailboxes")
+    @classmethod
+    def _mailboxes(cls, mailboxes: list[str]) -> list[str]:
+        for address in mailboxes:
+            local, _, domain = address.lower().rpartition("@")
+            if not _LOCAL_PART.match(local) or not _DOMAIN.match(domain):
+                raise ValueError(f"bad mailbox {address!r} (user@domain or @domain)")
+        return [m.lower() for m in mailboxes]
 
     @field_validator("clamd_address", "spamd_address")
     @classmethod

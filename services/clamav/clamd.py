@@ -51,15 +51,3 @@ async def scan(address: str, message: bytes, timeout: float, max_length: int) ->
     except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as error:
         raise BackendError(f"clamd at {address}: {error or type(error).__name__}") from None
     return parse_reply(reply)
-
-
-async def ping(address: str, timeout: float) -> bool:
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await open_backend(address)
-            writer.write(b"zPING\0")
-            reply = await reader.readuntil(b"\0")
-            writer.close()
-    except (OSError, TimeoutError, asyncio.IncompleteReadError):
-        return False
-    return reply == b"PONG\0"

@@ -55,15 +55,3 @@ async def check(address: str, message: bytes, timeout: float) -> SpamResult:
     except (OSError, TimeoutError) as error:
         raise BackendError(f"spamd at {address}: {error or type(error).__name__}") from None
     return parse_reply(reply)
-
-
-async def ping(address: str, timeout: float) -> bool:
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await open_backend(address)
-            writer.write(b"PING SPAMC/1.5\r\n\r\n")
-            reply = await reader.read(200)
-            writer.close()
-    except (OSError, TimeoutError):
-        return False
-    return b"PONG" in reply

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from email.message import EmailMessage
-from email.utils import make_msgid
+from email.utils import formatdate, make_msgid
 
 from tests.support.scanners import EICAR, GTUBE, TESTFILES
 
@@ -19,7 +19,7 @@ def plain(
     message["To"] = to
     message["Subject"] = subject
     message["Message-ID"] = make_msgid(domain="secumail.test")
-    message["Date"] = "Sat, 28 Nov 2026 10:00:00 +0000"
+    message["Date"] = formatdate(localtime=False)
     message.set_content(body)
     return message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
 

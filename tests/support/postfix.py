@@ -8,34 +8,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from services.postfix.render import standard_services
 from tests.support.processes import free_port, require_binary, wait_for_port
-
-# Every service as Debian's master.cf has it, chroot off (the tests' resolv.conf is the host's).
-MASTER_SERVICES = """\
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-local     unix  -       n       n       -       -       local
-virtual   unix  -       n       n       -       -       virtual
-lmtp      unix  -       -       n       -       -       lmtp
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
 
 
 class PostfixInstance:
@@ -73,7 +47,7 @@ class PostfixInstance:
             "".join(f"{k} = {v}\n" for k, v in settings.items())
         )
         listener = f"127.0.0.1:{self.port} inet n - n - - smtpd\n"
-        (self.config_dir / "master.cf").write_text(listener + MASTER_SERVICES + extra_master)
+        (self.config_dir / "master.cf").write_text(listener + standard_services() + extra_master)
 
     def postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

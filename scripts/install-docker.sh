@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Provides what the compose tests need on a Debian machine with no container registry:
+# Docker's engine and Compose from Debian's packages, a running dockerd, and a local
+# `debian:bookworm-slim` base image made with debootstrap from the same Debian mirror apt
+# uses. Safe to run again: each step is skipped when already done.
+set -euo pipefail
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+missing=()
+command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || missing+=(docker-compose)
+command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
+fi
+
+if ! docker info >/dev/null 2>&1; then
+    echo "starting dockerd"
+    $SUDO sh -c 'nohup dockerd >/var/log/dockerd.log 2>&1 &'
+    for _ in $(seq 1 60); do
+        docker info >/dev/null 2>&1 && break
+        sleep 0.5
+    done
+    docker info >/dev/null 2>&1 || { echo "dockerd did not start:"; tail -20 /var/log/dockerd.log; exit 1; }
+fi
+
+if ! docker image inspect debian:bookworm-slim >/dev/null 2>&1; then
+    # The mirror apt itself uses (deb822 "URIs:" or one-line "deb URL" entries).
+    mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null \
+        | grep -E '^(URIs:|deb )' | grep -oE 'https?://[^ ]+' | grep -v security | head -1 || true)
+    mirror=${mirror:-http://deb.debian.org/debian}
+    root=$(mktemp -d)
+    echo "building debian:bookworm-slim with debootstrap from $mirror"
+    $SUDO debootstrap --variant=minbase bookworm "$root" "$mirror" >/dev/null
+    # The same apt sources as a registry image, security updates included.
+    printf 'deb %s bookworm main\ndeb %s bookworm-updates main\ndeb http://deb.debian.org/debian-security bookworm-security main\n' \
+        "$mirror" "$mirror" | $SUDO tee "$root/etc/apt/sources.list" >/dev/null
+    # Builds must reach the registries the way the host does: where an intercepting proxy
+    # with its own CA stands in between, give the image that CA (and tell pip to use the
+    # system bundle, which pip otherwise ignores). Harmless where there is none.
+    if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
+        $SUDO mkdir -p "$root/usr/local/share/ca-certificates" "$root/etc/ssl/certs"
+        $SUDO cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+        $SUDO cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+        printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' | $SUDO tee "$root/etc/pip.conf" >/dev/null
+    fi
+    $SUDO rm -rf "$root/var/cache/apt/archives/"*.deb "$root/var/lib/apt/lists/"*
+    $SUDO tar -C "$root" -c . | docker import - debian:bookworm-slim >/dev/null
+    $SUDO rm -rf "$root"
+fi
+echo "docker ready: $(docker version --format '{{.Server.Version}}' 2>/dev/null)"

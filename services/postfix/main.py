@@ -1,0 +1,78 @@
+"""`secumail-postfix`: the Postfix container's entry point.
+
+Renders the configuration from the settings, makes a self-signed certificate when none is
+mounted, prepares the queue and mail volumes, then becomes Postfix's master process
+(`postfix start-fg`), which handles SIGTERM itself.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from secumail.logs import log_event, setup_logging
+from secumail.settings import Settings, load_settings
+from services.postfix.render import MAILBOX_BASE, VMAIL_ID, render
+
+log = logging.getLogger("secumail.postfix")
+CONFIG_DIR = Path("/etc/postfix")
+
+
+def write_config(settings: Settings, directory: Path = CONFIG_DIR) -> None:
+    for name, content in render(settings).items():
+        (directory / name).write_text(content)
+
+
+def ensure_certificate(cert_file: str, key_file: str, hostname: str) -> bool:
+    """Make a self-signed certificate for STARTTLS unless one is there; True if made."""
+    cert, key = Path(cert_file), Path(key_file)
+    if cert.exists() and key.exists():
+        return False
+    cert.parent.mkdir(parents=True, exist_ok=True)
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .sign(private, hashes.SHA256())
+    )
+    key.write_bytes(private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ))
+    key.chmod(0o600)
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return True
+
+
+def main() -> None:
+    settings = load_settings()
+    setup_logging(settings.log_level, settings.log_format)
+    write_config(settings)
+    if ensure_certificate(settings.tls_cert_file, settings.tls_key_file, settings.hostname):
+        log_event(log, "made a self-signed certificate", file=settings.tls_cert_file)
+    os.makedirs(MAILBOX_BASE, exist_ok=True)
+    os.chown(MAILBOX_BASE, VMAIL_ID, VMAIL_ID)
+    # An empty queue volume on first start: create Postfix's directories with their owners.
+    subprocess.run(["postfix", "set-permissions", "create-missing"], check=False)
+    subprocess.run(["postfix", "check"], check=True)
+    log_event(log, "starting postfix", domains=",".join(settings.domains),
+              hostname=settings.hostname)
+    logging.shutdown()
+    os.execvp("postfix", ["postfix", "start-fg"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Postfix's main.cf and master.cf, rendered from the SECUMAIL_* settings.
+
+One renderer, no sed: the container writes these files at every start, so the settings
+are the only place an admin changes anything. The restrictions are the tutorial's, with
+today's names of the HELO restrictions and Postfix's later hardening options.
+"""
+
+from __future__ import annotations
+
+from secumail.netaddr import postfix_network
+from secumail.settings import Settings
+
+MAILBOX_BASE = "/var/mail/vhosts"
+VMAIL_ID = 5000  # owner of the mailboxes (the image's vmail user)
+MAILBOX_MAP = "/etc/postfix/virtual_mailboxes"
+
+# Debian's master.cf services, chroot off (a container is its own jail, and Postfix then
+# reads the container's resolv.conf, where compose's DNS answers for the service names).
+STANDARD_SERVICES = [
+    ("pickup", "unix", "n", "-", "n", "60", "1", "pickup"),
+    ("cleanup", "unix", "n", "-", "n", "-", "0", "cleanup"),
+    ("qmgr", "unix", "n", "-", "n", "300", "1", "qmgr"),
+    ("tlsmgr", "unix", "-", "-", "n", "1000?", "1", "tlsmgr"),
+    ("rewrite", "unix", "-", "-", "n", "-", "-", "trivial-rewrite"),
+    ("bounce", "unix", "-", "-", "n", "-", "0", "bounce"),
+    ("defer", "unix", "-", "-", "n", "-", "0", "bounce"),
+    ("trace", "unix", "-", "-", "n", "-", "0", "bounce"),
+    ("verify", "unix", "-", "-", "n", "-", "1", "verify"),
+    ("flush", "unix", "n", "-", "n", "1000?", "0", "flush"),
+    ("proxymap", "unix", "-", "-", "n", "-", "-", "proxymap"),
+    ("proxywrite", "unix", "-", "-", "n", "-", "1", "proxymap"),
+    ("smtp", "unix", "-", "-", "n", "-", "-", "smtp"),
+    ("relay", "unix", "-", "-", "n", "-", "-", "smtp"),
+    ("showq", "unix", "n", "-", "n", "-", "-", "showq"),
+    ("error", "unix", "-", "-", "n", "-", "-", "error"),
+    ("retry", "unix", "-", "-", "n", "-", "-", "error"),
+    ("discard", "unix", "-", "-", "n", "-", "-", "discard"),
+    ("local", "unix", "-", "n", "n", "-", "-", "local"),
+    ("virtual", "unix", "-", "n", "n", "-", "-", "virtual"),
+    ("lmtp", "unix", "-", "-", "n", "-", "-", "lmtp"),
+    ("anvil", "unix", "-", "-", "n", "-", "1", "anvil"),
+    ("scache", "unix", "-", "-", "n", "-", "1", "scache"),
+    ("postlog", "unix-dgram", "n", "-", "n", "-", "1", "postlogd"),
+]
+
+
+def _restrictions(*items: str) -> str:
+    return ", ".join(item for item in items if item)
+
+
+def main_cf(settings: Settings) -> dict[str, str]:
+    """main.cf as ordered name -> value pairs (tests read them back one by one)."""
+    policy = f"check_policy_service inet:{settings.policy_address}"
+    rbl = [f"reject_rbl_client {zone}" for zone in settings.rbl_zones]
+    domains = ", ".join(settings.domains)
+    config = {
+        "compatibility_level": "3.6",
+        "myhostname": settings.hostname,
+        "mydomain": settings.domains[0],
+        "myorigin": "$mydomain",
+        "mydestination": "localhost",
+        "mynetworks": " ".join(postfix_network(n) for n in settings.mynetworks),
+        "inet_interfaces": "all",
+        "inet_protocols": "ipv4",
+        "maillog_file": "/dev/stdout",
+        "smtpd_banner": "$myhostname ESMTP",
+        "biff": "no",
+        "append_dot_mydomain": "no",
+        "alias_maps": "",
+        "alias_database": "",
+        "recipient_delimiter": "+",
+        "message_size_limit": str(settings.message_size_limit),
+        "relayhost": settings.relayhost,
+        # The tutorial's basic restrictions.
+        "smtpd_delay_reject": "yes",
+        "smtpd_helo_required": "yes",
+        "strict_rfc821_envelopes": "yes",
+        # Later hardening: SMTP smuggling, pipelining abuse, address guessing, source routes.
+        "smtpd_forbid_bare_newline": "yes",
+        "smtpd_forbid_bare_newline_exclusions": "$mynetworks",
+        "smtpd_forbid_unauth_pipelining": "yes",
+        "disable_vrfy_command": "yes",
+        "allow_percent_hack": "no",
+        # A sender domain that does not exist (NXDOMAIN) is refused for good; DNS trouble
+        # still gets a 450 from Postfix.
+        "unknown_address_reject_code": "550",
+        "swap_bangpath": "no",
+        "smtpd_client_restrictions": _restrictions(
+            "permit_mynetworks", "permit_sasl_authenticated", *rbl, "permit"
+        ),
+        "smtpd_helo_restrictions": _restrictions(
+            "permit_mynetworks", "reject_non_fqdn_helo_hostname",
+            "reject_invalid_helo_hostname", "permit",
+        ),
+        "smtpd_sender_restrictions": _restrictions(
+            "permit_mynetworks", "reject_non_fqdn_sender", "reject_unknown_sender_domain", "permit"
+        ),
+        "smtpd_relay_restrictions": _restrictions(
+            "permit_mynetworks", "permit_sasl_authenticated", "reject_unauth_destination"
+        ),
+        "smtpd_recipient_restrictions": _restrictions(
+            "permit_mynetworks", "reject_non_fqdn_recipient", "reject_unknown_recipient_domain",
+            "reject_unauth_destination", policy, "permit",
+        ),
+        # Asked again at DATA so that the policy service can add Received-SPF.
+        "smtpd_data_restrictions": policy,
+        "smtpd_authorized_xclient_hosts": " ".join(
+            postfix_network(n) for n in settings.xclient_hosts
+        ),
+        # The chain of content filters (the tutorial's "scan" transport).
+        "content_filter": f"scan:[{settings.content_filter_address.host}]:"
+        f"{settings.content_filter_address.port}",
+        "receive_override_options": "no_address_mappings",
+        # STARTTLS offered, never required (a public MX cannot require it).
+        "smtpd_tls_cert_file": settings.tls_cert_file,
+        "smtpd_tls_key_file": settings.tls_key_file,
+        "smtpd_tls_security_level": "may",
+        "smtpd_tls_loglevel": "1",
+        "smtp_tls_security_level": "may",
+        # Delivery to the mail domains: Maildirs in the mail volume, or the transport given.
+        "virtual_mailbox_domains": domains,
+        "virtual_mailbox_base": MAILBOX_BASE,
+        "virtual_mailbox_maps": f"texthash:{MAILBOX_MAP}",
+        "virtual_uid_maps": f"static:{VMAIL_ID}",
+        "virtual_gid_maps": f"static:{VMAIL_ID}",
+    }
+    if settings.delivery_transport:
+        config["virtual_transport"] = settings.delivery_transport
+    if settings.dkim_milter_address:
+        config.update({
+            "smtpd_milters": f"inet:{settings.dkim_milter_address}",
+            "non_smtpd_milters": "$smtpd_milters",
+            "milter_default_action": "tempfail",
+            "milter_protocol": "6",
+        })
+    return config
+
+
+def mailbox_map(settings: Settings) -> str:
+    """Each mailbox and its Maildir under the mail volume: `user@domain domain/user/`.
+
+    A table, not a pattern: Postfix rightly refuses computed mailbox paths. Local parts are
+    validated by the settings, so no path can climb out of the mail volume.
+    """
+    addresses = [f"postmaster@{d}" for d in settings.domains]
+    addresses += [m for m in settings.mailboxes if m not in addresses]
+    lines = []
+    for address in addresses:
+        local, _, domain = address.rpartition("@")
+        lines.append(f"{address} {domain}/{local or '@catchall'}/")
+    return "\n".join(lines) + "\n"
+
+
+def standard_services() -> str:
+    """The master.cf lines every Postfix instance needs (also used by the tests' Postfix)."""
+    return "".join("{:<10} {:<10} {:<3} {:<3} {:<3} {:<5} {:<3} {}\n".format(*s)
+                   for s in STANDARD_SERVICES)
+
+
+def master_cf(settings: Settings) -> str:
+    lines = ["smtp       inet       n   -   n   -     -   smtpd", standard_services().rstrip("\n")]
+    # The first content filter, with the client's attributes passed along (XFORWARD).
+    lines += [
+        "scan       unix       -   -   n   -     16  smtp",
+        "  -o smtp_send_xforward_command=yes",
+        "  -o disable_mime_output_conversion=yes",
+    ]
+    # Mail back from the filters: no restrictions, no filter, no milter (the tutorial's
+    # 10027), open only to the filters' network.
+    subnet = postfix_network(settings.filter_subnet)
+    # Docker's gateway (the subnet's first address) is the host, not a filter: keep it out.
+    gateway = next(settings.filter_subnet.hosts())
+    trusted = f"!{gateway},{subnet}"
+    reinjection = [
+        "content_filter=",
+        "receive_override_options=no_unknown_recipient_checks,no_header_body_checks,no_milters",
+        "smtpd_helo_restrictions=",
+        "smtpd_client_restrictions=permit_mynetworks,reject",
+        "smtpd_sender_restrictions=",
+        "smtpd_relay_restrictions=permit_mynetworks,reject",
+        "smtpd_recipient_restrictions=permit_mynetworks,reject",
+        "smtpd_data_restrictions=",
+        f"mynetworks={trusted}",
+        f"smtpd_authorized_xforward_hosts={trusted}",
+        "smtpd_forbid_bare_newline=no",
+    ]
+    # As many processes as the filters may hold sessions open (they keep them for reuse).
+    lines.append(f"{settings.reinjection_port:<10} inet       n   -   n   -     100 smtpd")
+    lines += [f"  -o {option}" for option in reinjection]
+    return "\n".join(lines) + "\n"
+
+
+def render(settings: Settings) -> dict[str, str]:
+    """File name (under /etc/postfix) -> content."""
+    main = "".join(f"{name} = {value}\n" for name, value in main_cf(settings).items())
+    header = "# Written by secumail-postfix from the SECUMAIL_* settings at start. Do not edit.\n"
+    return {
+        "main.cf": header + main,
+        "master.cf": header + master_cf(settings),
+        MAILBOX_MAP.rsplit("/", 1)[1]: mailbox_map(settings),
+    }

@@ -1,0 +1,178 @@
+"""The whole stack from compose.yaml plus the test overlay, brought up once per session with
+pytest-docker. Skips, saying why, where no Docker engine runs; CI installs one
+(scripts/install-docker.sh), so there these tests run."""
+
+from __future__ import annotations
+
+import json
+import mailbox
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from email import message_from_string
+from email.message import Message
+from pathlib import Path
+
+import pytest
+
+from tests.support.processes import free_port
+from tests.support.scanners import TESTFILES, write_signatures
+
+ROOT = Path(__file__).resolve().parents[2]
+PROJECT = "secumail-e2e"
+CLAMAV_REPLICAS = 3
+
+
+def compose_command() -> str | None:
+    """Compose v2 where the docker CLI has it, else Compose v1."""
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return "docker compose"
+    return "docker-compose" if shutil.which("docker-compose") else None
+
+
+@pytest.fixture(scope="session")
+def e2e_dir() -> Iterator[Path]:
+    if (
+        shutil.which("docker") is None
+        or subprocess.run(["docker", "info"], capture_output=True).returncode != 0
+    ):
+        pytest.skip("no Docker engine here (bash scripts/install-docker.sh provides one)")
+    if compose_command() is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    if not TESTFILES.exists():
+        pytest.skip("clamav-testfiles is not installed (bash scripts/install-deps.sh)")
+    directory = Path(tempfile.mkdtemp(prefix="secumail-e2e-"))
+    write_signatures(directory / "clamav-db")
+    (directory / "sink").mkdir()
+    os.chmod(directory, 0o755)
+    os.environ["SECUMAIL_E2E_DIR"] = str(directory)
+    os.environ["SECUMAIL_SMTP_PUBLISH"] = f"127.0.0.1:{free_port()}"
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def docker_compose_command() -> str:
+    return compose_command() or "docker-compose"
+
+
+@pytest.fixture(scope="session")
+def docker_compose_file() -> list[str]:
+    return [str(ROOT / "compose.yaml"), str(ROOT / "tests/e2e/compose.test.yaml")]
+
+
+@pytest.fixture(scope="session")
+def docker_compose_project_name() -> str:
+    return PROJECT
+
+
+@pytest.fixture(scope="session")
+def docker_setup(e2e_dir: Path) -> list[str]:
+    # Compose v1 knows no --wait: the stack fixture waits on the healthchecks itself.
+    return ["down -v --remove-orphans", f"up --build -d --scale clamav={CLAMAV_REPLICAS}"]
+
+
+@pytest.fixture(scope="session")
+def docker_cleanup() -> list[str]:
+    return ["down -v --remove-orphans"]
+
+
+class Stack:
+    """The running stack, seen from the host like a user sees it."""
+
+    def __init__(self, directory: Path, command: str) -> None:
+        self.directory = directory
+        self.compose = (
+            command.split()
+            + [
+                arg
+                for f in (ROOT / "compose.yaml", ROOT / "tests/e2e/compose.test.yaml")
+                for arg in ("-f", str(f))
+            ]
+            + ["-p", PROJECT]
+        )
+        host, port = os.environ["SECUMAIL_SMTP_PUBLISH"].rsplit(":", 1)
+        self.smtp_host, self.smtp_port = host, int(port)
+
+    def containers(self, service: str) -> list[str]:
+        result = subprocess.run(
+            [
+                "docker",
+                "ps",
+                "-q",
+                "--filter",
+                f"label=com.docker.compose.project={PROJECT}",
+                "--filter",
+                f"label=com.docker.compose.service={service}",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return result.stdout.split()
+
+    def inspect(self, container: str) -> dict:  # type: ignore[type-arg]
+        result = subprocess.run(["docker", "inspect", container], capture_output=True, text=True)
+        return json.loads(result.stdout)[0] if result.returncode == 0 else {}
+
+    def health(self, service: str) -> list[str]:
+        return [
+            self.inspect(c).get("State", {}).get("Health", {}).get("Status", "none")
+            for c in self.containers(service)
+        ]
+
+    def wait_healthy(self, services: list[str], timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = {s: self.health(s) for s in services}
+            if all(v and all(h == "healthy" for h in v) for v in states.values()):
+                return
+            time.sleep(2)
+        raise AssertionError(f"not healthy after {timeout}s: {states}\n{self.logs()[-5000:]}")
+
+    def logs(self, service: str = "") -> str:
+        result = subprocess.run(
+            [*self.compose, "logs", "--no-color", *([service] if service else [])],
+            capture_output=True,
+            text=True,
+        )
+        return result.stdout + result.stderr
+
+    def exec(self, service: str, *command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.compose, "exec", "-T", service, *command], capture_output=True, text=True
+        )
+
+    def mailbox(self, user: str, domain: str = "secumail.test") -> list[Message]:
+        """The messages delivered to user@domain's Maildir, read inside the container."""
+        script = (
+            "import glob, json; print(json.dumps([open(f, errors='replace').read() for f in "
+            f"sorted(glob.glob('/var/mail/vhosts/{domain}/{user}/new/*'))]))"
+        )
+        result = self.exec("postfix", "python3", "-c", script)
+        assert result.returncode == 0, result.stderr
+        return [message_from_string(text) for text in json.loads(result.stdout)]
+
+    def wait_for_mail(self, user: str, count: int, timeout: float = 60) -> list[Message]:
+        deadline = time.monotonic() + timeout
+        while len(messages := self.mailbox(user)) < count:
+            if time.monotonic() > deadline:
+                log = self.logs("postfix")[-4000:]
+                raise AssertionError(f"{len(messages)} of {count} messages for {user}\n{log}")
+            time.sleep(1)
+        return messages
+
+    def sink(self) -> list[Message]:
+        """What the stack relayed to foreign domains (aiosmtpd's Maildir in the sink)."""
+        path = self.directory / "sink" / "mbox"
+        return list(mailbox.Maildir(str(path), create=False)) if path.exists() else []
+
+
+@pytest.fixture(scope="session")
+def stack(e2e_dir: Path, docker_services: object, docker_compose_command: str) -> Stack:
+    running = Stack(e2e_dir, docker_compose_command)
+    running.wait_healthy(["postfix", "policy", "clamav", "spamd", "clamd", "spamassassin"])
+    return running

@@ -1,0 +1,87 @@
+"""Postfix's configuration as rendered from the settings: the tutorial's restrictions, the
+chain of filters, the re-injection port, never an open relay."""
+
+from __future__ import annotations
+
+from secumail.settings import Settings
+from services.postfix.render import main_cf, mailbox_map, master_cf, render
+
+
+def settings(**overrides: str) -> Settings:
+    return Settings(domains="secumail.test,example.net", hostname="mx.secumail.test", **overrides)
+
+
+def test_the_tutorials_restrictions_in_order() -> None:
+    config = main_cf(settings())
+    assert config["smtpd_delay_reject"] == "yes"
+    assert config["smtpd_helo_required"] == "yes"
+    assert config["strict_rfc821_envelopes"] == "yes"
+    assert config["smtpd_helo_restrictions"] == (
+        "permit_mynetworks, reject_non_fqdn_helo_hostname, reject_invalid_helo_hostname, permit"
+    )
+    assert config["smtpd_sender_restrictions"] == (
+        "permit_mynetworks, reject_non_fqdn_sender, reject_unknown_sender_domain, permit"
+    )
+    assert config["smtpd_recipient_restrictions"] == (
+        "permit_mynetworks, reject_non_fqdn_recipient, reject_unknown_recipient_domain, "
+        "reject_unauth_destination, check_policy_service inet:policy:10023, permit"
+    )
+    assert config["smtpd_data_restrictions"] == "check_policy_service inet:policy:10023"
+
+
+def test_never_an_open_relay() -> None:
+    config = main_cf(settings())
+    assert config["smtpd_relay_restrictions"].endswith("reject_unauth_destination")
+    assert config["mynetworks"] == "127.0.0.0/8 [::1]/128"
+    assert config["allow_percent_hack"] == "no" and config["swap_bangpath"] == "no"
+    assert config["smtpd_authorized_xclient_hosts"] == ""
+
+
+def test_rbl_zones_go_before_the_final_permit() -> None:
+    config = main_cf(settings(rbl_zones="zen.example, bl.example"))
+    assert config["smtpd_client_restrictions"] == (
+        "permit_mynetworks, permit_sasl_authenticated, reject_rbl_client zen.example, "
+        "reject_rbl_client bl.example, permit"
+    )
+
+
+def test_content_filter_and_milter() -> None:
+    config = main_cf(settings(content_filter_address="clamav:10025"))
+    assert config["content_filter"] == "scan:[clamav]:10025"
+    assert config["receive_override_options"] == "no_address_mappings"
+    assert config["smtpd_milters"] == "inet:dkim:10028"
+    assert config["milter_default_action"] == "tempfail"
+    assert "smtpd_milters" not in main_cf(settings(dkim_milter_address=""))
+
+
+def test_reinjection_port_is_open_to_the_filters_only() -> None:
+    master = master_cf(settings(filter_subnet="10.20.30.0/24", reinjection_port="10027"))
+    block = master.split("10027", 1)[1]
+    assert "-o content_filter=\n" in block
+    assert "-o smtpd_recipient_restrictions=permit_mynetworks,reject" in block
+    assert "-o smtpd_client_restrictions=permit_mynetworks,reject" in block
+    assert "-o mynetworks=!10.20.30.1,10.20.30.0/24" in block  # the gateway is the host
+    assert "no_milters" in block
+    assert "scan       unix" in master and "smtp_send_xforward_command=yes" in master
+
+
+def test_mailboxes_and_delivery() -> None:
+    table = mailbox_map(settings(mailboxes="bob@secumail.test, @example.net"))
+    assert table.splitlines() == [
+        "postmaster@secumail.test secumail.test/postmaster/",
+        "postmaster@example.net example.net/postmaster/",
+        "bob@secumail.test secumail.test/bob/",
+        "@example.net example.net/@catchall/",
+    ]
+    assert main_cf(settings())["virtual_mailbox_domains"] == "secumail.test, example.net"
+    relayed = main_cf(
+        settings(delivery_transport="lmtp:inet:dovecot:24", relayhost="[smarthost]:587")
+    )
+    assert relayed["virtual_transport"] == "lmtp:inet:dovecot:24"
+    assert relayed["relayhost"] == "[smarthost]:587"
+
+
+def test_render_writes_every_file() -> None:
+    files = render(settings())
+    assert set(files) == {"main.cf", "master.cf", "virtual_mailboxes"}
+    assert all(text.endswith("\n") for text in files.values())
