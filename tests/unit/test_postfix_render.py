@@ -4,7 +4,7 @@ chain of filters, the re-injection port, never an open relay."""
 from __future__ import annotations
 
 from secumail.settings import Settings
-from services.postfix.render import main_cf, mailbox_map, master_cf, render
+from services.postfix.render import mailbox_map, main_cf, master_cf, render
 
 
 def settings(**overrides: str) -> Settings:
