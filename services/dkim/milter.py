@@ -59,6 +59,7 @@ class Outcome:
     action: str  # continue, tempfail, reject
     reason: str = ""
     fields: dict[str, object] = field(default_factory=dict)
+    seconds: float = 0.0  # from end of message to the answer
 
 
 class DkimMilter:
@@ -84,6 +85,7 @@ class MilterSession:
         self.peer = peer
         self.negotiated: mc.Negotiated | None = None
         self.leading_space = False
+        self._header_reply = self._body_reply = b""
         self.client_ip: IPAddress | None = None
         self.client = ""
         self.connection_macros: dict[str, str] = {}
@@ -116,15 +118,23 @@ class MilterSession:
             self.negotiated = mc.negotiate(command, WANTED_ACTIONS, WANTED_PROTOCOL,
                                            WANTED_MACROS)
             self.leading_space = self.negotiated.header_leading_space
+            # The two commands of every message line, answered without a lookup.
+            self._header_reply = (mc.CONTINUE if self.negotiated.needs_reply(
+                mc.Header(b"x", b"")) else b"")
+            self._body_reply = (mc.CONTINUE if self.negotiated.needs_reply(
+                mc.BodyChunk(b"")) else b"")
             return self.negotiated.reply
-        if self.negotiated is None:
+        negotiated = self.negotiated
+        if negotiated is None:
             raise mc.MilterProtocolError(f"{type(command).__name__} before option negotiation")
         if isinstance(command, mc.Header):
             self._header(command)
-        elif isinstance(command, mc.BodyChunk):
+            return self._header_reply
+        if isinstance(command, mc.BodyChunk):
             for hasher in self.hashers.values():
                 hasher.update(command.data)
-        elif isinstance(command, mc.DefineMacros):
+            return self._body_reply
+        if isinstance(command, mc.DefineMacros):
             target = self.connection_macros if command.stage in (b"C", b"H") else self.macros
             target.update(command.macros)
         elif isinstance(command, mc.EndOfHeaders):
@@ -143,7 +153,7 @@ class MilterSession:
             self._new_message()
             self.connection_macros = {}
             self.client_ip, self.client = None, ""
-        return mc.CONTINUE if self.negotiated.needs_reply(command) else b""
+        return mc.CONTINUE if negotiated.needs_reply(command) else b""
 
     def _header(self, command: mc.Header) -> None:
         self.in_message = True
@@ -229,7 +239,8 @@ class MilterSession:
         except Exception as error:
             log.exception("end of message failed")
             reply, outcome = self._failure(self.mode, f"internal error: {error!r}")
-        outcome.fields["ms"] = round((time.perf_counter() - started) * 1000, 2)
+        outcome.seconds = time.perf_counter() - started
+        outcome.fields["ms"] = round(outcome.seconds * 1000, 2)
         self._log(outcome)
         self._new_message()
         return reply

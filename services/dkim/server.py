@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -56,6 +55,7 @@ class DkimService:
     @staticmethod
     def _count(outcome: Outcome) -> None:
         MESSAGES.labels(outcome.mode, outcome.action).inc()
+        END_OF_MESSAGE.observe(outcome.seconds)
 
     @staticmethod
     def _keys_reloaded(domains: dict[str, DomainKeys]) -> None:
@@ -89,25 +89,25 @@ class DkimService:
                         log_event(log, "connection closed mid-message", logging.WARNING,
                                   peer=peer_text, queue_id=session.queue_id)
                     return
+                out = b""
                 try:
-                    commands = decoder.feed(data)
-                    out = []
-                    for command in commands:
+                    for command in decoder.feed(data):
                         if isinstance(command, mc.EndOfMessage):
                             with self.server.inflight.track():
-                                started = time.perf_counter()
-                                out.append(await session.end_of_message(command))
-                                END_OF_MESSAGE.observe(time.perf_counter() - started)
+                                out += await session.end_of_message(command)
                         elif isinstance(command, mc.Quit):
                             return
                         else:
-                            out.append(session.handle(command))
+                            out += session.handle(command)
                 except mc.MilterProtocolError as error:
                     self._malformed(writer, peer_text, session.queue_id, str(error))
                     return
                 if out:
-                    writer.write(b"".join(out))
-                    await writer.drain()
+                    writer.write(out)
+                    # The answers are small and the MTA reads them at once: wait for the
+                    # socket only when it is really backed up.
+                    if writer.transport.get_write_buffer_size() > 65536:
+                        await writer.drain()
         finally:
             CONNECTIONS.dec()
 

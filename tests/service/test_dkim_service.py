@@ -25,6 +25,7 @@ from tests.support.dkim import (
     signed_message,
     start_dkim,
     start_opendkim,
+    wait_for_log,
 )
 from tests.support.dnsserver import LoopbackDNS
 from tests.support.processes import VENV_BIN, Daemon, free_port, require_binary
@@ -243,7 +244,7 @@ def test_dmarc_reject_refuses_a_failing_message(tmp_path: Path) -> None:
         assert result.reply == "y"
         assert result.smtp_reply == "550 5.7.1 Email rejected per DMARC policy for secumail.test"
         assert result.inserted == {}  # a refused message gets no header
-        assert "action=reject" in world.daemon.output()
+        wait_for_log(world.daemon, "action=reject")
 
 
 # --- failures --------------------------------------------------------------------------------
@@ -255,7 +256,7 @@ def test_dns_timeout_is_a_tempfail_and_the_milter_keeps_serving(world: World) ->
     [result] = run_miltertest(world.port, [message_from(slow)])
     assert result.reply == "y"
     assert result.smtp_reply == "451 4.7.5 DKIM temporarily unavailable, try again later"
-    assert "DNS temporary failure" in world.daemon.output()
+    wait_for_log(world.daemon, "DNS temporary failure")
     assert sign_with_secumail(world)  # still serving
 
 
@@ -273,8 +274,8 @@ def test_missing_key_is_a_tempfail_with_a_clear_log_line(world: World) -> None:
     [result] = run_miltertest(world.port, [message_from(OUTBOUND, client="127.0.0.1")])
     assert result.reply == "y"
     assert result.smtp_reply == "451 4.7.5 DKIM signing temporarily unavailable, try again later"
-    log = world.daemon.output()
-    assert "signing key unusable" in log and "s1.private" in log
+    log = wait_for_log(world.daemon, "signing key unusable")
+    assert "s1.private" in log
 
 
 def test_malformed_packets_get_a_tempfail_and_the_milter_keeps_serving(world: World) -> None:
@@ -283,7 +284,7 @@ def test_malformed_packets_get_a_tempfail_and_the_milter_keeps_serving(world: Wo
             conn.sendall(garbage)
             assert conn.recv(100) == b"\x00\x00\x00\x01t"  # tempfail, then closed
             assert conn.recv(100) == b""
-    assert "malformed milter packet" in world.daemon.output()
+    wait_for_log(world.daemon, "malformed milter packet")
     assert "dkim=none" in verify_with_secumail(world, OUTBOUND)
 
 

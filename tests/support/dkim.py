@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,18 @@ def start_dkim(env: dict[str, str]) -> Daemon:
         daemon.stop()
         raise AssertionError("secumail-dkim did not start:\n" + daemon.output()) from None
     return daemon
+
+
+def wait_for_log(daemon: Daemon, text: str, timeout: float = 5.0) -> str:
+    """The daemon's log once it holds `text` (INFO lines are flushed in batches)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        output = daemon.output()
+        if text in output:
+            return output
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not in the log:\n{output}")
+        time.sleep(0.05)
 
 
 def keygen(keys_dir: Path, *args: str) -> str:
@@ -226,10 +239,27 @@ def run_with_resolver(argv: list[str], nameserver: str, stdin: bytes,
 
 
 def start_opendkim(workdir: Path, port: int, domain: str, selector: str, key_file: Path,
-                   nameserver: str, canonicalization: str = "relaxed/relaxed") -> Daemon:
+                   nameserver: str, canonicalization: str = "relaxed/relaxed",
+                   test_dns: dict[str, str] | None = None) -> Daemon:
     """OpenDKIM's milter (Debian's opendkim), signing for `domain` what comes from
-    127.0.0.1 and verifying the rest, asking `nameserver` (port 53) for keys."""
+    127.0.0.1 and verifying the rest, asking `nameserver` (port 53) for keys, or reading
+    them from `test_dns` (OpenDKIM's TestDNSData) when given."""
     binary = require_binary("opendkim")
+    # Debian's opendkim resolves through libunbound, which by default never asks an address
+    # of 127.0.0.0/8 and answers NXDOMAIN itself for the special-use .test: its own
+    # configuration file lifts both and forwards every query to the tests' server.
+    unbound = workdir / "unbound.conf"
+    unbound.write_text(
+        'server:\n    do-not-query-localhost: no\n    local-zone: "test." nodefault\n'
+        f'forward-zone:\n    name: "."\n    forward-addr: {nameserver}@53\n'
+    )
+    if test_dns:
+        # libunbound's configuration parser is not thread-safe: OpenDKIM, which loads the
+        # file for every message, then tempfails some of concurrent ones. Under load, the
+        # keys come from a file instead.
+        resolver = f"TestDNSData file:{_test_dns_file(workdir, test_dns)}\n"
+    else:
+        resolver = f"ResolverConfiguration {unbound}\n"
     config = workdir / "opendkim.conf"
     config.write_text(
         "Syslog no\n"
@@ -239,7 +269,7 @@ def start_opendkim(workdir: Path, port: int, domain: str, selector: str, key_fil
         "SignatureAlgorithm rsa-sha256\n"
         f"Canonicalization {canonicalization}\n"
         "InternalHosts 127.0.0.1\n"
-        f"Nameservers {nameserver}\n"
+        f"{resolver}"
         "AlwaysAddARHeader yes\n"
         # The tests' folders are under /tmp, which OpenDKIM's file checks call unsafe.
         "RequireSafeKeys false\n"
@@ -252,3 +282,9 @@ def start_opendkim(workdir: Path, port: int, domain: str, selector: str, key_fil
         daemon.stop()
         raise AssertionError("opendkim did not start:\n" + daemon.output()) from None
     return daemon
+
+
+def _test_dns_file(workdir: Path, records: dict[str, str]) -> Path:
+    path = workdir / "opendkim-dns.txt"
+    path.write_text("".join(f"{name} {value}\n" for name, value in records.items()))
+    return path
