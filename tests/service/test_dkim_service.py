@@ -260,12 +260,16 @@ def test_dns_timeout_is_a_tempfail_and_the_milter_keeps_serving(world: World) ->
     assert sign_with_secumail(world)  # still serving
 
 
-def test_dns_timeout_with_fail_open_reports_temperror(tmp_path: Path) -> None:
+def test_fail_open_accepts_on_dns_timeout_and_malformed_packets(tmp_path: Path) -> None:
     for world in start_world(tmp_path, dkim_fail_open="true"):
         world.dns.make_slow("slow.test")
         slow = sign_with_secumail(world).replace(b"d=secumail.test", b"d=slow.test")
         result = verify_with_secumail(world, slow)
         assert "dkim=temperror" in result
+        with socket.create_connection(("127.0.0.1", world.port), timeout=5) as conn:
+            conn.sendall(b"\x00\x00\x00\x01Z")
+            assert conn.recv(100) == b"\x00\x00\x00\x01a"  # accept, then closed
+        wait_for_log(world.daemon, "answer=accept")
 
 
 def test_missing_key_is_a_tempfail_with_a_clear_log_line(world: World) -> None:

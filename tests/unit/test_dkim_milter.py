@@ -298,3 +298,27 @@ def test_peer_without_no_reply_options_gets_a_reply_per_step(harness: Harness) -
 def test_commands_before_negotiation_are_a_protocol_error(harness: Harness) -> None:
     with pytest.raises(mc.MilterProtocolError):
         harness.milter.session().handle(mc.Header(b"From", b" a@b"))
+
+
+def test_abort_mid_message_forgets_it(harness: Harness) -> None:
+    harness.add_key("example.org", "s1")
+    session = harness.session()
+    session.handle(mc.Connect("client.example", "4", 40000, "127.0.0.1"))
+    session.handle(mc.MailFrom("<a@example.org>"))
+    session.handle(mc.Header(b"From", b" Mallory <m@example.org>"))
+    session.handle(mc.Header(b"X-Half", b" sent"))
+    assert session.in_message
+    session.handle(mc.Abort())  # the client gave up (RSET, or the connection dropped)
+    assert not session.in_message and session.headers == []
+    replies, _ = harness.send(MESSAGE, client="127.0.0.1", session=session)
+    signature_value = next(r.value for r in replies if r.code == "i")
+    assert b"x-half" not in signature_value.lower()
+    assert harness.outcomes[-1].mode == "sign"
+
+
+def test_quit_new_connection_forgets_the_client(harness: Harness) -> None:
+    session = harness.session()
+    session.handle(mc.Connect("client.example", "4", 40000, "127.0.0.1"))
+    session.handle(mc.DefineMacros(b"C", {"j": HOST}))
+    session.handle(mc.QuitNewConnection())
+    assert session.client_ip is None and session.connection_macros == {}
