@@ -18,7 +18,7 @@ from secumail.dns import make_resolver
 from secumail.netaddr import parse_host_port
 from services.dkim import keys
 from services.dkim.dnslookup import dkimpy_dnsfunc
-from tests.support.dkim import dkim_env, keygen, record_from_output, start_dkim, wait_for_log
+from tests.support.dkim import dkim_env, keygen, record_from_output, start_dkim
 from tests.support.dnsserver import LoopbackDNS
 from tests.support.postfix import PostfixInstance
 from tests.support.processes import Daemon, free_port, policy_env, start_policy
@@ -131,7 +131,7 @@ def test_outbound_mail_leaves_signed(chain: Chain) -> None:
     for index in (0, 1):
         assert checker.verify(index, dnsfunc=chain.dnsfunc())
     assert "Authentication-Results" not in message
-    wait_for_log(chain.dkim_daemon, "mode=sign action=continue")
+    assert chain.dkim_daemon.logged("mode=sign action=continue")
 
 
 def test_inbound_mail_gets_authentication_results(chain: Chain) -> None:

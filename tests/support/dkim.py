@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,18 +42,6 @@ def start_dkim(env: dict[str, str]) -> Daemon:
         daemon.stop()
         raise AssertionError("secumail-dkim did not start:\n" + daemon.output()) from None
     return daemon
-
-
-def wait_for_log(daemon: Daemon, text: str, timeout: float = 5.0) -> str:
-    """The daemon's log once it holds `text` (INFO lines are flushed in batches)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        output = daemon.output()
-        if text in output:
-            return output
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{text!r} not in the log:\n{output}")
-        time.sleep(0.05)
 
 
 def keygen(keys_dir: Path, *args: str) -> str:
