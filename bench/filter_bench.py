@@ -1,0 +1,224 @@
+"""Content-filter benchmark: what the ClamAV and SpamAssassin filters cost, next to plain
+Postfix and next to spamd alone, in the same run.
+
+  1. smtp-source -> Postfix -> smtp-sink                          (no filter: the peer)
+  2. smtp-source -> Postfix -> clamav -> spamd -> Postfix:10027 -> smtp-sink,
+     scanners replaced by always-clean stand-ins (the relay's own cost)
+  3. the same chain with the real clamd and spamd (-L, local tests only)
+  4. one filter hop alone, smtp-source -> clamav filter (stand-in clamd) -> smtp-sink:
+     msg/s, and the median latency it adds to a single SMTP transaction
+  5. spamd alone over SPAMC with as many clients as it has children
+
+    .venv/bin/python bench/filter_bench.py [--messages 2000] [--sessions 20] [--size 2048]
+
+Needs root (Postfix), Debian's postfix, clamav-daemon and spamd (scripts/install-deps.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import smtplib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from services.spamd import spamc  # noqa: E402
+from tests.support import mail  # noqa: E402
+from tests.support.postfix import PostfixInstance  # noqa: E402
+from tests.support.processes import (  # noqa: E402
+    Daemon,
+    free_port,
+    service_env,
+    start_service,
+    wait_for_port,
+)
+from tests.support.scanners import Clamd, Spamd  # noqa: E402
+
+SPAMD_CHILDREN = 2
+
+
+def stand_in_scanners() -> tuple[Daemon, int, int]:
+    """Always-clean clamd and spamd stand-ins (bench only): the relay's cost, no scanning."""
+    clamd_port, spamd_port = free_port(), free_port()
+    daemon = Daemon([sys.executable, str(Path(__file__).parent / "stand_in_scanners.py"),
+                     str(clamd_port), str(spamd_port)], name="stand-in-scanners")
+    wait_for_port(clamd_port)
+    wait_for_port(spamd_port)
+    return daemon, clamd_port, spamd_port
+
+
+def smtp_sink() -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    sink = subprocess.Popen(
+        [shutil.which("smtp-sink") or "/usr/sbin/smtp-sink", "-u", "postfix", "-c",
+         f"127.0.0.1:{port}", "512"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(port)
+    return sink, port
+
+
+def smtp_source(port: int, messages: int, sessions: int, size: int) -> float:
+    """Send `messages` of `size` bytes over `sessions` connections; seconds it took."""
+    started = time.perf_counter()
+    subprocess.run(
+        [shutil.which("smtp-source") or "/usr/sbin/smtp-source", "-s", str(sessions),
+         "-m", str(messages), "-l", str(size), "-f", "bench@secumail.test",
+         "-t", "sink@secumail.test", f"127.0.0.1:{port}"],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - started
+
+
+def drained(postfix: PostfixInstance, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while postfix.queue_ids():
+        if time.monotonic() > deadline:
+            raise RuntimeError("Postfix's queue did not drain:\n" + postfix.log()[-2000:])
+        time.sleep(0.05)
+
+
+def through_postfix(sink_port: int, messages: int, sessions: int, size: int,
+                    filter_port: int | None = None, reinjection: int | None = None) -> float:
+    """msg/s from smtp-source until Postfix's queue is empty again."""
+    main = {
+        "relay_domains": "secumail.test",
+        "transport_maps": f"inline:{{ secumail.test=smtp:[127.0.0.1]:{sink_port} }}",
+        "default_process_limit": "200",
+    }
+    extra = ""
+    if filter_port is not None:
+        main["content_filter"] = f"scan:[127.0.0.1]:{filter_port}"
+        main["receive_override_options"] = "no_address_mappings"
+        extra = (
+            "scan unix - - n - 20 smtp\n  -o smtp_send_xforward_command=yes\n"
+            f"127.0.0.1:{reinjection} inet n - n - 100 smtpd\n  -o content_filter=\n"
+            "  -o receive_override_options=no_unknown_recipient_checks,no_header_body_checks\n"
+            "  -o smtpd_recipient_restrictions=permit_mynetworks,reject\n"
+            "  -o smtpd_authorized_xforward_hosts=127.0.0.0/8\n"
+        )
+    postfix = PostfixInstance(main, extra).start()
+    try:
+        started = time.perf_counter()
+        smtp_source(postfix.port, messages, sessions, size)
+        drained(postfix)
+        return messages / (time.perf_counter() - started)
+    finally:
+        postfix.stop()
+
+
+def start_chain(clamd: str, spamd: str, next_hop: int) -> tuple[list[Daemon], int]:
+    clamav_port, spamd_port = free_port(), free_port()
+    common = {"clamd_address": clamd, "spamd_address": spamd, "log_level": "WARNING"}
+    spamd_filter = start_service("secumail-spamd", service_env(
+        spamd_listen=f"127.0.0.1:{spamd_port}", spamd_next_hop=f"127.0.0.1:{next_hop}", **common,
+    ), "SECUMAIL_SPAMD_LISTEN")
+    clamav_filter = start_service("secumail-clamav", service_env(
+        clamav_listen=f"127.0.0.1:{clamav_port}", clamav_next_hop=f"127.0.0.1:{spamd_port}",
+        **common,
+    ), "SECUMAIL_CLAMAV_LISTEN")
+    return [clamav_filter, spamd_filter], clamav_port
+
+
+def transaction_latency(port: int, count: int, size: int) -> float:
+    """Median seconds of one whole SMTP transaction (connection reused), for `count` sends."""
+    body = mail.plain(body="x" * 76 + "\n" * (size // 77))
+    times = []
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.ehlo("bench.secumail.test")
+        for _ in range(count):
+            started = time.perf_counter()
+            smtp.sendmail("bench@secumail.test", ["sink@secumail.test"], body)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+async def spamd_alone(address: str, messages: int, clients: int, size: int) -> float:
+    body = mail.plain(body="x" * 76 + "\n" * (size // 77))
+    todo = iter(range(messages))
+
+    async def client() -> None:
+        for _ in todo:
+            await spamc.check(address, body, 60)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return messages / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--scanned", type=int, default=300, help="messages for real scanners")
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--size", type=int, default=2048)
+    args = parser.parse_args()
+    if os.getuid() != 0:
+        raise SystemExit("run as root: the benchmark starts its own Postfix instances")
+    tempfile.tempdir = tempfile.mkdtemp(prefix="secumail-filter-bench-")
+    os.chmod(tempfile.tempdir, 0o755)  # Postfix's own user must reach its queue in there
+    sink, sink_port = smtp_sink()
+    stand_ins, clamd_port, spamd_port = stand_in_scanners()
+    clamd, spamd = Clamd().start(), Spamd().start()
+    rows: list[tuple[str, str]] = []
+    daemons: list[Daemon] = []
+    try:
+        plain = through_postfix(sink_port, args.messages, args.sessions, args.size)
+        rows.append(("postfix -> smtp-sink (no filter)", f"{plain:8.0f} msg/s"))
+
+        reinjection = free_port()
+        chain, chain_port = start_chain(
+            f"127.0.0.1:{clamd_port}", f"127.0.0.1:{spamd_port}", reinjection
+        )
+        daemons += chain
+        noop = through_postfix(sink_port, args.messages, args.sessions, args.size,
+                               chain_port, reinjection)
+        rows.append(("postfix -> 2 filters (no-op scan) -> postfix", f"{noop:8.0f} msg/s"))
+        rows.append(("  ratio to no filter", f"{noop / plain:8.2f}x"))
+
+        reinjection = free_port()
+        real, real_port = start_chain(clamd.address, spamd.address, reinjection)
+        daemons += real
+        scanned = through_postfix(sink_port, args.scanned, SPAMD_CHILDREN * 4, args.size,
+                                  real_port, reinjection)
+        alone = asyncio.run(spamd_alone(spamd.address, args.scanned, SPAMD_CHILDREN, args.size))
+        rows.append(("postfix -> clamd + spamd filters -> postfix", f"{scanned:8.1f} msg/s"))
+        rows.append((f"spamd alone ({SPAMD_CHILDREN} children, SPAMC)", f"{alone:8.1f} msg/s"))
+        rows.append(("  ratio chain / spamd alone", f"{scanned / alone:8.2f}x"))
+
+        hop, hop_port = start_chain(f"127.0.0.1:{clamd_port}", f"127.0.0.1:{spamd_port}", sink_port)
+        daemons += hop
+        started = time.perf_counter()
+        smtp_source(hop_port, args.messages, args.sessions, args.size)
+        # smtp-source ends when the last 250 came back: the filter answered after the sink.
+        rate = args.messages / (time.perf_counter() - started)
+        rows.append(("clamav + spamd filters alone (no-op scans)", f"{rate:8.0f} msg/s"))
+        direct = transaction_latency(sink_port, 300, args.size)
+        through = transaction_latency(hop_port, 300, args.size)
+        rows.append(("  smtp-sink directly, p50 transaction", f"{direct * 1000:8.2f} ms"))
+        rows.append(("  through 2 filters, p50 transaction", f"{through * 1000:8.2f} ms"))
+        rows.append(("  added per filter hop, p50", f"{(through - direct) * 500:8.2f} ms"))
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+        clamd.stop()
+        spamd.stop()
+        stand_ins.stop()
+        sink.terminate()
+    print(f"filter benchmark: {args.messages} messages of {args.size} bytes, "
+          f"{args.sessions} sessions ({args.scanned} through the real scanners)")
+    for name, value in rows:
+        print(f"{name:<48}{value}")
+
+
+if __name__ == "__main__":
+    main()
