@@ -25,7 +25,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +81,30 @@ def smtp_source(port: int, messages: int, sessions: int, size: int) -> float:
     return time.perf_counter() - started
 
 
+def bench_message(size: int) -> bytes:
+    """A plain message of about `size` bytes: the same one for the chain and spamd alone."""
+    return mail.plain(body=("x" * 76 + "\n") * (size // 77))
+
+
+def send_messages(port: int, messages: int, sessions: int, size: int) -> float:
+    """Like smtp-source, but with `bench_message`: `sessions` threads share the work."""
+    body = bench_message(size)
+    todo = iter(range(messages))
+
+    def session() -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+            for _ in todo:
+                smtp.sendmail("bench@secumail.test", ["sink@secumail.test"], body)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=session) for _ in range(sessions)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
+
+
 def drained(postfix: PostfixInstance, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while postfix.queue_ids():
@@ -88,7 +114,8 @@ def drained(postfix: PostfixInstance, timeout: float = 600) -> None:
 
 
 def through_postfix(sink_port: int, messages: int, sessions: int, size: int,
-                    filter_port: int | None = None, reinjection: int | None = None) -> float:
+                    filter_port: int | None = None, reinjection: int | None = None,
+                    send: Callable[[int, int, int, int], float] = smtp_source) -> float:
     """msg/s from smtp-source until Postfix's queue is empty again."""
     main = {
         "relay_domains": "secumail.test",
@@ -109,7 +136,7 @@ def through_postfix(sink_port: int, messages: int, sessions: int, size: int,
     postfix = PostfixInstance(main, extra).start()
     try:
         started = time.perf_counter()
-        smtp_source(postfix.port, messages, sessions, size)
+        send(postfix.port, messages, sessions, size)
         drained(postfix)
         return messages / (time.perf_counter() - started)
     finally:
@@ -131,7 +158,7 @@ def start_chain(clamd: str, spamd: str, next_hop: int) -> tuple[list[Daemon], in
 
 def transaction_latency(port: int, count: int, size: int) -> float:
     """Median seconds of one whole SMTP transaction (connection reused), for `count` sends."""
-    body = mail.plain(body="x" * 76 + "\n" * (size // 77))
+    body = bench_message(size)
     times = []
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
         smtp.ehlo("bench.secumail.test")
@@ -143,7 +170,7 @@ def transaction_latency(port: int, count: int, size: int) -> float:
 
 
 async def spamd_alone(address: str, messages: int, clients: int, size: int) -> float:
-    body = mail.plain(body="x" * 76 + "\n" * (size // 77))
+    body = bench_message(size)
     todo = iter(range(messages))
 
     async def client() -> None:
@@ -189,7 +216,7 @@ def main() -> None:
         real, real_port = start_chain(clamd.address, spamd.address, reinjection)
         daemons += real
         scanned = through_postfix(sink_port, args.scanned, SPAMD_CHILDREN * 4, args.size,
-                                  real_port, reinjection)
+                                  real_port, reinjection, send=send_messages)
         alone = asyncio.run(spamd_alone(spamd.address, args.scanned, SPAMD_CHILDREN, args.size))
         rows.append(("postfix -> clamd + spamd filters -> postfix", f"{scanned:8.1f} msg/s"))
         rows.append((f"spamd alone ({SPAMD_CHILDREN} children, SPAMC)", f"{alone:8.1f} msg/s"))

@@ -19,6 +19,9 @@ def has_bare_newlines(message: bytes) -> bool:
 def normalize_newlines(message: bytes) -> bytes:
     """Turn bare CR and bare LF into CRLF, as Postfix's `smtpd_forbid_bare_newline =
     normalize` does: no line ending can then be read two ways by two programs."""
+    crlf = message.count(b"\r\n")
+    if message.count(b"\n") == crlf and message.count(b"\r") == crlf:
+        return message  # the usual case, decided by three scans in C instead of a regex
     return _BARE_NEWLINE.sub(b"\r\n", message)
 
 
