@@ -13,6 +13,7 @@ from secumail.settings import Settings
 MAILBOX_BASE = "/var/mail/vhosts"
 VMAIL_ID = 5000  # owner of the mailboxes (the image's vmail user)
 MAILBOX_MAP = "/etc/postfix/virtual_mailboxes"
+OWN_DOMAINS_MAP = "/etc/postfix/own_domains"
 
 # Debian's master.cf services, chroot off (a container is its own jail, and Postfix then
 # reads the container's resolv.conf, where compose's DNS answers for the service names).
@@ -93,7 +94,9 @@ def main_cf(settings: Settings) -> dict[str, str]:
             "reject_invalid_helo_hostname", "permit",
         ),
         "smtpd_sender_restrictions": _restrictions(
-            "permit_mynetworks", "reject_non_fqdn_sender", "reject_unknown_sender_domain", "permit"
+            "permit_mynetworks", "permit_sasl_authenticated", "reject_non_fqdn_sender",
+            "reject_unknown_sender_domain", f"check_sender_access texthash:{OWN_DOMAINS_MAP}",
+            "permit",
         ),
         "smtpd_relay_restrictions": _restrictions(
             "permit_mynetworks", "permit_sasl_authenticated", "reject_unauth_destination"
@@ -157,6 +160,12 @@ def standard_services() -> str:
                    for s in STANDARD_SERVICES)
 
 
+def own_domains_map(settings: Settings) -> str:
+    """Our own domains as senders are for our own users: from anywhere else, a forgery."""
+    text = "REJECT 5.7.1 Sender address forged: this domain's mail comes from its own servers"
+    return "".join(f"{domain} {text}\n" for domain in settings.domains)
+
+
 def master_cf(settings: Settings) -> str:
     lines = ["smtp       inet       n   -   n   -     -   smtpd", standard_services().rstrip("\n")]
     # The first content filter, with the client's attributes passed along (XFORWARD).
@@ -198,4 +207,5 @@ def render(settings: Settings) -> dict[str, str]:
         "main.cf": header + main,
         "master.cf": header + master_cf(settings),
         MAILBOX_MAP.rsplit("/", 1)[1]: mailbox_map(settings),
+        OWN_DOMAINS_MAP.rsplit("/", 1)[1]: own_domains_map(settings),
     }

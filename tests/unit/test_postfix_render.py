@@ -20,7 +20,9 @@ def test_the_tutorials_restrictions_in_order() -> None:
         "permit_mynetworks, reject_non_fqdn_helo_hostname, reject_invalid_helo_hostname, permit"
     )
     assert config["smtpd_sender_restrictions"] == (
-        "permit_mynetworks, reject_non_fqdn_sender, reject_unknown_sender_domain, permit"
+        "permit_mynetworks, permit_sasl_authenticated, reject_non_fqdn_sender, "
+        "reject_unknown_sender_domain, check_sender_access texthash:/etc/postfix/own_domains, "
+        "permit"
     )
     assert config["smtpd_recipient_restrictions"] == (
         "permit_mynetworks, reject_non_fqdn_recipient, reject_unknown_recipient_domain, "
@@ -83,5 +85,6 @@ def test_mailboxes_and_delivery() -> None:
 
 def test_render_writes_every_file() -> None:
     files = render(settings())
-    assert set(files) == {"main.cf", "master.cf", "virtual_mailboxes"}
+    assert set(files) == {"main.cf", "master.cf", "virtual_mailboxes", "own_domains"}
+    assert files["own_domains"].startswith("secumail.test REJECT 5.7.1 Sender address forged")
     assert all(text.endswith("\n") for text in files.values())
