@@ -1,18 +1,52 @@
 """Probes of every hop of the chain: container healthchecks and the gateway use them.
 
 Each probe opens a real session with the service and checks the answer a healthy one
-gives: an SMTP banner or EHLO, a policy answer, clamd's and spamd's PONG.
+gives: an SMTP banner or EHLO, a policy answer, clamd's and spamd's PONG, a milter's
+option negotiation. `replicas` turns a compose service name into every replica's address.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import sys
 
+from secumail import milter_codec
 from secumail.backend import open_backend
-from secumail.netaddr import parse_host_port
+from secumail.netaddr import HostPort, parse_host_port
 from secumail.policy_codec import encode_request
+
+
+async def replicas(address: str) -> list[str]:
+    """Every address a `host:port` resolves to (a scaled compose service has one per
+    replica), as `ip:port`; a unix socket path is its own single replica."""
+    if address.startswith("/"):
+        return [address]
+    target = parse_host_port(address)
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        target.host, target.port, type=socket.SOCK_STREAM
+    )
+    found = dict.fromkeys(str(HostPort(str(info[4][0]), target.port)) for info in infos)
+    return sorted(found)
+
+
+async def smtp_banner(address: str, timeout: float = 5.0) -> str:
+    """A 220 greeting, then QUIT: what a client sees first (no EHLO, so no log noise)."""
+    target = parse_host_port(address)
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(target.host, target.port)
+        try:
+            banner = (await reader.readline()).decode(errors="replace").strip()
+            while banner[3:4] == "-":  # a multi-line greeting: its last line ends it
+                banner = (await reader.readline()).decode(errors="replace").strip()
+            if not banner.startswith("220"):
+                raise ConnectionError(f"banner {banner[:80]!r}")
+            writer.write(b"QUIT\r\n")
+            await writer.drain()
+        finally:
+            writer.close()
+    return banner
 
 
 async def smtp_ehlo(address: str, timeout: float = 5.0) -> str:
@@ -74,7 +108,41 @@ async def spamd(address: str, timeout: float = 5.0) -> str:
     return await _ping(address, b"PING SPAMC/1.5\r\n\r\n", b"PONG", timeout)
 
 
-PROBES = {"smtp": smtp_ehlo, "policy": policy, "clamd": clamd, "spamd": spamd}
+async def milter(address: str, timeout: float = 5.0) -> str:
+    """Option negotiation, as Postfix opens every milter session; then QUIT."""
+    target = parse_host_port(address)
+    decoder = milter_codec.ReplyDecoder()
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(target.host, target.port)
+        try:
+            writer.write(milter_codec.encode_negotiation())
+            replies: list[milter_codec.Reply] = []
+            while not replies:
+                data = await reader.read(4096)
+                if not data:
+                    raise ConnectionError("milter closed the connection")
+                replies = decoder.feed(data)
+            writer.write(milter_codec.QUIT)
+            await writer.drain()
+        except milter_codec.MilterProtocolError as error:
+            raise ConnectionError(f"milter answered garbage: {error}") from None
+        finally:
+            writer.close()
+    negotiation = replies[0].negotiation
+    if negotiation is None:
+        raise ConnectionError(f"milter answered {replies[0].code!r} to option negotiation")
+    return (f"milter v{negotiation.version} actions=0x{negotiation.actions:x} "
+            f"protocol=0x{negotiation.protocol:x}")
+
+
+PROBES = {
+    "smtp": smtp_ehlo, "banner": smtp_banner, "policy": policy, "clamd": clamd,
+    "spamd": spamd, "milter": milter,
+}
+
+
+# What an unhealthy peer makes a probe raise.
+PROBE_ERRORS = (OSError, TimeoutError, ConnectionError, asyncio.IncompleteReadError, ValueError)
 
 
 def main() -> None:
@@ -85,6 +153,6 @@ def main() -> None:
     args = parser.parse_args()
     try:
         print(asyncio.run(PROBES[args.kind](args.address)))
-    except (OSError, TimeoutError, ConnectionError, asyncio.IncompleteReadError) as error:
+    except PROBE_ERRORS as error:
         print(f"unhealthy: {error or type(error).__name__}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -11,7 +11,7 @@ import re
 import sys
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from secumail.netaddr import HostPort, IPAddress, Network, parse_host_port, parse_network
@@ -117,6 +117,18 @@ class Settings(BaseSettings):
     authserv_id: str = ""  # empty: the hostname
     dmarc_reject: bool = False
 
+    # --- gateway (8080): health, metrics, chain probe, admin API ---------------------------
+    gateway_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:8080")
+    # Secrets: SecretStr keeps them out of repr(), logs and error messages.
+    admin_token: SecretStr = SecretStr("")  # empty: no admin API
+    metrics_token: SecretStr = SecretStr("")  # empty: health and metrics open
+    postfix_address: Annotated[HostPort, NoDecode] = parse_host_port("postfix:25")
+    gateway_timeout: float = Field(5.0, gt=0)
+    probe_mailbox: str = ""  # empty: postmaster@ the first of SECUMAIL_DOMAINS
+    probe_helo: str = "probe.secumail.invalid"
+    probe_interval: float = Field(300.0, ge=0)
+    probe_timeout: float = Field(120.0, gt=0)
+
     @field_validator(
         "greylist_whitelist_clients", "greylist_whitelist_recipients", "dnsbl_zones",
         "domains", "rbl_zones", "mailboxes", mode="before",
@@ -128,7 +140,7 @@ class Settings(BaseSettings):
     @field_validator(
         "metrics_listen", "policy_listen", "dkim_listen", "clamav_listen", "clamav_next_hop",
         "spamd_listen", "spamd_next_hop", "policy_address", "content_filter_address",
-        mode="before",
+        "gateway_listen", "postfix_address", mode="before",
     )
     @classmethod
     def _host_port(cls, value: object) -> object:
@@ -193,12 +205,42 @@ class Settings(BaseSettings):
             raise ValueError("must start with sqlite:/// or redis://")
         return url
 
+    @field_validator("admin_token", "metrics_token")
+    @classmethod
+    def _token(cls, token: SecretStr) -> SecretStr:
+        value = token.get_secret_value()
+        if value and (len(value) < 16 or not value.isprintable() or " " in value):
+            # The message must not echo the token (describe_errors prints the input).
+            raise ValueError("must be empty or 16 printable characters at least, no spaces")
+        return token
+
+    @field_validator("probe_mailbox")
+    @classmethod
+    def _probe_mailbox(cls, address: str) -> str:
+        local, at, domain = address.lower().rpartition("@")
+        if address and (not at or not local or not _LOCAL_PART.match(local)
+                        or not _DOMAIN.match(domain)):
+            raise ValueError(f"bad probe mailbox {address!r} (user@domain)")
+        return address.lower()
+
+    @field_validator("probe_helo")
+    @classmethod
+    def _probe_helo(cls, name: str) -> str:
+        if not _DOMAIN.match(name):
+            raise ValueError(f"not a fully-qualified host name: {name!r}")
+        return name.lower()
+
     def in_mynetworks(self, ip: IPAddress | None) -> bool:
         return ip is not None and any(ip in net for net in self.mynetworks)
 
     @property
     def weighted_dnsbl_zones(self) -> list[tuple[str, float]]:
         return [parse_weighted_zone(z) for z in self.dnsbl_zones]
+
+    @property
+    def probe_address(self) -> str:
+        """Where the gateway's canary goes: the probe mailbox, or postmaster@ by default."""
+        return self.probe_mailbox or f"postmaster@{self.domains[0]}"
 
 
 def parse_weighted_zone(entry: str) -> tuple[str, float]:
@@ -222,7 +264,10 @@ def describe_errors(error: ValidationError) -> list[str]:
     for item in error.errors():
         field = str(item["loc"][0]) if item["loc"] else "?"
         variable = ENV_PREFIX + field.upper()
-        lines.append(f"{variable}: {item['msg']} (got {item.get('input')!r})")
+        secret = field in Settings.model_fields and Settings.model_fields[field].annotation \
+            is SecretStr
+        got = "a hidden value" if secret else repr(item.get("input"))  # never print a token
+        lines.append(f"{variable}: {item['msg']} (got {got})")
     return lines
 
 
