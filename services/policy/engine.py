@@ -34,6 +34,7 @@ from services.policy.greylist import (
     client_is_whitelisted,
     greylist_header,
     record_pass,
+    split_whitelists,
     triplet_key,
 )
 from services.policy.stores import GreylistStore
@@ -73,6 +74,9 @@ class _Transaction:
 
 class PolicyEngine:
     TRANSACTIONS_KEPT = 10000
+    # Whitelist entries added at run time (the gateway's admin API) are read back from the
+    # store this often, not once per request.
+    WHITELIST_REFRESH = 5.0
 
     def __init__(
         self,
@@ -93,7 +97,13 @@ class PolicyEngine:
             auto_whitelist=settings.greylist_auto_whitelist,
         )
         self.client_whitelist = ClientWhitelist(settings.greylist_whitelist_clients)
-        self.recipient_whitelist = RecipientWhitelist(settings.greylist_whitelist_recipients)
+        # The gateway's canaries go to the probe mailbox: greylisting them would only
+        # delay every chain probe (postgrey spares postmaster@ by default too).
+        self.recipient_whitelist = RecipientWhitelist(
+            [*settings.greylist_whitelist_recipients, settings.probe_address]
+        )
+        self._runtime_whitelists = split_whitelists([])
+        self._runtime_loaded = float("-inf")
         self.dnsbl_weights = dict(settings.weighted_dnsbl_zones)
         self._transactions: OrderedDict[str, _Transaction] = OrderedDict()  # LRU
         self._spf_threads = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spf")
@@ -184,12 +194,18 @@ class PolicyEngine:
 
     async def _check_greylist(self, request: PolicyRequest, ip: IPAddress) -> Decision | None:
         recipient = request.get("recipient", "")
-        if self.client_whitelist.matches(ip, request.get("client_name", "")):
-            return None
-        if self.recipient_whitelist.matches(recipient):
-            return None
-        network = client_network(ip)
         now = self.clock()
+        if now - self._runtime_loaded >= self.WHITELIST_REFRESH or now < self._runtime_loaded:
+            self._runtime_whitelists = split_whitelists(await self.store.whitelist())
+            self._runtime_loaded = now
+        for clients, recipients in (
+            (self.client_whitelist, self.recipient_whitelist), self._runtime_whitelists
+        ):
+            if clients.matches(ip, request.get("client_name", "")):
+                return None
+            if recipients.matches(recipient):
+                return None
+        network = client_network(ip)
         if client_is_whitelisted(await self.store.get_client(network), now, self.greylist):
             return None
         key = triplet_key(network, request.get("sender", ""), recipient)

@@ -7,8 +7,10 @@ someone else's job (stores.py); nothing here does I/O or reads the clock.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from email.utils import formatdate
+from typing import Literal
 
 from secumail.netaddr import IPAddress, Network, parse_network
 
@@ -126,3 +128,50 @@ class RecipientWhitelist:
             or local in self.local_parts
             or any(domain == d or domain.endswith("." + d) for d in self.domains)
         )
+
+
+# --- whitelist entries added at run time (the gateway's admin API) ---------------------------
+
+WhitelistKind = Literal["client", "recipient"]
+_LABELS = re.compile(r"^(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?)(\.[a-z0-9_]"
+                     r"([a-z0-9_-]{0,61}[a-z0-9])?)*$")
+_LOCAL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class WhitelistEntry:
+    kind: WhitelistKind
+    value: str
+    added: float
+
+
+def normalize_whitelist_entry(kind: WhitelistKind, value: str) -> str:
+    """The canonical text of a whitelist entry, in the forms the settings' whitelists take;
+    ValueError naming the entry otherwise."""
+    value = value.strip().lower()
+    if kind == "client":
+        try:
+            return str(parse_network(value))
+        except ValueError:
+            name = value.rstrip(".").removeprefix("*.")
+            if _LABELS.match(name):
+                return name
+        raise ValueError(f"not an IP address, network, host or domain name: {value!r}")
+    local, at, domain = value.rpartition("@")
+    domain = domain.rstrip(".")
+    if at and not domain and _LOCAL.match(local):
+        return value  # `postmaster@`: that local part in every domain
+    if at and _LOCAL.match(local) and _LABELS.match(domain) and "." in domain:
+        return f"{local}@{domain}"
+    if not at and _LABELS.match(domain) and "." in domain:
+        return domain
+    raise ValueError(f"not an address, `local@` or a domain: {value!r}")
+
+
+def split_whitelists(
+    entries: list[WhitelistEntry],
+) -> tuple[ClientWhitelist, RecipientWhitelist]:
+    clients = [e.value for e in entries if e.kind == "client"]
+    return ClientWhitelist(clients), RecipientWhitelist(
+        [e.value for e in entries if e.kind == "recipient"]
+    )

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sqlite3
-from typing import Protocol
+from typing import Protocol, cast
 from urllib.parse import urlparse
 
 import redis.asyncio as aioredis
 
-from services.policy.greylist import ClientRecord, Triplet
+from services.policy.greylist import ClientRecord, Triplet, WhitelistEntry, WhitelistKind
 
 
 class GreylistStore(Protocol):
@@ -31,6 +32,18 @@ class GreylistStore(Protocol):
     async def count(self) -> int: ...
 
     async def close(self) -> None: ...
+
+    # Administration (the gateway): listing and removing triplets, and whitelist entries
+    # added at run time, which the engine reads back every few seconds.
+    async def entries(self, limit: int, match: str = "") -> list[tuple[str, Triplet]]: ...
+
+    async def delete(self, key: str) -> bool: ...
+
+    async def whitelist(self) -> list[WhitelistEntry]: ...
+
+    async def add_whitelist(self, entry: WhitelistEntry) -> bool: ...
+
+    async def remove_whitelist(self, kind: WhitelistKind, value: str) -> bool: ...
 
 
 class SqliteStore:
@@ -57,6 +70,10 @@ class SqliteStore:
             "CREATE TABLE IF NOT EXISTS clients (network TEXT PRIMARY KEY, passes INTEGER, "
             "last_seen REAL) WITHOUT ROWID"
         )
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS whitelist (kind TEXT, value TEXT, added REAL, "
+            "PRIMARY KEY (kind, value)) WITHOUT ROWID"
+        )
 
     async def get(self, key: str) -> Triplet | None:
         row = self.db.execute(
@@ -76,6 +93,13 @@ class SqliteStore:
         self._commit_timer = None
         if self.db.in_transaction:
             self.db.execute("COMMIT")
+
+    def _write_now(self, sql: str, values: tuple[object, ...]) -> int:
+        """An administrative change, committed at once (not batched): rows changed."""
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+        self._commit()
+        return int(self.db.execute(sql, values).rowcount)
 
     async def put(self, key: str, entry: Triplet) -> None:
         self._write(
@@ -103,6 +127,32 @@ class SqliteStore:
 
     async def count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM triplets").fetchone()[0])
+
+    async def entries(self, limit: int, match: str = "") -> list[tuple[str, Triplet]]:
+        pattern = "%" + re.sub(r"([%_\\])", r"\\\1", match) + "%"
+        rows = self.db.execute(
+            "SELECT key, first_seen, last_seen, passed FROM triplets WHERE key LIKE ? "
+            "ESCAPE '\\' ORDER BY last_seen DESC LIMIT ?", (pattern, limit),
+        ).fetchall()
+        return [(row[0], Triplet(row[1], row[2], bool(row[3]))) for row in rows]
+
+    async def delete(self, key: str) -> bool:
+        return self._write_now("DELETE FROM triplets WHERE key=?", (key,)) > 0
+
+    async def whitelist(self) -> list[WhitelistEntry]:
+        rows = self.db.execute("SELECT kind, value, added FROM whitelist ORDER BY kind, value")
+        return [WhitelistEntry(cast(WhitelistKind, k), v, a) for k, v, a in rows.fetchall()]
+
+    async def add_whitelist(self, entry: WhitelistEntry) -> bool:
+        return self._write_now(
+            "INSERT OR IGNORE INTO whitelist VALUES (?, ?, ?)",
+            (entry.kind, entry.value, entry.added),
+        ) > 0
+
+    async def remove_whitelist(self, kind: WhitelistKind, value: str) -> bool:
+        return self._write_now(
+            "DELETE FROM whitelist WHERE kind=? AND value=?", (kind, value)
+        ) > 0
 
     async def close(self) -> None:
         if self._commit_timer is not None:
@@ -157,6 +207,40 @@ class RedisStore:
         async for _ in self.redis.scan_iter(match=self.PREFIX + "t:*", count=1000):
             total += 1
         return total
+
+    async def entries(self, limit: int, match: str = "") -> list[tuple[str, Triplet]]:
+        pattern = self.PREFIX + "t:*" + re.sub(r"([*?\[\]\\])", r"\\\1", match) + "*"
+        names: list[str] = []
+        async for name in self.redis.scan_iter(match=pattern, count=1000):
+            names.append(name)
+            if len(names) >= limit:
+                break
+        found = []
+        for name in names:
+            data = await self.redis.hgetall(name)
+            if data:  # expired between SCAN and HGETALL
+                entry = Triplet(float(data["first"]), float(data["last"]), data["passed"] == "1")
+                found.append((name.removeprefix(self.PREFIX + "t:"), entry))
+        return sorted(found, key=lambda item: -item[1].last_seen)
+
+    async def delete(self, key: str) -> bool:
+        return bool(await self.redis.delete(self.PREFIX + "t:" + key))
+
+    async def whitelist(self) -> list[WhitelistEntry]:
+        # decode_responses=True: names and values are str.
+        data = cast(dict[str, str], await self.redis.hgetall(self.PREFIX + "w"))
+        entries = []
+        for field, added in data.items():
+            kind, _, value = field.partition(":")
+            entries.append(WhitelistEntry(cast(WhitelistKind, kind), value, float(added)))
+        return sorted(entries, key=lambda e: (e.kind, e.value))
+
+    async def add_whitelist(self, entry: WhitelistEntry) -> bool:
+        field = f"{entry.kind}:{entry.value}"
+        return bool(await self.redis.hsetnx(self.PREFIX + "w", field, str(entry.added)))
+
+    async def remove_whitelist(self, kind: WhitelistKind, value: str) -> bool:
+        return bool(await self.redis.hdel(self.PREFIX + "w", f"{kind}:{value}"))
 
     async def close(self) -> None:
         await self.redis.aclose()
