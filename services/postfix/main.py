@@ -1,8 +1,9 @@
 """`secumail-postfix`: the Postfix container's entry point.
 
 Renders the configuration from the settings, makes a self-signed certificate when none is
-mounted, prepares the queue and mail volumes, then becomes Postfix's master process
-(`postfix start-fg`), which handles SIGTERM itself.
+mounted, prepares the queue and mail volumes, then runs Postfix (`postfix start-fg`) under
+a small supervisor (supervisor.py) that serves Postfix's metrics and the probe mailbox on
+the metrics listener and turns SIGTERM into `postfix stop`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import datetime
 import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from cryptography import x509
@@ -21,6 +23,7 @@ from cryptography.x509.oid import NameOID
 from secumail.logs import log_event, setup_logging
 from secumail.settings import Settings, load_settings
 from services.postfix.render import MAILBOX_BASE, VMAIL_ID, render
+from services.postfix.supervisor import supervise
 
 log = logging.getLogger("secumail.postfix")
 CONFIG_DIR = Path("/etc/postfix")
@@ -57,9 +60,7 @@ def ensure_certificate(cert_file: str, key_file: str, hostname: str) -> bool:
     return True
 
 
-def main() -> None:
-    settings = load_settings()
-    setup_logging(settings.log_level, settings.log_format)
+def prepare(settings: Settings) -> None:
     write_config(settings)
     if ensure_certificate(settings.tls_cert_file, settings.tls_key_file, settings.hostname):
         log_event(log, "made a self-signed certificate", file=settings.tls_cert_file)
@@ -68,10 +69,15 @@ def main() -> None:
     # An empty queue volume on first start: create Postfix's directories with their owners.
     subprocess.run(["postfix", "set-permissions", "create-missing"], check=False)
     subprocess.run(["postfix", "check"], check=True)
-    log_event(log, "starting postfix", domains=",".join(settings.domains),
+    log_event(log, "configured postfix", domains=",".join(settings.domains),
               hostname=settings.hostname)
-    logging.shutdown()
-    os.execvp("postfix", ["postfix", "start-fg"])
+
+
+def main() -> None:
+    settings = load_settings()
+    setup_logging(settings.log_level, settings.log_format)
+    prepare(settings)
+    sys.exit(supervise(settings, MAILBOX_BASE))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,278 @@
+"""Postfix's metrics and the probe mailbox, served on the container's metrics listener.
+
+- Queue sizes are counted at scrape time from the queue directories (one `scandir` walk per
+  queue; no `postqueue`, which reads every message file and needs the showq service).
+- Message counts come from Postfix's own log stream (`maillog_file = /dev/stdout`), which
+  the supervisor reads anyway to pass it on: one regular expression per line.
+- `GET /probe/<token>` answers the headers of the gateway's canary message with that token
+  once it sits in the probe mailbox; `DELETE /probe/<token>` removes it. The gateway cannot
+  read the mailboxes itself: they belong to the vmail user, mode 0700.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import ipaddress
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from secumail.netaddr import HostPort, Network
+from secumail.settings import Settings
+
+log = logging.getLogger("secumail.postfix")
+
+QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
+PROBE_HEADER = "X-SecuMail-Probe"
+TOKEN = re.compile(r"^[0-9a-f]{32}$")
+STALE_CANARY = 86400.0  # a canary nobody collected (the gateway restarted mid-probe)
+
+# "Nov 28 01:15:55 mx postfix/smtp[2283]: 1363D21A85E: to=<...>, ..., status=sent (...)"
+# The process name may carry a service prefix (postfix/submission/smtpd): keep its last part.
+_LINE = re.compile(r"\s[\w.-]+(?:/[\w.-]+)*/(?P<daemon>[\w.-]+)\[\d+\]: (?P<text>.*)$")
+_STATUS = re.compile(r"^\w+: to=<.*?, relay=(?P<relay>[^,]*), .*?status=(?P<status>\w+)")
+_CLIENT = re.compile(r"^\w+: client=[^\[]*\[(?P<ip>[^\]]+)\]")
+_REJECT = re.compile(r"^(?:NOQUEUE|\w+): reject: \w+ from .*?: (?P<code>[45]\d\d) ")
+
+
+class LogStats:
+    """Counters fed with Postfix's log lines. Label values come from small sets: daemon
+    names, delivery statuses, SMTP reply codes."""
+
+    def __init__(self, registry: CollectorRegistry, filter_host: str, filter_subnet: Network
+                 ) -> None:
+        self.filter_relay = f"{filter_host}["
+        self.filter_subnet = filter_subnet
+        self.received = Counter(
+            "secumail_postfix_messages_received",
+            "Messages Postfix queued, by source: smtp (port 25 and others), filters (mail "
+            "back from the content filters), local (sendmail, bounces are not counted)",
+            ["source"], registry=registry,
+        )
+        self.deliveries = Counter(
+            "secumail_postfix_deliveries",
+            "Delivery attempts by status (sent, deferred, bounced, expired) and where to: "
+            "filter (the content filter chain) or the delivering daemon (virtual, smtp, lmtp)",
+            ["status", "via"], registry=registry,
+        )
+        self.rejects = Counter(
+            "secumail_postfix_smtpd_rejects", "Commands smtpd refused, by SMTP reply code",
+            ["code"], registry=registry,
+        )
+
+    def feed(self, line: str) -> None:
+        found = _LINE.search(line)
+        if found is None:
+            return
+        daemon, text = found.group("daemon"), found.group("text")
+        if daemon in ("smtpd", "postscreen"):
+            if client := _CLIENT.match(text):
+                self.received.labels(self._source(client.group("ip"))).inc()
+            elif reject := _REJECT.match(text):
+                self.rejects.labels(reject.group("code")).inc()
+        elif daemon == "pickup" and " uid=" in text:
+            self.received.labels("local").inc()
+        elif status := _STATUS.match(text):
+            # A refused connection says relay=none, then "(connect to clamav[...]: ...)".
+            to_filter = status.group("relay").startswith(self.filter_relay) or (
+                f"connect to {self.filter_relay}" in text
+            )
+            via = "filter" if to_filter else daemon
+            self.deliveries.labels(status.group("status"), via).inc()
+
+    def _source(self, ip: str) -> str:
+        try:
+            return "filters" if ipaddress.ip_address(ip) in self.filter_subnet else "smtp"
+        except ValueError:
+            return "smtp"
+
+
+def count_files(directory: Path) -> int:
+    """Regular files under `directory`, in hashed subfolders too (deferred/, hold/)."""
+    total = 0
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    total += count_files(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    total += 1
+    except FileNotFoundError:
+        pass
+    return total
+
+
+class QueueCollector(Collector):
+    """Queue sizes, counted when Prometheus asks (through the gateway)."""
+
+    def __init__(self, queue_dir: Path, running: threading.Event) -> None:
+        self.queue_dir = queue_dir
+        self.running = running
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        queues = GaugeMetricFamily(
+            "secumail_postfix_queue_messages", "Messages in each Postfix queue", labels=["queue"]
+        )
+        for queue in QUEUES:
+            queues.add_metric([queue], count_files(self.queue_dir / queue))
+        yield queues
+        yield GaugeMetricFamily(
+            "secumail_postfix_up", "1 while Postfix's master process runs",
+            value=1 if self.running.is_set() else 0,
+        )
+
+
+class ProbeMailbox:
+    """The gateway's canaries in the probe mailbox's Maildir (new/ only: where they land)."""
+
+    def __init__(self, maildir: Path) -> None:
+        self.new = maildir / "new"
+        self._tokens: dict[str, str] = {}  # file name -> token ("" for other mail)
+        self._lock = threading.Lock()
+
+    def _scan(self) -> dict[str, str]:
+        try:
+            names = set(os.listdir(self.new))
+        except FileNotFoundError:
+            names = set()
+        with self._lock:
+            # Maildir file names are unique and never rewritten: read each file once.
+            self._tokens = {n: t for n, t in self._tokens.items() if n in names}
+            for name in names - set(self._tokens):
+                self._tokens[name] = self._token_of(self.new / name)
+            return dict(self._tokens)
+
+    @staticmethod
+    def _token_of(path: Path) -> str:
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(65536).split(b"\n\n", 1)[0]
+        except OSError:
+            return ""
+        found = re.search(rb"^" + PROBE_HEADER.encode() + rb":\s*([0-9a-f]{32})\s*$", head,
+                          re.M | re.I)
+        return found.group(1).decode() if found else ""
+
+    def find(self, token: str) -> Path | None:
+        for name, found in self._scan().items():
+            if found == token:
+                return self.new / name
+        return None
+
+    def headers(self, token: str) -> dict[str, Any] | None:
+        path = self.find(token)
+        if path is None:
+            return None
+        try:
+            data = path.read_bytes()
+            delivered = path.stat().st_mtime
+        except OSError:
+            return None
+        parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
+        return {
+            "token": token,
+            "delivered_at": delivered,
+            "headers": [[name, " ".join(str(value).split())] for name, value in parsed.items()],
+        }
+
+    def remove(self, token: str) -> bool:
+        path = self.find(token)
+        if path is None:
+            return False
+        path.unlink(missing_ok=True)
+        return True
+
+    def purge_stale(self, now: float) -> int:
+        removed = 0
+        for name, token in self._scan().items():
+            path = self.new / name
+            try:
+                if token and now - path.stat().st_mtime > STALE_CANARY:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: AgentServer
+
+    def do_GET(self) -> None:
+        if self.path.split("?")[0] == "/metrics":
+            self._send(200, generate_latest(self.server.registry), "text/plain; version=0.0.4")
+            return
+        token = self._token()
+        if token is None:
+            return
+        self.server.mailbox.purge_stale(time.time())
+        found = self.server.mailbox.headers(token)
+        if found is None:
+            self._send(404, b'{"detail": "no canary with that token"}')
+        else:
+            self._send(200, json.dumps(found).encode())
+
+    def do_DELETE(self) -> None:
+        token = self._token()
+        if token is not None:
+            removed = self.server.mailbox.remove(token)
+            self._send(204 if removed else 404, b"")
+
+    def _token(self) -> str | None:
+        prefix, _, token = self.path.partition("/probe/")
+        if prefix or not TOKEN.match(token):
+            self._send(404, b'{"detail": "not found"}')
+            return None
+        return token
+
+    def _send(self, code: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per scrape would drown Postfix's own log
+
+
+class AgentServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, listen: HostPort, registry: CollectorRegistry, mailbox: ProbeMailbox
+                 ) -> None:
+        self.registry = registry
+        self.mailbox = mailbox
+        super().__init__((listen.host, listen.port), _Handler)
+
+
+def probe_maildir(settings: Settings, mailbox_base: str) -> Path:
+    """The probe mailbox's Maildir, laid out as render.mailbox_map lays out every mailbox."""
+    local, _, domain = settings.probe_address.rpartition("@")
+    return Path(mailbox_base) / domain / local
+
+
+def start_agent(settings: Settings, queue_dir: Path, mailbox_base: str,
+                running: threading.Event) -> tuple[LogStats, AgentServer | None]:
+    """Counters for the log stream, and the HTTP listener in a thread (port 0: none)."""
+    registry = CollectorRegistry()
+    stats = LogStats(registry, settings.content_filter_address.host, settings.filter_subnet)
+    registry.register(QueueCollector(queue_dir, running))
+    if settings.metrics_listen.port == 0:
+        return stats, None
+    server = AgentServer(settings.metrics_listen, registry,
+                         ProbeMailbox(probe_maildir(settings, mailbox_base)))
+    threading.Thread(target=server.serve_forever, daemon=True, name="agent").start()
+    return stats, server

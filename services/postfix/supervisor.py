@@ -1,0 +1,103 @@
+"""The Postfix container's main process: `postfix start-fg` as a child, watched.
+
+It passes Postfix's log (`maillog_file = /dev/stdout`) on to its own stdout, unchanged, and
+counts it for the metrics listener (exporter.py). SIGTERM or SIGINT runs `postfix stop`:
+the master process ends its children, the queue stays on its volume, `start-fg` returns,
+and the supervisor exits 0. If the master dies on its own, the supervisor exits with its
+status and Docker restarts the container. Postfix's master puts itself in a session of its
+own, so signals to our child would not reach it: `postfix stop` is the one reliable way.
+Compose runs an init (tini) as PID 1, which reaps whatever an abnormal end orphans.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import BinaryIO
+
+from secumail.logs import log_event
+from secumail.settings import Settings
+from services.postfix.exporter import start_agent
+
+log = logging.getLogger("secumail.postfix")
+
+QUEUE_DIR = Path("/var/spool/postfix")
+STOP_RETRY = 5.0  # seconds; a stop that came before the master was up is tried again
+
+
+class Supervisor:
+    def __init__(
+        self, command: list[str], stop_command: list[str], on_line: Callable[[str], None],
+        output: BinaryIO | None = None, running: threading.Event | None = None,
+    ) -> None:
+        self.command = command
+        self.stop_command = stop_command
+        self.on_line = on_line
+        self.output = output or sys.stdout.buffer
+        self.running = running or threading.Event()  # set while the child runs
+        self.stopping = threading.Event()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def run(self) -> int:
+        """Run until the child ends; its status, or 0 when we were asked to stop."""
+        self._proc = subprocess.Popen(
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        self.running.set()
+        pump = threading.Thread(target=self._pump, name="maillog", daemon=True)
+        pump.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        status = self._proc.wait()
+        self.running.clear()
+        pump.join(timeout=5)  # the rest of the log: postlogd may outlive the master briefly
+        if self.stopping.is_set():
+            log_event(log, "postfix stopped", status=status)
+            return 0
+        log_event(log, "postfix ended on its own", logging.ERROR, status=status)
+        return status if status > 0 else 1
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if not self.stopping.is_set():
+            self.stopping.set()
+            log_event(log, "stopping postfix", signal=signal.Signals(signum).name)
+            threading.Thread(target=self._stop, name="stop", daemon=True).start()
+
+    def _stop(self) -> None:
+        assert self._proc is not None
+        while self._proc.poll() is None:
+            subprocess.run(self.stop_command, stdin=subprocess.DEVNULL, check=False,
+                           capture_output=True)
+            try:
+                self._proc.wait(STOP_RETRY)
+            except subprocess.TimeoutExpired:
+                continue
+
+    def _pump(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for raw in self._proc.stdout:
+            self.output.write(raw)
+            self.output.flush()
+            try:
+                self.on_line(raw.decode("utf-8", "replace"))
+            except Exception:
+                log.exception("could not count a log line")
+
+
+def supervise(settings: Settings, mailbox_base: str, queue_dir: Path = QUEUE_DIR,
+              postfix: tuple[str, ...] = ("postfix",)) -> int:
+    """Start the metrics and probe-mailbox listener, then run Postfix until stopped.
+    (`postfix` may carry `-c DIR`: the tests run a Postfix of their own.)"""
+    running = threading.Event()
+    stats, _ = start_agent(settings, queue_dir, mailbox_base, running)
+    supervisor = Supervisor([*postfix, "start-fg"], [*postfix, "stop"], stats.feed,
+                            running=running)
+    log_event(log, "starting postfix", metrics=str(settings.metrics_listen))
+    return supervisor.run()
