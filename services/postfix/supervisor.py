@@ -55,7 +55,15 @@ class Supervisor:
         pump.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        status = self._proc.wait()
+        while True:
+            # Short waits: the kernel may hand SIGTERM to another thread, and Python runs
+            # the handler only when the main thread gets back to bytecode; a blocking
+            # waitpid() would never return for it.
+            try:
+                status = self._proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                continue
         self.running.clear()
         pump.join(timeout=5)  # the rest of the log: postlogd may outlive the master briefly
         if self.stopping.is_set():
