@@ -1,0 +1,1 @@
+"""The gateway: one place to watch and manage the running chain (FastAPI, port 8080)."""

@@ -1,0 +1,177 @@
+"""The gateway API's request and response bodies (they make the OpenAPI document)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class Problem(BaseModel):
+    """An error: what went wrong, in a sentence."""
+
+    detail: str
+
+
+class Alive(BaseModel):
+    status: Literal["alive"] = "alive"
+
+
+class FailingHop(BaseModel):
+    service: str
+    error: str
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    failing: list[FailingHop] = Field(description="The hops that are not ready, and why")
+
+
+class ReplicaHealth(BaseModel):
+    instance: str = Field(description="Address probed: ip:port, or a unix socket path")
+    name: str | None = Field(description="Container name from reverse DNS, when known")
+    status: Literal["ok", "failing", "unknown"]
+    latency_seconds: float | None = Field(description="How long the last probe took")
+    answer: str | None = Field(description="What the replica answered the last probe")
+    last_error: str | None = Field(description="The last failure (kept after recovery)")
+    last_error_at: float | None = Field(description="Unix time of the last failure")
+    last_ok_at: float | None = Field(description="Unix time of the last success")
+
+
+class ServiceHealth(BaseModel):
+    service: str
+    address: str
+    check: str = Field(description="What the probe does: SMTP banner, EHLO, PING...")
+    status: Literal["ok", "failing"]
+    error: str | None = Field(description="Why the whole service fails (e.g. unresolvable)")
+    replicas: list[ReplicaHealth]
+
+
+class ProbeReport(BaseModel):
+    ok: bool
+    token: str = Field(description="The canary's X-SecuMail-Probe header value")
+    recipient: str
+    started_at: float
+    finished_at: float
+    queued: str = Field(description="Postfix's answer to the canary's end of DATA")
+    delivered_at: float | None
+    end_to_end_seconds: float | None = Field(
+        description="From the start of the SMTP session to the delivery into the mailbox"
+    )
+    headers: dict[str, bool] = Field(description="Hop -> whether its header was added")
+    missing: list[str]
+    error: str | None
+
+
+class HealthReport(BaseModel):
+    status: Literal["ok", "failing"]
+    checked_at: float
+    services: list[ServiceHealth]
+    probe: ProbeReport | None = Field(description="The last chain probe, if any ran yet")
+
+
+# --- greylist ---------------------------------------------------------------------------
+
+
+class GreylistEntry(BaseModel):
+    key: str = Field(description="network/sender/recipient, as the policy service keys it")
+    network: str
+    sender: str
+    recipient: str
+    first_seen: float
+    last_seen: float
+    passed: bool = Field(description="The triplet got through (no more delay)")
+
+
+class WhitelistRequest(BaseModel):
+    kind: Literal["client", "recipient"]
+    value: str = Field(
+        min_length=1, max_length=320,
+        description="client: IP, network, host or domain name; "
+        "recipient: user@domain, local@ (any domain) or domain",
+        examples=["192.0.2.0/24"],
+    )
+
+
+class WhitelistItem(BaseModel):
+    kind: Literal["client", "recipient"]
+    value: str
+    added: float | None = Field(description="When it was added (None: from the settings)")
+    source: Literal["admin", "settings"]
+
+
+class Whitelist(BaseModel):
+    entries: list[WhitelistItem]
+
+
+# --- quarantine -------------------------------------------------------------------------
+
+
+class QuarantineItem(BaseModel):
+    id: str
+    filter: str
+    verdict: str
+    reason: str
+    mail_from: str
+    rcpt_tos: list[str]
+    client: dict[str, str]
+    size: int
+    time: float
+
+
+class QuarantineDetail(QuarantineItem):
+    headers: list[tuple[str, str]] = Field(description="The message's header fields")
+
+
+class ReleaseReport(BaseModel):
+    id: str
+    released: bool
+    next_hop: str = Field(description="Where the message went: the quarantining filter's "
+                          "next hop")
+    reply: str = Field(description="The next hop's answer to the end of DATA")
+
+
+class ReleaseFailure(BaseModel):
+    detail: str
+    step: str = Field(description="The SMTP step the next hop refused (or 'connection')")
+    reply: str
+
+
+# --- DKIM -------------------------------------------------------------------------------
+
+
+class DkimKey(BaseModel):
+    domain: str
+    selector: str
+    key_type: str
+    active: bool = Field(description="Whether the milter signs with it")
+    record_name: str = Field(description="Where to publish the TXT record")
+    record_value: str
+    error: str | None = Field(description="Why the key cannot be used, if so")
+
+
+class KeygenRequest(BaseModel):
+    domain: str = Field(min_length=1, max_length=253, examples=["example.org"])
+    selector: str | None = Field(
+        None, description="Default: s<YYYYMMDD> (+ 'e' for ed25519)", max_length=63
+    )
+    key_type: Literal["rsa", "ed25519"] = "rsa"
+    bits: int = Field(2048, ge=1024, le=4096, description="RSA key size")
+    activate: bool | None = Field(
+        None, description="Sign with it at once; default: only if no key of its type is active"
+    )
+
+
+class KeygenReport(BaseModel):
+    domain: str
+    selector: str
+    key_type: str
+    activated: bool
+    record_name: str
+    record_value: str
+    zone_line: str
+
+
+class DkimActivation(BaseModel):
+    domain: str
+    active: list[str] = Field(description="The selectors that sign now")
