@@ -1,0 +1,43 @@
+"""The greylist administration on Redis (the store scaled policy replicas share), against a
+real redis-server: the same answers as SQLite's (tests/unit/test_gateway_greylist.py)."""
+
+from __future__ import annotations
+
+from services.policy.greylist import Triplet, WhitelistEntry
+from services.policy.stores import RedisStore
+
+
+async def test_redis_store_lists_matches_and_deletes_triplets(redis_url: str) -> None:
+    store = RedisStore(redis_url, max_age=3600)
+    await store.put("192.0.2.0/24/a@remote.test/bob@example.org", Triplet(1.0, 5.0))
+    await store.put("192.0.2.0/24/c*d@remote.test/bob@example.org", Triplet(2.0, 9.0, True))
+    entries = await store.entries(10)
+    assert [k for k, _ in entries] == [
+        "192.0.2.0/24/c*d@remote.test/bob@example.org",  # most recently seen first
+        "192.0.2.0/24/a@remote.test/bob@example.org",
+    ]
+    assert entries[0][1] == Triplet(2.0, 9.0, True)
+    # `*` is a literal star in the filter, not Redis's glob.
+    assert [k for k, _ in await store.entries(10, "c*d@")] == [
+        "192.0.2.0/24/c*d@remote.test/bob@example.org"]
+    assert await store.entries(10, "a*@") == []
+    assert len(await store.entries(1)) == 1
+    assert await store.delete("192.0.2.0/24/a@remote.test/bob@example.org")
+    assert not await store.delete("192.0.2.0/24/a@remote.test/bob@example.org")
+    assert await store.count() == 1
+    await store.close()
+
+
+async def test_redis_store_keeps_whitelist_entries_once(redis_url: str) -> None:
+    store = RedisStore(redis_url, max_age=3600)
+    entry = WhitelistEntry("client", "2001:db8::/64", 10.0)
+    assert await store.add_whitelist(entry)
+    assert not await store.add_whitelist(WhitelistEntry("client", "2001:db8::/64", 20.0))
+    await store.add_whitelist(WhitelistEntry("recipient", "abuse@", 30.0))
+    assert await store.whitelist() == [entry, WhitelistEntry("recipient", "abuse@", 30.0)]
+    other = RedisStore(redis_url, max_age=3600)  # another replica sees the same entries
+    assert await other.remove_whitelist("client", "2001:db8::/64")
+    assert not await store.remove_whitelist("client", "2001:db8::/64")
+    assert [e.value for e in await store.whitelist()] == ["abuse@"]
+    await store.close()
+    await other.close()
