@@ -198,7 +198,13 @@ class RelayHandler:
             transaction.xforward.clear()
             message = normalize_newlines(bytes(envelope.original_content or b""))
             started = time.perf_counter()
-            verdict = await self.inspect(info, message)
+            try:
+                verdict = await self.inspect(info, message)
+            except Exception:
+                # A bug in a scanner's glue: keep the mail in Postfix's queue, and cancel the
+                # next hop's open transaction like any other non-delivery (via _act).
+                log.exception("filter %s: inspection failed", self.name)
+                verdict = Verdict("tempfail", "error", "internal error", reply=TEMPFAIL_INTERNAL)
             SCAN_SECONDS.labels(self.name).observe(time.perf_counter() - started)
             reply = await self._act(transaction, info, message, verdict)
             MESSAGES.labels(self.name, verdict.label).inc()
