@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from gateway.auth import Guard
 from gateway.models import (
@@ -170,8 +171,14 @@ def router(gateway: Gateway, guard: Guard) -> APIRouter:
                                    description="Only what this filter kept: clamav, spamd"),
         limit: int = Query(100, ge=1, le=10000),
     ) -> list[QuarantineItem]:
-        records = await asyncio.to_thread(quarantine.records, filter, limit)
-        return [QuarantineItem.model_validate(r) for r in records]
+        items = []
+        for record in await asyncio.to_thread(quarantine.records, filter, limit):
+            try:
+                items.append(QuarantineItem.model_validate(record))
+            except ValidationError:  # a record written by hand, or by an older version
+                log_event(log, "unreadable quarantine record", logging.WARNING,
+                          id=str(record.get("id", "?")))
+        return items
 
     @api.get("/quarantine/{ident}", response_model=QuarantineDetail, tags=["quarantine"],
              summary="One quarantined message: envelope, verdict, headers",

@@ -35,8 +35,8 @@ from gateway.scrape import (
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-# How old a round of probes may be when reused: /readyz and /health stay close to live,
-# /metrics follows Prometheus's pace without probing more often than this.
+# How old a round of probes may be when reused: /readyz and /health stay close to live;
+# /metrics answers from the last round and starts a new one when it is older than this.
 READY_MAX_AGE = 1.0
 METRICS_MAX_AGE = 10.0
 
@@ -146,7 +146,7 @@ def router(gateway: Gateway, guard: Guard | None) -> APIRouter:
         dependencies=guarded["dependencies"],
     )
     async def metrics() -> Response:
-        results = await gateway.checker.check(max_age=METRICS_MAX_AGE)
+        results = await gateway.checker.latest(max_age=METRICS_MAX_AGE)
         port = gateway.settings.metrics_listen.port
         targets = [target_for(r.hop.service, replica.host, port)
                    for r in results if r.hop.metrics for replica in r.replicas if replica.host]

@@ -1,8 +1,8 @@
 """The chain probe: a canary message through the whole chain, to the probe mailbox.
 
-The gateway hands Postfix a small message over SMTP, as any client would (null sender, a
-HELO name without SPF record), to the probe mailbox, which the policy service never
-greylists. It then asks the Postfix container's agent (exporter.py) for the canary's
+The gateway hands Postfix a small message over SMTP, as any client would (null sender by
+default, a HELO name without SPF record), to the probe mailbox, which the policy service
+never greylists. It then asks the Postfix container's agent (exporter.py) for the canary's
 headers until it lands, checks that each hop added its header, and removes it. The
 end-to-end time runs from the start of the SMTP session to the delivery (the mail file's
 time), so the polling interval does not blur it.
@@ -92,7 +92,8 @@ class ProbeMetrics:
 
 
 def canary_message(token: str, settings: Settings, now: float) -> bytes:
-    sender = f"probe@{settings.probe_helo}"  # a domain without DMARC policy, as the HELO
+    # The null sender's From: the HELO domain (no DMARC policy there to fail).
+    sender = settings.probe_sender or f"probe@{settings.probe_helo}"
     lines = [
         f"From: SecuMail chain probe <{sender}>",
         f"To: <{settings.probe_address}>",
@@ -167,7 +168,7 @@ class ChainProbe:
                                        self.settings.probe_helo)
             steps = [
                 (reply, "EHLO"),
-                (await smtp.command("MAIL FROM:<>"), "MAIL"),
+                (await smtp.command(f"MAIL FROM:<{self.settings.probe_sender}>"), "MAIL"),
                 (await smtp.command(f"RCPT TO:<{self.settings.probe_address}>"), "RCPT"),
             ]
             for answer, step in steps:

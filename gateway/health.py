@@ -13,7 +13,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from secumail import probes
 from secumail.netaddr import parse_host_port
@@ -124,10 +124,22 @@ class HealthChecker:
         """The latest round if younger than `max_age` seconds, else a new one (shared)."""
         if self.last and self.clock() - self.checked_at < max_age:
             return self.last
+        # shield: a client that hangs up must not cancel the round the others wait for.
+        return await asyncio.shield(self._start_round())
+
+    async def latest(self, max_age: float) -> list[HopResult]:
+        """The latest round at once, refreshed in the background when older than `max_age`
+        (for /metrics: a hanging hop must not make Prometheus's scrape time out)."""
+        if not self.last:
+            return await self.check()
+        if self.clock() - self.checked_at >= max_age:
+            self._start_round()
+        return self.last
+
+    def _start_round(self) -> asyncio.Task[list[HopResult]]:
         if self._round is None or self._round.done():
             self._round = asyncio.create_task(self._run_round())
-        # shield: a client that hangs up must not cancel the round the others wait for.
-        return await asyncio.shield(self._round)
+        return self._round
 
     async def _run_round(self) -> list[HopResult]:
         results = list(await asyncio.gather(*(self._check_hop(hop) for hop in self.hops)))
@@ -151,7 +163,7 @@ class HealthChecker:
         started = time.perf_counter()
         try:
             state.answer = await hop.probe(instance, self.timeout)
-        except probes.PROBE_ERRORS as error:
+        except Exception as error:  # whatever a replica does to a probe, it is that replica's
             state.status, state.answer = "failing", None
             state.last_error, state.last_error_at = _describe(error), self.clock()
         else:
@@ -159,7 +171,7 @@ class HealthChecker:
         state.latency_seconds = time.perf_counter() - started
         if state.host:
             state.name = await self._name(state.host)
-        return state
+        return replace(state)  # a snapshot: the next round must not change this one's results
 
     async def _name(self, ip: str) -> str | None:
         cached = self._names.get(ip)

@@ -133,7 +133,9 @@ class QuarantineAdmin:
             attributes = [f"{k}={v}" for k, v in client.items() if k in offered and v]
             if attributes:
                 await smtp.command("XFORWARD " + " ".join(attributes))  # best effort
-            reply = await smtp.command(f"MAIL FROM:<{record.get('mail_from', '')}>")
+            # aiosmtpd records the null sender as "<>": it goes out as MAIL FROM:<>.
+            sender = str(record.get("mail_from") or "").removeprefix("<").removesuffix(">")
+            reply = await smtp.command(f"MAIL FROM:<{sender}>")
             if not reply.ok:
                 raise ReleaseRefused("MAIL", reply)
             for recipient in record.get("rcpt_tos") or []:

@@ -135,9 +135,24 @@ async def milter(address: str, timeout: float = 5.0) -> str:
             f"protocol=0x{negotiation.protocol:x}")
 
 
+async def http_health(address: str, timeout: float = 5.0) -> str:
+    """`GET /healthz` answered 200 (the gateway's liveness), over plain HTTP/1.0."""
+    target = parse_host_port(address)
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(target.host, target.port)
+        try:
+            writer.write(f"GET /healthz HTTP/1.0\r\nHost: {target}\r\n\r\n".encode())
+            status = (await reader.readline()).decode(errors="replace").strip()
+        finally:
+            writer.close()
+    if status.split(" ")[1:2] != ["200"]:
+        raise ConnectionError(f"answered {status[:80]!r}")
+    return status
+
+
 PROBES = {
     "smtp": smtp_ehlo, "banner": smtp_banner, "policy": policy, "clamd": clamd,
-    "spamd": spamd, "milter": milter,
+    "spamd": spamd, "milter": milter, "http": http_health,
 }
 
 

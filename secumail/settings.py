@@ -126,6 +126,7 @@ class Settings(BaseSettings):
     gateway_timeout: float = Field(5.0, gt=0)
     probe_mailbox: str = ""  # empty: postmaster@ the first of SECUMAIL_DOMAINS
     probe_helo: str = "probe.secumail.invalid"
+    probe_sender: str = ""  # empty: the null sender <>
     probe_interval: float = Field(300.0, ge=0)
     probe_timeout: float = Field(120.0, gt=0)
 
@@ -214,13 +215,13 @@ class Settings(BaseSettings):
             raise ValueError("must be empty or 16 printable characters at least, no spaces")
         return token
 
-    @field_validator("probe_mailbox")
+    @field_validator("probe_mailbox", "probe_sender")
     @classmethod
     def _probe_mailbox(cls, address: str) -> str:
         local, at, domain = address.lower().rpartition("@")
         if address and (not at or not local or not _LOCAL_PART.match(local)
                         or not _DOMAIN.match(domain)):
-            raise ValueError(f"bad probe mailbox {address!r} (user@domain)")
+            raise ValueError(f"bad address {address!r} (user@domain)")
         return address.lower()
 
     @field_validator("probe_helo")

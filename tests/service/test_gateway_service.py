@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,6 +29,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from secumail import probes
+from secumail.quarantine import Quarantine
 from tests.service.test_gateway_postfix import DRIVER
 from tests.support import mail
 from tests.support.dkim import dkim_env
@@ -172,6 +174,7 @@ def stack(spamd: Spamd) -> Iterator[Stack]:
             clamav_next_hop=f"{HOSTS['spamd']}:{ports['spamd']}",
             clamd_address=clamd.address, spamd_address=spamd.address,
             quarantine_dir=str(quarantine), dkim_keys_dir=str(keys),
+            spamd_next_hop=f"127.0.0.1:{sink.port}",  # where the spamd filter's mail goes
             greylist_store=f"sqlite://{greylist}", probe_interval="0", gateway_timeout="3",
         )
         gateway = start("secumail-gateway", gateway_env, "SECUMAIL_GATEWAY_LISTEN")
@@ -366,3 +369,31 @@ async def test_probes_of_the_real_daemons(stack: Stack) -> None:
         [f"127.0.0.1:{stack.ports['dkim']}"],
         [f"127.0.0.1:{stack.ports['dkim']}", f"[::1]:{stack.ports['dkim']}"],
     )
+
+
+async def test_the_http_probe_the_gateway_image_uses(stack: Stack) -> None:
+    assert (await probes.http_health(f"127.0.0.1:{stack.gateway_port}")).endswith("200 OK")
+    with pytest.raises(ConnectionError, match="404"):  # the Postfix agent has no /healthz
+        await probes.http_health(f"127.0.0.1:{stack.metrics_port}")
+
+
+def test_the_shipped_prometheus_config_is_valid_and_keeps_the_gateways_labels() -> None:
+    checked = subprocess.run(
+        [require_binary("promtool"), "check", "config", "--syntax-only", "prometheus.yml"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2],
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    text = (Path(__file__).resolve().parents[2] / "prometheus.yml").read_text()
+    assert "honor_labels: true" in text and '"gateway:8080"' in text
+
+
+def test_a_null_sender_message_is_released_with_a_null_sender(stack: Stack) -> None:
+    """aiosmtpd records the null sender as "<>"; the release must say MAIL FROM:<>."""
+    envelope = types.SimpleNamespace(mail_from="<>", rcpt_tos=("bob@secumail.test",),
+                                     client={"ADDR": "203.0.113.9"})
+    ident = Quarantine(str(stack.quarantine)).store(
+        "spamd", envelope, mail.plain(subject="a bounce"), "spam", "score 11.0")
+    status, report = stack.request("POST", f"/admin/quarantine/{ident}/release")
+    assert status == 200, report
+    envelope_seen, _ = stack.sink.handler.messages[-1]
+    assert envelope_seen.mail_from in ("", "<>")  # aiosmtpd's spelling of MAIL FROM:<>

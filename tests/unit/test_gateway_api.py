@@ -713,3 +713,44 @@ def test_no_token_ever_reaches_a_log_line(make_gateway: Any, caplog: pytest.LogC
              for r in caplog.records if "http://testserver/" not in r.getMessage()]
     assert any("unauthorized" in line for line in lines)  # the refusals are logged...
     assert not [line for line in lines if ADMIN in line or METRICS in line]  # ...not the tokens
+
+
+# --- robustness ---------------------------------------------------------------------------
+
+
+def test_metrics_answer_from_the_last_round_while_a_new_one_runs(gw: Gateway) -> None:
+    ready = ("secumail_replica_ready", frozenset({("service", "clamd"),
+                                                  ("instance", "10.0.2.1:3310")}))
+    assert samples(gw.client.get("/metrics").text)[ready] == 1
+    gw.world.failing["10.0.2.1:3310"] = "Connection refused"
+    checker = gw.client.app.state.gateway.checker
+    checker.checked_at -= 60  # the last round is old now
+    # Still the last round's answer: /metrics does not wait for probes...
+    assert samples(gw.client.get("/metrics").text)[ready] == 1
+    # ...but it started a new round, which /health then waits for.
+    [clamd] = [s for s in gw.client.get("/health").json()["services"]
+               if s["service"] == "clamd"]
+    assert clamd["status"] == "failing"
+
+
+def test_a_probe_that_breaks_marks_its_replica_failing(make_gateway: Any) -> None:
+    world = World()
+
+    async def broken(instance: str, timeout: float) -> str:
+        raise RuntimeError("a bug in a probe")
+
+    gateway = make_gateway(world)
+    checker = gateway.client.app.state.gateway.checker
+    checker.hops = [replace(h, probe=broken) if h.service == "spamd" else h
+                    for h in checker.hops]
+    response = gateway.client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["failing"][0]["error"].endswith("RuntimeError: a bug in a probe")
+
+
+def test_an_unreadable_quarantine_record_is_skipped(gw: Gateway) -> None:
+    good = quarantined(gw.settings)
+    broken = Path(gw.settings.quarantine_dir) / "clamav" / "20990101T000000-0123456789ab.json"
+    broken.write_text(json.dumps({"id": "20990101T000000-0123456789ab"}))
+    listed = gw.client.get("/admin/quarantine", headers=AUTH).json()
+    assert [item["id"] for item in listed] == [good]
