@@ -1,0 +1,300 @@
+"""The gateway in the compose stack (three clamav replicas), seen from the host through its
+published port: readiness following clamd down and back, counters that move with mail, the
+replicas in /health and /metrics, a canary through the whole chain, releases from
+quarantine, and the `prometheus` profile's Prometheus scraping it all."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.conftest import CLAMAV_REPLICAS, Stack
+from tests.e2e.test_stack import attempt
+from tests.support import mail
+from tests.support.processes import free_port
+
+# Set while the test modules are collected, before the session's stack comes up: the
+# gateway's and Prometheus's published ports (free ones, not 8080 and 9090), and the
+# profile that adds Prometheus to the stack.
+os.environ.setdefault("SECUMAIL_GATEWAY_PUBLISH", f"127.0.0.1:{free_port()}")
+os.environ.setdefault("SECUMAIL_PROMETHEUS_PUBLISH", f"127.0.0.1:{free_port()}")
+os.environ.setdefault("COMPOSE_PROFILES", "prometheus")
+
+ADMIN = "e2e-admin-token-0123456789"  # tests/e2e/compose.test.yaml
+METRICS = "e2e-metrics-token-0123456789"
+ROOT = Path(__file__).resolve().parents[2]
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+class Gateway:
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.base = "http://" + os.environ["SECUMAIL_GATEWAY_PUBLISH"]
+
+    def request(self, method: str, path: str, token: str | None = ADMIN,
+                body: dict[str, Any] | None = None, timeout: float = 150) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base + path, data=data, method=method)
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                raw, status, headers = response.read(), response.status, response.headers
+        except urllib.error.HTTPError as error:
+            raw, status, headers = error.read(), error.code, error.headers
+        if "json" in headers.get("Content-Type", ""):
+            return status, json.loads(raw)
+        return status, raw.decode()
+
+    def ready(self) -> tuple[int, Any]:
+        return self.request("GET", "/readyz", token=METRICS)
+
+    def metrics(self) -> Samples:
+        status, text = self.request("GET", "/metrics", token=METRICS)
+        assert status == 200, text
+        return {(s.name, frozenset(s.labels.items())): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def wait_for(self, predicate: Callable[[], bool], what: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}\n{self.stack.logs('gateway')[-4000:]}")
+            time.sleep(1)
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    wanted = set(labels.items())
+    return sum(v for (n, found), v in samples.items() if n == name and wanted <= found)
+
+
+def instances(samples: Samples, name: str, service: str) -> dict[str, float]:
+    return {dict(labels)["instance"]: v for (n, labels), v in samples.items()
+            if n == name and ("service", service) in labels}
+
+
+@pytest.fixture(scope="module")
+def gateway(stack: Stack) -> Gateway:
+    gateway = Gateway(stack)
+
+    def answers() -> bool:
+        try:
+            return gateway.ready()[0] == 200
+        except OSError:
+            return False
+
+    gateway.wait_for(answers, "the gateway never said every hop is ready", timeout=240)
+    return gateway
+
+
+def compose(stack: Stack, *args: str) -> None:
+    result = subprocess.run([*stack.compose, *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_health_sees_every_hop_and_the_three_clamav_replicas(gateway: Gateway) -> None:
+    status, health = gateway.request("GET", "/health", token=METRICS)
+    assert status == 200 and health["status"] == "ok", health
+    services = {s["service"]: s for s in health["services"]}
+    assert {"postfix", "policy", "clamav", "spamd", "clamd", "spamassassin"} <= set(services)
+    clamav = services["clamav"]["replicas"]
+    assert len(clamav) == CLAMAV_REPLICAS and all(r["status"] == "ok" for r in clamav)
+    # Docker's DNS names each replica's container (secumail-e2e_clamav_2, ...).
+    assert len({r["name"] for r in clamav}) == CLAMAV_REPLICAS
+    assert all("clamav" in (r["name"] or "") for r in clamav), clamav
+
+
+def test_metrics_show_three_clamav_instances_and_counters_that_move(
+    gateway: Gateway, stack: Stack
+) -> None:
+    before = gateway.metrics()
+    up = instances(before, "secumail_up", "clamav")
+    assert len(up) == CLAMAV_REPLICAS and set(up.values()) == {1.0}, up
+    for service in ("postfix", "policy", "spamd"):
+        assert set(instances(before, "secumail_up", service).values()) == {1.0}, service
+    subject = "counted " + uuid.uuid4().hex[:8]
+    message = mail.plain(subject=subject, sender="alice@secumail.test", to="dave@secumail.test")
+    code, reply = attempt(stack, "127.0.0.21", "alice@secumail.test", "dave@secumail.test",
+                          message)
+    assert code == 250, reply
+    deadline = time.monotonic() + 60
+    while not [m for m in stack.mailbox("dave") if m["Subject"] == subject]:
+        assert time.monotonic() < deadline, stack.logs("postfix")[-3000:]
+        time.sleep(1)
+    after = gateway.metrics()
+    for name, labels in [
+        ("secumail_filter_messages_total", {"service": "clamav", "verdict": "clean"}),
+        ("secumail_filter_messages_total", {"service": "spamd"}),
+        ("secumail_postfix_messages_received_total", {"source": "smtp"}),
+        ("secumail_postfix_messages_received_total", {"source": "filters"}),
+        ("secumail_postfix_deliveries_total", {"via": "filter", "status": "sent"}),
+        ("secumail_postfix_deliveries_total", {"via": "virtual", "status": "sent"}),
+    ]:
+        assert total(after, name, **labels) >= total(before, name, **labels) + 1, (name, labels)
+    queues = instances(after, "secumail_postfix_queue_messages", "postfix")
+    assert queues, "no Postfix queue sizes"
+
+
+def test_a_canary_crosses_the_whole_chain(gateway: Gateway, stack: Stack) -> None:
+    assert gateway.request("POST", "/probe", token=None)[0] == 401
+    status, report = gateway.request("POST", "/probe")
+    assert status == 200, (report["error"], stack.logs("postfix")[-3000:])
+    assert report["ok"] and report["missing"] == []
+    assert {"policy", "clamav", "spamd"} <= set(report["headers"])
+    assert report["end_to_end_seconds"] > 0 and report["queued"].startswith("250 ")
+    assert gateway.request("GET", "/probe", token=METRICS)[1]["token"] == report["token"]
+    left = [m for m in stack.mailbox("probe") if m["X-SecuMail-Probe"] == report["token"]]
+    assert left == []  # taken out of the probe mailbox once seen
+    found = gateway.metrics()
+    assert total(found, "secumail_chain_probe_success") == 1
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "secumail/relay.py passes the null sender on as MAIL FROM:<<>> (aiosmtpd hands it over "
+    "as '<>'): the next filter answers 553 and Postfix bounces the message to nobody. Found "
+    "by the null-sender canary; remove this mark when the relay sends MAIL FROM:<>."))
+def test_null_sender_mail_crosses_the_filters(stack: Stack) -> None:
+    subject = "null sender " + uuid.uuid4().hex[:8]
+    message = mail.plain(subject=subject, sender="mailer-daemon@remote.test")
+    code, reply = attempt(stack, "127.0.0.23", "", "bob@secumail.test", message)
+    assert code == 250, reply  # Postfix takes it; the chain behind it must deliver it
+    deadline = time.monotonic() + 30
+    while not [m for m in stack.mailbox("bob") if m["Subject"] == subject]:
+        assert time.monotonic() < deadline, "a null-sender message was not delivered"
+        time.sleep(1)
+
+
+def test_readyz_goes_503_without_clamd_and_back_to_200(gateway: Gateway, stack: Stack) -> None:
+    compose(stack, "stop", "clamd")
+    try:
+        gateway.wait_for(lambda: gateway.ready()[0] == 503, "readyz stayed 200 without clamd")
+        _, body = gateway.ready()
+        assert [f["service"] for f in body["failing"]] == ["clamd"], body
+    finally:
+        compose(stack, "start", "clamd")
+    gateway.wait_for(lambda: gateway.ready()[0] == 200, "readyz did not come back with clamd")
+    stack.wait_healthy(["clamd"])
+
+
+@pytest.mark.parametrize("path", ["/admin/quarantine", "/admin/greylist/whitelist",
+                                  "/admin/dkim/keys"])
+def test_admin_routes_need_the_token_in_the_header(gateway: Gateway, path: str) -> None:
+    assert gateway.request("GET", path, token=None)[0] == 401
+    assert gateway.request("GET", f"{path}?token={ADMIN}", token=None)[0] == 401
+    assert gateway.request("GET", path, token=METRICS)[0] == 401
+    assert gateway.request("GET", path)[0] == 200
+    assert gateway.request("GET", "/metrics", token=None)[0] == 401
+
+
+QUARANTINE_SCRIPT = """
+import sys, types
+from secumail.quarantine import Quarantine
+envelope = types.SimpleNamespace(mail_from="alice@remote.test", rcpt_tos=("bob@secumail.test",),
+    client={"ADDR": "203.0.113.7", "NAME": "mail.remote.test", "HELO": "mail.remote.test"})
+message = ("Subject: %s\\r\\nFrom: alice@remote.test\\r\\nTo: bob@secumail.test\\r\\n\\r\\n"
+           "kept by clamav, released by the gateway\\r\\n" % sys.argv[1]).encode()
+print(Quarantine("/var/lib/secumail/quarantine").store("clamav", envelope, message, "virus",
+                                                       "virus Test-Signature"))
+"""
+
+
+def test_release_delivers_past_clamav_through_spamd(gateway: Gateway, stack: Stack) -> None:
+    subject = "released " + uuid.uuid4().hex[:8]
+    made = stack.exec("clamav", "/opt/secumail/bin/python", "-c", QUARANTINE_SCRIPT, subject)
+    assert made.returncode == 0, made.stderr
+    ident = made.stdout.strip()
+    status, listed = gateway.request("GET", "/admin/quarantine?filter=clamav")
+    assert ident in [item["id"] for item in listed], listed
+    status, report = gateway.request("POST", f"/admin/quarantine/{ident}/release")
+    assert status == 200, report
+    assert report["next_hop"] == "spamd:10026" and report["reply"].startswith("250")
+    deadline = time.monotonic() + 60
+    while not (found := [m for m in stack.mailbox("bob") if m["Subject"] == subject]):
+        assert time.monotonic() < deadline, stack.logs("postfix")[-3000:]
+        time.sleep(1)
+    [delivered] = found
+    assert delivered["X-SecuMail-Released"].startswith(ident)
+    assert delivered["X-Spam-Status"]  # the SpamAssassin filter still ran
+    assert delivered["X-AV-Checked"] is None  # the filter that kept it was skipped
+    assert gateway.request("GET", f"/admin/quarantine/{ident}")[0] == 404
+
+
+def test_a_client_whitelisted_through_the_api_is_not_greylisted(
+    gateway: Gateway, stack: Stack
+) -> None:
+    sender = f"wl.{uuid.uuid4().hex[:8]}@remote.test"
+    status, _ = gateway.request("POST", "/admin/greylist/whitelist",
+                                body={"kind": "client", "value": "203.0.113.7"})
+    assert status in (200, 201)
+    try:
+        deadline = time.monotonic() + 20  # the policy service reads it back within 5 s
+        while (result := attempt(stack, "203.0.113.7", sender, "bob@secumail.test"))[0] == 450:
+            assert time.monotonic() < deadline, result
+            time.sleep(1)
+            sender = f"wl.{uuid.uuid4().hex[:8]}@remote.test"  # a triplet never seen
+        assert result[0] == 250, result
+    finally:
+        gateway.request("DELETE", "/admin/greylist/whitelist/client/203.0.113.7/32")
+
+
+def test_dkim_keys_made_through_the_api_list_their_record(gateway: Gateway) -> None:
+    status, made = gateway.request("POST", "/admin/dkim/keys", body={
+        "domain": "secumail.test", "selector": "gw" + uuid.uuid4().hex[:6],
+        "key_type": "ed25519"})
+    assert status == 201, made
+    _, listed = gateway.request("GET", "/admin/dkim/keys")
+    assert {"selector": made["selector"], "record_value": made["record_value"]}.items() <= next(
+        k for k in listed if k["selector"] == made["selector"]).items()
+
+
+def prometheus_query(promql: str) -> list[dict[str, Any]]:
+    url = (f"http://{os.environ['SECUMAIL_PROMETHEUS_PUBLISH']}/api/v1/query?"
+           + urllib.parse.urlencode({"query": promql}))
+    with urllib.request.urlopen(url, timeout=10) as response:
+        answer = json.loads(response.read())
+    assert answer["status"] == "success", answer
+    return list(answer["data"]["result"])
+
+
+def test_the_prometheus_profile_scrapes_the_whole_stack(gateway: Gateway, stack: Stack) -> None:
+    assert stack.containers("prometheus"), "COMPOSE_PROFILES=prometheus was not in force"
+
+    def three_clamav() -> bool:
+        try:
+            return len(prometheus_query('secumail_up{service="clamav"} == 1')) == 3
+        except OSError:
+            return False
+
+    gateway.wait_for(three_clamav, "Prometheus never saw the three clamav replicas", 180)
+    [up] = prometheus_query('up{job="secumail"}')
+    assert up["value"][1] == "1"  # with the metrics token the profile wrote for it
+    dashboard = json.loads((ROOT / "gateway/grafana-dashboard.json").read_text())
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            prometheus_query(target["expr"])  # valid PromQL over the real series
+
+
+def test_postfix_stops_cleanly_on_sigterm_and_comes_back(gateway: Gateway, stack: Stack) -> None:
+    [container] = stack.containers("postfix")
+    compose(stack, "stop", "postfix")
+    state = stack.inspect(container)["State"]
+    assert state["ExitCode"] == 0, stack.logs("postfix")[-3000:]
+    assert "postfix stopped" in stack.logs("postfix")
+    compose(stack, "start", "postfix")
+    stack.wait_healthy(["postfix"])
+    gateway.wait_for(lambda: gateway.ready()[0] == 200, "postfix did not come back ready")
