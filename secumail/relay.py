@@ -165,7 +165,9 @@ class RelayHandler:
                 return downstream
             await self._forward_xforward(downstream, transaction.xforward)
             wanted = [o for o in options if o.split("=")[0] in ("BODY", "SMTPUTF8", "SIZE")]
-            reply = await downstream.command(" ".join([f"MAIL FROM:<{address}>", *wanted]))
+            # aiosmtpd hands the null sender of bounces over as "<>"; it must stay <>.
+            sender = "" if address == "<>" else address
+            reply = await downstream.command(" ".join([f"MAIL FROM:<{sender}>", *wanted]))
         except SmtpUnavailable as error:
             return self._next_hop_failed(error)
         if reply.ok:

@@ -164,10 +164,6 @@ def test_a_canary_crosses_the_whole_chain(gateway: Gateway, stack: Stack) -> Non
     assert total(found, "secumail_chain_probe_success") == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "secumail/relay.py passes the null sender on as MAIL FROM:<<>> (aiosmtpd hands it over "
-    "as '<>'): the next filter answers 553 and Postfix bounces the message to nobody. Found "
-    "by the null-sender canary; remove this mark when the relay sends MAIL FROM:<>."))
 def test_null_sender_mail_crosses_the_filters(stack: Stack) -> None:
     subject = "null sender " + uuid.uuid4().hex[:8]
     message = mail.plain(subject=subject, sender="mailer-daemon@remote.test")

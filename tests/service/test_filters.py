@@ -95,6 +95,14 @@ def test_next_hop_answers_per_recipient(chain: StartChain, sink: SmtpSink) -> No
     assert [e.rcpt_tos for e in sink.envelopes] == [["bob@secumail.test"]]
 
 
+def test_bounces_keep_their_null_sender(chain: StartChain, sink: SmtpSink) -> None:
+    filters = chain()
+    assert filters.send(mail.plain(subject="a bounce"), sender="") == {}
+    [message] = sink.wait_for(1)
+    assert message["Subject"] == "a bounce"
+    assert [e.mail_from for e in sink.envelopes] == ["<>"]  # aiosmtpd's spelling of <>
+
+
 def test_unreachable_next_hop_is_451(chain: StartChain, sink: SmtpSink) -> None:
     filters = chain(spamd_next_hop=f"127.0.0.1:{free_port()}")
     with pytest.raises(smtplib.SMTPSenderRefused) as refused:
