@@ -6,7 +6,8 @@ the master process ends its children, the queue stays on its volume, `start-fg` 
 and the supervisor exits 0. If the master dies on its own, the supervisor exits with its
 status and Docker restarts the container. Postfix's master puts itself in a session of its
 own, so signals to our child would not reach it: `postfix stop` is the one reliable way.
-Compose runs an init (tini) as PID 1, which reaps whatever an abnormal end orphans.
+In the container the supervisor is PID 1, with no init: the master reaps its own children,
+and when the master ends the supervisor ends too, so no orphan outlives them.
 """
 
 from __future__ import annotations
