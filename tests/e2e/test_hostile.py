@@ -183,8 +183,8 @@ def test_every_container_runs_as_a_non_root_user_but_postfix_master(stack: Stack
         root = {command for uid, command in processes if uid == "0"}
         if name.startswith("postfix/"):
             # master binds port 25; virtual/local switch to the mailbox owner per delivery;
-            # postfix-script and the entry point wait on master. The rest runs as postfix.
-            allowed = {"master", "virtual", "local", "postfix-script", "secumail-postfi"}
+            # postfix-script, the entry point and the init process wait on master.
+            allowed = {"master", "virtual", "local", "postfix-script", "secumail-postfi", "docker-init"}
             assert root <= allowed, processes
             assert any(uid != "0" for uid, _ in processes), processes
         else:

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = sorted(
     p for p in ROOT.glob("**/*Dockerfile") if ".venv" not in p.parts and "tests" not in p.parts
 )
-PYTHON_IMAGES = {"postfix", "policy", "clamav", "spamd"}
+PYTHON_IMAGES = {"postfix", "policy", "clamav", "spamd", "dkim", "gateway"}
 BASE = re.compile(r"# ---- shared Python base.*?# ---- end of the shared Python base", re.S)
 
 
