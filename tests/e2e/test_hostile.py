@@ -184,7 +184,14 @@ def test_every_container_runs_as_a_non_root_user_but_postfix_master(stack: Stack
         if name.startswith("postfix/"):
             # master binds port 25; virtual/local switch to the mailbox owner per delivery;
             # postfix-script, the entry point and the init process wait on master.
-            allowed = {"master", "virtual", "local", "postfix-script", "secumail-postfi", "docker-init"}
+            allowed = {
+                "master",
+                "virtual",
+                "local",
+                "postfix-script",
+                "secumail-postfi",
+                "docker-init",
+            }
             assert root <= allowed, processes
             assert any(uid != "0" for uid, _ in processes), processes
         else:
