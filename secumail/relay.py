@@ -26,6 +26,7 @@ from secumail.message import normalize_newlines, prepend_headers, remove_headers
 from secumail.netaddr import HostPort
 from secumail.quarantine import Quarantine
 from secumail.runtime import InFlight
+from secumail.settings import Settings
 from secumail.smtp_client import NextHop, SmtpClient, SmtpUnavailable
 
 log = logging.getLogger("secumail.relay")
@@ -338,3 +339,14 @@ class FilterService:
             self._server.close()
         if not await self.handler.inflight.wait_idle(timeout):
             log_event(log, "drain timed out", logging.WARNING, filter=self.name)
+
+
+def filter_service(
+    name: str, listen: HostPort, next_hop: HostPort, inspect: Inspector, settings: Settings
+) -> FilterService:
+    """A content filter from the shared settings: only its name, ports and inspector differ."""
+    handler = RelayHandler(
+        name, next_hop, inspect, settings.hostname, settings.relay_timeout,
+        Quarantine(settings.quarantine_dir), settings.filter_max_connections,
+    )
+    return FilterService(name, listen, handler, settings.message_size_limit, settings.hostname)

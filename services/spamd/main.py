@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from secumail.backend import BackendError
-from secumail.quarantine import Quarantine
 from secumail.relay import (
     BACKEND_ERRORS,
     FilterService,
     MessageInfo,
-    RelayHandler,
     Verdict,
+    filter_service,
 )
 from secumail.runtime import run_service
 from secumail.settings import Settings, load_settings
@@ -29,12 +28,8 @@ def make_filter(settings: Settings) -> FilterService:
             settings.spam_report_symbols,
         )
 
-    handler = RelayHandler(
-        "spamd", settings.spamd_next_hop, inspect, settings.hostname, settings.relay_timeout,
-        Quarantine(settings.quarantine_dir), settings.filter_max_connections,
-    )
-    return FilterService(
-        "spamd", settings.spamd_listen, handler, settings.message_size_limit, settings.hostname
+    return filter_service(
+        "spamd", settings.spamd_listen, settings.spamd_next_hop, inspect, settings
     )
 
 
