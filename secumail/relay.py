@@ -49,6 +49,9 @@ CONNECTIONS = Gauge("secumail_filter_connections", "Open SMTP connections", ["fi
 TEMPFAIL_NEXT_HOP = "451 4.4.1 Next hop unavailable, please try again later"
 TEMPFAIL_INTERNAL = "451 4.3.0 Internal error, please try again later"
 XFORWARD_NAMES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+# aiosmtpd refuses lines over 1001 bytes only once they end: a line that never ends would
+# hold the connection until the idle timeout. Past this many bytes without one, hang up.
+UNENDING_LINE = 65536
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class RelaySMTP(SMTP):
         super().__init__(handler, **kwargs)
         self.relay = handler
         self.transaction = _Transaction()
+        self._unterminated = 0  # bytes received since the last line end
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.relay.connections >= self.relay.max_connections or self.relay.draining:
@@ -98,6 +102,20 @@ class RelaySMTP(SMTP):
         CONNECTIONS.labels(self.relay.name).inc()
         self._counted = True
         super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        end = data.rfind(b"\n")
+        self._unterminated = len(data) - end - 1 if end >= 0 else self._unterminated + len(data)
+        if self._unterminated > UNENDING_LINE:
+            log_event(log, "connection dropped", logging.WARNING, filter=self.relay.name,
+                      peer=_peer_name(self.session.peer if self.session else None),
+                      reason=f"no line end in {UNENDING_LINE} bytes")
+            self.transport.write(b"500 5.5.2 Line too long, closing connection\r\n")  # type: ignore[attr-defined]
+            self.transport.close()
+            return
+        super().data_received(data)
 
     def connection_lost(self, error: Exception | None) -> None:
         if getattr(self, "_counted", False):
@@ -350,3 +368,7 @@ def filter_service(
         Quarantine(settings.quarantine_dir), settings.filter_max_connections,
     )
     return FilterService(name, listen, handler, settings.message_size_limit, settings.hostname)
+
+
+def _peer_name(peer: object) -> str:
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"

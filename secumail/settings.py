@@ -108,6 +108,7 @@ class Settings(BaseSettings):
     spam_action: Literal["reject", "quarantine"] = "reject"
     spam_report_symbols: bool = True
     spamd_fail_open: bool = False
+    spam_max_size: int = Field(512_000, ge=0)
 
     # --- DKIM milter (10028) ------------------------------------------------------------
     dkim_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:10028")
@@ -124,6 +125,8 @@ class Settings(BaseSettings):
     metrics_token: SecretStr = SecretStr("")  # empty: health and metrics open
     postfix_address: Annotated[HostPort, NoDecode] = parse_host_port("postfix:25")
     gateway_timeout: float = Field(5.0, gt=0)
+    gateway_request_timeout: float = Field(10.0, gt=0)
+    gateway_max_connections: int = Field(1000, ge=1)
     probe_mailbox: str = ""  # empty: postmaster@ the first of SECUMAIL_DOMAINS
     probe_helo: str = "probe.secumail.invalid"
     probe_sender: str = ""  # empty: the null sender <>

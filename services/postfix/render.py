@@ -168,11 +168,14 @@ def own_domains_map(settings: Settings) -> str:
 
 def master_cf(settings: Settings) -> str:
     lines = ["smtp       inet       n   -   n   -     -   smtpd", standard_services().rstrip("\n")]
-    # The first content filter, with the client's attributes passed along (XFORWARD).
+    # The first content filter, with the client's attributes passed along (XFORWARD). One
+    # session per message: a cached session would pin a burst to one replica of a scaled
+    # filter, while a new one goes to a random address of the name (all the replicas).
     lines += [
         "scan       unix       -   -   n   -     16  smtp",
         "  -o smtp_send_xforward_command=yes",
         "  -o disable_mime_output_conversion=yes",
+        "  -o smtp_connection_cache_on_demand=no",
     ]
     # Mail back from the filters: no restrictions, no filter, no milter (the tutorial's
     # 10027), open only to the filters' network.

@@ -13,11 +13,13 @@ from secumail.relay import (
 from secumail.runtime import run_service
 from secumail.settings import Settings, load_settings
 from services.spamd import spamc
-from services.spamd.verdict import spam_verdict, unchecked_verdict
+from services.spamd.verdict import oversized_verdict, spam_verdict, unchecked_verdict
 
 
 def make_filter(settings: Settings) -> FilterService:
     async def inspect(info: MessageInfo, message: bytes) -> Verdict:
+        if settings.spam_max_size and len(message) > settings.spam_max_size:
+            return oversized_verdict(len(message), settings.spam_max_size)
         try:
             result = await spamc.check(settings.spamd_address, message, settings.relay_timeout)
         except BackendError as error:

@@ -32,6 +32,12 @@ def spam_verdict(
                    remove=SPAM_HEADERS)
 
 
+def oversized_verdict(size: int, max_size: int) -> Verdict:
+    status = f"No, skipped: {size} bytes, over the {max_size} checked"
+    return Verdict("deliver", "skipped", f"{size} bytes", headers=(("X-Spam-Status", status),),
+                   remove=SPAM_HEADERS)
+
+
 def unchecked_verdict(error: str, fail_open: bool) -> Verdict:
     if fail_open:
         header = ("X-Spam-Status", "unchecked (spam checker unavailable)")

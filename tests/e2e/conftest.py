@@ -50,6 +50,7 @@ def e2e_dir() -> Iterator[Path]:
     os.chmod(directory, 0o755)
     os.environ["SECUMAIL_E2E_DIR"] = str(directory)
     os.environ["SECUMAIL_SMTP_PUBLISH"] = f"127.0.0.1:{free_port()}"
+    os.environ["COMPOSE_PROFILES"] = "redis"  # greylisting in Redis, as scaled set-ups run it
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
 

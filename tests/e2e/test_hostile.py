@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 import smtplib
 import socket
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -158,6 +160,88 @@ def test_junk_on_port_25_is_dropped_and_others_still_served(stack: Stack) -> Non
         except OSError:
             pass  # the server hung up on us, as it should
     code, _ = attempt(stack, "127.0.0.33", "bob@secumail.test", "dave@secumail.test")
+    assert code == 250
+
+
+# Each listener as the compose network sees it: (service, port, probe kind, idle connections
+# held open). Postfix takes 50 connections per client (anvil), so 40 idle ones from one.
+LISTENERS = [
+    ("postfix", 25, "smtp", 40),
+    ("policy", 10023, "policy", 100),
+    ("clamav", 10025, "smtp", 100),
+    ("spamd", 10026, "smtp", 100),
+    ("dkim", 10028, "milter", 100),
+    ("gateway", 8080, "http", 100),
+]
+
+
+def address(stack: Stack, container: str) -> str:
+    """The container's address on one of its networks (the gateway is on all of them)."""
+    networks = stack.inspect(container)["NetworkSettings"]["Networks"]
+    return str(next(iter(networks.values()))["IPAddress"])
+
+
+def rss_kib(container: str, service: str) -> int:
+    """Resident memory of the service's own process (Postfix: its master)."""
+    top = subprocess.run(
+        ["docker", "top", container, "axo", "pid,rss,comm"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()[1:]
+    wanted = "master" if service == "postfix" else "secumail-"
+    return sum(
+        int(rss)
+        for _, rss, comm in (line.split(None, 2) for line in top)
+        if comm.startswith(wanted)
+    )
+
+
+@pytest.mark.parametrize(
+    ("service", "port", "probe", "idle"), LISTENERS, ids=[f"{s}:{p}" for s, p, _, _ in LISTENERS]
+)
+def test_junk_on_every_port_is_dropped_and_memory_stays_bounded(
+    stack: Stack, service: str, port: int, probe: str, idle: int
+) -> None:
+    """Garbage, endless lines, half-closed requests and idle connections, from inside."""
+    target = stack.containers(service)[0]
+    before = rss_kib(target, service)
+    result = subprocess.run(
+        [
+            "docker",
+            "exec",
+            "-i",
+            stack.containers("gateway")[0],
+            "/opt/secumail/bin/python",
+            "-",
+            address(stack, target),
+            str(port),
+            probe,
+            str(idle),
+        ],
+        input=(Path(__file__).parent / "junk.py").read_text(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    time.sleep(2)  # the idle connections just closed
+    after = rss_kib(target, service)
+    print(f"{service}:{port} junk: {report}; RSS {before} -> {after} KiB")
+    assert report["garbage dropped"] == 20, report
+    assert report["endless lines dropped"] == 3, report
+    assert report["half-closed dropped"] == 20, report
+    assert report["probe with idle connections open"] == "ok", report
+    assert after - before < 20_000, (before, after)
+    # And the service still does its work for everyone else, seen from outside.
+    code, _ = attempt(
+        stack,
+        "127.0.0.34",
+        "bob@secumail.test",
+        "dave@secumail.test",
+        mail.plain(subject=f"after junk on {service}"),
+    )
     assert code == 250
 
 

@@ -192,3 +192,28 @@ def test_junk_on_the_port_does_not_stop_the_filter(chain: StartChain, sink: Smtp
     assert filters.send(mail.plain()) == {}
     sink.wait_for(1)
     assert filters.clamav.proc.poll() is None
+
+
+def test_a_line_that_never_ends_is_dropped(chain: StartChain, sink: SmtpSink) -> None:
+    filters = chain()
+    with socket.create_connection(("127.0.0.1", filters.port), timeout=30) as sock:
+        sock.settimeout(30)
+        answers = sock.recv(1000)
+        try:
+            for _ in range(64):  # 4 MiB, no line end
+                sock.sendall(b"A" * 65536)
+        except OSError:
+            pass  # hung up on us before the end, as it should
+        while chunk := sock.recv(65536):
+            answers += chunk
+    assert b"500 5.5.2 Line too long" in answers
+    assert filters.clamav.logged("no line end in 65536 bytes")
+    assert filters.send(mail.plain()) == {}
+    sink.wait_for(1)
+
+
+def test_big_mail_skips_spamassassin_but_not_clamav(chain: StartChain, sink: SmtpSink) -> None:
+    chain(spam_max_size="20000").send(mail.gtube(body_padding=30_000))
+    [message] = sink.wait_for(1)
+    assert message["X-Spam-Status"].startswith("No, skipped:")
+    assert message["X-Spam-Flag"] is None and message["X-AV-Checked"]

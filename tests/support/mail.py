@@ -28,8 +28,9 @@ def eicar() -> bytes:
     return plain("eicar", "The test virus:\n" + EICAR.decode() + "\n")
 
 
-def gtube() -> bytes:
-    return plain("gtube", "Spam test:\n" + GTUBE.decode() + "\n")
+def gtube(body_padding: int = 0) -> bytes:
+    padding = ("padding " * (body_padding // 8 + 1) + "\n") if body_padding else ""
+    return plain("gtube", "Spam test:\n" + GTUBE.decode() + "\n" + padding)
 
 
 def with_attachment(filename: str) -> bytes:

@@ -10,7 +10,7 @@ from services.clamav.clamd import parse_reply as parse_clamd
 from services.clamav.verdict import unscanned_verdict, virus_verdict
 from services.spamd.spamc import SpamResult, build_request
 from services.spamd.spamc import parse_reply as parse_spamd
-from services.spamd.verdict import spam_verdict, unchecked_verdict
+from services.spamd.verdict import oversized_verdict, spam_verdict, unchecked_verdict
 
 
 def test_clamd_replies() -> None:
@@ -95,3 +95,12 @@ def test_spam_thresholds(score: float, action: str, label: str, flag: str | None
 
 def test_spam_quarantine_instead_of_reject() -> None:
     assert spam_verdict(SpamResult(50, ()), 5, 10, "quarantine", False).action == "quarantine"
+
+
+def test_big_mail_is_delivered_marked_as_skipped() -> None:
+    verdict = oversized_verdict(600_000, 512_000)
+    assert (verdict.action, verdict.label) == ("deliver", "skipped")
+    assert dict(verdict.headers) == {
+        "X-Spam-Status": "No, skipped: 600000 bytes, over the 512000 checked"
+    }
+    assert "X-Spam-Flag" in verdict.remove  # a forged flag does not survive

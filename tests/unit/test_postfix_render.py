@@ -65,6 +65,7 @@ def test_reinjection_port_is_open_to_the_filters_only() -> None:
     assert "-o mynetworks=!10.20.30.1,10.20.30.0/24" in block  # the gateway is the host
     assert "no_milters" in block
     assert "scan       unix" in master and "smtp_send_xforward_command=yes" in master
+    assert "smtp_connection_cache_on_demand=no" in master  # replicas share a burst
 
 
 def test_mailboxes_and_delivery() -> None:
