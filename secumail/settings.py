@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     xclient_hosts: Annotated[list[Network], NoDecode] = []
     tls_cert_file: str = "/etc/secumail/tls/cert.pem"
     tls_key_file: str = "/etc/secumail/tls/key.pem"
+    smtpd_timeout: int = Field(60, ge=10, le=3600)
 
     # --- content filters: ClamAV (10025 -> 10026) and SpamAssassin (10026 -> 10027) -------
     message_size_limit: int = Field(10240000, ge=1024)

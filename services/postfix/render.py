@@ -80,6 +80,9 @@ def main_cf(settings: Settings) -> dict[str, str]:
         "smtpd_forbid_bare_newline": "yes",
         "smtpd_forbid_bare_newline_exclusions": "$mynetworks",
         "smtpd_forbid_unauth_pipelining": "yes",
+        # A deadline per line, not per read: endless or trickled lines are dropped.
+        "smtpd_timeout": f"{settings.smtpd_timeout}s",
+        "smtpd_per_record_deadline": "yes",
         "disable_vrfy_command": "yes",
         "allow_percent_hack": "no",
         # A sender domain that does not exist (NXDOMAIN) is refused for good; DNS trouble

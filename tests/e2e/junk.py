@@ -19,7 +19,7 @@ from secumail import probes
 
 HOST, PORT, PROBE = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 IDLE, GARBAGE, ENDLESS, HALF_CLOSED = int(sys.argv[4]), 20, 3, 20
-WAIT = 30.0  # seconds a service has to hang up on an offender
+WAIT = float(sys.argv[5])  # seconds the service has to hang up on an offender
 
 
 def hung_up(sock: socket.socket) -> bool:

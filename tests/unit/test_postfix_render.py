@@ -53,6 +53,8 @@ def test_content_filter_and_milter() -> None:
     assert config["receive_override_options"] == "no_address_mappings"
     assert config["smtpd_milters"] == "inet:dkim:10028"
     assert config["milter_default_action"] == "tempfail"
+    # A deadline per line: a client that never ends one does not hold a process.
+    assert (config["smtpd_timeout"], config["smtpd_per_record_deadline"]) == ("60s", "yes")
     assert "smtpd_milters" not in main_cf(settings(dkim_milter_address=""))
 
 
