@@ -1,9 +1,10 @@
 """The Postfix container's main process: `postfix start-fg` as a child, watched.
 
 It passes Postfix's log (`maillog_file = /dev/stdout`) on to its own stdout, unchanged, and
-counts it for the metrics listener (exporter.py). SIGTERM or SIGINT runs `postfix stop`:
-the master process ends its children, the queue stays on its volume, `start-fg` returns,
-and the supervisor exits 0. If the master dies on its own, the supervisor exits with its
+counts it for the metrics listener (exporter.py). SIGTERM or SIGINT first lets the
+deliveries under way finish (finish_deliveries), then runs `postfix stop`: the master
+process ends its children, the queue stays on its volume, `start-fg` returns, and the
+supervisor exits 0. If the master dies on its own, the supervisor exits with its
 status and Docker restarts the container. Postfix's master puts itself in a session of its
 own, so signals to our child would not reach it: `postfix stop` is the one reliable way.
 In the container the supervisor is PID 1, with no init: the master reaps its own children,
@@ -17,7 +18,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import BinaryIO
@@ -30,15 +32,65 @@ log = logging.getLogger("secumail.postfix")
 
 QUEUE_DIR = Path("/var/spool/postfix")
 STOP_RETRY = 5.0  # seconds; a stop that came before the master was up is tried again
+FINISH_TIMEOUT = 20.0  # seconds deliveries under way get at a stop (compose gives 30 in all)
+DELIVERY_AGENTS = frozenset({"smtp", "lmtp", "virtual", "local", "pipe"})
+
+
+def finish_deliveries(postfix: Sequence[str], timeout: float = FINISH_TIMEOUT) -> int:
+    """Before `postfix stop`: let the deliveries under way end, and start no new one.
+
+    `postfix stop` kills delivery agents in the middle of a delivery. When the next hop (the
+    filters, and behind them Postfix's own 10027) had already queued its copy, the message
+    stays in our queue and goes out again after the restart: a duplicate. Deferring every
+    transport and reloading makes the queue manager start nothing new, while the running
+    agents finish their message, record it, and exit. main.cf is rendered afresh at the next
+    start, which ends the deferral. Returns how many agents were still busy at the timeout.
+    """
+    postconf = ["postconf", *postfix[1:]]  # the same `-c DIR`, if any
+    services = subprocess.run([*postconf, "-M"], capture_output=True, text=True).stdout
+    transports = sorted({
+        fields[0] for fields in (line.split() for line in services.splitlines())
+        if len(fields) >= 8 and fields[1] == "unix" and fields[7] in DELIVERY_AGENTS
+    })
+    subprocess.run([*postconf, "-e", f"defer_transports = {' '.join(transports)}"],
+                   capture_output=True, check=False)
+    subprocess.run([*postfix, "reload"], capture_output=True, check=False)
+    queue_dir = subprocess.run([*postconf, "-h", "queue_directory"], capture_output=True,
+                               text=True).stdout.strip()
+    deadline = time.monotonic() + timeout
+    while (busy := _busy_agents(Path(queue_dir))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return busy
+
+
+def _busy_agents(queue_dir: Path) -> int:
+    """Delivery agents of this Postfix's master still running (idle ones leave at reload)."""
+    try:
+        master = int((queue_dir / "pid/master.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+    count = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # ended meanwhile
+        # "pid (comm) state ppid ...": comm may hold spaces, so split after its ")".
+        comm = text[text.index("(") + 1:text.rindex(")")]
+        ppid = int(text[text.rindex(")") + 2:].split()[1])
+        count += ppid == master and comm in DELIVERY_AGENTS
+    return count
 
 
 class Supervisor:
     def __init__(
         self, command: list[str], stop_command: list[str], on_line: Callable[[str], None],
         output: BinaryIO | None = None, running: threading.Event | None = None,
+        before_stop: Callable[[], object] = lambda: None,
     ) -> None:
         self.command = command
         self.stop_command = stop_command
+        self.before_stop = before_stop
         self.on_line = on_line
         self.output = output or sys.stdout.buffer
         self.running = running or threading.Event()  # set while the child runs
@@ -81,6 +133,11 @@ class Supervisor:
 
     def _stop(self) -> None:
         assert self._proc is not None
+        try:
+            busy = self.before_stop()
+            log_event(log, "deliveries under way finished", left_busy=busy)
+        except Exception:
+            log.exception("could not wait for the deliveries under way; stopping anyway")
         while self._proc.poll() is None:
             subprocess.run(self.stop_command, stdin=subprocess.DEVNULL, check=False,
                            capture_output=True)
@@ -107,6 +164,6 @@ def supervise(settings: Settings, mailbox_base: str, queue_dir: Path = QUEUE_DIR
     running = threading.Event()
     stats, _ = start_agent(settings, queue_dir, mailbox_base, running)
     supervisor = Supervisor([*postfix, "start-fg"], [*postfix, "stop"], stats.feed,
-                            running=running)
+                            running=running, before_stop=lambda: finish_deliveries(postfix))
     log_event(log, "starting postfix", metrics=str(settings.metrics_listen))
     return supervisor.run()

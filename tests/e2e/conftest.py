@@ -50,7 +50,10 @@ def e2e_dir() -> Iterator[Path]:
     os.chmod(directory, 0o755)
     os.environ["SECUMAIL_E2E_DIR"] = str(directory)
     os.environ["SECUMAIL_SMTP_PUBLISH"] = f"127.0.0.1:{free_port()}"
-    os.environ["COMPOSE_PROFILES"] = "redis"  # greylisting in Redis, as scaled set-ups run it
+    os.environ["SECUMAIL_GATEWAY_PUBLISH"] = f"127.0.0.1:{free_port()}"
+    os.environ["SECUMAIL_PROMETHEUS_PUBLISH"] = f"127.0.0.1:{free_port()}"
+    # Greylisting in Redis, as scaled set-ups run it; Prometheus scraping the gateway.
+    os.environ["COMPOSE_PROFILES"] = "redis,prometheus"
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
 

@@ -23,14 +23,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.e2e.conftest import CLAMAV_REPLICAS, Stack
 from tests.e2e.test_stack import attempt
 from tests.support import mail
-from tests.support.processes import free_port
-
-# Set while the test modules are collected, before the session's stack comes up: the
-# gateway's and Prometheus's published ports (free ones, not 8080 and 9090), and the
-# profile that adds Prometheus to the stack.
-os.environ.setdefault("SECUMAIL_GATEWAY_PUBLISH", f"127.0.0.1:{free_port()}")
-os.environ.setdefault("SECUMAIL_PROMETHEUS_PUBLISH", f"127.0.0.1:{free_port()}")
-os.environ.setdefault("COMPOSE_PROFILES", "prometheus")
 
 ADMIN = "e2e-admin-token-0123456789"  # tests/e2e/compose.test.yaml
 METRICS = "e2e-metrics-token-0123456789"

@@ -222,6 +222,7 @@ def test_junk_on_every_port_is_dropped_and_memory_stays_bounded(
             str(port),
             probe,
             str(idle),
+            str(wait),
         ],
         input=(Path(__file__).parent / "junk.py").read_text(),
         capture_output=True,

@@ -160,6 +160,22 @@ def test_sigterm_stops_postfix_cleanly(supervised: Supervised) -> None:
     assert "postfix stopped" in supervised.daemon.output()
 
 
+def test_a_delivery_under_way_finishes_before_postfix_stops(
+    supervised: Supervised, sink: SmtpSink
+) -> None:
+    """Killed mid-delivery, a message the next hop already stored would go out again."""
+    send(supervised.postfix.port, "slow@elsewhere.test", b"Subject: slow\r\n\r\nhello\r\n")
+    sink.wait_for(1)  # stored by the next hop, whose 250 comes 3 s later
+    supervised.daemon.proc.send_signal(signal.SIGTERM)
+    assert supervised.daemon.proc.wait(30) == 0
+    # Recorded as delivered: no recipient is left to send it to again (the queue file itself
+    # goes at the next start, when the queue manager finds it done).
+    left = [json.loads(entry)["recipients"] for entry in supervised.postfix.queue_ids()]
+    assert all(recipients == [] for recipients in left), left
+    assert "deliveries under way finished" in supervised.daemon.output()
+    assert "status=sent" in supervised.daemon.output()
+
+
 def test_a_master_that_dies_ends_the_supervisor_with_an_error(supervised: Supervised) -> None:
     pid = int((supervised.postfix.root / "queue/pid/master.pid").read_text().split()[0])
     os.kill(pid, signal.SIGKILL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from email import message_from_bytes
@@ -15,7 +16,8 @@ from tests.support.processes import free_port
 
 class SinkHandler:
     """Stores what arrives. Recipients whose local part starts with `refuse` get 550, with
-    `defer` 450: how the tests make a next hop answer differently per recipient."""
+    `defer` 450: how the tests make a next hop answer differently per recipient. A message
+    to a `slow...` recipient is stored at once and answered 3 s later (a slow next hop)."""
 
     def __init__(self) -> None:
         self.messages: list[tuple[Envelope, bytes]] = []
@@ -40,6 +42,8 @@ class SinkHandler:
         with self.arrived:
             self.messages.append((envelope, bytes(envelope.original_content or b"")))
             self.arrived.notify_all()
+        if any(address.startswith("slow") for address in envelope.rcpt_tos):
+            await asyncio.sleep(3)
         return "250 2.0.0 Ok: stored"
 
 
