@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from services.postfix.render import scan_transport  # noqa: E402
 from services.spamd import spamc  # noqa: E402
 from tests.support import mail  # noqa: E402
 from tests.support.postfix import PostfixInstance  # noqa: E402
@@ -126,8 +127,7 @@ def through_postfix(sink_port: int, messages: int, sessions: int, size: int,
     if filter_port is not None:
         main["content_filter"] = f"scan:[127.0.0.1]:{filter_port}"
         main["receive_override_options"] = "no_address_mappings"
-        extra = (
-            "scan unix - - n - 20 smtp\n  -o smtp_send_xforward_command=yes\n"
+        extra = "\n".join(scan_transport(20)) + "\n" + (  # the production transport
             f"127.0.0.1:{reinjection} inet n - n - 100 smtpd\n  -o content_filter=\n"
             "  -o receive_override_options=no_unknown_recipient_checks,no_header_body_checks\n"
             "  -o smtpd_recipient_restrictions=permit_mynetworks,reject\n"

@@ -169,17 +169,21 @@ def own_domains_map(settings: Settings) -> str:
     return "".join(f"{domain} {text}\n" for domain in settings.domains)
 
 
-def master_cf(settings: Settings) -> str:
-    lines = ["smtp       inet       n   -   n   -     -   smtpd", standard_services().rstrip("\n")]
-    # The first content filter, with the client's attributes passed along (XFORWARD). One
-    # session per message: a cached session would pin a burst to one replica of a scaled
-    # filter, while a new one goes to a random address of the name (all the replicas).
-    lines += [
-        "scan       unix       -   -   n   -     16  smtp",
+def scan_transport(max_processes: int = 16) -> list[str]:
+    """The first content filter, with the client's attributes passed along (XFORWARD). One
+    session per message: a cached session would pin a burst to one replica of a scaled
+    filter, while a new one goes to a random address of the name (all the replicas)."""
+    return [
+        f"scan       unix       -   -   n   -     {max_processes:<3} smtp",
         "  -o smtp_send_xforward_command=yes",
         "  -o disable_mime_output_conversion=yes",
         "  -o smtp_connection_cache_on_demand=no",
     ]
+
+
+def master_cf(settings: Settings) -> str:
+    lines = ["smtp       inet       n   -   n   -     -   smtpd", standard_services().rstrip("\n")]
+    lines += scan_transport()
     # Mail back from the filters: no restrictions, no filter, no milter (the tutorial's
     # 10027), open only to the filters' network.
     subnet = postfix_network(settings.filter_subnet)
