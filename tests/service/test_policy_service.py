@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from secumail import probes
 from tests.support.dnsserver import LoopbackDNS
 from tests.support.policy_client import PolicyClient, rcpt_request
 from tests.support.processes import (
@@ -67,6 +69,14 @@ def test_greylisting_round_trip(policy: StartPolicy) -> None:
     assert 'secumail_policy_decisions_total{action="prepend",check="greylist"} 1.0' in exposition
     assert "secumail_policy_request_duration_seconds_count 3.0" in exposition
     assert daemon.logged("decision") and daemon.logged("check=greylist")
+
+
+def test_health_probes_answer_dunno_without_a_log_line(policy: StartPolicy) -> None:
+    daemon, port = policy(spf_enabled="false")
+    assert asyncio.run(probes.policy(f"127.0.0.1:{port}")) == "action=DUNNO"
+    assert PolicyClient(port).ask(rcpt_request()).startswith("DEFER_IF_PERMIT")
+    assert daemon.logged("state=RCPT")  # the request after the probe is logged...
+    assert "state=VRFY" not in daemon.output()  # ...the probe is not
 
 
 def test_spf_and_dnsbl_through_the_test_dns(policy: StartPolicy, dns_server: LoopbackDNS) -> None:
