@@ -183,19 +183,20 @@ def address(stack: Stack, container: str) -> str:
     return str(next(iter(networks.values()))["IPAddress"])
 
 
+def top(container: str, columns: str) -> list[list[str]]:
+    """`docker top CONTAINER axo COLUMNS`, one list per process (the last column may hold
+    spaces). Numbers, not names: the host's user names say nothing about a container's."""
+    lines = subprocess.run(
+        ["docker", "top", container, "axo", columns], capture_output=True, text=True, check=True
+    ).stdout.splitlines()[1:]
+    return [line.split(None, columns.count(",")) for line in lines]
+
+
 def rss_kib(container: str, service: str) -> int:
     """Resident memory of the service's own process (Postfix: its master)."""
-    top = subprocess.run(
-        ["docker", "top", container, "axo", "pid,rss,comm"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()[1:]
     wanted = "master" if service == "postfix" else "secumail-"
     return sum(
-        int(rss)
-        for _, rss, comm in (line.split(None, 2) for line in top)
-        if comm.startswith(wanted)
+        int(rss) for _, rss, comm in top(container, "pid,rss,comm") if comm.startswith(wanted)
     )
 
 
@@ -255,17 +256,20 @@ def test_junk_on_every_port_is_dropped_and_memory_stays_bounded(
 
 def test_every_container_runs_as_a_non_root_user_but_postfix_master(stack: Stack) -> None:
     report = {}
-    for service in ("postfix", "policy", "clamav", "spamd", "clamd", "spamassassin"):
+    for service in (
+        "postfix",
+        "policy",
+        "clamav",
+        "spamd",
+        "clamd",
+        "spamassassin",
+        "dkim",
+        "gateway",
+        "redis",
+        "prometheus",
+    ):
         for container in stack.containers(service):
-            top = subprocess.run(
-                ["docker", "top", container, "axo", "pid,uid,comm"],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.splitlines()[1:]
-            # Each line: PID UID COMMAND; keep (uid, command). Numbers: the host's user
-            # names say nothing about a container's users.
-            rows = {tuple(line.split(None, 2)[1:]) for line in top}
+            rows = {(uid, comm) for _, uid, comm in top(container, "pid,uid,comm")}
             report[f"{service}/{container[:12]}"] = sorted(rows)
     print(report)  # the listing the issue asks for, shown with -s or on failure
     for name, processes in report.items():

@@ -129,7 +129,7 @@ def test_gtube_is_refused_as_spam(stack: Stack) -> None:
 
 
 def test_only_port_25_is_published(stack: Stack) -> None:
-    for port in (10023, 10025, 10026, 10027, 3310, 783, 9100):
+    for port in (10023, 10025, 10026, 10027, 10028, 3310, 783, 6379, 9100, 9090):
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
     published = subprocess.run(
