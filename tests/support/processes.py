@@ -18,10 +18,21 @@ import pytest
 VENV_BIN = Path(sys.executable).parent
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port not handed out before in this run.
+
+    The port is released before the daemon binds it, so the kernel may offer it again:
+    remembering what was handed out keeps two daemons of one fixture off the same port."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def wait_for_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> None:
