@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from prometheus_client import Counter, Gauge, Histogram
@@ -27,7 +28,7 @@ from secumail.netaddr import HostPort
 from secumail.quarantine import Quarantine
 from secumail.runtime import InFlight
 from secumail.settings import Settings
-from secumail.smtp_client import NextHop, SmtpClient, SmtpUnavailable
+from secumail.smtp_client import NextHop, SmtpClient, SmtpReply, SmtpUnavailable
 
 log = logging.getLogger("secumail.relay")
 
@@ -52,6 +53,15 @@ XFORWARD_NAMES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 # aiosmtpd refuses lines over 1001 bytes only once they end: a line that never ends would
 # hold the connection until the idle timeout. Past this many bytes without one, hang up.
 UNENDING_LINE = 65536
+# Next-hop connections are reused across Postfix's sessions (Postfix opens one per message):
+# it spares a connection, a banner and an EHLO per message on both ends. Like Postfix's own
+# connection cache: an idle connection is kept for a short while, and none is reused after
+# a while, so that new replicas of a scaled next hop get their share.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+PLAIN_ADDRESS = re.compile(rf"\s*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>\s*")
+REUSE_IDLE_SECONDS = 2.0
+REUSE_TIME_LIMIT = 60.0
+REUSE_MAX_IDLE = 64
 
 
 @dataclass(frozen=True)
@@ -79,10 +89,27 @@ Inspector = Callable[[MessageInfo, bytes], Awaitable[Verdict]]
 @dataclass
 class _Transaction:
     downstream: SmtpClient | None = None
+    reused: bool = False  # the downstream served a transaction before: it may be closed now
     xforward: dict[str, str] = field(default_factory=dict)
 
 
-class RelaySMTP(SMTP):
+class _HooksListedOnce:
+    """aiosmtpd finds the server's commands and the handler's hooks with dir() and getattr()
+    on both at every new connection: a sixth of a filter's time, with one connection per
+    message. Those are names of the class, so dir() lists them once per class."""
+
+    _names: ClassVar[dict[type, list[str]]] = {}
+
+    def __dir__(self) -> list[str]:
+        names = self._names.get(type(self))
+        if names is None:
+            prefixes = ("smtp_", "auth_", "handle_")
+            names = [name for name in dir(type(self)) if name.startswith(prefixes)]
+            self._names[type(self)] = names
+        return names
+
+
+class RelaySMTP(_HooksListedOnce, SMTP):
     """aiosmtpd's server plus XFORWARD, a connection cap, and the downstream's lifetime."""
 
     def __init__(self, handler: RelayHandler, **kwargs: Any) -> None:
@@ -124,9 +151,18 @@ class RelaySMTP(SMTP):
             CONNECTIONS.labels(self.relay.name).dec()
             downstream = self.transaction.downstream
             if downstream is not None:
-                self.relay.closing.add(asyncio.ensure_future(downstream.quit()))
-                self.relay.closing = {t for t in self.relay.closing if not t.done()}
+                self.transaction.downstream = None
+                self.relay.release(downstream)
             super().connection_lost(error)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd parses MAIL and RCPT addresses with `email`'s header parser, a tenth of
+        a filter's time; the plain `<local@domain>` Postfix sends is read here directly."""
+        plain = PLAIN_ADDRESS.match(arg)
+        if plain is None or (self.local_part_limit
+                             and len(plain[1].rpartition("@")[0]) > self.local_part_limit):
+            return SMTP._getaddr(self, arg)
+        return plain[1], arg[plain.end():]
 
     @syntax("XFORWARD attribute=value ...")
     async def smtp_XFORWARD(self, arg: str | None) -> None:
@@ -145,7 +181,7 @@ class RelaySMTP(SMTP):
         await self.push("250 2.0.0 Ok")
 
 
-class RelayHandler:
+class RelayHandler(_HooksListedOnce):
     """aiosmtpd handler: lockstep relay to `next_hop`, with `inspect` deciding at DATA."""
 
     def __init__(
@@ -163,6 +199,7 @@ class RelayHandler:
         self.draining = False
         self.inflight = InFlight()
         self.closing: set[asyncio.Future[None]] = set()  # next-hop QUITs under way
+        self.idle: list[tuple[float, SmtpClient]] = []  # reusable next-hop connections
 
     # --- the transaction, command by command ---------------------------------------------
 
@@ -178,15 +215,25 @@ class RelayHandler:
         options: list[str],
     ) -> str:
         transaction = server.transaction
+        wanted = [o for o in options if o.split("=")[0] in ("BODY", "SMTPUTF8", "SIZE")]
+        # aiosmtpd hands the null sender of bounces over as "<>"; it must stay <>.
+        sender = "" if address == "<>" else address
+        mail = " ".join([f"MAIL FROM:<{sender}>", *wanted])
         try:
-            downstream = await self._downstream(transaction)
-            if isinstance(downstream, str):
-                return downstream
-            await self._forward_xforward(downstream, transaction.xforward)
-            wanted = [o for o in options if o.split("=")[0] in ("BODY", "SMTPUTF8", "SIZE")]
-            # aiosmtpd hands the null sender of bounces over as "<>"; it must stay <>.
-            sender = "" if address == "<>" else address
-            reply = await downstream.command(" ".join([f"MAIL FROM:<{sender}>", *wanted]))
+            while True:
+                downstream = await self._downstream(transaction)
+                if isinstance(downstream, str):
+                    return downstream
+                try:
+                    reply = await self._send_mail(downstream, transaction.xforward, mail)
+                except SmtpUnavailable:
+                    if not transaction.reused:
+                        raise
+                    continue  # a kept connection the next hop had closed: open a new one
+                if reply.code == 421 and transaction.reused:
+                    await downstream.close()
+                    continue
+                break
         except SmtpUnavailable as error:
             return self._next_hop_failed(error)
         if reply.ok:
@@ -255,9 +302,15 @@ class RelayHandler:
     # --- helpers -------------------------------------------------------------------------
 
     async def _downstream(self, transaction: _Transaction) -> SmtpClient | str:
-        """The next-hop connection of this session, opened on first use and then reused."""
+        """The next-hop connection of this session: its own, a kept one, or a new one."""
         client = transaction.downstream
         if client is not None and client.connected:
+            transaction.reused = True  # it served this session's previous transaction
+            return client
+        client = self._reusable()
+        transaction.reused = client is not None
+        if client is not None:
+            transaction.downstream = client
             return client
         client = SmtpClient(self.timeout)
         reply = await client.connect(self.next_hop, self.hostname)
@@ -270,14 +323,46 @@ class RelayHandler:
         transaction.downstream = client
         return client
 
-    async def _forward_xforward(self, downstream: SmtpClient, attributes: dict[str, str]) -> None:
+    def _reusable(self) -> SmtpClient | None:
+        """The most recently kept next-hop connection still young enough, if any."""
+        now = time.monotonic()
+        while self.idle:
+            since, client = self.idle.pop()
+            if (client.connected and now - since < REUSE_IDLE_SECONDS
+                    and now - client.opened < REUSE_TIME_LIMIT):
+                return client
+            self._quit(client)
+        return None
+
+    def release(self, client: SmtpClient) -> None:
+        """Keep a next-hop connection whose transaction is over for the next session."""
+        if (client.connected and not client.in_transaction and not self.draining
+                and len(self.idle) < REUSE_MAX_IDLE):
+            self.idle.append((time.monotonic(), client))
+        else:
+            self._quit(client)
+
+    def _quit(self, client: SmtpClient) -> None:
+        self.closing.add(asyncio.ensure_future(client.quit()))
+        self.closing = {task for task in self.closing if not task.done()}
+
+    async def _send_mail(
+        self, downstream: SmtpClient, xforward: dict[str, str], mail: str
+    ) -> SmtpReply:
+        """XFORWARD (what the next hop supports of it) and MAIL, pipelined when it can."""
         supported = set(downstream.extensions.get("XFORWARD", "").upper().split())
-        items = [f"{k}={v}" for k, v in attributes.items() if k in supported]
-        if items:
-            reply = await downstream.command("XFORWARD " + " ".join(items))
-            if not reply.ok:
-                log_event(log, "next hop refused XFORWARD", logging.WARNING, filter=self.name,
-                          reply=str(reply)[:200])
+        items = [f"{k}={v}" for k, v in xforward.items() if k in supported]
+        if not items:
+            return await downstream.command(mail)
+        lines = ["XFORWARD " + " ".join(items), mail]
+        if "PIPELINING" in downstream.extensions:
+            replies = await downstream.pipeline(lines)
+        else:
+            replies = [await downstream.command(line) for line in lines]
+        if not replies[0].ok:
+            log_event(log, "next hop refused XFORWARD", logging.WARNING, filter=self.name,
+                      reply=str(replies[0])[:200])
+        return replies[-1]
 
     def _next_hop_failed(self, error: Exception) -> str:
         NEXT_HOP_ERRORS.labels(self.name).inc()
@@ -353,6 +438,8 @@ class FilterService:
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let messages being scanned or relayed finish, then close."""
         self.handler.draining = True
+        while self.handler.idle:
+            self.handler.release(self.handler.idle.pop()[1])  # draining: they are closed
         if self._server is not None:
             self._server.close()
         if not await self.handler.inflight.wait_idle(timeout):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+import time
 from dataclasses import dataclass
 
 from secumail.message import dot_stuff
@@ -65,6 +66,8 @@ class SmtpClient:
         self.timeout = timeout
         self.extensions: dict[str, str] = {}
         self.peer = ""
+        self.opened = 0.0  # time.monotonic() of the connection, for reuse limits
+        self.in_transaction = False  # MAIL accepted, and neither end of DATA nor RSET since
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -81,6 +84,7 @@ class SmtpClient:
                 await self.close()
                 continue
             self.peer = f"{host}:{port}"
+            self.opened = time.monotonic()
             if banner.code != 220:
                 return banner
             return await self.ehlo(helo_name)
@@ -96,16 +100,29 @@ class SmtpClient:
         return reply
 
     async def command(self, line: str) -> SmtpReply:
+        return (await self.pipeline([line]))[-1]
+
+    async def pipeline(self, lines: list[str]) -> list[SmtpReply]:
+        """Send `lines` in one write (RFC 2920 PIPELINING) and read one reply for each."""
         if self._writer is None:
             raise SmtpUnavailable("not connected")
         try:
             async with asyncio.timeout(self.timeout):
-                self._writer.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
+                self._writer.write(
+                    b"".join(line.encode("utf-8", "surrogateescape") + b"\r\n" for line in lines)
+                )
                 await self._writer.drain()
-                return await self._read_reply()
-        except (OSError, TimeoutError) as error:
+                replies = [await self._read_reply() for _ in lines]
+        except (OSError, TimeoutError, SmtpUnavailable) as error:
             await self.close()
-            raise SmtpUnavailable(f"{line.split(' ', 1)[0]}: {error or 'timeout'}") from None
+            verb = lines[-1].split(" ", 1)[0]
+            raise SmtpUnavailable(f"{verb}: {error or 'timeout'}") from None
+        verb = lines[-1][:4].upper()
+        if verb == "MAIL" and replies[-1].ok:
+            self.in_transaction = True
+        elif verb == "RSET":
+            self.in_transaction = not replies[-1].ok
+        return replies
 
     async def data(self, message: bytes) -> SmtpReply:
         """DATA, the dot-stuffed message (CRLF line endings only), and the final dot."""
@@ -117,10 +134,12 @@ class SmtpClient:
             async with asyncio.timeout(self.timeout):
                 self._writer.write(dot_stuff(message) + b".\r\n")
                 await self._writer.drain()
-                return await self._read_reply()
-        except (OSError, TimeoutError) as error:
+                reply = await self._read_reply()
+        except (OSError, TimeoutError, SmtpUnavailable) as error:
             await self.close()
             raise SmtpUnavailable(f"end of data: {error or 'timeout'}") from None
+        self.in_transaction = False  # whatever the code, the end-of-data reply ends it
+        return reply
 
     async def _read_reply(self) -> SmtpReply:
         assert self._reader is not None

@@ -28,6 +28,13 @@ def parse_reply(reply: bytes) -> ScanResult:
     raise BackendError(f"clamd answered {text[:200]!r}")
 
 
+def instream_request(message: bytes) -> bytes:
+    """zINSTREAM, the message in length-prefixed chunks, and the zero length that ends it."""
+    chunks = (message[start : start + CHUNK] for start in range(0, len(message), CHUNK))
+    framed = b"".join(struct.pack(">I", len(chunk)) + chunk for chunk in chunks)
+    return b"zINSTREAM\0" + framed + struct.pack(">I", 0)
+
+
 async def scan(address: str, message: bytes, timeout: float, max_length: int) -> ScanResult:
     """Scan `message` with clamd; BackendError when no verdict could be had."""
     if len(message) > max_length:
@@ -38,12 +45,7 @@ async def scan(address: str, message: bytes, timeout: float, max_length: int) ->
         async with asyncio.timeout(timeout):
             reader, writer = await open_backend(address)
             try:
-                writer.write(b"zINSTREAM\0")
-                for start in range(0, len(message), CHUNK):
-                    chunk = message[start : start + CHUNK]
-                    writer.write(struct.pack(">I", len(chunk)) + chunk)
-                    await writer.drain()
-                writer.write(struct.pack(">I", 0))
+                writer.write(instream_request(message))  # one write: one system call
                 await writer.drain()
                 reply = await reader.readuntil(b"\0")
             finally:

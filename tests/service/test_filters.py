@@ -103,6 +103,23 @@ def test_bounces_keep_their_null_sender(chain: StartChain, sink: SmtpSink) -> No
     assert [e.mail_from for e in sink.envelopes] == ["<>"]  # aiosmtpd's spelling of <>
 
 
+def test_the_next_hop_connection_is_kept_for_the_next_session(
+    chain: StartChain, sink: SmtpSink
+) -> None:
+    """Postfix opens a session per message; the filter keeps its own next-hop connection
+    from one to the next, and opens a new one when the next hop closed the kept one."""
+    filters = chain()
+    for _ in range(3):
+        assert filters.send(mail.plain()) == {}
+    sink.wait_for(3)
+    assert len(set(sink.peers)) == 1
+    sink.restart()  # closes every connection, the filter's kept one too
+    assert filters.send(mail.plain()) == {}
+    sink.wait_for(4)
+    assert len(set(sink.peers)) == 2
+    assert not filters.spamd.logged("next hop unavailable", timeout=0.5)
+
+
 def test_unreachable_next_hop_is_451(chain: StartChain, sink: SmtpSink) -> None:
     filters = chain(spamd_next_hop=f"127.0.0.1:{free_port()}")
     with pytest.raises(smtplib.SMTPSenderRefused) as refused:

@@ -21,6 +21,7 @@ class SinkHandler:
 
     def __init__(self) -> None:
         self.messages: list[tuple[Envelope, bytes]] = []
+        self.peers: list[object] = []  # the client's address for each message: its connection
         self.arrived = threading.Condition()
 
     async def handle_RCPT(
@@ -41,6 +42,7 @@ class SinkHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         with self.arrived:
             self.messages.append((envelope, bytes(envelope.original_content or b"")))
+            self.peers.append(session.peer)
             self.arrived.notify_all()
         if any(address.startswith("slow") for address in envelope.rcpt_tos):
             await asyncio.sleep(3)
@@ -59,6 +61,16 @@ class SmtpSink:
 
     def stop(self) -> None:
         self.controller.stop()
+
+    def restart(self) -> None:
+        """Drop every connection and listen again on the same port, keeping what arrived."""
+        self.controller.stop()
+        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+
+    @property
+    def peers(self) -> list[object]:
+        return self.handler.peers
 
     @property
     def envelopes(self) -> list[Envelope]:

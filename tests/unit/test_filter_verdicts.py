@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from secumail.backend import BackendError
-from services.clamav.clamd import ScanResult
+from services.clamav.clamd import CHUNK, ScanResult, instream_request
 from services.clamav.clamd import parse_reply as parse_clamd
 from services.clamav.verdict import unscanned_verdict, virus_verdict
 from services.spamd.spamc import SpamResult, build_request
@@ -21,6 +21,20 @@ def test_clamd_replies() -> None:
     for bad in (b"INSTREAM size limit exceeded. ERROR\0", b"", b"garbage"):
         with pytest.raises(BackendError):
             parse_clamd(bad)
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK, 2 * CHUNK + 5])
+def test_clamd_request_frames_the_message_in_chunks(size: int) -> None:
+    message = bytes(range(256)) * (size // 256) + b"m" * (size % 256)
+    request = instream_request(message)
+    assert request.startswith(b"zINSTREAM\0")
+    rest, chunks = request[len(b"zINSTREAM\0"):], []
+    while (length := int.from_bytes(rest[:4], "big")) > 0:
+        chunks.append(rest[4 : 4 + length])
+        rest = rest[4 + length :]
+    assert rest == b"\0\0\0\0"  # the zero length that ends the stream, and nothing after
+    assert b"".join(chunks) == message
+    assert all(len(chunk) <= CHUNK for chunk in chunks)
 
 
 def test_spamd_replies() -> None:
