@@ -208,7 +208,10 @@ class RelayHandler(_HooksListedOnce):
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
-        return [*responses[:-1], "250-XFORWARD " + " ".join(XFORWARD_NAMES), responses[-1]]
+        # aiosmtpd reads commands line by line, so a client may send them in groups
+        # (RFC 2920): Postfix then sends MAIL, RCPT and DATA in one packet.
+        ours = ["250-PIPELINING", "250-XFORWARD " + " ".join(XFORWARD_NAMES)]
+        return [*responses[:-1], *ours, responses[-1]]
 
     async def handle_MAIL(
         self, server: RelaySMTP, session: Session, envelope: Envelope, address: str,

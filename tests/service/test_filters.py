@@ -203,6 +203,25 @@ def test_smuggled_end_of_data_never_makes_two_messages(
     assert b"MAIL FROM:<ceo@bank.test>" in raw  # it stayed text inside the one message
 
 
+def test_commands_sent_in_one_group_are_answered_in_order(
+    chain: StartChain, sink: SmtpSink
+) -> None:
+    """PIPELINING (RFC 2920), as Postfix uses it: MAIL, RCPT and DATA in one packet."""
+    filters = chain()
+    payload = (
+        b"EHLO postfix.secumail.test\r\nMAIL FROM:<alice@secumail.test>\r\n"
+        b"RCPT TO:<bob@secumail.test>\r\nRCPT TO:<refuse@secumail.test>\r\nDATA\r\n"
+        b"Subject: grouped\r\n\r\nbody\r\n.\r\nQUIT\r\n"
+    )
+    answers = raw_session(filters.port, payload).decode()
+    assert "250-PIPELINING" in answers
+    codes = [line[:4] for line in answers.split("\r\n") if line[3:4] == " "]
+    assert codes == ["220 ", "250 ", "250 ", "250 ", "550 ", "354 ", "250 ", "221 "]
+    [message] = sink.wait_for(1)
+    assert message["Subject"] == "grouped"
+    assert [e.rcpt_tos for e in sink.envelopes] == [["bob@secumail.test"]]
+
+
 def test_junk_on_the_port_does_not_stop_the_filter(chain: StartChain, sink: SmtpSink) -> None:
     filters = chain()
     raw_session(filters.port, bytes(range(256)) * 64 + b"\r\n" + b"A" * 100000 + b"\r\n")
