@@ -115,10 +115,29 @@ def drained(postfix: PostfixInstance, timeout: float = 600) -> None:
         time.sleep(0.05)
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process, of its children alive, and of those it has reaped (/proc):
+    spamd's and Postfix's children come and go during a run."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue  # it ended meanwhile; its parent reaps it into its own count
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if entry.name == str(pid):
+            total += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+        elif fields and fields[1] == str(pid):
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def through_postfix(sink_port: int, messages: int, sessions: int, size: int,
                     filter_port: int | None = None, reinjection: int | None = None,
-                    send: Callable[[int, int, int, int], float] = smtp_source) -> float:
-    """msg/s from smtp-source until Postfix's queue is empty again."""
+                    send: Callable[[int, int, int, int], float] = smtp_source,
+                    watch: dict[str, int] | None = None) -> tuple[float, dict[str, float]]:
+    """msg/s from smtp-source until Postfix's queue is empty again, and the CPU
+    milliseconds per message of Postfix and of the `watch`ed processes (name: pid)."""
     main = {
         "relay_domains": "secumail.test",
         "transport_maps": f"inline:{{ secumail.test=smtp:[127.0.0.1]:{sink_port} }}",
@@ -136,10 +155,15 @@ def through_postfix(sink_port: int, messages: int, sessions: int, size: int,
         )
     postfix = PostfixInstance(main, extra).start()
     try:
+        pids = {**(watch or {}),
+                "postfix": int((postfix.root / "queue/pid/master.pid").read_text())}
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         started = time.perf_counter()
         send(postfix.port, messages, sessions, size)
         drained(postfix)
-        return messages / (time.perf_counter() - started)
+        rate = messages / (time.perf_counter() - started)
+        return rate, {name: (cpu_seconds(pid) - before[name]) * 1000 / messages
+                      for name, pid in pids.items()}
     finally:
         postfix.stop()
 
@@ -204,7 +228,7 @@ def main() -> None:
     rows: list[tuple[str, str]] = []
     daemons: list[Daemon] = []
     try:
-        plain = through_postfix(sink_port, args.messages, args.sessions, args.size)
+        plain, _ = through_postfix(sink_port, args.messages, args.sessions, args.size)
         rows.append(("postfix -> smtp-sink (no filter)", f"{plain:8.0f} msg/s"))
 
         reinjection = free_port()
@@ -212,7 +236,7 @@ def main() -> None:
             f"127.0.0.1:{clamd_port}", f"127.0.0.1:{spamd_port}", reinjection
         )
         daemons += chain
-        noop = through_postfix(sink_port, args.messages, args.sessions, args.size,
+        noop, _ = through_postfix(sink_port, args.messages, args.sessions, args.size,
                                chain_port, reinjection)
         rows.append(("postfix -> 2 filters (no-op scan) -> postfix", f"{noop:8.0f} msg/s"))
         rows.append(("  ratio to no filter", f"{noop / plain:8.2f}x"))
@@ -220,11 +244,19 @@ def main() -> None:
         reinjection = free_port()
         real, real_port = start_chain(clamd.address, spamd.address, reinjection)
         daemons += real
-        scanned = through_postfix(sink_port, args.scanned, SPAMD_CHILDREN * 4, args.size,
-                                  real_port, reinjection, send=send_messages)
+        assert spamd.daemon and clamd.daemon
+        watch = {"spamd": spamd.daemon.proc.pid, "clamd": clamd.daemon.proc.pid,
+                 "clamav filter": real[0].proc.pid, "spamd filter": real[1].proc.pid}
+        scanned, cpu = through_postfix(sink_port, args.scanned, SPAMD_CHILDREN * 4, args.size,
+                                       real_port, reinjection, send=send_messages, watch=watch)
+        spamd_before = cpu_seconds(spamd.daemon.proc.pid)
         alone = asyncio.run(spamd_alone(spamd.address, args.scanned, SPAMD_CHILDREN, args.size))
+        spamd_alone_ms = (cpu_seconds(spamd.daemon.proc.pid) - spamd_before) * 1000 / args.scanned
         rows.append(("postfix -> clamd + spamd filters -> postfix", f"{scanned:8.1f} msg/s"))
+        rows.append(("  CPU ms per message",
+                     "  " + ", ".join(f"{name} {ms:.1f}" for name, ms in cpu.items())))
         rows.append((f"spamd alone ({SPAMD_CHILDREN} children, SPAMC)", f"{alone:8.1f} msg/s"))
+        rows.append(("  CPU ms per message", f"  spamd {spamd_alone_ms:.0f}"))
         rows.append(("  ratio chain / spamd alone", f"{scanned / alone:8.2f}x"))
 
         # One hop: smtp-source -> clamav filter (stand-in clamd) -> smtp-sink.
