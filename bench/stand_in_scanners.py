@@ -12,10 +12,21 @@ import sys
 
 
 async def clamd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await reader.readuntil(b"\0")  # zINSTREAM
-    while (size := struct.unpack(">I", await reader.readexactly(4))[0]) > 0:
-        await reader.readexactly(size)
-    writer.write(b"stream: OK\0")
+    """zINSTREAM, alone or in a zIDSESSION (replies numbered) until zEND or end of input."""
+    session = await reader.readuntil(b"\0") == b"zIDSESSION\0"
+    number = 0
+    try:
+        while True:
+            if session and await reader.readuntil(b"\0") == b"zEND\0":
+                break
+            while (size := struct.unpack(">I", await reader.readexactly(4))[0]) > 0:
+                await reader.readexactly(size)
+            number += 1
+            writer.write(f"{number}: stream: OK\0".encode() if session else b"stream: OK\0")
+            if not session:
+                break
+    except asyncio.IncompleteReadError:
+        pass  # the client hung up
     writer.close()
 
 

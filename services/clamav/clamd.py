@@ -1,14 +1,19 @@
-"""clamd's INSTREAM protocol (clamd(8)): the message in length-prefixed chunks, one reply."""
+"""clamd's INSTREAM protocol (clamd(8)): the message in length-prefixed chunks, one reply,
+over kept IDSESSION connections."""
 
 from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from dataclasses import dataclass
 
 from secumail.backend import BackendError, open_backend
 
 CHUNK = 64 * 1024
+# clamd ends a session idle for IdleTimeout (30 s by default); keep ours well under that.
+SESSION_IDLE_SECONDS = 10.0
+SESSIONS_KEPT = 32
 
 
 @dataclass(frozen=True)
@@ -35,21 +40,88 @@ def instream_request(message: bytes) -> bytes:
     return b"zINSTREAM\0" + framed + struct.pack(">I", 0)
 
 
-async def scan(address: str, message: bytes, timeout: float, max_length: int) -> ScanResult:
-    """Scan `message` with clamd; BackendError when no verdict could be had."""
-    if len(message) > max_length:
-        raise BackendError(
-            f"message of {len(message)} bytes exceeds clamd's StreamMaxLength ({max_length})"
-        )
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await open_backend(address)
+class Clamd:
+    """clamd at `address`, over connections kept from one scan to the next (clamd's
+    IDSESSION): a new connection per message cost as much as scanning a small one. Each
+    connection carries one scan at a time; one clamd closed meanwhile is replaced."""
+
+    def __init__(self, address: str, timeout: float, max_length: int) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.max_length = max_length
+        self.idle: list[tuple[float, _Session]] = []
+
+    async def scan(self, message: bytes) -> ScanResult:
+        """Scan `message`; BackendError when no verdict could be had."""
+        if len(message) > self.max_length:
+            raise BackendError(f"message of {len(message)} bytes exceeds clamd's "
+                               f"StreamMaxLength ({self.max_length})")
+        while True:
+            session = self._kept()
+            kept = session is not None
             try:
-                writer.write(instream_request(message))  # one write: one system call
-                await writer.drain()
-                reply = await reader.readuntil(b"\0")
-            finally:
-                writer.close()
-    except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as error:
-        raise BackendError(f"clamd at {address}: {error or type(error).__name__}") from None
-    return parse_reply(reply)
+                async with asyncio.timeout(self.timeout):
+                    if session is None:
+                        session = await _Session.open(self.address)
+                    result = parse_reply(await session.instream(message))
+            except (OSError, asyncio.IncompleteReadError) as error:
+                if session is not None:
+                    session.close()
+                if kept:
+                    continue  # clamd closed the kept connection (idle, restarted): a new one
+                raise BackendError(self._failed(error)) from None
+            except (TimeoutError, asyncio.LimitOverrunError, BackendError) as error:
+                if session is not None:
+                    session.close()  # in an unknown state: never reused
+                if isinstance(error, BackendError):
+                    raise
+                raise BackendError(self._failed(error)) from None
+            if len(self.idle) < SESSIONS_KEPT:
+                self.idle.append((time.monotonic(), session))
+            else:
+                session.close()
+            return result
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.pop()[1].close()
+
+    def _kept(self) -> _Session | None:
+        now = time.monotonic()
+        while self.idle:
+            since, session = self.idle.pop()
+            if now - since < SESSION_IDLE_SECONDS:
+                return session
+            session.close()
+        return None
+
+    def _failed(self, error: Exception) -> str:
+        return f"clamd at {self.address}: {error or type(error).__name__}"
+
+
+class _Session:
+    """One IDSESSION connection: replies come back as `<request number>: <reply>`."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.requests = 0
+
+    @classmethod
+    async def open(cls, address: str) -> _Session:
+        reader, writer = await open_backend(address)
+        writer.write(b"zIDSESSION\0")  # no reply of its own
+        return cls(reader, writer)
+
+    async def instream(self, message: bytes) -> bytes:
+        self.requests += 1
+        self.writer.write(instream_request(message))  # one write: one system call
+        await self.writer.drain()
+        reply = await self.reader.readuntil(b"\0")
+        number, separator, rest = reply.partition(b": ")
+        if number != str(self.requests).encode() or not separator:
+            # e.g. what clamd said on ending an idle session: this connection is done
+            raise ConnectionError(f"clamd answered out of turn: {reply[:200]!r}")
+        return rest
+
+    def close(self) -> None:
+        self.writer.close()

@@ -17,12 +17,13 @@ from services.clamav.verdict import unscanned_verdict, virus_verdict
 
 
 def make_filter(settings: Settings) -> FilterService:
+    scanner = clamd.Clamd(
+        settings.clamd_address, settings.relay_timeout, settings.clamd_stream_max_length
+    )
+
     async def inspect(info: MessageInfo, message: bytes) -> Verdict:
         try:
-            result = await clamd.scan(
-                settings.clamd_address, message, settings.relay_timeout,
-                settings.clamd_stream_max_length,
-            )
+            result = await scanner.scan(message)
         except BackendError as error:
             BACKEND_ERRORS.labels("clamav").inc()
             return unscanned_verdict(str(error), settings.clamav_fail_open, settings.hostname)
