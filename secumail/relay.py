@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from prometheus_client import Counter, Gauge, Histogram
 
+from secumail.kept import KeptConnections
 from secumail.logs import log_event
 from secumail.message import normalize_newlines, prepend_headers, remove_headers
 from secumail.netaddr import HostPort
@@ -199,7 +200,7 @@ class RelayHandler(_HooksListedOnce):
         self.draining = False
         self.inflight = InFlight()
         self.closing: set[asyncio.Future[None]] = set()  # next-hop QUITs under way
-        self.idle: list[tuple[float, SmtpClient]] = []  # reusable next-hop connections
+        self.kept = KeptConnections[SmtpClient](REUSE_IDLE_SECONDS, REUSE_MAX_IDLE, self._quit)
 
     # --- the transaction, command by command ---------------------------------------------
 
@@ -310,7 +311,9 @@ class RelayHandler(_HooksListedOnce):
         if client is not None and client.connected:
             transaction.reused = True  # it served this session's previous transaction
             return client
-        client = self._reusable()
+        client = self.kept.take(
+            lambda kept: kept.connected and time.monotonic() - kept.opened < REUSE_TIME_LIMIT
+        )
         transaction.reused = client is not None
         if client is not None:
             transaction.downstream = client
@@ -326,22 +329,10 @@ class RelayHandler(_HooksListedOnce):
         transaction.downstream = client
         return client
 
-    def _reusable(self) -> SmtpClient | None:
-        """The most recently kept next-hop connection still young enough, if any."""
-        now = time.monotonic()
-        while self.idle:
-            since, client = self.idle.pop()
-            if (client.connected and now - since < REUSE_IDLE_SECONDS
-                    and now - client.opened < REUSE_TIME_LIMIT):
-                return client
-            self._quit(client)
-        return None
-
     def release(self, client: SmtpClient) -> None:
         """Keep a next-hop connection whose transaction is over for the next session."""
-        if (client.connected and not client.in_transaction and not self.draining
-                and len(self.idle) < REUSE_MAX_IDLE):
-            self.idle.append((time.monotonic(), client))
+        if client.connected and not client.in_transaction and not self.draining:
+            self.kept.keep(client)
         else:
             self._quit(client)
 
@@ -441,8 +432,7 @@ class FilterService:
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let messages being scanned or relayed finish, then close."""
         self.handler.draining = True
-        while self.handler.idle:
-            self.handler.release(self.handler.idle.pop()[1])  # draining: they are closed
+        self.handler.kept.close_all()
         if self._server is not None:
             self._server.close()
         if not await self.handler.inflight.wait_idle(timeout):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import struct
-import time
 from dataclasses import dataclass
 
 from secumail.backend import BackendError, open_backend
+from secumail.kept import KeptConnections
 
 CHUNK = 64 * 1024
 # clamd ends a session idle for IdleTimeout (30 s by default); keep ours well under that.
@@ -49,7 +49,7 @@ class Clamd:
         self.address = address
         self.timeout = timeout
         self.max_length = max_length
-        self.idle: list[tuple[float, _Session]] = []
+        self.kept = KeptConnections[_Session](SESSION_IDLE_SECONDS, SESSIONS_KEPT, _Session.close)
 
     async def scan(self, message: bytes) -> ScanResult:
         """Scan `message`; BackendError when no verdict could be had."""
@@ -57,7 +57,7 @@ class Clamd:
             raise BackendError(f"message of {len(message)} bytes exceeds clamd's "
                                f"StreamMaxLength ({self.max_length})")
         while True:
-            session = self._kept()
+            session = self.kept.take()
             kept = session is not None
             try:
                 async with asyncio.timeout(self.timeout):
@@ -76,24 +76,11 @@ class Clamd:
                 if isinstance(error, BackendError):
                     raise
                 raise BackendError(self._failed(error)) from None
-            if len(self.idle) < SESSIONS_KEPT:
-                self.idle.append((time.monotonic(), session))
-            else:
-                session.close()
+            self.kept.keep(session)
             return result
 
     def close(self) -> None:
-        while self.idle:
-            self.idle.pop()[1].close()
-
-    def _kept(self) -> _Session | None:
-        now = time.monotonic()
-        while self.idle:
-            since, session = self.idle.pop()
-            if now - since < SESSION_IDLE_SECONDS:
-                return session
-            session.close()
-        return None
+        self.kept.close_all()
 
     def _failed(self, error: Exception) -> str:
         return f"clamd at {self.address}: {error or type(error).__name__}"

@@ -112,7 +112,7 @@ async def test_clamd_gone_is_a_backend_error(world: World) -> None:
     assert fake.server is not None
     fake.server.close()
     await fake.server.wait_closed()
-    for session in [session for _, session in clamd.idle]:
+    for _, session in clamd.kept.idle:
         session.writer.transport.abort()  # what clamd's exit does to the kept connection
     with pytest.raises(BackendError, match="clamd at"):
         await clamd.scan(b"message")
