@@ -331,7 +331,7 @@ class RelayHandler(_HooksListedOnce):
 
     def release(self, client: SmtpClient) -> None:
         """Keep a next-hop connection whose transaction is over for the next session."""
-        if client.connected and not client.in_transaction and not self.draining:
+        if client.reusable and not self.draining:
             self.kept.keep(client)
         else:
             self._quit(client)

@@ -68,6 +68,7 @@ class SmtpClient:
         self.peer = ""
         self.opened = 0.0  # time.monotonic() of the connection, for reuse limits
         self.in_transaction = False  # MAIL accepted, and neither end of DATA nor RSET since
+        self._awaiting_reply = False  # sent something whose reply is not read yet
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -108,11 +109,13 @@ class SmtpClient:
             raise SmtpUnavailable("not connected")
         try:
             async with asyncio.timeout(self.timeout):
+                self._awaiting_reply = True
                 self._writer.write(
                     b"".join(line.encode("utf-8", "surrogateescape") + b"\r\n" for line in lines)
                 )
                 await self._writer.drain()
                 replies = [await self._read_reply() for _ in lines]
+                self._awaiting_reply = False
         except (OSError, TimeoutError, SmtpUnavailable) as error:
             await self.close()
             verb = lines[-1].split(" ", 1)[0]
@@ -132,9 +135,11 @@ class SmtpClient:
         assert self._writer is not None
         try:
             async with asyncio.timeout(self.timeout):
+                self._awaiting_reply = True
                 self._writer.write(dot_stuff(message) + b".\r\n")
                 await self._writer.drain()
                 reply = await self._read_reply()
+                self._awaiting_reply = False
         except (OSError, TimeoutError, SmtpUnavailable) as error:
             await self.close()
             raise SmtpUnavailable(f"end of data: {error or 'timeout'}") from None
@@ -161,8 +166,14 @@ class SmtpClient:
     def connected(self) -> bool:
         return self._writer is not None and not self._writer.is_closing()
 
+    @property
+    def reusable(self) -> bool:
+        """Between transactions with every reply read: fit to carry another session's mail.
+        (A session that ended in the middle of a command leaves its reply still to come.)"""
+        return self.connected and not self.in_transaction and not self._awaiting_reply
+
     async def quit(self) -> None:
-        if self.connected:
+        if self.connected and not self._awaiting_reply:
             try:
                 await self.command("QUIT")
             except SmtpUnavailable:

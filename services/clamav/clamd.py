@@ -70,6 +70,10 @@ class Clamd:
                 if kept:
                     continue  # clamd closed the kept connection (idle, restarted): a new one
                 raise BackendError(self._failed(error)) from None
+            except asyncio.CancelledError:
+                if session is not None:
+                    session.close()  # a reply may still come: never reused
+                raise
             except (TimeoutError, asyncio.LimitOverrunError, BackendError) as error:
                 if session is not None:
                     session.close()  # in an unknown state: never reused
