@@ -8,5 +8,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export SECUMAIL_FAULT_MESSAGES="${SECUMAIL_FAULT_MESSAGES:-10000}"
-exec flock /tmp/secumail-docker.lock .venv/bin/pytest -s -q -p no:cacheprovider \
+exec flock -o /tmp/secumail-docker.lock .venv/bin/pytest -s -q -p no:cacheprovider \
   tests/e2e/test_faults.py "$@"
