@@ -54,12 +54,13 @@ XFORWARD_NAMES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 # aiosmtpd refuses lines over 1001 bytes only once they end: a line that never ends would
 # hold the connection until the idle timeout. Past this many bytes without one, hang up.
 UNENDING_LINE = 65536
+# The address Postfix sends, read without aiosmtpd's parser (see RelaySMTP._getaddr).
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+PLAIN_ADDRESS = re.compile(rf"\s*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>\s*")
 # Next-hop connections are reused across Postfix's sessions (Postfix opens one per message):
 # it spares a connection, a banner and an EHLO per message on both ends. Like Postfix's own
 # connection cache: an idle connection is kept for a short while, and none is reused after
 # a while, so that new replicas of a scaled next hop get their share.
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-PLAIN_ADDRESS = re.compile(rf"\s*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>\s*")
 REUSE_IDLE_SECONDS = 2.0
 REUSE_TIME_LIMIT = 60.0
 REUSE_MAX_IDLE = 64
