@@ -108,6 +108,12 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     logging.getLogger("mail.log").setLevel(max(logging.WARNING, root.level))
 
 
+def describe(error: BaseException) -> str:
+    """An error for a log line or a reply: its text, or its kind when it has none
+    (TimeoutError, ConnectionResetError() and the like print as nothing)."""
+    return str(error) or type(error).__name__
+
+
 def log_event(
     logger: logging.Logger, message: str, level: int = logging.INFO, **fields: object
 ) -> None:

@@ -14,6 +14,7 @@ import sys
 
 from secumail import milter_codec
 from secumail.backend import open_backend
+from secumail.logs import describe
 from secumail.netaddr import HostPort, parse_host_port
 from secumail.policy_codec import encode_request
 
@@ -169,5 +170,5 @@ def main() -> None:
     try:
         print(asyncio.run(PROBES[args.kind](args.address)))
     except PROBE_ERRORS as error:
-        print(f"unhealthy: {error or type(error).__name__}", file=sys.stderr)
+        print(f"unhealthy: {describe(error)}", file=sys.stderr)
         raise SystemExit(1) from None

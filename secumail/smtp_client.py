@@ -13,6 +13,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+from secumail.logs import describe
 from secumail.message import dot_stuff
 from secumail.netaddr import HostPort
 
@@ -81,7 +82,7 @@ class SmtpClient:
                     self._reader, self._writer = await asyncio.open_connection(host, port)
                     banner = await self._read_reply()
             except (OSError, TimeoutError, SmtpUnavailable) as error:
-                errors.append(f"{host}:{port}: {error or type(error).__name__}")
+                errors.append(f"{host}:{port}: {describe(error)}")
                 await self.close()
                 continue
             self.peer = f"{host}:{port}"
@@ -119,7 +120,7 @@ class SmtpClient:
         except (OSError, TimeoutError, SmtpUnavailable) as error:
             await self.close()
             verb = lines[-1].split(" ", 1)[0]
-            raise SmtpUnavailable(f"{verb}: {error or 'timeout'}") from None
+            raise SmtpUnavailable(f"{verb}: {describe(error)}") from None
         verb = lines[-1][:4].upper()
         if verb == "MAIL" and replies[-1].ok:
             self.in_transaction = True
@@ -142,7 +143,7 @@ class SmtpClient:
                 self._awaiting_reply = False
         except (OSError, TimeoutError, SmtpUnavailable) as error:
             await self.close()
-            raise SmtpUnavailable(f"end of data: {error or 'timeout'}") from None
+            raise SmtpUnavailable(f"end of data: {describe(error)}") from None
         self.in_transaction = False  # whatever the code, the end-of-data reply ends it
         return reply
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from secumail.backend import BackendError, open_backend
 from secumail.kept import KeptConnections
+from secumail.logs import describe
 
 CHUNK = 64 * 1024
 # clamd ends a session idle for IdleTimeout (30 s by default); keep ours well under that.
@@ -70,16 +71,12 @@ class Clamd:
                 if kept:
                     continue  # clamd closed the kept connection (idle, restarted): a new one
                 raise BackendError(self._failed(error)) from None
-            except asyncio.CancelledError:
+            except BaseException as error:  # timed out, cancelled, clamd answered an error
                 if session is not None:
-                    session.close()  # a reply may still come: never reused
+                    session.close()  # a reply may still be on its way: never reused
+                if isinstance(error, (TimeoutError, asyncio.LimitOverrunError)):
+                    raise BackendError(self._failed(error)) from None
                 raise
-            except (TimeoutError, asyncio.LimitOverrunError, BackendError) as error:
-                if session is not None:
-                    session.close()  # in an unknown state: never reused
-                if isinstance(error, BackendError):
-                    raise
-                raise BackendError(self._failed(error)) from None
             self.kept.keep(session)
             return result
 
@@ -87,7 +84,7 @@ class Clamd:
         self.kept.close_all()
 
     def _failed(self, error: Exception) -> str:
-        return f"clamd at {self.address}: {error or type(error).__name__}"
+        return f"clamd at {self.address}: {describe(error)}"
 
 
 class _Session:

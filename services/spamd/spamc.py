@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from secumail.backend import BackendError, open_backend
+from secumail.logs import describe
 
 MAX_REPLY = 64 * 1024
 _SPAM_LINE = re.compile(r"^Spam:\s*(\w+)\s*;\s*(-?[\d.]+)\s*/\s*(-?[\d.]+)\s*$", re.I | re.M)
@@ -53,5 +54,5 @@ async def check(address: str, message: bytes, timeout: float) -> SpamResult:
             finally:
                 writer.close()
     except (OSError, TimeoutError) as error:
-        raise BackendError(f"spamd at {address}: {error or type(error).__name__}") from None
+        raise BackendError(f"spamd at {address}: {describe(error)}") from None
     return parse_reply(reply)

@@ -18,9 +18,12 @@ class FakeClamd:
     """Counts connections; ends each session after `scans_per_session` scans, the way clamd
     ends idle ones; `prefix` replaces the reply's request number when set."""
 
-    def __init__(self, scans_per_session: int = 1000, prefix: bytes | None = None) -> None:
+    def __init__(
+        self, scans_per_session: int = 1000, prefix: bytes | None = None, silent: bool = False
+    ) -> None:
         self.scans_per_session = scans_per_session
         self.prefix = prefix
+        self.silent = silent  # reads the scans, never answers
         self.connections = 0
         self.server: asyncio.Server | None = None
         self.handlers: list[asyncio.Task[None]] = []
@@ -37,6 +40,8 @@ class FakeClamd:
                     body += await reader.readexactly(size)
             except asyncio.IncompleteReadError:
                 break
+            if self.silent:
+                continue
             verdict = b"Eicar FOUND" if b"EICAR" in body else b"OK"
             writer.write((self.prefix or str(number).encode()) + b": stream: " + verdict + b"\0")
         writer.close()
@@ -60,8 +65,8 @@ class World:
         self.fakes.append(fake)
         return fake
 
-    def client(self, fake: FakeClamd, max_length: int = 1 << 20) -> Clamd:
-        self.clients.append(Clamd(fake.address, 5, max_length))
+    def client(self, fake: FakeClamd, max_length: int = 1 << 20, timeout: float = 5) -> Clamd:
+        self.clients.append(Clamd(fake.address, timeout, max_length))
         return self.clients[-1]
 
     async def close(self) -> None:
@@ -103,6 +108,14 @@ async def test_an_answer_out_of_turn_is_never_taken_for_a_verdict(world: World) 
     clamd = world.client(fake)
     with pytest.raises(BackendError, match="out of turn"):
         await clamd.scan(b"message")
+
+
+async def test_no_answer_in_time_is_a_backend_error_and_the_session_goes(world: World) -> None:
+    fake = await world.clamd(silent=True)
+    clamd = world.client(fake, timeout=0.3)
+    with pytest.raises(BackendError, match="TimeoutError"):
+        await clamd.scan(b"message")
+    assert clamd.kept.idle == []
 
 
 async def test_clamd_gone_is_a_backend_error(world: World) -> None:
