@@ -8,10 +8,9 @@ accepting, let in-flight work finish, close). `run_service` wires it to SIGTERM/
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import uvloop
@@ -31,23 +30,28 @@ class Service(Protocol):
 
 
 class InFlight:
-    """Counts units of work in progress so that shutdown can wait for them."""
+    """Counts units of work in progress so that shutdown can wait for them.
+
+    `with inflight.track():` around each unit. A plain context manager, not a
+    @contextmanager generator: the policy service enters it once per request.
+    """
 
     def __init__(self) -> None:
         self.count = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
-    @contextlib.contextmanager
-    def track(self) -> Iterator[None]:
+    def track(self) -> InFlight:
+        return self
+
+    def __enter__(self) -> None:
         self.count += 1
         self._idle.clear()
-        try:
-            yield
-        finally:
-            self.count -= 1
-            if self.count == 0:
-                self._idle.set()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
 
     async def wait_idle(self, timeout: float) -> bool:
         try:
@@ -55,6 +59,52 @@ class InFlight:
         except TimeoutError:
             return False
         return True
+
+
+class IdleDeadline:
+    """Closes a connection whose peer has said nothing for `timeout` seconds.
+
+    The handler calls `waiting()` before each read and `busy()` after it; a timer checks
+    now and then. This costs a clock read per request, where `asyncio.timeout()` around each
+    read cost as much as parsing the request. Once `expired`, the pending read returns b"".
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter, timeout: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.writer = writer
+        self.timeout = timeout
+        self.expired = False
+        self._since: float | None = None
+        self._timer = self.loop.call_later(timeout, self._check)
+
+    def waiting(self) -> None:
+        self._since = self.loop.time()
+
+    def busy(self) -> None:
+        self._since = None
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _check(self) -> None:
+        due = (self.loop.time() if self._since is None else self._since) + self.timeout
+        if self._since is None or self.loop.time() < due:
+            self._timer = self.loop.call_at(due, self._check)
+            return
+        self.expired = True
+        self.writer.close()
+
+
+WRITE_BUFFER_HIGH = 65536
+
+
+async def send(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """Write an answer; wait for the socket only when it is really backed up (a peer that
+    does not read). Answers are small and the MTA reads them at once, and drain() on every
+    write costs a coroutine for nothing."""
+    writer.write(data)
+    if writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+        await writer.drain()
 
 
 ConnectionHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

@@ -10,7 +10,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from secumail import dns as secumail_dns
 from secumail import milter_codec as mc
 from secumail.logs import log_event
-from secumail.runtime import ConnectionServer
+from secumail.runtime import ConnectionServer, send
 from secumail.settings import Settings
 from services.dkim.dnslookup import async_txt_lookup
 from services.dkim.keys import DomainKeys, KeyStore
@@ -103,11 +103,7 @@ class DkimService:
                     self._malformed(writer, peer_text, session.queue_id, str(error))
                     return
                 if out:
-                    writer.write(out)
-                    # The answers are small and the MTA reads them at once: wait for the
-                    # socket only when it is really backed up.
-                    if writer.transport.get_write_buffer_size() > 65536:
-                        await writer.drain()
+                    await send(writer, out)
         finally:
             CONNECTIONS.dec()
 

@@ -11,7 +11,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from secumail import dns as secumail_dns
 from secumail.logs import log_event
 from secumail.policy_codec import PolicyDecoder, PolicyProtocolError, encode_action
-from secumail.runtime import ConnectionServer
+from secumail.runtime import ConnectionServer, IdleDeadline, send
 from secumail.settings import Settings
 from services.policy.engine import TEMPORARY_FAILURE, Decision, PolicyEngine
 from services.policy.stores import GreylistStore, open_store
@@ -86,12 +86,13 @@ class PolicyService:
             self.settings.policy_strict_attributes,
         )
         CONNECTIONS.inc()
+        idle = IdleDeadline(writer, self.settings.policy_idle_timeout)
         try:
             while not self.server.draining:
-                try:
-                    async with asyncio.timeout(self.settings.policy_idle_timeout):
-                        data = await reader.read(65536)
-                except TimeoutError:
+                idle.waiting()
+                data = await reader.read(65536)
+                idle.busy()
+                if idle.expired:
                     self._drop(peer_text, "idle", "no request within the idle timeout")
                     return
                 if not data:
@@ -110,10 +111,10 @@ class PolicyService:
                     with self.server.inflight.track():
                         started = time.perf_counter()
                         decision = await self.answer(request)
-                        writer.write(encode_action(decision.action))
-                        await writer.drain()
+                        await send(writer, encode_action(decision.action))
                         LATENCY.observe(time.perf_counter() - started)
         finally:
+            idle.cancel()
             CONNECTIONS.dec()
 
     async def answer(self, request: dict[str, str]) -> Decision:
