@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -36,6 +37,12 @@ CONNECTIONS = Gauge("secumail_policy_connections", "Open policy connections")
 GREYLIST_ENTRIES = Gauge("secumail_greylist_entries", "Triplets in the greylist store")
 
 MAINTENANCE_INTERVAL = 60.0
+
+
+@functools.lru_cache(maxsize=64)
+def _decisions(check: str, kind: str) -> Counter:
+    """The counter of one (check, kind): labels() takes a lock and checks its arguments."""
+    return DECISIONS.labels(check, kind)
 
 
 class PolicyService:
@@ -125,7 +132,7 @@ class PolicyService:
             CHECK_ERRORS.labels("engine").inc()
             fallback = "DUNNO" if self.settings.policy_fail_open else TEMPORARY_FAILURE
             decision = Decision(fallback, "error", "internal error")
-        DECISIONS.labels(decision.check, decision.kind).inc()
+        _decisions(decision.check, decision.kind).inc()
         # Health probes ask at the VRFY stage (our Postfix never does: VRFY is off): a line
         # every 10 s per prober would bury the decisions.
         probe = request.get("protocol_state") == "VRFY"
