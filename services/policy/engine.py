@@ -206,10 +206,11 @@ class PolicyEngine:
             if recipients.matches(recipient):
                 return None
         network = client_network(ip)
-        if client_is_whitelisted(await self.store.get_client(network), now, self.greylist):
-            return None
         key = triplet_key(network, request.get("sender", ""), recipient)
-        verdict = check_triplet(await self.store.get(key), now, self.greylist)
+        client, entry = await self.store.lookup(network, key)
+        if client_is_whitelisted(client, now, self.greylist):
+            return None
+        verdict = check_triplet(entry, now, self.greylist)
         await self.store.put(key, verdict.entry)
         if verdict.defer:
             wait = math.ceil(verdict.retry_in)
@@ -219,7 +220,7 @@ class PolicyEngine:
             )
         if verdict.delayed is None:
             return None
-        record = record_pass(await self.store.get_client(network), now, self.greylist)
+        record = record_pass(client, now, self.greylist)
         await self.store.put_client(network, record)
         transaction = self._transaction(request)
         if transaction.greylist_header_added:

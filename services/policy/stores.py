@@ -19,11 +19,11 @@ from services.policy.greylist import ClientRecord, Triplet, WhitelistEntry, Whit
 
 
 class GreylistStore(Protocol):
-    async def get(self, key: str) -> Triplet | None: ...
+    async def lookup(self, network: str, key: str) -> tuple[ClientRecord | None, Triplet | None]:
+        """The client network's record and the triplet's entry, in one round trip."""
+        ...
 
     async def put(self, key: str, entry: Triplet) -> None: ...
-
-    async def get_client(self, network: str) -> ClientRecord | None: ...
 
     async def put_client(self, network: str, record: ClientRecord) -> None: ...
 
@@ -75,11 +75,15 @@ class SqliteStore:
             "PRIMARY KEY (kind, value)) WITHOUT ROWID"
         )
 
-    async def get(self, key: str) -> Triplet | None:
-        row = self.db.execute(
-            "SELECT first_seen, last_seen, passed FROM triplets WHERE key=?", (key,)
+    async def lookup(self, network: str, key: str) -> tuple[ClientRecord | None, Triplet | None]:
+        passes, seen, first, last, passed = self.db.execute(
+            "SELECT c.passes, c.last_seen, t.first_seen, t.last_seen, t.passed "
+            "FROM (SELECT ? AS network, ? AS key) AS q "
+            "LEFT JOIN clients AS c ON c.network = q.network "
+            "LEFT JOIN triplets AS t ON t.key = q.key", (network, key),
         ).fetchone()
-        return Triplet(row[0], row[1], bool(row[2])) if row else None
+        client = ClientRecord(passes, seen) if passes is not None else None
+        return client, Triplet(first, last, bool(passed)) if first is not None else None
 
     def _write(self, sql: str, values: tuple[object, ...]) -> None:
         if not self.db.in_transaction:
@@ -106,12 +110,6 @@ class SqliteStore:
             "INSERT OR REPLACE INTO triplets VALUES (?, ?, ?, ?)",
             (key, entry.first_seen, entry.last_seen, int(entry.passed)),
         )
-
-    async def get_client(self, network: str) -> ClientRecord | None:
-        row = self.db.execute(
-            "SELECT passes, last_seen FROM clients WHERE network=?", (network,)
-        ).fetchone()
-        return ClientRecord(row[0], row[1]) if row else None
 
     async def put_client(self, network: str, record: ClientRecord) -> None:
         self._write(
@@ -172,11 +170,15 @@ class RedisStore:
         )
         self.max_age = max_age
 
-    async def get(self, key: str) -> Triplet | None:
-        data = await self.redis.hgetall(self.PREFIX + "t:" + key)
-        if not data:
-            return None
-        return Triplet(float(data["first"]), float(data["last"]), data["passed"] == "1")
+    async def lookup(self, network: str, key: str) -> tuple[ClientRecord | None, Triplet | None]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.PREFIX + "c:" + network)
+            pipe.hgetall(self.PREFIX + "t:" + key)
+            client, triplet = await pipe.execute()
+        return (
+            ClientRecord(int(client["passes"]), float(client["last"])) if client else None,
+            _triplet(triplet) if triplet else None,
+        )
 
     async def put(self, key: str, entry: Triplet) -> None:
         name = self.PREFIX + "t:" + key
@@ -187,10 +189,6 @@ class RedisStore:
             pipe.hset(name, mapping=mapping)
             pipe.expire(name, self.max_age)
             await pipe.execute()
-
-    async def get_client(self, network: str) -> ClientRecord | None:
-        data = await self.redis.hgetall(self.PREFIX + "c:" + network)
-        return ClientRecord(int(data["passes"]), float(data["last"])) if data else None
 
     async def put_client(self, network: str, record: ClientRecord) -> None:
         name = self.PREFIX + "c:" + network
@@ -217,10 +215,9 @@ class RedisStore:
                 break
         found = []
         for name in names:
-            data = await self.redis.hgetall(name)
+            data = cast(dict[str, str], await self.redis.hgetall(name))
             if data:  # expired between SCAN and HGETALL
-                entry = Triplet(float(data["first"]), float(data["last"]), data["passed"] == "1")
-                found.append((name.removeprefix(self.PREFIX + "t:"), entry))
+                found.append((name.removeprefix(self.PREFIX + "t:"), _triplet(data)))
         return sorted(found, key=lambda item: -item[1].last_seen)
 
     async def delete(self, key: str) -> bool:
@@ -244,6 +241,11 @@ class RedisStore:
 
     async def close(self) -> None:
         await self.redis.aclose()
+
+
+def _triplet(fields: dict[str, str]) -> Triplet:
+    """A triplet from its Redis hash."""
+    return Triplet(float(fields["first"]), float(fields["last"]), fields["passed"] == "1")
 
 
 def open_store(url: str, max_age: int) -> GreylistStore:

@@ -15,7 +15,7 @@ from tests.support.policy_client import rcpt_request
 
 
 class BrokenStore(SqliteStore):
-    async def get(self, key: str) -> Any:
+    async def lookup(self, network: str, key: str) -> Any:
         raise OSError("disk on fire")
 
 
