@@ -109,6 +109,14 @@ class PolicyEngine:
         self._spf_threads = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spf")
         self.on_check_error: Callable[[str], None] = lambda check: None
         spf.use_resolver(resolver)
+        # The checks this configuration runs at RCPT time, cheapest verdict first.
+        Step = Callable[[PolicyRequest, IPAddress], Awaitable[Decision | None]]
+        checks: list[tuple[str, bool, Step]] = [
+            ("dnsbl", bool(self.dnsbl_weights), self._check_dnsbl),
+            ("spf", settings.spf_enabled, self._check_spf),
+            ("greylist", settings.greylist_enabled, self._check_greylist),
+        ]
+        self._steps = [(name, step) for name, enabled, step in checks if enabled]
 
     async def evaluate(self, request: PolicyRequest) -> Decision:
         state = request.get("protocol_state", "").upper()
@@ -126,15 +134,7 @@ class PolicyEngine:
             return Decision("DUNNO", "trusted", "client in mynetworks")
         if request.get("sasl_username"):
             return Decision("DUNNO", "trusted", "authenticated sender")
-        Step = Callable[[PolicyRequest, IPAddress], Awaitable[Decision | None]]
-        steps: list[tuple[str, bool, Step]] = [
-            ("dnsbl", bool(self.dnsbl_weights), self._check_dnsbl),
-            ("spf", self.settings.spf_enabled, self._check_spf),
-            ("greylist", self.settings.greylist_enabled, self._check_greylist),
-        ]
-        for name, enabled, step in steps:
-            if not enabled:
-                continue
+        for name, step in self._steps:
             try:
                 decision = await step(request, ip)
             except Exception as error:
