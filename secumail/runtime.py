@@ -102,6 +102,8 @@ async def send(writer: asyncio.StreamWriter, data: bytes) -> None:
     """Write an answer; wait for the socket only when it is really backed up (a peer that
     does not read). Answers are small and the MTA reads them at once, and drain() on every
     write costs a coroutine for nothing."""
+    if writer.is_closing():  # the peer has gone: drain() used to say so, say it here
+        raise ConnectionResetError("connection closed by the peer")
     writer.write(data)
     if writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
         await writer.drain()

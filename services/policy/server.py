@@ -112,6 +112,8 @@ class PolicyService:
                     self._drop(peer_text, "malformed", str(error))
                     return
                 for request in requests:
+                    if writer.is_closing():
+                        return  # the client left: its other requests need no answer
                     if request.get("request") != "smtpd_access_policy":
                         self._drop(peer_text, "malformed", "not an smtpd_access_policy request")
                         return
