@@ -73,6 +73,25 @@ def data_reply(port: int, message: bytes) -> tuple[int, bytes]:
         return smtp.data(message)
 
 
+def test_a_refused_message_is_never_delivered_and_the_session_goes_on(
+    chain: StartChain, sink: SmtpSink
+) -> None:
+    """A refused message cancels the next hop's open transaction (nothing reaches the sink)
+    and the same session's next messages still go through, each once."""
+    filters = chain(virus_action="reject")
+    with smtplib.SMTP("127.0.0.1", filters.port, timeout=60) as smtp:
+        for attempt in range(3):
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                smtp.sendmail("alice@secumail.test", ["bob@secumail.test"], mail.eicar())
+            assert refused.value.smtp_code == 554, attempt
+            assert smtp.rset()[0] == 250
+            clean = mail.plain(f"clean {attempt}")
+            smtp.sendmail("alice@secumail.test", ["bob@secumail.test"], clean)
+    delivered = sink.wait_for(3)
+    assert sorted(message["Subject"] for message in delivered) == ["clean 0", "clean 1", "clean 2"]
+    assert all("X-AV-Checked" in message for message in delivered)
+
+
 def test_gtube_rejected_or_tagged(chain: StartChain, sink: SmtpSink) -> None:
     with pytest.raises(smtplib.SMTPDataError) as refused:
         chain().send(mail.gtube())
