@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from secumail.logs import describe
 from secumail.message import dot_stuff
 from secumail.netaddr import HostPort
+from secumail.runtime import IdleDeadline, send
 
 MAX_REPLY_LINES = 100
 
@@ -72,6 +73,9 @@ class SmtpClient:
         self._awaiting_reply = False  # sent something whose reply is not read yet
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        # One timer per connection bounds each wait for the next hop's replies: cheaper
+        # than asyncio.timeout() around every command (a tenth of a filter's own time).
+        self._deadline: IdleDeadline | None = None
 
     async def connect(self, next_hop: NextHop, helo_name: str) -> SmtpReply:
         """Connect to the first address of `next_hop` that answers, then EHLO."""
@@ -87,6 +91,8 @@ class SmtpClient:
                 continue
             self.peer = f"{host}:{port}"
             self.opened = time.monotonic()
+            assert self._writer is not None
+            self._deadline = IdleDeadline(self._writer, self.timeout)
             if banner.code != 220:
                 return banner
             return await self.ehlo(helo_name)
@@ -106,21 +112,14 @@ class SmtpClient:
 
     async def pipeline(self, lines: list[str]) -> list[SmtpReply]:
         """Send `lines` in one write (RFC 2920 PIPELINING) and read one reply for each."""
-        if self._writer is None:
+        if self._writer is None or self._deadline is None:
             raise SmtpUnavailable("not connected")
+        data = b"".join(line.encode("utf-8", "surrogateescape") + b"\r\n" for line in lines)
         try:
-            async with asyncio.timeout(self.timeout):
-                self._awaiting_reply = True
-                self._writer.write(
-                    b"".join(line.encode("utf-8", "surrogateescape") + b"\r\n" for line in lines)
-                )
-                await self._writer.drain()
-                replies = [await self._read_reply() for _ in lines]
-                self._awaiting_reply = False
-        except (OSError, TimeoutError, SmtpUnavailable) as error:
-            await self.close()
+            replies = await self._exchange(data, len(lines))
+        except SmtpUnavailable as error:
             verb = lines[-1].split(" ", 1)[0]
-            raise SmtpUnavailable(f"{verb}: {describe(error)}") from None
+            raise SmtpUnavailable(f"{verb}: {error}") from None
         verb = lines[-1][:4].upper()
         if verb == "MAIL" and replies[-1].ok:
             self.in_transaction = True
@@ -133,19 +132,31 @@ class SmtpClient:
         reply = await self.command("DATA")
         if reply.code != 354:
             return reply
-        assert self._writer is not None
         try:
-            async with asyncio.timeout(self.timeout):
-                self._awaiting_reply = True
-                self._writer.write(dot_stuff(message) + b".\r\n")
-                await self._writer.drain()
-                reply = await self._read_reply()
-                self._awaiting_reply = False
-        except (OSError, TimeoutError, SmtpUnavailable) as error:
-            await self.close()
-            raise SmtpUnavailable(f"end of data: {describe(error)}") from None
+            [reply] = await self._exchange(dot_stuff(message) + b".\r\n", 1)
+        except SmtpUnavailable as error:
+            raise SmtpUnavailable(f"end of data: {error}") from None
         self.in_transaction = False  # whatever the code, the end-of-data reply ends it
         return reply
+
+    async def _exchange(self, data: bytes, replies: int) -> list[SmtpReply]:
+        """Send `data`, read `replies` replies within the timeout; any trouble closes the
+        connection and raises SmtpUnavailable saying what it was."""
+        assert self._writer is not None and self._deadline is not None
+        deadline = self._deadline
+        deadline.waiting()
+        try:
+            self._awaiting_reply = True
+            await send(self._writer, data)
+            read = [await self._read_reply() for _ in range(replies)]
+            self._awaiting_reply = False
+            return read
+        except (OSError, SmtpUnavailable) as error:
+            # The deadline closes the connection: the read then ends as if the peer had.
+            await self.close()
+            raise SmtpUnavailable(describe(TimeoutError() if deadline.expired else error)) from None
+        finally:
+            deadline.busy()
 
     async def _read_reply(self) -> SmtpReply:
         assert self._reader is not None
@@ -182,6 +193,9 @@ class SmtpClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from secumail.netaddr import HostPort
-from secumail.smtp_client import NextHop, SmtpClient
+from secumail.smtp_client import NextHop, SmtpClient, SmtpUnavailable
 
 
 class SlowNextHop:
@@ -76,3 +76,27 @@ async def test_a_command_cut_short_leaves_it_unfit(
     assert client.connected
     assert not client.reusable
     await client.close()
+
+
+async def test_a_next_hop_that_does_not_answer_times_out_and_is_dropped(
+    next_hop: tuple[SlowNextHop, NextHop],
+) -> None:
+    _, address = next_hop
+    client = SmtpClient(0.3)
+    await client.connect(address, "filter.test")
+    with pytest.raises(SmtpUnavailable, match="MAIL: TimeoutError"):
+        await client.command("MAIL FROM:<a@b.test>")  # never answered
+    assert not client.connected
+
+
+async def test_time_between_commands_is_not_a_timeout(
+    next_hop: tuple[SlowNextHop, NextHop],
+) -> None:
+    hop, address = next_hop
+    hop.release.set()
+    client = SmtpClient(0.3)
+    await client.connect(address, "filter.test")
+    await asyncio.sleep(0.8)  # kept idle for longer than the timeout, as between sessions
+    assert client.connected
+    assert (await client.command("MAIL FROM:<a@b.test>")).code == 250
+    await client.quit()
