@@ -62,11 +62,12 @@ class InFlight:
 
 
 class IdleDeadline:
-    """Closes a connection whose peer has said nothing for `timeout` seconds.
+    """Closes a connection whose peer has kept us waiting for `timeout` seconds.
 
-    The handler calls `waiting()` before each read and `busy()` after it; a timer checks
-    now and then. This costs a clock read per request, where `asyncio.timeout()` around each
-    read cost as much as parsing the request. Once `expired`, the pending read returns b"".
+    Call `waiting()` before each wait for the peer (a request, a reply) and `busy()` after
+    it; one timer per connection checks now and then. This costs a clock read per wait,
+    where `asyncio.timeout()` around each read cost as much as parsing a policy request.
+    Once `expired`, the pending read returns b"" (or what came before the close).
     """
 
     def __init__(self, writer: asyncio.StreamWriter, timeout: float) -> None:
@@ -87,8 +88,9 @@ class IdleDeadline:
         self._timer.cancel()
 
     def _check(self) -> None:
-        due = (self.loop.time() if self._since is None else self._since) + self.timeout
-        if self._since is None or self.loop.time() < due:
+        now = self.loop.time()
+        due = (now if self._since is None else self._since) + self.timeout
+        if self._since is None or now < due:
             self._timer = self.loop.call_at(due, self._check)
             return
         self.expired = True

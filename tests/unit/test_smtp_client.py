@@ -35,6 +35,12 @@ class SlowNextHop:
         writer.close()
 
 
+async def connected(address: NextHop, timeout: float = 5) -> SmtpClient:
+    client = SmtpClient(timeout)
+    assert (await client.connect(address, "filter.test")).code == 250
+    return client
+
+
 @pytest.fixture
 async def next_hop() -> AsyncIterator[tuple[SlowNextHop, NextHop]]:
     hop = SlowNextHop()
@@ -51,8 +57,7 @@ async def test_between_transactions_it_is_reusable(
 ) -> None:
     hop, address = next_hop
     hop.release.set()
-    client = SmtpClient(5)
-    assert (await client.connect(address, "filter.test")).code == 250
+    client = await connected(address)
     assert client.reusable
     assert (await client.command("MAIL FROM:<a@b.test>")).code == 250
     assert not client.reusable  # a transaction is open
@@ -66,8 +71,7 @@ async def test_a_command_cut_short_leaves_it_unfit(
     next_hop: tuple[SlowNextHop, NextHop],
 ) -> None:
     _, address = next_hop
-    client = SmtpClient(5)
-    await client.connect(address, "filter.test")
+    client = await connected(address)
     pending = asyncio.ensure_future(client.command("MAIL FROM:<a@b.test>"))
     await asyncio.sleep(0.05)
     pending.cancel()  # what the end of the upstream session does to its handler
@@ -82,8 +86,7 @@ async def test_a_next_hop_that_does_not_answer_times_out_and_is_dropped(
     next_hop: tuple[SlowNextHop, NextHop],
 ) -> None:
     _, address = next_hop
-    client = SmtpClient(0.3)
-    await client.connect(address, "filter.test")
+    client = await connected(address, 0.3)
     with pytest.raises(SmtpUnavailable, match="MAIL: TimeoutError"):
         await client.command("MAIL FROM:<a@b.test>")  # never answered
     assert not client.connected
@@ -94,8 +97,7 @@ async def test_time_between_commands_is_not_a_timeout(
 ) -> None:
     hop, address = next_hop
     hop.release.set()
-    client = SmtpClient(0.3)
-    await client.connect(address, "filter.test")
+    client = await connected(address, 0.3)
     await asyncio.sleep(0.8)  # kept idle for longer than the timeout, as between sessions
     assert client.connected
     assert (await client.command("MAIL FROM:<a@b.test>")).code == 250
