@@ -33,7 +33,6 @@ from services.policy.greylist import (
     check_triplet,
     client_is_whitelisted,
     greylist_header,
-    record_pass,
     split_whitelists,
     triplet_key,
 )
@@ -220,8 +219,7 @@ class PolicyEngine:
             )
         if verdict.delayed is None:
             return None
-        record = record_pass(client, now, self.greylist)
-        await self.store.put_client(network, record)
+        await self.store.count_pass(network, now)
         transaction = self._transaction(request)
         if transaction.greylist_header_added:
             return None

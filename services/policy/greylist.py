@@ -77,8 +77,10 @@ def client_is_whitelisted(record: ClientRecord | None, now: float, cfg: Greylist
     return record.passes >= cfg.auto_whitelist and now - record.last_seen <= cfg.max_age
 
 
-def record_pass(record: ClientRecord | None, now: float, cfg: GreylistConfig) -> ClientRecord:
-    if record is None or now - record.last_seen > cfg.max_age:
+def record_pass(record: ClientRecord | None, now: float, max_age: float) -> ClientRecord:
+    """The client network's record once one more of its triplets got through; a record
+    older than `max_age` starts over."""
+    if record is None or now - record.last_seen > max_age:
         return ClientRecord(1, now)
     return ClientRecord(record.passes + 1, now)
 

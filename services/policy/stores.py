@@ -15,7 +15,13 @@ from urllib.parse import urlparse
 
 import redis.asyncio as aioredis
 
-from services.policy.greylist import ClientRecord, Triplet, WhitelistEntry, WhitelistKind
+from services.policy.greylist import (
+    ClientRecord,
+    Triplet,
+    WhitelistEntry,
+    WhitelistKind,
+    record_pass,
+)
 
 
 class GreylistStore(Protocol):
@@ -25,7 +31,10 @@ class GreylistStore(Protocol):
 
     async def put(self, key: str, entry: Triplet) -> None: ...
 
-    async def put_client(self, network: str, record: ClientRecord) -> None: ...
+    async def count_pass(self, network: str, now: float) -> None:
+        """One more triplet of the client network got through (the auto-whitelist's count).
+        Atomic: replicas sharing a store may count passes of the same network at once."""
+        ...
 
     async def purge(self, older_than: float) -> int: ...
 
@@ -55,7 +64,8 @@ class SqliteStore:
 
     COMMIT_INTERVAL = 0.1
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, max_age: int = 35 * 86400) -> None:
+        self.max_age = max_age
         self._commit_timer: asyncio.TimerHandle | None = None
         if path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -111,7 +121,13 @@ class SqliteStore:
             (key, entry.first_seen, entry.last_seen, int(entry.passed)),
         )
 
-    async def put_client(self, network: str, record: ClientRecord) -> None:
+    async def count_pass(self, network: str, now: float) -> None:
+        # Read and write with nothing awaited between them: no other request of this
+        # process can interleave, and one SQLite file has one policy process writing it.
+        row = self.db.execute(
+            "SELECT passes, last_seen FROM clients WHERE network = ?", (network,)
+        ).fetchone()
+        record = record_pass(ClientRecord(*row) if row else None, now, self.max_age)
         self._write(
             "INSERT OR REPLACE INTO clients VALUES (?, ?, ?)",
             (network, record.passes, record.last_seen),
@@ -190,10 +206,14 @@ class RedisStore:
             pipe.expire(name, self.max_age)
             await pipe.execute()
 
-    async def put_client(self, network: str, record: ClientRecord) -> None:
+    async def count_pass(self, network: str, now: float) -> None:
+        # Incremented in Redis, not read here and written back: two replicas passing the
+        # same network at once would both write the same count. A record older than
+        # max_age is gone by itself (EXPIRE), which is record_pass's starting over.
         name = self.PREFIX + "c:" + network
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(name, mapping={"passes": record.passes, "last": record.last_seen})
+            pipe.hincrby(name, "passes", 1)
+            pipe.hset(name, "last", now)
             pipe.expire(name, self.max_age)
             await pipe.execute()
 
@@ -256,4 +276,4 @@ def open_store(url: str, max_age: int) -> GreylistStore:
     path = parsed.netloc + parsed.path if parsed.netloc == ":memory:" else parsed.path
     if not path:
         raise ValueError(f"no path in greylist store URL {url!r}")
-    return SqliteStore(path)
+    return SqliteStore(path, max_age)

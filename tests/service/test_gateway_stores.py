@@ -1,9 +1,12 @@
-"""The greylist administration on Redis (the store scaled policy replicas share), against a
-real redis-server: the same answers as SQLite's (tests/unit/test_gateway_greylist.py)."""
+"""The greylist store on Redis (the one scaled policy replicas share), against a real
+redis-server: the administration gives the same answers as SQLite's
+(tests/unit/test_gateway_greylist.py), and replicas counting at once lose no count."""
 
 from __future__ import annotations
 
-from services.policy.greylist import Triplet, WhitelistEntry
+import asyncio
+
+from services.policy.greylist import ClientRecord, Triplet, WhitelistEntry
 from services.policy.stores import RedisStore
 
 
@@ -41,3 +44,18 @@ async def test_redis_store_keeps_whitelist_entries_once(redis_url: str) -> None:
     assert [e.value for e in await store.whitelist()] == ["abuse@"]
     await store.close()
     await other.close()
+
+
+async def test_replicas_passing_one_network_at_once_count_every_pass(redis_url: str) -> None:
+    """The auto-whitelist's count: each replica's read-then-write would lose passes here."""
+    replicas = [RedisStore(redis_url, max_age=3600) for _ in range(2)]
+    network = "198.51.100.0/24"
+    await asyncio.gather(
+        *(replicas[n % 2].count_pass(network, 1000.0 + n) for n in range(40))
+    )
+    client, _ = await replicas[0].lookup(network, "no-such-triplet")
+    assert client is not None and client.passes == 40
+    assert client == ClientRecord(40, client.last_seen) and 1000.0 <= client.last_seen <= 1039.0
+    assert await replicas[0].redis.ttl(RedisStore.PREFIX + "c:" + network) > 3000
+    for store in replicas:
+        await store.close()

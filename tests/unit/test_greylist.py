@@ -84,11 +84,15 @@ def test_auto_whitelist_after_n_passes() -> None:
     record = None
     for i in range(5):
         assert not client_is_whitelisted(record, T0 + i, CFG)
-        record = record_pass(record, T0 + i, CFG)
+        record = record_pass(record, T0 + i, CFG.max_age)
     assert record == ClientRecord(5, T0 + 4)
     assert client_is_whitelisted(record, T0 + 10, CFG)
     assert not client_is_whitelisted(record, T0 + 36 * 86400, CFG)  # expired
     assert not client_is_whitelisted(record, T0 + 10, GreylistConfig(auto_whitelist=0))
+    # A count older than max_age starts over, as the record would have been purged.
+    assert record_pass(record, T0 + 4 + CFG.max_age + 1, CFG.max_age) == ClientRecord(
+        1, T0 + 4 + CFG.max_age + 1
+    )
 
 
 def test_client_whitelist_by_ip_network_host_and_domain() -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from secumail.settings import Settings
 from services.policy.engine import TEMPORARY_FAILURE, PolicyEngine
+from services.policy.greylist import ClientRecord
 from services.policy.stores import SqliteStore
 from tests.support.fakes import FakeAsyncResolver, FakeClock, FakeResolver
 from tests.support.policy_client import rcpt_request
@@ -218,3 +219,14 @@ async def test_store_failure_defers(dns: FakeResolver, clock: FakeClock) -> None
 async def test_other_stages_are_left_alone(engine: PolicyEngine) -> None:
     for state in ("CONNECT", "HELO", "MAIL", "VRFY", "ETRN", ""):
         assert (await engine.evaluate(rcpt_request(protocol_state=state))).action == "DUNNO"
+
+
+async def test_sqlite_store_counts_passes_and_starts_over_after_max_age() -> None:
+    store = SqliteStore(":memory:", max_age=100)
+    for now in (10.0, 20.0, 30.0):
+        await store.count_pass("192.0.2.0/24", now)
+    assert (await store.lookup("192.0.2.0/24", "-"))[0] == ClientRecord(3, 30.0)
+    await store.count_pass("192.0.2.0/24", 131.0)
+    assert (await store.lookup("192.0.2.0/24", "-"))[0] == ClientRecord(1, 131.0)
+    assert (await store.lookup("192.0.3.0/24", "-"))[0] is None
+    await store.close()
