@@ -5,11 +5,13 @@ Postfix and next to spamd alone, in the same run.
   2. smtp-source -> Postfix -> clamav -> spamd -> Postfix:10027 -> smtp-sink,
      scanners replaced by always-clean stand-ins (the relay's own cost)
   3. the same chain with the real clamd and spamd (-L, local tests only)
-  4. spamd alone over SPAMC with as many clients as it has children
+  4. spamd alone over SPAMC with as many clients as it has children (3 and 4 alternate,
+     `--rounds` times; medians)
   5. one filter hop alone, smtp-source -> clamav filter (stand-in clamd) -> smtp-sink:
      msg/s, and the median latency it adds to one SMTP transaction
 
     .venv/bin/python bench/filter_bench.py [--messages 2000] [--sessions 20] [--size 2048]
+                                           [--scanned 300] [--rounds 3]
 
 Needs root (Postfix), Debian's postfix, clamav-daemon and spamd (scripts/install-deps.sh).
 """
@@ -217,6 +219,8 @@ def main() -> None:
     parser.add_argument("--scanned", type=int, default=300, help="messages for real scanners")
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternated rounds of the real chain and of spamd alone")
     args = parser.parse_args()
     if os.getuid() != 0:
         raise SystemExit("run as root: the benchmark starts its own Postfix instances")
@@ -247,17 +251,39 @@ def main() -> None:
         assert spamd.daemon and clamd.daemon
         watch = {"spamd": spamd.daemon.proc.pid, "clamd": clamd.daemon.proc.pid,
                  "clamav filter": real[0].proc.pid, "spamd filter": real[1].proc.pid}
-        scanned, cpu = through_postfix(sink_port, args.scanned, SPAMD_CHILDREN * 4, args.size,
-                                       real_port, reinjection, send=send_messages, watch=watch)
-        spamd_before = cpu_seconds(spamd.daemon.proc.pid)
-        alone = asyncio.run(spamd_alone(spamd.address, args.scanned, SPAMD_CHILDREN, args.size))
-        spamd_alone_ms = (cpu_seconds(spamd.daemon.proc.pid) - spamd_before) * 1000 / args.scanned
-        rows.append(("postfix -> clamd + spamd filters -> postfix", f"{scanned:8.1f} msg/s"))
-        rows.append(("  CPU ms per message",
-                     "  " + ", ".join(f"{name} {ms:.1f}" for name, ms in cpu.items())))
-        rows.append((f"spamd alone ({SPAMD_CHILDREN} children, SPAMC)", f"{alone:8.1f} msg/s"))
-        rows.append(("  CPU ms per message", f"  spamd {spamd_alone_ms:.0f}"))
-        rows.append(("  ratio chain / spamd alone", f"{scanned / alone:8.2f}x"))
+        # Chain and spamd alone in alternated rounds, medians: the machine's speed drifts
+        # (once 0.64x and 0.92x in two runs of one round each), a pair of rounds less so.
+        chain_rates, alone_rates, ratios = [], [], []
+        cpu_rounds: list[dict[str, float]] = []
+        alone_cpu: list[float] = []
+        for _ in range(args.rounds):
+            scanned, cpu = through_postfix(
+                sink_port, args.scanned, SPAMD_CHILDREN * 4, args.size, real_port, reinjection,
+                send=send_messages, watch=watch,
+            )
+            spamd_before = cpu_seconds(spamd.daemon.proc.pid)
+            alone = asyncio.run(
+                spamd_alone(spamd.address, args.scanned, SPAMD_CHILDREN, args.size)
+            )
+            alone_cpu.append(
+                (cpu_seconds(spamd.daemon.proc.pid) - spamd_before) * 1000 / args.scanned
+            )
+            chain_rates.append(scanned)
+            alone_rates.append(alone)
+            ratios.append(scanned / alone)
+            cpu_rounds.append(cpu)
+        median = statistics.median
+        rows.append(("postfix -> clamd + spamd filters -> postfix",
+                     f"{median(chain_rates):8.1f} msg/s  (rounds: "
+                     + ", ".join(f"{r:.1f}" for r in chain_rates) + ")"))
+        rows.append(("  CPU ms per message", "  " + ", ".join(
+            f"{name} {median(c[name] for c in cpu_rounds):.1f}" for name in cpu_rounds[0])))
+        rows.append((f"spamd alone ({SPAMD_CHILDREN} children, SPAMC)",
+                     f"{median(alone_rates):8.1f} msg/s  (rounds: "
+                     + ", ".join(f"{r:.1f}" for r in alone_rates) + ")"))
+        rows.append(("  CPU ms per message", f"  spamd {median(alone_cpu):.0f}"))
+        rows.append(("  ratio chain / spamd alone", f"{median(ratios):8.2f}x  (rounds: "
+                     + ", ".join(f"{r:.2f}" for r in ratios) + ")"))
 
         # One hop: smtp-source -> clamav filter (stand-in clamd) -> smtp-sink.
         hop, hop_port = start_filter("clamav", f"127.0.0.1:{clamd_port}", sink_port)
