@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from services.policy.greylist import (
     ClientRecord,
+    GreylistConfig,
     Triplet,
     WhitelistEntry,
     WhitelistKind,
@@ -64,7 +65,7 @@ class SqliteStore:
 
     COMMIT_INTERVAL = 0.1
 
-    def __init__(self, path: str, max_age: int = 35 * 86400) -> None:
+    def __init__(self, path: str, max_age: int = GreylistConfig.max_age) -> None:
         self.max_age = max_age
         self._commit_timer: asyncio.TimerHandle | None = None
         if path != ":memory:":

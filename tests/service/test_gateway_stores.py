@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.policy.greylist import ClientRecord, Triplet, WhitelistEntry
+from services.policy.greylist import Triplet, WhitelistEntry
 from services.policy.stores import RedisStore
 
 
@@ -55,7 +55,7 @@ async def test_replicas_passing_one_network_at_once_count_every_pass(redis_url: 
     )
     client, _ = await replicas[0].lookup(network, "no-such-triplet")
     assert client is not None and client.passes == 40
-    assert client == ClientRecord(40, client.last_seen) and 1000.0 <= client.last_seen <= 1039.0
+    assert 1000.0 <= client.last_seen <= 1039.0  # one of the passes' times
     assert await replicas[0].redis.ttl(RedisStore.PREFIX + "c:" + network) > 3000
     for store in replicas:
         await store.close()
