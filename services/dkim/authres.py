@@ -1,5 +1,5 @@
-"""Authentication-Results (RFC 8601): the header SecuMail adds, the forged ones it removes,
-and the SPF result it takes from the policy service's Received-SPF header."""
+"""Authentication-Results (RFC 8601): the header SecuMail adds, and the reading of an
+authserv-id that tells which of the message's own such headers claim to be ours."""
 
 from __future__ import annotations
 
@@ -8,47 +8,94 @@ from dataclasses import dataclass
 
 from services.dkim.dmarc import DmarcOutcome
 
-_COMMENT = re.compile(r"\([^()]*\)")
-_SPF_PAIR = re.compile(r'([a-z][a-z0-9-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)', re.IGNORECASE)
-_SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 # RFC 8601 2.2 property values: a dot-atom-ish token or a quoted string.
 _PLAIN_VALUE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.@-]+\Z")
 
 
+class Unparsable(ValueError):
+    """An Authentication-Results value that does not follow RFC 8601's grammar."""
+
+
+# RFC 2045 token: any printable ASCII but tspecials and space.
+_TSPECIALS = frozenset('()<>@,;:\\"/[]?=')
+
+
+def _skip_cfws(text: str, at: int) -> int:
+    """The index after any folding white space and comments (nested, with quoted-pairs)."""
+    depth = 0
+    while at < len(text):
+        char = text[at]
+        if depth and char == "\\":
+            at += 2
+            continue
+        if char == "(":
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+        elif not depth and char not in " \t\r\n":
+            return at
+        at += 1
+    if depth:
+        raise Unparsable("unterminated comment")
+    return at
+
+
+def _read_value(text: str, at: int) -> tuple[str, int]:
+    """An RFC 2045 value (token or quoted-string) at `at`: its text and the index after it."""
+    if at < len(text) and text[at] == '"':
+        chars = []
+        at += 1
+        while at < len(text) and text[at] != '"':
+            if text[at] == "\\":
+                at += 1
+                if at == len(text):
+                    break
+            chars.append(text[at])
+            at += 1
+        if at >= len(text):
+            raise Unparsable("unterminated quoted string")
+        return "".join(chars), at + 1
+    start = at
+    while at < len(text) and text[at] > " " and text[at] != "\x7f" \
+            and text[at] not in _TSPECIALS:
+        at += 1
+    if at == start:
+        raise Unparsable(f"no authserv-id at {text[start:start + 20]!r}")
+    return text[start:at], at
+
+
 def authserv_id_of(value: str) -> str:
-    """The authserv-id an Authentication-Results header names (before its first ';')."""
-    head = value.split(";", 1)[0]
-    while True:  # comments may nest: strip the innermost first
-        stripped = _COMMENT.sub(" ", head)
-        if stripped == head:
-            break
-        head = stripped
-    words = head.split()
-    return words[0].strip('"').lower() if words else ""
+    """The authserv-id of an Authentication-Results value (RFC 8601 2.2), lowercased and
+    without a final dot: [CFWS] authserv-id [CFWS authres-version] then ";" or the end
+    (no-result). Unparsable raises: a reader more lenient than this one might still take
+    such a header for ours."""
+    identifier, at = _read_value(value, _skip_cfws(value, 0))
+    at = _skip_cfws(value, at)
+    if at < len(value) and value[at].isdigit():  # the version, "1"
+        while at < len(value) and value[at].isdigit():
+            at += 1
+        at = _skip_cfws(value, at)
+    if at < len(value) and value[at] != ";":
+        raise Unparsable(f"unexpected {value[at:at + 20]!r} after the authserv-id")
+    return identifier.lower().rstrip(".")
+
+
+def claims_to_be(value: str, authserv_id: str) -> bool:
+    """Whether an Authentication-Results value speaks for `authserv_id`: its own authserv-id
+    is ours, in any spelling; or it cannot be parsed and names us anywhere (a lenient
+    reader could take it for ours, and a malformed header is no loss)."""
+    ours = authserv_id.lower().rstrip(".")
+    try:
+        return authserv_id_of(value) == ours
+    except Unparsable:
+        return ours in value.lower()
 
 
 @dataclass(frozen=True)
 class SpfResult:
-    result: str  # one of _SPF_RESULTS
+    result: str  # pass, fail, softfail, neutral, none, temperror, permerror
     domain: str  # the domain SPF authenticated: MAIL FROM's, or HELO's for a null sender
     identity: str  # "mailfrom" or "helo"
-
-
-def parse_received_spf(value: str, receiver: str) -> SpfResult | None:
-    """The policy service's Received-SPF header (RFC 7208 9.1), if `receiver=` is this host."""
-    words = value.split(None, 1)
-    if not words or words[0].lower() not in _SPF_RESULTS:
-        return None
-    pairs: dict[str, str] = {}
-    for name, raw in _SPF_PAIR.findall(_COMMENT.sub(" ", words[1] if len(words) > 1 else "")):
-        pairs.setdefault(name.lower(), raw.strip('"'))
-    if pairs.get("receiver", "").lower() != receiver.lower():
-        return None
-    identity = pairs.get("identity", "mailfrom").lower()
-    sender = pairs.get("envelope-from", "")
-    if identity == "helo" or "@" not in sender:
-        return SpfResult(words[0].lower(), pairs.get("helo", "").lower().rstrip("."), "helo")
-    return SpfResult(words[0].lower(), sender.rpartition("@")[2].lower().rstrip("."), "mailfrom")
 
 
 def _value(text: str) -> str:

@@ -34,6 +34,7 @@ class BodyHasher:
         self._hash = _HASHES[hash_name]()
         self.limit = limit
         self.length = 0  # canonical bytes hashed so far
+        self.total = 0  # canonical bytes seen, beyond the limit too
         self._pending_empty_lines = 0
         self._partial = b""
 
@@ -61,6 +62,7 @@ class BodyHasher:
         self._pending_empty_lines = empty_lines - 1
 
     def _emit(self, canonical: bytes) -> None:
+        self.total += len(canonical)
         if self.limit is not None:
             room = self.limit - self.length
             if room <= 0:

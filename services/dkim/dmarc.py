@@ -50,6 +50,25 @@ def from_domains(from_values: list[str]) -> list[str]:
     return domains
 
 
+class AuthorError(ValueError):
+    """A message without exactly one author domain: DMARC cannot say who sent it."""
+
+
+def author_domain(from_values: list[str]) -> str:
+    """The one RFC5322.From domain that DMARC evaluates. RFC 7489 6.6.1 leaves messages with
+    none or several to the receiver; SecuMail refuses them (AuthorError says why), as large
+    receivers do: a second From field would let a replayed signed message name another
+    author, and several domains would let the weakest policy decide."""
+    if len(from_values) != 1:
+        raise AuthorError(f"{len(from_values)} From header fields, where RFC 5322 wants one")
+    domains = set(from_domains(from_values))
+    if not domains:
+        raise AuthorError("no address in the From header")
+    if len(domains) > 1:
+        raise AuthorError("the From header names several domains")
+    return domains.pop()
+
+
 @dataclass(frozen=True)
 class DmarcRecord:
     policy: str

@@ -3,13 +3,17 @@
 The session is I/O-free except for the DNS lookups at end of message (awaited): the server
 feeds it decoded commands and writes back the bytes it returns.
 
-Options negotiated with the MTA (when offered): add and change headers; skip HELO, RCPT,
-DATA and unknown commands; send no reply to connect, MAIL, headers, end of headers and
+Options negotiated with the MTA (when offered): add and change headers; skip RCPT, DATA
+and unknown commands; send no reply to connect, HELO, MAIL, headers, end of headers and
 body chunks (Postfix then streams the whole message without waiting); header values with
 their leading space, so that simple canonicalisation sees the exact bytes.
 
 Mail from SECUMAIL_MYNETWORKS or from an authenticated client ({auth_authen}) whose From
 domain has a key is signed; everything else is verified and gets Authentication-Results.
+Nothing the client wrote is trusted: every Authentication-Results that claims to be ours is
+removed whatever the message, and the SPF result DMARC uses is the one this milter computes
+for the client's address, HELO and MAIL FROM (never a Received-SPF header, which the client
+may have written itself).
 """
 
 from __future__ import annotations
@@ -34,21 +38,27 @@ log = logging.getLogger("secumail.dkim")
 
 WANTED_ACTIONS = mc.ACTION_ADD_HEADERS | mc.ACTION_CHANGE_HEADERS
 WANTED_PROTOCOL = (
-    mc.NO_HELO | mc.NO_RCPT | mc.NO_DATA | mc.NO_UNKNOWN
-    | mc.NO_REPLY_CONNECT | mc.NO_REPLY_MAIL | mc.NO_REPLY_HEADER | mc.NO_REPLY_EOH
-    | mc.NO_REPLY_BODY | mc.HEADER_LEADING_SPACE
+    mc.NO_RCPT | mc.NO_DATA | mc.NO_UNKNOWN
+    | mc.NO_REPLY_CONNECT | mc.NO_REPLY_HELO | mc.NO_REPLY_MAIL | mc.NO_REPLY_HEADER
+    | mc.NO_REPLY_EOH | mc.NO_REPLY_BODY | mc.HEADER_LEADING_SPACE
 )
 WANTED_MACROS = {mc.STAGE_MAIL: "{auth_authen}", mc.STAGE_EOM: "i"}
 
-# Bounds on what one message may make the milter hold or do.
+# Bounds on what one message may make the milter hold or do. Postfix bounds the size of one
+# header field, not their number: a message over these is refused (552), never let through
+# unchecked with whatever results it claims.
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_HEADERS = 2000
 MAX_SIGNATURES = 10
+TOO_BIG = (f"552 5.6.0 Message header block too large (over {MAX_HEADERS} fields or "
+           f"{MAX_HEADER_BYTES} bytes)")
 
 AUTH_RESULTS = b"Authentication-Results"
 _SIGN_BODY = (RELAXED, "sha256", None)
 
 TxtLookup = Callable[[str], Awaitable[list[str] | None]]
+# (client address, MAIL FROM without brackets, HELO name) -> the SPF result (RFC 7208 2.6).
+SpfCheck = Callable[[str, str, str], Awaitable[str]]
 
 
 @dataclass
@@ -66,10 +76,13 @@ class DkimMilter:
     """What every connection shares: settings, keys, the DNS lookup, the clock."""
 
     def __init__(self, settings: Settings, keys: KeyStore, lookup: TxtLookup,
+                 spf_check: SpfCheck | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.keys = keys
         self.lookup = lookup
+        # None: no SPF result for DMARC (SECUMAIL_SPF_ENABLED=false); it then rests on DKIM.
+        self.spf_check = spf_check if settings.spf_enabled else None
         self.clock = clock
         self.authserv_id = settings.authserv_id or settings.hostname or socket.gethostname()
         self.on_outcome: Callable[[Outcome], None] | None = None
@@ -88,6 +101,7 @@ class MilterSession:
         self._header_reply = self._body_reply = b""
         self.client_ip: IPAddress | None = None
         self.client = ""
+        self.helo = ""
         self.connection_macros: dict[str, str] = {}
         self._new_message()
 
@@ -97,6 +111,7 @@ class MilterSession:
         self.macros: dict[str, str] = {}
         self.sender = ""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.header_count = 0
         self.header_bytes = 0
         self.too_big = False
         self.mode = ""
@@ -143,7 +158,9 @@ class MilterSession:
             if self.in_message:
                 self._new_message()
             self.in_message = True
-            self.sender = command.sender
+            self.sender = command.sender.strip().removeprefix("<").removesuffix(">")
+        elif isinstance(command, mc.Helo):
+            self.helo = command.name
         elif isinstance(command, mc.Connect):
             self.client = f"{command.hostname}[{command.address}]"
             self.client_ip = parse_ip(command.address) if command.family in "46" else None
@@ -152,22 +169,21 @@ class MilterSession:
         elif isinstance(command, mc.QuitNewConnection):
             self._new_message()
             self.connection_macros = {}
-            self.client_ip, self.client = None, ""
+            self.client_ip, self.client, self.helo = None, "", ""
         return mc.CONTINUE if negotiated.needs_reply(command) else b""
 
     def _header(self, command: mc.Header) -> None:
         self.in_message = True
-        if self.too_big:
-            return
+        self.header_count += 1
         self.header_bytes += len(command.name) + len(command.value) + 3
-        if self.header_bytes > MAX_HEADER_BYTES or len(self.headers) >= MAX_HEADERS:
-            self.too_big = True
+        if self.header_bytes > MAX_HEADER_BYTES or self.header_count > MAX_HEADERS:
+            self.too_big = True  # refused at end of message; nothing more is kept
             return
         value = command.value if self.leading_space else b" " + command.value
         self.headers.append((command.name, header_value_crlf(value)))
 
     def _header_values(self, name: bytes) -> list[bytes]:
-        return [v for n, v in self.headers if n.lower() == name]
+        return [v for n, v in self.headers if _name(n) == name]
 
     def _internal(self) -> bool:
         return self.settings.in_mynetworks(self.client_ip) or bool(
@@ -177,7 +193,7 @@ class MilterSession:
     def _decide(self) -> None:
         """At end of headers: sign, verify or let pass, and set up the body hashers."""
         if self.too_big:
-            self.mode, self.skip_reason = "skip", f"header block over {MAX_HEADER_BYTES} bytes"
+            self.mode = "refuse"
             return
         if self._internal():
             self._decide_signing()
@@ -202,7 +218,7 @@ class MilterSession:
     def _decide_verifying(self) -> None:
         self.mode = "verify"
         for name, value in self.headers:
-            if name.lower() != b"dkim-signature":
+            if _name(name) != b"dkim-signature":
                 continue
             if len(self.parsed) >= MAX_SIGNATURES:
                 log_event(log, "signatures over the limit not verified", logging.WARNING,
@@ -225,10 +241,14 @@ class MilterSession:
         if command.data:
             for hasher in self.hashers.values():
                 hasher.update(command.data)
-        if not self.mode:  # no end of headers seen (a message without body separator)
+        if not self.mode or self.too_big:  # no end of headers seen, or headers after it
             self._decide()
         try:
-            if self.mode == "sign":
+            if self.mode == "refuse":
+                reply = mc.encode_reply_code(TOO_BIG)
+                outcome = Outcome("verify", "reject", "header block over the limits",
+                                  {"fields": self.header_count, "bytes": self.header_bytes})
+            elif self.mode == "sign":
                 reply, outcome = self._sign()
             elif self.mode == "verify":
                 reply, outcome = await self._verify()
@@ -239,6 +259,13 @@ class MilterSession:
         except Exception as error:
             log.exception("end of message failed")
             reply, outcome = self._failure(self.mode, f"internal error: {error!r}")
+        if outcome.action == "continue":
+            # Whatever else happened, no Authentication-Results of ours but our own leaves.
+            forged = self._forged_auth_results()
+            if forged:
+                outcome.fields["removed_forged_auth_results"] = len(forged)
+                reply = b"".join(mc.encode_change_header(index, AUTH_RESULTS, b"")
+                                 for index in reversed(forged)) + reply
         outcome.seconds = time.perf_counter() - started
         outcome.fields["ms"] = round(outcome.seconds * 1000, 2)
         self._log(outcome)
@@ -275,22 +302,25 @@ class MilterSession:
         return b"".join(replies), outcome
 
     async def _verify(self) -> tuple[bytes, Outcome]:
+        try:
+            from_domain = dmarc.author_domain([_text(v) for v in self._header_values(b"from")])
+        except dmarc.AuthorError as error:
+            reply = mc.encode_reply_code(
+                f"550 5.7.1 Message refused: {error} (RFC 5322 3.6.2, RFC 7489 6.6.1)")
+            return reply, Outcome("verify", "reject", str(error))
         lookup = self.milter.lookup
-        hashes = {key: hasher.digest() for key, hasher in self.hashers.items()}
+        hashes = {key: (hasher.digest(), hasher.total) for key, hasher in self.hashers.items()}
         parsed = [p for p in self.parsed if isinstance(p, signature.ParsedSignature)]
         key_names = list(dict.fromkeys(p.key_name for p in parsed))
-        from_domains = list(dict.fromkeys(
-            dmarc.from_domains([_text(v) for v in self._header_values(b"from")])))
 
-        async def dmarc_record() -> tuple[dmarc.DmarcRecord | None, bool]:
-            if len(from_domains) != 1:
-                return None, False
-            return await dmarc.find_record(from_domains[0], lookup)
-
-        # Every key and the DMARC record at once: the slowest answer bounds the wait.
-        answers = await asyncio.gather(
-            dmarc_record(), *(lookup(name) for name in key_names), return_exceptions=True)
-        keys = dict(zip(key_names, answers[1:], strict=True))
+        # The DMARC record, this host's SPF result and every key at once: the slowest
+        # answer bounds the wait.
+        spf_task = asyncio.ensure_future(self._spf())  # never raises: temperror instead
+        dmarc_answer, *key_answers = await asyncio.gather(
+            dmarc.find_record(from_domain, lookup), *(lookup(name) for name in key_names),
+            return_exceptions=True)
+        spf = await spf_task
+        keys = dict(zip(key_names, key_answers, strict=True))
 
         reports = []
         for item in self.parsed:
@@ -301,8 +331,7 @@ class MilterSession:
                 reports.append(authres.DkimReport(
                     "permerror", reason, info.domain, info.identity, info.selector,
                     info.algorithm, info.b_prefix))
-        spf = self._spf_result()
-        outcome_dmarc = self._dmarc(from_domains, answers[0], reports, spf)
+        outcome_dmarc = self._dmarc(from_domain, dmarc_answer, reports, spf)
 
         dkim_temporary = any(r.result == "temperror" for r in reports)
         undecided = outcome_dmarc.result == "temperror" or (
@@ -330,17 +359,13 @@ class MilterSession:
             outcome = Outcome("verify", "continue", fields=fields)
         value = authres.authentication_results(self.milter.authserv_id, reports, spf,
                                                outcome_dmarc)
-        replies = [mc.encode_change_header(index, AUTH_RESULTS, b"")
-                   for index in reversed(self._forged_auth_results())]
-        if replies:
-            outcome.fields["removed_forged_auth_results"] = len(replies)
-        replies.append(mc.encode_insert_header(
-            0, *self._header_bytes(AUTH_RESULTS, value.encode("utf-8"))))
-        replies.append(mc.CONTINUE)
-        return b"".join(replies), outcome
+        header = mc.encode_insert_header(
+            0, *self._header_bytes(AUTH_RESULTS, value.encode("utf-8")))
+        return header + mc.CONTINUE, outcome
 
     def _check(self, parsed: signature.ParsedSignature, answer: object,
-               hashes: dict[tuple[str, str, int | None], bytes]) -> authres.DkimReport:
+               hashes: dict[tuple[str, str, int | None], tuple[bytes, int]],
+               ) -> authres.DkimReport:
         report = authres.DkimReport(
             "permerror", "", parsed.domain, parsed.identity, parsed.selector,
             parsed.algorithm, parsed.b_prefix)
@@ -357,36 +382,41 @@ class MilterSession:
             record = signature.parse_key_record(texts[0].encode("latin-1"))
         except signature.KeyRecordError as error:
             return dataclasses.replace(report, reason=str(error))
-        verdict = signature.check(parsed, record, self.headers, hashes[parsed.body_hasher_key])
+        body_hash, body_length = hashes[parsed.body_hasher_key]
+        verdict = signature.check(parsed, record, self.headers, body_hash, body_length)
         return dataclasses.replace(report, result=verdict.result, reason=verdict.reason,
                                    key_bits=record.bits, key_type=record.key_type)
 
-    def _spf_result(self) -> authres.SpfResult | None:
-        """The Received-SPF this host's policy service prepended: the first one, and only if
-        no Received header comes before it (one below a Received was added upstream)."""
-        for name, value in self.headers:
-            lowered = name.lower()
-            if lowered == b"received":
-                return None
-            if lowered == b"received-spf":
-                return authres.parse_received_spf(_text(value), self.settings.hostname)
-        return None
+    async def _spf(self) -> authres.SpfResult | None:
+        """This host's own SPF result for the client, its HELO and its MAIL FROM (the SPF
+        identity is the HELO name for the null sender, RFC 7208 2.4)."""
+        check = self.milter.spf_check
+        if check is None or self.client_ip is None:
+            return None
+        sender = self.sender
+        if sender:
+            identity, domain = "mailfrom", sender.rpartition("@")[2]
+        else:
+            identity, domain = "helo", self.helo
+        try:
+            result = await check(str(self.client_ip), sender, self.helo)
+        except Exception as error:
+            log_event(log, "SPF check failed", logging.WARNING, queue_id=self.queue_id,
+                      error=f"{type(error).__name__}: {error}")
+            result = "temperror"
+        return authres.SpfResult(result, domain.lower().rstrip("."), identity)
 
-    def _dmarc(self, from_domains: list[str], answer: object,
+    def _dmarc(self, from_domain: str, answer: object,
                reports: list[authres.DkimReport],
                spf: authres.SpfResult | None) -> dmarc.DmarcOutcome:
-        if not from_domains:
-            return dmarc.DmarcOutcome("none", reason="no From domain")
-        if len(from_domains) > 1:
-            return dmarc.DmarcOutcome("permerror", reason="several From domains")
         if isinstance(answer, dmarc.DnsTemporaryError):
-            return dmarc.DmarcOutcome("temperror", from_domains[0], reason=str(answer))
+            return dmarc.DmarcOutcome("temperror", from_domain, reason=str(answer))
         if isinstance(answer, BaseException):
             raise answer
         assert isinstance(answer, tuple)
         record, from_organizational = answer
         return dmarc.evaluate(
-            from_domains[0], record, from_organizational,
+            from_domain, record, from_organizational,
             [r.domain for r in reports if r.result == "pass"],
             spf.result if spf else "none", spf.domain if spf else "",
         )
@@ -396,11 +426,10 @@ class MilterSession:
         come from this host: only the ones added here may (RFC 8601 5)."""
         positions = []
         position = 0
-        ours = self.milter.authserv_id.lower()
         for name, value in self.headers:
-            if name.lower() == b"authentication-results":
+            if _name(name) == b"authentication-results":
                 position += 1
-                if authres.authserv_id_of(_text(value)) == ours:
+                if authres.claims_to_be(_text(value), self.milter.authserv_id):
                     positions.append(position)
         return positions
 
@@ -417,3 +446,9 @@ class MilterSession:
 
 def _text(value: bytes) -> str:
     return value.decode("utf-8", "replace")
+
+
+def _name(name: bytes) -> bytes:
+    """A header name as compared: any case, and without the white space Postfix allows
+    before the colon ("Authentication-Results :" is that header too)."""
+    return name.rstrip(b" \t").lower()

@@ -12,6 +12,7 @@ from secumail import milter_codec as mc
 from secumail.logs import log_event
 from secumail.runtime import ConnectionServer, send
 from secumail.settings import Settings
+from secumail.spf import SpfChecker
 from services.dkim.dnslookup import async_txt_lookup
 from services.dkim.keys import DomainKeys, KeyStore
 from services.dkim.milter import DkimMilter, Outcome
@@ -39,7 +40,11 @@ class DkimService:
         self.keys = keys or KeyStore(settings.dkim_keys_dir)
         self.keys.on_reload = self._keys_reloaded
         resolver = secumail_dns.make_async_resolver(settings.dns_servers, settings.dns_timeout)
-        self.milter = DkimMilter(settings, self.keys, async_txt_lookup(resolver))
+        self.spf = SpfChecker(
+            secumail_dns.make_resolver(settings.dns_servers, settings.dns_timeout),
+            settings.hostname, settings.dns_timeout * 3)
+        self.milter = DkimMilter(settings, self.keys, async_txt_lookup(resolver),
+                                 self._spf_result)
         self.milter.on_outcome = self._count
         self.server = ConnectionServer(
             "dkim", settings.dkim_listen, self.handle, settings.dkim_max_connections
@@ -51,6 +56,10 @@ class DkimService:
 
     async def drain(self, timeout: float) -> None:
         await self.server.drain(timeout)
+        self.spf.close()
+
+    async def _spf_result(self, client: str, sender: str, helo: str) -> str:
+        return (await self.spf.check(client, sender, helo)).result
 
     @staticmethod
     def _count(outcome: Outcome) -> None:

@@ -39,6 +39,9 @@ ALGORITHMS: Final = {
 }
 
 _WHITESPACE = re.compile(rb"\s+")
+# RFC 6376 3.5: l= is 1 to 76 digits; s= and d= are DNS names (RFC 5321 sub-domains).
+_LENGTH = re.compile(rb"[0-9]{1,76}\Z")
+_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\Z")  # "_" as DNS allows it
 
 PublicKey = rsa.RSAPublicKey | ed25519.Ed25519PublicKey
 
@@ -201,15 +204,21 @@ def parse_signature(value: bytes, name: bytes = SIGNATURE_HEADER) -> ParsedSigna
     body_canon = body_canon or "simple"
     if header_canon not in CANONICALIZATIONS or body_canon not in CANONICALIZATIONS:
         raise SignatureSyntaxError(f"unknown canonicalization {canonicalization}")
+    if b"l" in tags and not _LENGTH.match(tags[b"l"]):
+        raise SignatureSyntaxError("l= is not a number")
     signed = [n.strip().lower() for n in _WHITESPACE.sub(b"", tags[b"h"]).split(b":")]
     if b"from" not in signed:
         raise SignatureSyntaxError("From is not signed")
     domain = tags[b"d"].decode("ascii", "replace").lower().rstrip(".")
-    if not domain or "." not in domain:
+    if not _dns_name(domain):
+        raise SignatureSyntaxError("d= is not a domain name")
+    if "." not in domain:
         raise SignatureSyntaxError("d= is not a domain under a public suffix")
     selector = tags[b"s"].decode("ascii", "replace").lower()
-    if not selector:
-        raise SignatureSyntaxError("empty s=")
+    # Not a DNS name: no lookup can find its key, and the resolver would fail every time
+    # (a "temporary" error for ever, and the mail deferred for ever).
+    if not _dns_name(selector) or len(selector) + len(domain) + 12 > 253:
+        raise SignatureSyntaxError("s= is not a valid selector")
     length = int(tags[b"l"]) if b"l" in tags else None
     return ParsedSignature(
         name=name, value=value, domain=domain, selector=selector,
@@ -219,6 +228,10 @@ def parse_signature(value: bytes, name: bytes = SIGNATURE_HEADER) -> ParsedSigna
         signed_headers=signed, body_hash=_decode_b64(tags[b"bh"], "bh"),
         signature=_decode_b64(tags[b"b"], "b"), length=length,
     )
+
+
+def _dns_name(name: str) -> bool:
+    return all(_LABEL.match(label) for label in name.split("."))
 
 
 @dataclass(frozen=True)
@@ -304,15 +317,16 @@ def strip_b_value(value: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Verdict:
-    result: str  # pass, fail, permerror (RFC 8601 dkim results)
+    result: str  # pass, fail, policy, permerror (RFC 8601 dkim results)
     reason: str
 
 
 def check(
     signature: ParsedSignature, record: KeyRecord, headers: list[tuple[bytes, bytes]],
-    body_hash: bytes,
+    body_hash: bytes, body_length: int | None = None,
 ) -> Verdict:
-    """Check one parsed signature against its key, the headers and the computed body hash."""
+    """Check one parsed signature against its key, the headers and the computed body hash
+    (and the canonical body's whole length, for a signature limited by l=)."""
     if record.key_type != signature.key_type:
         return Verdict("permerror", f"key type {record.key_type} does not match a=")
     if record.hashes is not None and signature.hash_name not in record.hashes:
@@ -335,4 +349,12 @@ def check(
             record.key.verify(signature.signature, hashlib.sha256(data).digest())
     except InvalidSignature:
         return Verdict("fail", "signature did not verify")
+    if signature.length is not None and body_length is not None:
+        if body_length < signature.length:
+            return Verdict("permerror", "l= is longer than the body")
+        if body_length > signature.length:
+            # RFC 6376 8.2: anyone may append text to such a message. RFC 8601 2.7.1
+            # "policy": the signature verified, but this host does not accept it as a pass.
+            return Verdict("policy", f"l= covers {signature.length} of {body_length} body "
+                                     "bytes: text was added after signing")
     return Verdict("pass", "")

@@ -9,23 +9,22 @@ Postfix config asks the service again from smtpd_data_restrictions).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.resolver
 
+from secumail import spf
 from secumail.logs import log_event
 from secumail.netaddr import IPAddress, client_network, parse_ip
 from secumail.policy_codec import PolicyRequest
 from secumail.settings import Settings
-from services.policy import dnsbl, spf
+from services.policy import dnsbl
 from services.policy.greylist import (
     ClientWhitelist,
     GreylistConfig,
@@ -105,9 +104,8 @@ class PolicyEngine:
         self._runtime_loaded = float("-inf")
         self.dnsbl_weights = dict(settings.weighted_dnsbl_zones)
         self._transactions: OrderedDict[str, _Transaction] = OrderedDict()  # LRU
-        self._spf_threads = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spf")
+        self.spf = spf.SpfChecker(resolver, settings.hostname, settings.dns_timeout * 3)
         self.on_check_error: Callable[[str], None] = lambda check: None
-        spf.use_resolver(resolver)
         # The checks this configuration runs at RCPT time, cheapest verdict first.
         Step = Callable[[PolicyRequest, IPAddress], Awaitable[Decision | None]]
         checks: list[tuple[str, bool, Step]] = [
@@ -175,13 +173,9 @@ class PolicyEngine:
     async def _spf_outcome(self, request: PolicyRequest) -> spf.SpfOutcome:
         transaction = self._transaction(request)
         if transaction.spf is None:
-            loop = asyncio.get_running_loop()
-            transaction.spf = await loop.run_in_executor(
-                self._spf_threads, spf.check_spf,
+            transaction.spf = await self.spf.check(
                 request.get("client_address", ""), request.get("sender", ""),
-                request.get("helo_name", ""), self.settings.hostname,
-                self.settings.dns_timeout * 3,
-            )
+                request.get("helo_name", ""))
         return transaction.spf
 
     async def _check_spf(self, request: PolicyRequest, ip: IPAddress) -> Decision | None:
@@ -258,4 +252,4 @@ class PolicyEngine:
         return transaction
 
     def close(self) -> None:
-        self._spf_threads.shutdown(wait=False, cancel_futures=True)
+        self.spf.close()

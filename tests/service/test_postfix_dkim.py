@@ -4,6 +4,7 @@ Authentication-Results, tampered mail fails, DMARC p=reject can be enforced."""
 
 from __future__ import annotations
 
+import re
 import smtplib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,7 +52,8 @@ class Chain:
                          canonicalize=(b"relaxed", b"simple")) + message
 
 
-def start_chain(tmp_path: Path, dns: LoopbackDNS, **dkim_overrides: str) -> Iterator[Chain]:
+def start_chain(tmp_path: Path, dns: LoopbackDNS, policy_spf: str = "true",
+                **dkim_overrides: str) -> Iterator[Chain]:
     dns.add("remote.test", "TXT", '"v=spf1 ip4:203.0.113.0/24 -all"')
     dns.add("_dmarc.remote.test", "TXT", '"v=DMARC1; p=reject"')
     dns.add("_dmarc.bank.test", "TXT", '"v=DMARC1; p=reject"')
@@ -65,7 +67,8 @@ def start_chain(tmp_path: Path, dns: LoopbackDNS, **dkim_overrides: str) -> Iter
 
     policy_port, dkim_port = free_port(), free_port()
     policy = start_policy(policy_env(policy_port, f"sqlite:///{tmp_path}/grey.sqlite",
-                                     dns.spec, greylist_enabled="false"))
+                                     dns.spec, greylist_enabled="false",
+                                     spf_enabled=policy_spf))
     milter = start_dkim(dkim_env(dkim_port, keys_dir, dns.spec, **dkim_overrides))
     sink = SmtpSink().start()
     service = f"check_policy_service inet:127.0.0.1:{policy_port}"
@@ -170,3 +173,173 @@ def test_dmarc_reject_refuses_spoofed_mail(tmp_path: Path, dns_server: LoopbackD
         assert refused.value.smtp_code == 550
         assert b"5.7.1 Email rejected per DMARC policy for bank.test" in refused.value.smtp_error
         assert chain.sink.handler.messages == []
+
+
+# --- Forged verdicts (issue 13, items 1 to 5): each attack through the real Postfix -------------
+
+FORGED_RESULTS = (
+    b"Authentication-Results: mx.secumail.test; dkim=pass header.d=paypal.test;"
+    b" spf=pass smtp.mailfrom=paypal.test; dmarc=pass header.from=paypal.test\r\n"
+)
+PAYPAL = (
+    b"From: PayPal <service@paypal.test>\r\nTo: bob@secumail.test\r\nSubject: your account\r\n"
+    b"Date: Sat, 28 Nov 2026 10:00:00 +0100\r\nMessage-ID: <p1@paypal.test>\r\n\r\n"
+    b"Please log in at http://paypal.test.evil.test/ to keep your account.\r\n"
+)
+
+
+def refused_data(chain: Chain, sender: str, message: bytes,
+                 client: str = REMOTE_CLIENT) -> smtplib.SMTPDataError:
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        send(chain.postfix.port, sender, "bob@secumail.test", message, client=client)
+    assert chain.sink.handler.messages == []
+    return refused.value
+
+
+def test_a_huge_header_block_is_refused_not_waved_through(chain: Chain) -> None:
+    """2,100 header fields used to make the milter skip the message: no verification, the
+    forged results kept. Now the session refuses it (552 5.6.0) and logs why."""
+    padded = b"X-Pad: 1\r\n" * 2100 + FORGED_RESULTS + PAYPAL
+    refused = refused_data(chain, "billing@remote.test", padded)
+    assert refused.smtp_code == 552
+    assert b"5.6.0 Message header block too large" in refused.smtp_error
+    assert chain.dkim_daemon.logged("action=reject")
+
+
+@pytest.mark.parametrize(
+    "authserv_id",
+    [
+        b"(x;y) mx.secumail.test",
+        b"(a (nested; comment) b) MX.SecuMail.Test",
+        b'"mx.secumail.test"',
+        b'"mx.secumail\\.test" 1',
+        b"\r\n\tmx.secumail.test (the real one)",
+        b"mx.secumail.test.",
+    ],
+    ids=["comment", "nested-comment", "quoted", "quoted-pair-and-version", "folded",
+         "trailing-dot"],
+)
+def test_forged_results_are_removed_whatever_their_spelling(
+    chain: Chain, authserv_id: bytes
+) -> None:
+    forged = (b"Authentication-Results: " + authserv_id
+              + b"; dkim=pass header.d=paypal.test; dmarc=pass\r\n")
+    send(chain.postfix.port, "carol@remote.test", "bob@secumail.test",
+         forged + chain.sign_as_remote(INBOUND), client=REMOTE_CLIENT)
+    message, raw = delivered(chain, 1)
+    [results] = message.get_all("Authentication-Results")  # ours only
+    assert results.startswith("mx.secumail.test;")
+    assert b"paypal.test" not in raw
+
+
+@pytest.mark.parametrize("name", [b"Authentication-Results :", b"authentication-results:"])
+def test_forged_results_are_removed_whatever_their_header_name(chain: Chain, name: bytes) -> None:
+    forged = name + b" mx.secumail.test; dkim=pass header.d=paypal.test\r\n"
+    send(chain.postfix.port, "carol@remote.test", "bob@secumail.test",
+         forged + chain.sign_as_remote(INBOUND), client=REMOTE_CLIENT)
+    _, raw = delivered(chain, 1)
+    assert b"paypal.test" not in raw
+
+
+def test_results_of_other_hosts_are_kept(chain: Chain) -> None:
+    upstream = b"Authentication-Results: (mx.secumail.test) relay.remote.test; dkim=none\r\n"
+    send(chain.postfix.port, "carol@remote.test", "bob@secumail.test",
+         upstream + chain.sign_as_remote(INBOUND), client=REMOTE_CLIENT)
+    message, _ = delivered(chain, 1)
+    assert len(message.get_all("Authentication-Results")) == 2
+
+
+FORGED_SPF = (
+    b"Received-SPF: pass (mx.secumail.test: domain of ceo@bank.test designates 203.0.113.7"
+    b" as permitted sender) client-ip=203.0.113.7; envelope-from=\"ceo@bank.test\";"
+    b" helo=mail.remote.test; receiver=mx.secumail.test; identity=mailfrom\r\n"
+)
+CEO = INBOUND.replace(b"carol@remote.test", b"ceo@bank.test")
+
+
+@pytest.mark.parametrize("milter_spf", ["true", "false"])
+def test_a_received_spf_written_by_the_client_is_never_trusted(
+    tmp_path: Path, dns_server: LoopbackDNS, milter_spf: str
+) -> None:
+    """The policy service adds no Received-SPF (SPF off there); the client wrote its own.
+    DMARC must not pass on it, whether the milter checks SPF itself or not at all."""
+    dns_server.add("bank.test", "TXT", '"v=spf1 ip4:198.51.100.0/24 -all"')
+    for chain in start_chain(tmp_path, dns_server, dmarc_reject="true", spf_enabled=milter_spf,
+                             policy_spf="false"):
+        refused = refused_data(chain, "ceo@bank.test", FORGED_SPF + CEO)
+        assert refused.smtp_code == 550
+        assert b"DMARC policy for bank.test" in refused.smtp_error
+
+
+@pytest.mark.parametrize(
+    "froms",
+    [
+        b"From: ceo@bank.test\r\nFrom: carol@remote.test\r\n",
+        b"From: carol@remote.test\r\nFrom: ceo@remote.test\r\n",
+        b"From: carol@remote.test, ceo@bank.test\r\n",
+    ],
+    ids=["two-domains", "same-domain", "one-field-two-domains"],
+)
+def test_a_message_without_exactly_one_author_domain_is_refused(
+    chain: Chain, froms: bytes
+) -> None:
+    """RFC 7489 6.6.1: DMARC needs one From domain. Two From fields used to give permerror
+    (which never rejects) or, with one domain, a replayed signed message gained a From.
+    (A message with no From at all gets one from this test Postfix, made of the envelope
+    sender: that case is in the milter's unit tests.)"""
+    signed = chain.sign_as_remote(INBOUND)
+    message = froms + b"\r\n".join(
+        line for line in signed.split(b"\r\n") if not line.startswith(b"From:"))
+    refused = refused_data(chain, "carol@remote.test", message)
+    assert refused.smtp_code == 550
+    assert b"5.7.1" in refused.smtp_error and b"From" in refused.smtp_error
+
+
+def sign_with_tags(chain: Chain, message: bytes, **tags: bytes) -> bytes:
+    """The remote signature with some tags rewritten or added (it then need not verify)."""
+    signed = chain.sign_as_remote(message)
+    header, _, rest = signed.partition(b"\r\n\r\n")
+    for name, value in tags.items():
+        tag = rb"(\b" + name.encode() + rb"=)[^;]*"
+        if re.search(tag, header):
+            header = re.sub(tag, rb"\g<1>" + value, header, count=1)
+        else:
+            header = header.replace(b"v=1;", b"v=1; " + name.encode() + b"=" + value + b";", 1)
+    return header + b"\r\n\r\n" + rest
+
+
+@pytest.mark.parametrize(
+    ("tags", "reason"),
+    [
+        ({"l": b""}, 'reason="l= is not a number"'),
+        ({"s": b"bad..selector"}, 'reason="s= is not a valid selector"'),
+        ({"s": b"-x"}, 'reason="s= is not a valid selector"'),
+    ],
+    ids=["empty-l", "empty-label-selector", "hyphen-selector"],
+)
+def test_malformed_signature_tags_are_permanent_errors(
+    chain: Chain, tags: dict[str, bytes], reason: str
+) -> None:
+    """An empty l= used to drop the milter's connection (451 for ever) and a selector that is
+    not a DNS name was taken for a DNS outage (451 for ever): both are dkim=permerror."""
+    send(chain.postfix.port, "carol@remote.test", "bob@secumail.test",
+         sign_with_tags(chain, INBOUND, **tags), client=REMOTE_CLIENT)
+    message, _ = delivered(chain, 1)
+    results = message["Authentication-Results"]
+    assert "dkim=permerror" in results and reason in results
+
+
+def test_text_appended_after_an_l_limited_signature_is_no_dmarc_pass(
+    tmp_path: Path, dns_server: LoopbackDNS
+) -> None:
+    """l= lets anyone append text to a signed message. Such a signature is dkim=policy, not a
+    pass that DMARC could align on (here SPF is no help: another envelope domain)."""
+    for chain in start_chain(tmp_path, dns_server, dmarc_reject="true"):
+        pem = chain.remote_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption())
+        signature = dkim.sign(INBOUND, b"rk", b"remote.test", pem, length=True)
+        appended = signature + INBOUND + b"Pay to IBAN XX00 EVIL instead.\r\n"
+        refused = refused_data(chain, "bounce@elsewhere.test", appended)
+        assert refused.smtp_code == 550
+        assert chain.dkim_daemon.logged("dkim=policy:remote.test")

@@ -31,15 +31,31 @@ class FakeDns:
         return self.records.get(name)
 
 
+class FakeSpf:
+    """This host's SPF check: a result per client address (none by default), or a failure."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, str] = {}
+        self.failing = False
+        self.queries: list[tuple[str, str, str]] = []
+
+    async def __call__(self, client: str, sender: str, helo: str) -> str:
+        self.queries.append((client, sender, helo))
+        if self.failing:
+            raise TimeoutError("SPF lookups timed out")
+        return self.results.get(client, "none")
+
+
 class Harness:
     def __init__(self, tmp_path: Path, **overrides: object) -> None:
         self.dns = FakeDns()
+        self.spf = FakeSpf()
         self.keys_dir = tmp_path / "keys"
         self.settings = Settings(hostname=HOST, dkim_keys_dir=str(self.keys_dir),
                                  **overrides)  # type: ignore[arg-type]
         self.outcomes: list[Outcome] = []
         self.milter = DkimMilter(self.settings, keys.KeyStore(self.keys_dir), self.dns,
-                                 clock=lambda: 1_700_000_000)
+                                 self.spf, clock=lambda: 1_700_000_000)
         self.milter.on_outcome = self.outcomes.append
 
     def add_key(self, domain: str, selector: str, key_type: keys.KeyType = "rsa") -> None:
@@ -62,6 +78,7 @@ class Harness:
         commands: list[mc.Command] = [
             mc.DefineMacros(b"C", {"j": HOST}),
             mc.Connect("client.example", "4", 40000, client),
+            mc.Helo("client.example"),
             mc.DefineMacros(b"M", {"auth_authen": auth} if auth else {}),
             mc.MailFrom("<sender@example.org>"),
         ]
@@ -221,22 +238,89 @@ def test_every_signature_is_verified(harness: Harness) -> None:
     assert entries[0].startswith('dkim=permerror reason="From is not signed"')
     assert entries[1].startswith('dkim=permerror reason="no key for signature"')
     assert entries[2].startswith("dkim=pass")
-    assert entries[3] == "dmarc=none header.from=example.org"
+    assert entries[3] == "spf=none smtp.mailfrom=example.org"
+    assert entries[4] == "dmarc=none header.from=example.org"
 
 
-def test_unsigned_mail_gets_dkim_none_and_spf_from_received_spf(harness: Harness) -> None:
-    spf = (b"Received-SPF: pass (mx.secumail.test: domain of example.org designates "
-           b"203.0.113.7 as permitted sender) client-ip=203.0.113.7; "
-           b'envelope-from="sender@example.org"; helo=client.example; '
-           b"receiver=mx.secumail.test; identity=mailfrom\r\n")
+FORGED_SPF = (b"Received-SPF: pass (mx.secumail.test: domain of example.org designates "
+              b"203.0.113.7 as permitted sender) client-ip=203.0.113.7; "
+              b'envelope-from="sender@example.org"; helo=client.example; '
+              b"receiver=mx.secumail.test; identity=mailfrom\r\n")
+
+
+def test_dmarc_uses_this_hosts_own_spf_result(harness: Harness) -> None:
+    harness.spf.results["203.0.113.7"] = "pass"
     harness.dns.records["_dmarc.example.org"] = ["v=DMARC1; p=reject"]
-    replies, _ = harness.send(spf + MESSAGE)
+    replies, _ = harness.send(MESSAGE)
     assert authentication_results(replies).split(";\n\t")[1:] == [
         "dkim=none", "spf=pass smtp.mailfrom=example.org",
         "dmarc=pass (p=reject dis=none) header.from=example.org"]
-    # The same header below a Received header came from upstream: not trusted.
-    replies, _ = harness.send(b"Received: from elsewhere\r\n" + spf + MESSAGE)
-    assert "spf=" not in authentication_results(replies)
+    assert harness.spf.queries == [("203.0.113.7", "sender@example.org", "client.example")]
+
+
+@pytest.mark.parametrize("spf", ["fail", "failing", "disabled"])
+def test_a_received_spf_header_is_never_trusted(tmp_path: Path, spf: str) -> None:
+    """The client wrote a Received-SPF naming this host: DMARC must not pass on it, whether
+    this host's own check fails, cannot be done, or is turned off."""
+    harness = Harness(tmp_path, spf_enabled=spf != "disabled")
+    harness.spf.results["203.0.113.7"] = "fail"
+    harness.spf.failing = spf == "failing"
+    harness.dns.records["_dmarc.example.org"] = ["v=DMARC1; p=reject"]
+    replies, _ = harness.send(FORGED_SPF + MESSAGE)
+    value = authentication_results(replies)
+    assert "dmarc=fail (p=reject dis=reject)" in value
+    expected = {"fail": "spf=fail", "failing": "spf=temperror", "disabled": "dkim=none;\n\tdmarc"}
+    assert expected[spf] in value
+
+
+def test_the_null_sender_is_checked_on_its_helo(harness: Harness) -> None:
+    session = harness.session()
+    harness.spf.results["203.0.113.7"] = "pass"
+    harness.send(MESSAGE, session=session)
+    assert harness.spf.queries[-1][1] == "sender@example.org"
+    # A bounce: MAIL FROM:<>, so SPF checks the HELO name (RFC 7208 2.4).
+    commands: list[mc.Command] = [mc.MailFrom("<>"), mc.Header(b"From", b" a@client.example"),
+                                  mc.EndOfHeaders()]
+    for command in commands:
+        session.handle(command)
+    asyncio.run(session.end_of_message(mc.EndOfMessage(b"")))
+    assert harness.spf.queries[-1] == ("203.0.113.7", "", "client.example")
+    assert harness.outcomes[-1].fields["spf"] == "pass"
+
+
+@pytest.mark.parametrize(
+    "froms",
+    [b"From: a@bank.example\r\nFrom: b@example.org\r\n",
+     b"From: a@example.org\r\nFrom: b@example.org\r\n",
+     b"From: a@example.org, b@bank.example\r\n",
+     b"From: undisclosed:;\r\n",
+     b""],
+    ids=["two-domains", "same-domain", "two-domains-one-field", "no-address", "no-from"],
+)
+def test_a_message_without_exactly_one_author_domain_is_refused(
+    harness: Harness, froms: bytes
+) -> None:
+    message = froms + MESSAGE.replace(b"From: Alice <alice@example.org>\r\n", b"")
+    replies, _ = harness.send(message)
+    assert [r.code for r in replies] == ["y"]
+    assert replies[0].value.startswith(b"550 5.7.1 Message refused: ")
+    assert harness.outcomes[-1].action == "reject"
+
+
+def test_a_huge_header_block_is_refused(harness: Harness) -> None:
+    padded = b"X-Pad: 1\r\n" * 2100 + b"Authentication-Results: mx.secumail.test; dmarc=pass\r\n"
+    replies, _ = harness.send(padded + MESSAGE)
+    assert [r.code for r in replies] == ["y"]
+    assert replies[0].value.startswith(b"552 5.6.0 Message header block too large")
+    # The same from a trusted client: refused too, never signed or passed as it is.
+    replies, _ = harness.send(padded + MESSAGE, client="127.0.0.1")
+    assert [r.code for r in replies] == ["y"]
+
+
+def test_forged_results_are_removed_from_internal_mail_too(harness: Harness) -> None:
+    forged = b"Authentication-Results: mx.secumail.test; dkim=pass header.d=bank.example\r\n"
+    replies, _ = harness.send(forged + MESSAGE, client="127.0.0.1")  # no key: not signed
+    assert [(r.code, r.index) for r in replies] == [("m", 1), ("c", 0)]
 
 
 def test_forged_authentication_results_are_removed(harness: Harness) -> None:
@@ -290,7 +374,8 @@ def test_peer_without_no_reply_options_gets_a_reply_per_step(harness: Harness) -
     harness.add_key("example.org", "s1")
     session = harness.session(mc.OptionNegotiation(2, 0x3F, 0))
     replies, early = harness.send(MESSAGE, client="127.0.0.1", session=session)
-    assert early.count(mc.CONTINUE) == 1 + 1 + 5 + 1 + 1  # connect, mail, headers, eoh, body
+    # connect, helo, mail, headers, end of headers, body
+    assert early.count(mc.CONTINUE) == 1 + 1 + 1 + 5 + 1 + 1
     signature_reply = next(r for r in replies if r.code == "i")
     assert signature_reply.value.startswith(b"v=1;")  # no leading space: the MTA adds it
 

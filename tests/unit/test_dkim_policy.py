@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import spf as pyspf
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.dkim import authres, dmarc
 
@@ -121,32 +122,74 @@ def test_evaluate_subdomain_policy_strict_mode_and_sampling() -> None:
         ("MX.Secumail.Test 1; spf=pass", "mx.secumail.test"),
         (" (forged) mx.secumail.test (really);\n\tdkim=pass", "mx.secumail.test"),
         (' "quoted.example"; none', "quoted.example"),
-        ("", ""),
+        (" (x;y) mx.secumail.test; dkim=pass", "mx.secumail.test"),
+        (" (a (b; c) \\) d) mx.secumail.test.", "mx.secumail.test"),
+        (' "mx\\.secumail.test" 1 (v1) ; dkim=pass', "mx.secumail.test"),
+        (" relay.remote.test (mx.secumail.test); dkim=pass", "relay.remote.test"),
     ],
 )
 def test_authserv_id(value: str, authserv_id: str) -> None:
     assert authres.authserv_id_of(value) == authserv_id
 
 
-def policy_header(result: str, sender: str, helo: str, receiver: str) -> str:
-    """Received-SPF exactly as services/policy/spf.py writes it (pyspf's text)."""
-    query = pyspf.query(i="203.0.113.7", s=sender, h=helo, receiver=receiver)
-    query.mechanism = "ip4:203.0.113.0/24"  # what query.check() would have set
-    header = query.get_header(result, receiver=receiver)
-    return result + header[header.index(" "):]
+@pytest.mark.parametrize(
+    "value", ["", " (unterminated", ' "unterminated', " mx.secumail.test junk; x", " ;none"])
+def test_unparsable_authserv_id(value: str) -> None:
+    with pytest.raises(authres.Unparsable):
+        authres.authserv_id_of(value)
 
 
-def test_received_spf_from_the_policy_service() -> None:
-    header = policy_header("pass", "alice@Bounce.Remote.test", "mail.remote.test",
-                           "mx.secumail.test")
-    assert authres.parse_received_spf(header, "mx.secumail.test") == authres.SpfResult(
-        "pass", "bounce.remote.test", "mailfrom")
-    # Another receiver's header (added upstream, or forged) is not this host's result.
-    assert authres.parse_received_spf(header, "mx.other.test") is None
-    null_sender = policy_header("softfail", "", "mail.remote.test", "mx.secumail.test")
-    assert authres.parse_received_spf(null_sender, "mx.secumail.test") == authres.SpfResult(
-        "softfail", "mail.remote.test", "helo")
-    assert authres.parse_received_spf("bogus text", "mx.secumail.test") is None
+def test_an_unparsable_header_naming_us_counts_as_ours() -> None:
+    assert authres.claims_to_be(" mx.secumail.test junk; dkim=pass", "mx.secumail.test")
+    assert authres.claims_to_be(" (mx.SECUMAIL.test", "mx.secumail.test")
+    assert not authres.claims_to_be(" (other", "mx.secumail.test")
+
+
+OURS = "mx.secumail.test"
+_comment_text = st.text(alphabet=st.sampled_from("ab;:= \t\"@"), max_size=6)
+
+
+@st.composite
+def comments(draw: st.DrawFn, depth: int = 2) -> str:
+    """An RFC 5322 comment: text with ';' and quotes, quoted-pairs, nested comments."""
+    parts = draw(st.lists(st.one_of(
+        _comment_text, st.sampled_from(["\\(", "\\)", "\\\\"]),
+        *([comments(depth - 1)] if depth else [])), max_size=3))
+    return "(" + "".join(parts) + ")"
+
+
+cfws = st.lists(st.one_of(st.sampled_from([" ", "\t", "\r\n\t", "\n "]), comments()),
+                max_size=3).map("".join)
+
+
+@st.composite
+def spellings(draw: st.DrawFn, identifier: str) -> str:
+    """`identifier` as an authserv-id may be written: any case, maybe quoted with
+    quoted-pairs, maybe a final dot."""
+    text = "".join(c.upper() if draw(st.booleans()) else c for c in identifier)
+    if draw(st.booleans()):
+        text += "."
+    if draw(st.booleans()):
+        text = '"' + "".join("\\" + c if draw(st.booleans()) else c for c in text) + '"'
+    return text
+
+
+@st.composite
+def results_headers(draw: st.DrawFn, identifier: str) -> str:
+    version = draw(st.sampled_from(["", " 1", " 1" + " (v)"]))
+    return (draw(cfws) + " " + draw(spellings(identifier)) + version + draw(cfws)
+            + "; dkim=pass header.d=paypal.test")
+
+
+@given(results_headers(OURS))
+def test_any_spelling_of_our_authserv_id_is_ours(value: str) -> None:
+    assert authres.claims_to_be(value, OURS)
+
+
+@given(st.from_regex(r"[a-z0-9]{1,10}(\.[a-z0-9]{1,10}){0,3}", fullmatch=True)
+       .filter(lambda other: other != OURS).flatmap(results_headers))
+def test_another_hosts_results_are_not_ours(value: str) -> None:
+    assert not authres.claims_to_be(value, OURS)
 
 
 def test_authentication_results_text() -> None:

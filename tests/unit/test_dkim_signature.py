@@ -56,10 +56,11 @@ def message_bytes(headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
     return b"".join(n + b":" + v + b"\r\n" for n, v in headers) + b"\r\n" + body
 
 
-def body_hash(parsed: signature.ParsedSignature, body: bytes) -> bytes:
+def body_hash(parsed: signature.ParsedSignature, body: bytes) -> tuple[bytes, int]:
+    """The body hash a signature covers, and the whole canonical body's length."""
     hasher = BodyHasher(*parsed.body_hasher_key)
     hasher.update(body)
-    return hasher.digest()
+    return hasher.digest(), hasher.total
 
 
 def verify_all(raw: bytes, records: dict[str, str]) -> list[signature.Verdict]:
@@ -69,7 +70,7 @@ def verify_all(raw: bytes, records: dict[str, str]) -> list[signature.Verdict]:
         if name.lower() == b"dkim-signature":
             parsed = signature.parse_signature(value, name)
             record = signature.parse_key_record(records[parsed.key_name].encode())
-            verdicts.append(signature.check(parsed, record, headers, body_hash(parsed, body)))
+            verdicts.append(signature.check(parsed, record, headers, *body_hash(parsed, body)))
     return verdicts
 
 
@@ -197,8 +198,15 @@ def test_length_limited_signature(rsa_key: keys.SigningKey) -> None:
         serialization.NoEncryption())
     message = message_bytes(HEADERS, BODY)
     header = dkim.sign(message, b"s1", b"example.org", pem, length=True)
-    # l= lets a mailing list append a footer.
-    assert verify_all(header + message + b"footer\r\n", records_for(rsa_key))[0].result == "pass"
+    assert verify_all(header + message, records_for(rsa_key))[0].result == "pass"
+    # l= lets anyone append text (a footer, or "pay to this account instead"): the signature
+    # still verifies over its l= bytes, but is no pass (RFC 8601 "policy").
+    verdict = verify_all(header + message + b"footer\r\n", records_for(rsa_key))[0]
+    assert verdict.result == "policy"
+    assert verdict.reason.startswith("l= covers 38 of 50 body bytes")
+    shorter = verify_all(header + message.replace(b"Second\tparagraph.", b"Second"),
+                         records_for(rsa_key))[0]
+    assert shorter.result != "pass"
 
 
 # --- malformed signatures and key records ----------------------------------------------------
