@@ -32,6 +32,7 @@ from services.policy.greylist import (
     check_triplet,
     client_is_whitelisted,
     greylist_header,
+    record_pass,
     split_whitelists,
     triplet_key,
 )
@@ -201,7 +202,12 @@ class PolicyEngine:
         network = client_network(ip)
         key = triplet_key(network, request.get("sender", ""), recipient)
         client, entry = await self.store.lookup(network, key)
+        # Whether this pass would count (at most one an hour): decided on what the lookup
+        # read, so that most requests cost no write; the store decides again, atomically.
+        counts = record_pass(client, now, self.greylist.max_age) is not None
         if client_is_whitelisted(client, now, self.greylist):
+            if counts:
+                await self.store.count_pass(network, now)  # keeps the whitelisting fresh
             return None
         verdict = check_triplet(entry, now, self.greylist)
         await self.store.put(key, verdict.entry)
@@ -213,7 +219,8 @@ class PolicyEngine:
             )
         if verdict.delayed is None:
             return None
-        await self.store.count_pass(network, now)
+        if counts:
+            await self.store.count_pass(network, now)
         transaction = self._transaction(request)
         if transaction.greylist_header_added:
             return None

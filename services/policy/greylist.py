@@ -77,11 +77,19 @@ def client_is_whitelisted(record: ClientRecord | None, now: float, cfg: Greylist
     return record.passes >= cfg.auto_whitelist and now - record.last_seen <= cfg.max_age
 
 
-def record_pass(record: ClientRecord | None, now: float, max_age: float) -> ClientRecord:
-    """The client network's record once one more of its triplets got through; a record
-    older than `max_age` starts over."""
+# postgrey counts a client's passes at most once an hour ("record only one attempt per hour"):
+# one session with many recipients, or a burst of retries, is one pass, not a whitelisting.
+AWL_COUNT_INTERVAL = 3600
+
+
+def record_pass(record: ClientRecord | None, now: float, max_age: float) -> ClientRecord | None:
+    """The client network's record once one more of its triplets got through, or None when
+    this pass does not count (its last counted pass was less than an hour ago). A record
+    older than `max_age` starts over. Kept counting once whitelisted, to keep it fresh."""
     if record is None or now - record.last_seen > max_age:
         return ClientRecord(1, now)
+    if abs(now - record.last_seen) < AWL_COUNT_INTERVAL:  # either way: replicas' clocks differ
+        return None
     return ClientRecord(record.passes + 1, now)
 
 

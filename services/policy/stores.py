@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import redis.asyncio as aioredis
 
 from services.policy.greylist import (
+    AWL_COUNT_INTERVAL,
     ClientRecord,
     GreylistConfig,
     Triplet,
@@ -33,8 +34,9 @@ class GreylistStore(Protocol):
     async def put(self, key: str, entry: Triplet) -> None: ...
 
     async def count_pass(self, network: str, now: float) -> None:
-        """One more triplet of the client network got through (the auto-whitelist's count).
-        Atomic: replicas sharing a store may count passes of the same network at once."""
+        """One more triplet of the client network got through: counted as `record_pass`
+        says (the auto-whitelist's count, at most one an hour). Atomic: replicas sharing a
+        store may count passes of the same network at once."""
         ...
 
     async def purge(self, older_than: float) -> int: ...
@@ -129,6 +131,8 @@ class SqliteStore:
             "SELECT passes, last_seen FROM clients WHERE network = ?", (network,)
         ).fetchone()
         record = record_pass(ClientRecord(*row) if row else None, now, self.max_age)
+        if record is None:
+            return
         self._write(
             "INSERT OR REPLACE INTO clients VALUES (?, ?, ?)",
             (network, record.passes, record.last_seen),
@@ -180,12 +184,25 @@ class RedisStore:
     """Shared state for scaled policy replicas; Redis expires old entries by itself."""
 
     PREFIX = "secumail:greylist:"
+    # record_pass inside Redis, so that replicas counting one network at once count it once:
+    # nothing within an hour of the last counted pass, else one more. A record older than
+    # max_age has expired (EXPIRE), which is record_pass's starting over.
+    COUNT_PASS = """
+        local last = tonumber(redis.call('HGET', KEYS[1], 'last'))
+        local now = tonumber(ARGV[1])
+        if last and math.abs(now - last) < tonumber(ARGV[2]) then return 0 end
+        redis.call('HINCRBY', KEYS[1], 'passes', 1)
+        redis.call('HSET', KEYS[1], 'last', ARGV[1])
+        redis.call('EXPIRE', KEYS[1], ARGV[3])
+        return 1
+    """
 
     def __init__(self, url: str, max_age: int, timeout: float = 2.0) -> None:
         self.redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
         )
         self.max_age = max_age
+        self._count_pass = self.redis.register_script(self.COUNT_PASS)
 
     async def lookup(self, network: str, key: str) -> tuple[ClientRecord | None, Triplet | None]:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -208,15 +225,8 @@ class RedisStore:
             await pipe.execute()
 
     async def count_pass(self, network: str, now: float) -> None:
-        # Incremented in Redis, not read here and written back: two replicas passing the
-        # same network at once would both write the same count. A record older than
-        # max_age is gone by itself (EXPIRE), which is record_pass's starting over.
-        name = self.PREFIX + "c:" + network
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hincrby(name, "passes", 1)
-            pipe.hset(name, "last", now)
-            pipe.expire(name, self.max_age)
-            await pipe.execute()
+        await self._count_pass(keys=[self.PREFIX + "c:" + network],
+                               args=[repr(now), AWL_COUNT_INTERVAL, self.max_age])
 
     async def purge(self, older_than: float) -> int:
         return 0  # keys carry their own expiry

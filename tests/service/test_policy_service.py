@@ -212,3 +212,30 @@ def test_module_runs_without_console_script() -> None:
         timeout=30,
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_one_retried_session_does_not_whitelist_a_network(
+    policy: StartPolicy, store: str, request: pytest.FixtureRequest
+) -> None:
+    """Issue 13, item 10: a bot's one session with five recipients (which need not exist:
+    Postfix checks recipients after the policy answer), retried once, used to count five
+    passes and whitelist its whole /24 for 35 days. Postgrey counts one pass an hour."""
+    url = request.getfixturevalue("redis_url") if store == "redis" else ""
+    _, port = policy(store=url, greylist_delay="0", spf_enabled="false")
+    client = PolicyClient(port)
+    recipients = [f"nobody{n}@secumail.test" for n in range(5)]
+    answers = {
+        attempt: [client.ask(rcpt_request(instance=attempt, recipient=recipient,
+                                          client_address="198.51.100.20"))
+                  for recipient in recipients]
+        for attempt in ("first", "retry")
+    }
+    assert all(a.startswith("DEFER_IF_PERMIT") for a in answers["first"])
+    # Every triplet passes; the header goes with the first (one per transaction).
+    assert answers["retry"][0].startswith("PREPEND X-Greylist")
+    assert answers["retry"][1:] == ["DUNNO"] * 4
+    # A new sender and recipient from the bot's network: greylisted like any stranger.
+    stranger = rcpt_request(instance="next", sender="other@elsewhere.test",
+                            recipient="bob@secumail.test", client_address="198.51.100.21")
+    assert client.ask(stranger).startswith("DEFER_IF_PERMIT 4.7.1 Greylisted")

@@ -80,19 +80,34 @@ def test_triplet_groups_ipv4_by_24_and_ipv6_by_64() -> None:
     assert key("2001:db8::1", "", "b@y") != key("2001:db8:0:1::1", "", "b@y")
 
 
-def test_auto_whitelist_after_n_passes() -> None:
+HOUR = 3600
+
+
+def test_auto_whitelist_after_n_passes_an_hour_apart() -> None:
     record = None
     for i in range(5):
-        assert not client_is_whitelisted(record, T0 + i, CFG)
-        record = record_pass(record, T0 + i, CFG.max_age)
-    assert record == ClientRecord(5, T0 + 4)
-    assert client_is_whitelisted(record, T0 + 10, CFG)
+        assert not client_is_whitelisted(record, T0 + i * HOUR, CFG)
+        record = record_pass(record, T0 + i * HOUR, CFG.max_age)
+    assert record == ClientRecord(5, T0 + 4 * HOUR)
+    assert client_is_whitelisted(record, T0 + 4 * HOUR + 10, CFG)
     assert not client_is_whitelisted(record, T0 + 36 * 86400, CFG)  # expired
     assert not client_is_whitelisted(record, T0 + 10, GreylistConfig(auto_whitelist=0))
     # A count older than max_age starts over, as the record would have been purged.
-    assert record_pass(record, T0 + 4 + CFG.max_age + 1, CFG.max_age) == ClientRecord(
-        1, T0 + 4 + CFG.max_age + 1
+    assert record_pass(record, T0 + 4 * HOUR + CFG.max_age + 1, CFG.max_age) == ClientRecord(
+        1, T0 + 4 * HOUR + CFG.max_age + 1
     )
+
+
+def test_passes_within_an_hour_count_once() -> None:
+    """postgrey's rule: a session with many recipients, or a burst, is one pass."""
+    record = record_pass(None, T0, CFG.max_age)
+    assert record == ClientRecord(1, T0)
+    assert record_pass(record, T0 + 1, CFG.max_age) is None
+    assert record_pass(record, T0 + HOUR - 1, CFG.max_age) is None
+    assert record_pass(record, T0 + HOUR, CFG.max_age) == ClientRecord(2, T0 + HOUR)
+    # Replicas' clocks differ a little: a pass just "before" the last one is the same hour.
+    assert record_pass(record, T0 - 10, CFG.max_age) is None
+    assert record_pass(record, T0 - HOUR, CFG.max_age) == ClientRecord(2, T0 - HOUR)
 
 
 def test_client_whitelist_by_ip_network_host_and_domain() -> None:

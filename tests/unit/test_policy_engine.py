@@ -100,6 +100,7 @@ async def test_auto_whitelist_after_enough_passes(dns: FakeResolver, clock: Fake
         clock.advance(301)
         retry = rcpt_request(recipient=recipient, instance=f"retry-{n}")
         assert (await engine.evaluate(retry)).kind == "prepend"
+        clock.advance(3600)  # passes count once an hour at most
     fresh = await engine.evaluate(rcpt_request(recipient="someone-new@secumail.test"))
     assert fresh.action == "DUNNO"
 
@@ -222,11 +223,11 @@ async def test_other_stages_are_left_alone(engine: PolicyEngine) -> None:
 
 
 async def test_sqlite_store_counts_passes_and_starts_over_after_max_age() -> None:
-    store = SqliteStore(":memory:", max_age=100)
-    for now in (10.0, 20.0, 30.0):
+    store = SqliteStore(":memory:", max_age=10000)
+    for now in (10.0, 20.0, 3610.0, 3620.0, 7210.0):
         await store.count_pass("192.0.2.0/24", now)
-    assert (await store.lookup("192.0.2.0/24", "-"))[0] == ClientRecord(3, 30.0)
-    await store.count_pass("192.0.2.0/24", 131.0)
-    assert (await store.lookup("192.0.2.0/24", "-"))[0] == ClientRecord(1, 131.0)
+    assert (await store.lookup("192.0.2.0/24", "-"))[0] == ClientRecord(3, 7210.0)
+    await store.count_pass("192.0.2.0/24", 17211.0)
+    assert (await store.lookup("192.0.2.0/24", "-"))[0] == ClientRecord(1, 17211.0)
     assert (await store.lookup("192.0.3.0/24", "-"))[0] is None
     await store.close()
