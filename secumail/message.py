@@ -10,6 +10,10 @@ import re
 
 # A CR not followed by LF, or an LF not preceded by CR: a bare line ending.
 _BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+# In a header value the stack adds, CR and LF may only fold a line (before a space or tab).
+_UNFOLDED_BREAK = re.compile(r"\r(?!\n)|\n(?![ \t])")
 
 
 def has_bare_newlines(message: bytes) -> bool:
@@ -17,12 +21,14 @@ def has_bare_newlines(message: bytes) -> bool:
 
 
 def normalize_newlines(message: bytes) -> bytes:
-    """Turn bare CR and bare LF into CRLF, as Postfix's `smtpd_forbid_bare_newline =
-    normalize` does: no line ending can then be read two ways by two programs."""
+    """Turn a bare LF into CRLF, as Postfix's `smtpd_forbid_bare_newline = normalize` does,
+    and a stray CR into a space: no line ending can then be read two ways by two programs.
+    A CR is no line end for Postfix (before 3.7.10 it passes one through as text); made a
+    line break here, it would start a header that the milter never saw."""
     crlf = message.count(b"\r\n")
     if message.count(b"\n") == crlf and message.count(b"\r") == crlf:
         return message  # the usual case, decided by three scans in C instead of a regex
-    return _BARE_NEWLINE.sub(b"\r\n", message)
+    return _BARE_LF.sub(b"\r\n", _BARE_CR.sub(b" ", message))
 
 
 def header_block_end(message: bytes) -> int:
@@ -33,9 +39,18 @@ def header_block_end(message: bytes) -> int:
     return len(message) if end < 0 else end + 2
 
 
+def check_header_value(value: str) -> str:
+    """A header value the stack adds, refused (ValueError) if a CR or LF in it could end
+    the header and start another: only folds (a line break before a space or tab) pass."""
+    if _UNFOLDED_BREAK.search(value):
+        raise ValueError(f"CR or LF in a header value: {value[:80]!r}")
+    return value
+
+
 def prepend_headers(message: bytes, headers: list[tuple[str, str]]) -> bytes:
     """Add headers on top, newest first, as every MTA and filter does."""
-    block = b"".join(f"{name}: {value}\r\n".encode() for name, value in headers)
+    block = b"".join(f"{name}: {check_header_value(value)}\r\n".encode()
+                     for name, value in headers)
     return block + message
 
 

@@ -10,6 +10,7 @@ from services.dkim.dmarc import DmarcOutcome
 
 # RFC 8601 2.2 property values: a dot-atom-ish token or a quoted string.
 _PLAIN_VALUE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.@-]+\Z")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Unparsable(ValueError):
@@ -99,8 +100,11 @@ class SpfResult:
 
 
 def _value(text: str) -> str:
+    """A property value: plain, or quoted, with control characters (CR, LF: the signature
+    fields and errors quoted here come from the sender) made harmless."""
     if _PLAIN_VALUE.match(text):
         return text
+    text = _CONTROL.sub("?", text)
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

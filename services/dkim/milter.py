@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from secumail import milter_codec as mc
 from secumail.logs import log_event
+from secumail.message import check_header_value
 from secumail.netaddr import IPAddress, parse_ip
 from secumail.settings import Settings
 from services.dkim import authres, dmarc, signature
@@ -281,7 +282,9 @@ class MilterSession:
         return reply, Outcome(mode, "tempfail", reason)
 
     def _header_bytes(self, name: bytes, value: bytes) -> tuple[bytes, bytes]:
-        """A header as the MTA wants it: \\n line ends; a leading space only if negotiated."""
+        """A header as the MTA wants it: \\n line ends; a leading space only if negotiated.
+        A line break that is no fold is refused: it would start a header of its own."""
+        check_header_value(value.decode("utf-8", "replace"))
         value = value.replace(b"\r\n", b"\n").lstrip(b" ")
         return name, (b" " + value if self.leading_space else value)
 

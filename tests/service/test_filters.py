@@ -222,6 +222,24 @@ def test_smuggled_end_of_data_never_makes_two_messages(
     assert b"MAIL FROM:<ceo@bank.test>" in raw  # it stayed text inside the one message
 
 
+def test_a_stray_cr_never_makes_a_header(chain: StartChain, sink: SmtpSink) -> None:
+    """Issue 13, item 12: the filters used to turn a lone CR into a line break, which could
+    make a header after the milter had checked the headers (a Postfix older than 3.7.10
+    passes a lone CR as it is). It is a space now."""
+    filters = chain()
+    payload = (
+        b"EHLO attacker.test\r\nMAIL FROM:<alice@secumail.test>\r\n"
+        b"RCPT TO:<bob@secumail.test>\r\nDATA\r\nFrom: alice@secumail.test\r\n"
+        b"Subject: invoice\rAuthentication-Results: mx.secumail.test; dmarc=pass\r\n"
+        b"\r\nbody\rline\r\n.\r\nQUIT\r\n"
+    )
+    raw_session(filters.port, payload)
+    [message] = sink.wait_for(1)
+    assert "Authentication-Results" not in message
+    assert message["Subject"] == "invoice Authentication-Results: mx.secumail.test; dmarc=pass"
+    assert b"body line\r\n" in sink.handler.messages[0][1]
+
+
 def test_commands_sent_in_one_group_are_answered_in_order(
     chain: StartChain, sink: SmtpSink
 ) -> None:

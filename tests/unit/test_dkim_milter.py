@@ -407,3 +407,14 @@ def test_quit_new_connection_forgets_the_client(harness: Harness) -> None:
     session.handle(mc.DefineMacros(b"C", {"j": HOST}))
     session.handle(mc.QuitNewConnection())
     assert session.client_ip is None and session.connection_macros == {}
+
+
+def test_sender_text_quoted_in_results_cannot_start_a_header(harness: Harness) -> None:
+    """Signature fields and errors are the sender's text: a CR or LF in them must not end
+    the Authentication-Results header and start one of the sender's choosing."""
+    broken = (b"DKIM-Signature: v=1; a=rsa\rBcc: victim@example.net; d=example.org; s=x;"
+              b" h=from; bh=AA==; b=AA==\r\n")
+    replies, _ = harness.send(broken + MESSAGE)
+    value = authentication_results(replies)
+    assert "dkim=permerror" in value
+    assert "\r" not in value and "\nBcc" not in value

@@ -24,12 +24,13 @@ MESSAGE = (
     [
         (b"a\r\nb\r\n", b"a\r\nb\r\n"),
         (b"a\nb\n", b"a\r\nb\r\n"),
-        (b"a\rb\r", b"a\r\nb\r\n"),
+        (b"a\rb\r", b"a b "),
         (b"a\r\n.\nMAIL FROM:<x>\n", b"a\r\n.\r\nMAIL FROM:<x>\r\n"),
-        (b"\r\r\n\n", b"\r\n\r\n\r\n"),
+        (b"\r\r\n\n", b" \r\n\r\n"),
+        (b"Subject: x\rBcc: y\r\n", b"Subject: x Bcc: y\r\n"),
     ],
 )
-def test_bare_newlines_become_crlf(raw: bytes, normal: bytes) -> None:
+def test_bare_lf_becomes_crlf_and_a_stray_cr_a_space(raw: bytes, normal: bytes) -> None:
     assert has_bare_newlines(raw) == (raw != normal)
     assert normalize_newlines(raw) == normal
     assert not has_bare_newlines(normalize_newlines(raw))
@@ -60,6 +61,16 @@ def test_prepend_and_remove_headers() -> None:
     )
     added = prepend_headers(cleaned, [("X-Spam-Flag", "NO"), ("X-Spam-Score", "0.1")])
     assert added.startswith(b"X-Spam-Flag: NO\r\nX-Spam-Score: 0.1\r\nReceived: from a\r\n")
+
+
+@pytest.mark.parametrize("value", ["a\rb", "a\nb", "a\r\nBcc: x", "a\n", "a\r\n"])
+def test_a_header_value_that_could_start_a_header_is_refused(value: str) -> None:
+    with pytest.raises(ValueError, match="CR or LF"):
+        prepend_headers(b"\r\nbody", [("X-Spam-Status", value)])
+
+
+def test_folded_header_values_pass() -> None:
+    assert prepend_headers(b"\r\n", [("X-A", "one\r\n\ttwo")]) == b"X-A: one\r\n\ttwo\r\n\r\n"
 
 
 def test_header_value_unfolds() -> None:
