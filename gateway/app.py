@@ -25,6 +25,7 @@ from gateway import api_admin, api_health
 from gateway.auth import token_guard
 from gateway.canary import CanarySend, ChainProbe, ProbeMetrics
 from gateway.health import HealthChecker, Hop, Namer, Resolver, chain_hops, reverse_name
+from gateway.http import HostCheck
 from gateway.quarantine import QuarantineAdmin, ReleaseSend, next_hops
 from secumail import probes
 from secumail.logs import log_event
@@ -117,6 +118,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.gateway = gateway
+    app.add_middleware(HostCheck, names=[*settings.gateway_hosts, settings.hostname])
     metrics_guard = (token_guard(settings.metrics_token, "MetricsToken",
                                  "SECUMAIL_METRICS_TOKEN")
                      if settings.metrics_token.get_secret_value() else None)

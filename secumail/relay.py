@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from prometheus_client import Counter, Gauge, Histogram
 
+from secumail.access import AllowedClients
 from secumail.kept import KeptConnections
 from secumail.logs import log_event
 from secumail.message import normalize_newlines, prepend_headers, remove_headers
@@ -133,6 +134,21 @@ class RelaySMTP(_HooksListedOnce, SMTP):
         self._counted = True
         super().connection_made(transport)
 
+    async def _handle_client(self) -> None:
+        """Before the greeting: only the hosts that hand this filter mail may use it (its
+        next hop relays what it sends); anyone else gets a 554 greeting and is dropped."""
+        assert self.session is not None and self.transport is not None
+        peer = self.session.peer
+        address = peer[0] if isinstance(peer, tuple) else ""
+        if not await self.relay.clients.allows(address):
+            log_event(log, "client refused", logging.WARNING, filter=self.relay.name,
+                      peer=address or "?", allowed=str(self.relay.clients))
+            await self.push(f"554 5.7.1 {self.hostname} Access denied: this {self.relay.name} "
+                            "filter takes mail only from the hosts set to hand it mail")
+            self.transport.close()
+            return
+        await super()._handle_client()
+
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             return
@@ -190,8 +206,10 @@ class RelayHandler(_HooksListedOnce):
     def __init__(
         self, name: str, next_hop: HostPort, inspect: Inspector, hostname: str,
         timeout: float, quarantine: Quarantine, max_connections: int,
+        clients: AllowedClients | None = None,
     ) -> None:
         self.name = name
+        self.clients = clients or AllowedClients([])
         self.next_hop = NextHop(next_hop)
         self.inspect = inspect
         self.hostname = hostname
@@ -448,12 +466,15 @@ class FilterService:
 
 
 def filter_service(
-    name: str, listen: HostPort, next_hop: HostPort, inspect: Inspector, settings: Settings
+    name: str, listen: HostPort, next_hop: HostPort, allowed_clients: list[str],
+    inspect: Inspector, settings: Settings,
 ) -> FilterService:
-    """A content filter from the shared settings: only its name, ports and inspector differ."""
+    """A content filter from the shared settings: only its name, ports, clients and
+    inspector differ."""
     handler = RelayHandler(
         name, next_hop, inspect, settings.hostname, settings.relay_timeout,
         Quarantine(settings.quarantine_dir), settings.filter_max_connections,
+        AllowedClients(allowed_clients),
     )
     return FilterService(name, listen, handler, settings.message_size_limit, settings.hostname)
 

@@ -62,24 +62,38 @@ class InFlight:
 
 
 class IdleDeadline:
-    """Closes a connection whose peer has kept us waiting for `timeout` seconds.
+    """Closes a connection whose peer has kept us waiting: `timeout` seconds with nothing
+    sent, or `request_timeout` seconds for a request it started and has not finished (a
+    request trickled a byte at a time would otherwise hold the connection for ever).
 
-    Call `waiting()` before each wait for the peer (a request, a reply) and `busy()` after
-    it; one timer per connection checks now and then. This costs a clock read per wait,
-    where `asyncio.timeout()` around each read cost as much as parsing a policy request.
-    Once `expired`, the pending read returns b"" (or what came before the close).
+    Call `waiting(mid_request)` before each wait for the peer (a request, a reply) and
+    `busy()` after it; one timer per connection checks now and then. This costs a clock
+    read per wait, where `asyncio.timeout()` around each read cost as much as parsing a
+    policy request. Once `expired` (`reason` says which), the pending read returns b"" (or
+    what came before the close).
     """
 
-    def __init__(self, writer: asyncio.StreamWriter, timeout: float) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, timeout: float,
+                 request_timeout: float | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.writer = writer
         self.timeout = timeout
+        self.request_timeout = request_timeout
         self.expired = False
+        self.reason = ""
         self._since: float | None = None
-        self._timer = self.loop.call_later(timeout, self._check)
+        self._request_since: float | None = None
+        self._timer_at = self.loop.time() + timeout
+        self._timer = self.loop.call_at(self._timer_at, self._check)
 
-    def waiting(self) -> None:
-        self._since = self.loop.time()
+    def waiting(self, mid_request: bool = False) -> None:
+        self._since = now = self.loop.time()
+        if not mid_request:
+            self._request_since = None
+        elif self._request_since is None:
+            self._request_since = now
+            if self.request_timeout is not None and now + self.request_timeout < self._timer_at:
+                self._schedule(now + self.request_timeout)  # sooner than the next check
 
     def busy(self) -> None:
         self._since = None
@@ -87,14 +101,29 @@ class IdleDeadline:
     def cancel(self) -> None:
         self._timer.cancel()
 
+    def _due(self, now: float) -> tuple[float, str]:
+        due = (now if self._since is None else self._since) + self.timeout
+        reason = f"nothing received for {self.timeout:g} s"
+        if self._request_since is not None and self.request_timeout is not None:
+            request_due = self._request_since + self.request_timeout
+            if request_due < due:
+                due = request_due
+                reason = f"a request still unfinished after {self.request_timeout:g} s"
+        return due, reason
+
     def _check(self) -> None:
         now = self.loop.time()
-        due = (now if self._since is None else self._since) + self.timeout
+        due, reason = self._due(now)
         if self._since is None or now < due:
-            self._timer = self.loop.call_at(due, self._check)
+            self._schedule(max(due, now + 0.01))
             return
-        self.expired = True
+        self.expired, self.reason = True, reason
         self.writer.close()
+
+    def _schedule(self, when: float) -> None:
+        self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._check)
 
 
 WRITE_BUFFER_HIGH = 65536

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from secumail.access import split_entries
 from secumail.netaddr import HostPort, IPAddress, Network, parse_host_port, parse_network
 
 ENV_PREFIX = "SECUMAIL_"
@@ -43,6 +44,9 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(30.0, ge=0)
     dns_servers: Annotated[list[HostPort], NoDecode] = []
     dns_timeout: float = Field(5.0, gt=0)
+    # Seconds a peer of the policy service or the milter may take to send one request (a
+    # policy request, a milter packet) whole, and the milter to answer one message.
+    request_timeout: float = Field(30.0, gt=0)
     mynetworks: Annotated[list[Network], NoDecode] = [
         parse_network("127.0.0.0/8"),
         parse_network("[::1]/128"),
@@ -96,14 +100,17 @@ class Settings(BaseSettings):
 
     clamav_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:10025")
     clamav_next_hop: Annotated[HostPort, NoDecode] = parse_host_port("spamd:10026")
-    clamd_address: str = "clamd:3310"
+    # Who may hand the filter mail (IPs, networks, host names; 127.0.0.1 always may).
+    clamav_allowed_clients: CommaList = ["postfix", "gateway"]
+    clamd_address: str = "/run/clamav/clamd.sock"
     clamd_stream_max_length: int = Field(25 * 1024 * 1024, ge=1024)
     virus_action: Literal["reject", "drop", "quarantine", "pass"] = "drop"
     clamav_fail_open: bool = False
 
     spamd_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:10026")
     spamd_next_hop: Annotated[HostPort, NoDecode] = parse_host_port("postfix:10027")
-    spamd_address: str = "spamassassin:783"
+    spamd_allowed_clients: CommaList = ["clamav", "gateway"]
+    spamd_address: str = "/run/spamd/spamd.sock"
     spam_tag_score: float = 5.0
     spam_reject_score: float = 10.0
     spam_action: Literal["reject", "quarantine"] = "reject"
@@ -116,11 +123,14 @@ class Settings(BaseSettings):
     dkim_keys_dir: str = "/var/lib/secumail/dkim"
     dkim_fail_open: bool = False
     dkim_max_connections: int = Field(1000, ge=1)
+    dkim_idle_timeout: float = Field(600.0, gt=0)
     authserv_id: str = ""  # empty: the hostname
     dmarc_reject: bool = False
 
     # --- gateway (8080): health, metrics, chain probe, admin API ---------------------------
     gateway_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:8080")
+    # Host names the gateway answers to (with SECUMAIL_HOSTNAME and any IP address).
+    gateway_hosts: CommaList = ["localhost", "gateway"]
     # Secrets: SecretStr keeps them out of repr(), logs and error messages.
     admin_token: SecretStr = SecretStr("")  # empty: no admin API
     metrics_token: SecretStr = SecretStr("")  # empty: health and metrics open
@@ -136,7 +146,8 @@ class Settings(BaseSettings):
 
     @field_validator(
         "greylist_whitelist_clients", "greylist_whitelist_recipients", "dnsbl_zones",
-        "domains", "rbl_zones", "mailboxes", mode="before",
+        "domains", "rbl_zones", "mailboxes", "clamav_allowed_clients", "spamd_allowed_clients",
+        "gateway_hosts", mode="before",
     )
     @classmethod
     def _comma_list(cls, value: object) -> object:
@@ -178,6 +189,12 @@ class Settings(BaseSettings):
         for zone in zones:
             parse_weighted_zone(zone)  # raises ValueError with the offending entry
         return zones
+
+    @field_validator("clamav_allowed_clients", "spamd_allowed_clients")
+    @classmethod
+    def _allowed_clients(cls, entries: list[str]) -> list[str]:
+        split_entries(entries)  # raises ValueError naming the entry
+        return entries
 
     @field_validator("domains")
     @classmethod

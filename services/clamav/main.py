@@ -30,7 +30,8 @@ def make_filter(settings: Settings) -> FilterService:
         return virus_verdict(result, settings.virus_action, settings.hostname)
 
     return filter_service(
-        "clamav", settings.clamav_listen, settings.clamav_next_hop, inspect, settings
+        "clamav", settings.clamav_listen, settings.clamav_next_hop,
+        settings.clamav_allowed_clients, inspect, settings,
     )
 
 

@@ -245,18 +245,11 @@ class MilterSession:
         if not self.mode or self.too_big:  # no end of headers seen, or headers after it
             self._decide()
         try:
-            if self.mode == "refuse":
-                reply = mc.encode_reply_code(TOO_BIG)
-                outcome = Outcome("verify", "reject", "header block over the limits",
-                                  {"fields": self.header_count, "bytes": self.header_bytes})
-            elif self.mode == "sign":
-                reply, outcome = self._sign()
-            elif self.mode == "verify":
-                reply, outcome = await self._verify()
-            elif self.mode == "error":
-                reply, outcome = self._failure("sign", self.skip_reason)
-            else:
-                reply, outcome = mc.CONTINUE, Outcome("skip", "continue", self.skip_reason)
+            async with asyncio.timeout(self.settings.request_timeout):
+                reply, outcome = await self._answer()
+        except TimeoutError:
+            reply, outcome = self._failure(
+                self.mode, f"no answer within {self.settings.request_timeout:g} s")
         except Exception as error:
             log.exception("end of message failed")
             reply, outcome = self._failure(self.mode, f"internal error: {error!r}")
@@ -272,6 +265,19 @@ class MilterSession:
         self._log(outcome)
         self._new_message()
         return reply
+
+    async def _answer(self) -> tuple[bytes, Outcome]:
+        if self.mode == "refuse":
+            return mc.encode_reply_code(TOO_BIG), Outcome(
+                "verify", "reject", "header block over the limits",
+                {"fields": self.header_count, "bytes": self.header_bytes})
+        if self.mode == "sign":
+            return self._sign()
+        if self.mode == "verify":
+            return await self._verify()
+        if self.mode == "error":
+            return self._failure("sign", self.skip_reason)
+        return mc.CONTINUE, Outcome("skip", "continue", self.skip_reason)
 
     def _failure(self, mode: str, reason: str) -> tuple[bytes, Outcome]:
         """Signing or verifying could not be done: defer, or let the mail through as is."""

@@ -10,7 +10,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from secumail import dns as secumail_dns
 from secumail import milter_codec as mc
 from secumail.logs import log_event
-from secumail.runtime import ConnectionServer, send
+from secumail.runtime import ConnectionServer, IdleDeadline, send
 from secumail.settings import Settings
 from secumail.spf import SpfChecker
 from services.dkim.dnslookup import async_txt_lookup
@@ -87,12 +87,22 @@ class DkimService:
         peer_text = f"{peer[0]}:{peer[1]}" if peer else "?"
         decoder = mc.MilterDecoder()
         session = self.milter.session(peer_text)
+        idle = IdleDeadline(writer, self.settings.dkim_idle_timeout,
+                            self.settings.request_timeout)
         CONNECTIONS.inc()
         try:
             while True:
                 if self.server.draining and not session.in_message:
                     return  # between messages: the MTA opens a new connection elsewhere
+                idle.waiting(decoder.pending)
                 data = await reader.read(262144)
+                idle.busy()
+                if idle.expired:
+                    PROTOCOL_ERRORS.inc()
+                    log_event(log, "closing connection", logging.WARNING, peer=peer_text,
+                              reason=idle.reason,
+                              queue_id=session.queue_id)
+                    return
                 if not data:
                     if decoder.pending or session.in_message:
                         log_event(log, "connection closed mid-message", logging.WARNING,
@@ -114,6 +124,7 @@ class DkimService:
                 if out:
                     await send(writer, out)
         finally:
+            idle.cancel()
             CONNECTIONS.dec()
 
     def _malformed(self, writer: asyncio.StreamWriter, peer: str, queue_id: str,

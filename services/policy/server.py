@@ -93,14 +93,15 @@ class PolicyService:
             self.settings.policy_strict_attributes,
         )
         CONNECTIONS.inc()
-        idle = IdleDeadline(writer, self.settings.policy_idle_timeout)
+        idle = IdleDeadline(writer, self.settings.policy_idle_timeout,
+                            self.settings.request_timeout)
         try:
             while not self.server.draining:
-                idle.waiting()
+                idle.waiting(decoder.pending)
                 data = await reader.read(65536)
                 idle.busy()
                 if idle.expired:
-                    self._drop(peer_text, "idle", "no request within the idle timeout")
+                    self._drop(peer_text, "idle", idle.reason)
                     return
                 if not data:
                     if decoder.pending:

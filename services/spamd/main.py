@@ -31,7 +31,8 @@ def make_filter(settings: Settings) -> FilterService:
         )
 
     return filter_service(
-        "spamd", settings.spamd_listen, settings.spamd_next_hop, inspect, settings
+        "spamd", settings.spamd_listen, settings.spamd_next_hop,
+        settings.spamd_allowed_clients, inspect, settings,
     )
 
 

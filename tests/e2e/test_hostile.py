@@ -305,3 +305,47 @@ def test_every_container_runs_as_a_non_root_user_but_postfix_master(stack: Stack
             assert any(uid != "0" for uid, _ in processes), processes
         else:
             assert root == set(), (name, processes)
+
+
+# --- Internal ports: only the hosts that hand a service mail reach it (issue 13, item 6) ----
+
+CONNECT = """
+import socket, sys
+for target in sys.argv[1:]:
+    host, port = target.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.settimeout(5)
+            print(target, "GREETING", sock.recv(200).decode(errors="replace").strip())
+    except OSError as error:
+        print(target, "UNREACHABLE", type(error).__name__)
+"""
+
+
+def test_the_scanners_network_reaches_no_filter_and_no_reinjection(stack: Stack) -> None:
+    """clamd and spamd parse hostile content: a compromised one must find no SMTP port to
+    relay through. From their network (a container on it, as they are), no filter and no
+    10027 can even be reached."""
+    [clamd] = stack.containers("clamd")
+    networks = list(stack.inspect(clamd)["NetworkSettings"]["Networks"])
+    [spamassassin] = stack.containers("spamassassin")
+    assert list(stack.inspect(spamassassin)["NetworkSettings"]["Networks"]) == networks
+    targets = ["clamav:10025", "spamd:10026", "postfix:10027", "postfix:25", "gateway:8080"]
+    result = subprocess.run(
+        ["docker", "run", "--rm", "--network", networks[0], "--entrypoint", "python3",
+         "secumail/policy", "-c", CONNECT, *targets],
+        capture_output=True, text=True, timeout=120,
+    )
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(targets), result.stdout + result.stderr
+    assert all(" UNREACHABLE " in line for line in lines), lines
+
+
+def test_a_filter_refuses_hosts_that_do_not_hand_it_mail(stack: Stack) -> None:
+    """Postfix hands mail to the first filter, never to the second: the second one answers
+    Postfix's container 554 and hangs up, so nobody skips the ClamAV filter."""
+    result = stack.exec("postfix", "python3", "-c", CONNECT, "spamd:10026", "clamav:10025")
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("spamd:10026 GREETING 554 5.7.1 "), result.stdout
+    assert lines[1].startswith("clamav:10025 GREETING 220 "), result.stdout
+    assert "client refused" in stack.logs("spamd")

@@ -295,3 +295,27 @@ def test_sigterm_stops_the_milter_cleanly(world: World) -> None:
     assert world.daemon.stop() == 0
     assert "stopped" in world.daemon.output()
 
+
+def test_idle_and_trickled_milter_connections_are_dropped(tmp_path: Path) -> None:
+    """Issue 13, item 7: the milter had no idle deadline (a silent peer held a connection
+    for ever) nor one for a packet sent a byte at a time."""
+    for world in start_world(tmp_path, dkim_idle_timeout="1", request_timeout="1"):
+        port = world.port
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as idle:
+            idle.settimeout(5)
+            assert idle.recv(1) == b""  # closed after a second of silence
+        assert world.daemon.logged("nothing received for 1 s")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            # A packet of 1,000 bytes begun, never finished.
+            sock.sendall((1000).to_bytes(4, "big") + b"O")
+            closed = False
+            for _ in range(24):
+                try:
+                    sock.sendall(b"\0")
+                except OSError:
+                    closed = True
+                    break
+                time.sleep(0.25)
+            assert closed
+        assert world.daemon.logged("a request still unfinished after 1 s")
+

@@ -290,3 +290,50 @@ def test_big_mail_skips_spamassassin_but_not_clamav(chain: StartChain, sink: Smt
     [message] = sink.wait_for(1)
     assert message["X-Spam-Status"].startswith("No, skipped:")
     assert message["X-Spam-Flag"] is None and message["X-AV-Checked"]
+
+
+def session_from(source: str, port: int) -> tuple[bytes, bytes]:
+    """The filter's greeting to a client connecting from `source` (a loopback address other
+    than 127.0.0.1 stands for another host: the filters trust only 127.0.0.1, their own
+    healthcheck, and the clients their settings name), and its answers to a relay attempt
+    with XFORWARD, read until it hangs up or goes quiet."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10,
+                                  source_address=(source, 0)) as sock:
+        sock.settimeout(10)
+        greeting = b""
+        while not (greeting.endswith(b"\r\n") and greeting[3:4] == b" "):
+            if not (chunk := sock.recv(4096)):
+                break
+            greeting += chunk
+        answers = b""
+        try:
+            sock.sendall(b"EHLO attacker.test\r\nXFORWARD ADDR=10.9.9.9\r\n"
+                         b"MAIL FROM:<a@evil.test>\r\nRCPT TO:<x@external.test>\r\n")
+            sock.settimeout(2)
+            while chunk := sock.recv(4096):
+                answers += chunk
+        except OSError:
+            pass  # reset, or quiet for 2 s
+    return greeting, answers
+
+
+def test_only_the_hosts_that_hand_a_filter_mail_may_use_it(
+    chain: StartChain, sink: SmtpSink
+) -> None:
+    """Issue 13, item 6: a filter relayed for whoever reached its port, into a next hop that
+    trusts the filters' network (10027 relays anywhere), past every check, with XFORWARD
+    taken from anyone. Now the second filter takes mail only from the first one's hosts."""
+    filters = chain(spamd_allowed_clients="127.0.0.3", clamav_allowed_clients="127.0.0.3")
+    spamd_port = int(filters.spamd.env["SECUMAIL_SPAMD_LISTEN"].rsplit(":", 1)[1])
+    for port in (filters.port, spamd_port):
+        greeting, answers = session_from("127.0.0.2", port)
+        assert greeting.startswith(b"554 5.7.1 "), greeting
+        assert answers == b""  # hung up: no EHLO, no XFORWARD, no MAIL taken
+    greeting, answers = session_from("127.0.0.3", spamd_port)
+    assert greeting.startswith(b"220 ") and b"250 " in answers
+    assert filters.spamd.logged("client refused") and filters.spamd.logged("peer=127.0.0.2")
+    # The chain itself (clamav filter -> spamd filter over 127.0.0.1) still works.
+    filters.send(mail.plain())
+    sink.wait_for(1)
+    assert sink.envelopes[0].rcpt_tos == ["bob@secumail.test"]
+

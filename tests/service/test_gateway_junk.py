@@ -4,7 +4,9 @@ memory stays bounded."""
 
 from __future__ import annotations
 
+import http.client
 import socket
+import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -85,3 +87,52 @@ def test_a_flood_of_idle_connections_leaves_memory_bounded(gateway: tuple[Daemon
     after = rss_kib(daemon.proc.pid)
     print(f"gateway RSS before {before} KiB, after 900 idle connections {after} KiB")
     assert after - before < 20_000, (before, after)
+
+
+def answer_to(port: int, host: str) -> int:
+    """The status of GET /healthz sent with this Host header."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.putrequest("GET", "/healthz", skip_host=True)
+    connection.putheader("Host", host)
+    connection.endheaders()
+    status = connection.getresponse().status
+    connection.close()
+    return status
+
+
+def test_only_configured_host_names_are_served(gateway: tuple[Daemon, int]) -> None:
+    """Issue 13, item 8: DNS rebinding. A page on attacker.example whose name is made to
+    resolve to 127.0.0.1 could read /metrics and /health from the admin's own browser (no
+    metrics token set); its requests carry Host: attacker.example, and are refused."""
+    daemon, port = gateway
+    assert answer_to(port, "attacker.example") == 400
+    assert answer_to(port, f"attacker.example:{port}") == 400
+    assert daemon.logged("host=attacker.example")
+    for host in (f"127.0.0.1:{port}", "localhost", "gateway:8080", "[::1]:8080",
+                 "mx.secumail.test", "MX.SecuMail.test."):
+        assert answer_to(port, host) == 200, host
+
+
+def test_every_request_of_a_kept_connection_has_a_deadline(gateway: tuple[Daemon, int]) -> None:
+    """Issue 13, item 7: the deadline used to cover a connection's first request only; a
+    second request trickled one byte at a time kept the connection open for ever."""
+    daemon, port = gateway
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        response = b""
+        while b'"alive"}' not in response:
+            response += sock.recv(4096)
+        assert response.startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < 8:  # uvicorn's keep-alive timer is off now
+            try:
+                sock.sendall(b"X")
+                time.sleep(0.25)
+            except OSError:
+                closed = True
+                break
+        assert closed
+    assert daemon.logged("no complete request within 1 s")
+    assert healthz(port) == 200

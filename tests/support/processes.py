@@ -61,6 +61,7 @@ class Daemon:
 
     def __init__(self, argv: list[str], env: dict[str, str] | None = None, name: str = "") -> None:
         self.name = name or Path(argv[0]).name
+        self.env = env or {}
         self.log = tempfile.NamedTemporaryFile(prefix=f"{self.name}-", suffix=".log", delete=False)
         full_env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(argv, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)

@@ -179,7 +179,11 @@ def make_gateway(tmp_path: Path) -> Iterator[Any]:
             "probe_mailbox": "probe@secumail.test", "probe_interval": 0, "probe_timeout": 0.5,
             "quarantine_dir": str(tmp_path / "quarantine"),
             "dkim_keys_dir": str(tmp_path / "dkim"), "gateway_timeout": 1,
-            "greylist_whitelist_clients": ["198.51.100.0/24"], **overrides,
+            "greylist_whitelist_clients": ["198.51.100.0/24"],
+            # Scanners over TCP here, so that a name can fail to resolve (compose: sockets).
+            "clamd_address": "clamd:3310", "spamd_address": "spamassassin:783",
+            "gateway_hosts": ["testserver"],  # the name FastAPI's test client sends
+            **overrides,
         }
         settings = Settings(**values)
         store = SqliteStore(":memory:")
@@ -754,3 +758,13 @@ def test_an_unreadable_quarantine_record_is_skipped(gw: Gateway) -> None:
     broken.write_text(json.dumps({"id": "20990101T000000-0123456789ab"}))
     listed = gw.client.get("/admin/quarantine", headers=AUTH).json()
     assert [item["id"] for item in listed] == [good]
+
+
+def test_requests_for_other_host_names_are_refused(gw: Gateway) -> None:
+    """DNS rebinding: a page on another site reaching the gateway through the browser."""
+    raw = gw.client.client  # the refusal comes before any route: no OpenAPI entry to check
+    assert raw.get("/healthz", headers={"Host": "attacker.example"}).status_code == 400
+    assert raw.get("/metrics", headers={"Host": "attacker.example:80"}).status_code == 400
+    assert raw.get("/healthz", headers={"Host": "10.0.0.1:8080"}).status_code == 200
+    assert raw.get("/healthz", headers={"Host": "mx.secumail.test"}).status_code == 200
+
