@@ -7,6 +7,8 @@
 - `GET /probe/<token>` answers the headers of the gateway's canary message with that token
   once it sits in the probe mailbox; `DELETE /probe/<token>` removes it. The gateway cannot
   read the mailboxes itself: they belong to the vmail user, mode 0700.
+- The HTTP side runs in a child process of its own (agent.py), as the mailboxes' owner,
+  never as root; it asks this process, which counts, for the metrics text.
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import ipaddress
-import json
 import logging
 import os
 import re
+import socket
+import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,8 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from secumail.netaddr import HostPort, Network
+from secumail.logs import log_event
+from secumail.netaddr import Network
 from secumail.settings import Settings
 
 log = logging.getLogger("secumail.postfix")
@@ -38,6 +43,7 @@ QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 PROBE_HEADER = "X-SecuMail-Probe"
 TOKEN = re.compile(r"^[0-9a-f]{32}$")
 STALE_CANARY = 86400.0  # a canary nobody collected (the gateway restarted mid-probe)
+NOBODY = 65534
 
 # "Nov 28 01:15:55 mx postfix/smtp[2283]: 1363D21A85E: to=<...>, ..., status=sent (...)"
 # The process name may carry a service prefix (postfix/submission/smtpd): keep its last part.
@@ -207,55 +213,62 @@ class ProbeMailbox:
         return removed
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: AgentServer
+class AgentKeeper:
+    """Runs the HTTP agent (agent.py) as `user` (None: this process's own user), answers its
+    questions for the metrics over a socket pair, and starts it again if it ends."""
 
-    def do_GET(self) -> None:
-        if self.path.split("?")[0] == "/metrics":
-            self._send(200, generate_latest(self.server.registry), "text/plain; version=0.0.4")
-            return
-        token = self._token()
-        if token is None:
-            return
-        self.server.mailbox.purge_stale(time.time())
-        found = self.server.mailbox.headers(token)
-        if found is None:
-            self._send(404, b'{"detail": "no canary with that token"}')
-        else:
-            self._send(200, json.dumps(found).encode())
+    RESTART_AFTER = 1.0
 
-    def do_DELETE(self) -> None:
-        token = self._token()
-        if token is not None:
-            removed = self.server.mailbox.remove(token)
-            self._send(204 if removed else 404, b"")
-
-    def _token(self) -> str | None:
-        prefix, _, token = self.path.partition("/probe/")
-        if prefix or not TOKEN.match(token):
-            self._send(404, b'{"detail": "not found"}')
-            return None
-        return token
-
-    def _send(self, code: int, body: bytes, content_type: str = "application/json") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # one line per scrape would drown Postfix's own log
-
-
-class AgentServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, listen: HostPort, registry: CollectorRegistry, mailbox: ProbeMailbox
+    def __init__(self, registry: CollectorRegistry, mailbox_base: str, user: int | None
                  ) -> None:
         self.registry = registry
-        self.mailbox = mailbox
-        super().__init__((listen.host, listen.port), _Handler)
+        self.mailbox_base = mailbox_base
+        self.user = user
+        self.child: subprocess.Popen[bytes] | None = None
+        self.stopping = False
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.child is not None and self.child.poll() is None:
+            self.child.terminate()
+
+    def run(self) -> None:
+        while not self.stopping:
+            ours, theirs = socket.socketpair()
+            identity = {} if self.user is None else {
+                "user": self.user, "group": self.user, "extra_groups": []}
+            try:
+                self.child = child = subprocess.Popen(
+                    [sys.executable, "-m", "services.postfix.agent", str(theirs.fileno()),
+                     self.mailbox_base], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                    **identity)  # type: ignore[call-overload]
+            finally:
+                theirs.close()
+            with ours:
+                self._answer(ours)
+            status = child.wait()
+            if not self.stopping:
+                log_event(log, "metrics agent ended: starting it again", logging.ERROR,
+                          status=status)
+                time.sleep(self.RESTART_AFTER)
+
+    def _answer(self, channel: socket.socket) -> None:
+        """Until the agent closes its end: one byte asks, the exposition answers."""
+        while channel.recv(1):
+            exposition = generate_latest(self.registry)
+            channel.sendall(struct.pack(">I", len(exposition)) + exposition)
+
+
+def agent_user(mailbox_base: str) -> int | None:
+    """The agent runs as the mailboxes' owner (it reads the probe mailbox), never as root:
+    `nobody` when root owns them. None when this process is not root (it cannot switch)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        owner = os.stat(mailbox_base).st_uid
+    except OSError:
+        owner = 0
+    return owner or NOBODY
 
 
 def probe_maildir(settings: Settings, mailbox_base: str) -> Path:
@@ -265,14 +278,15 @@ def probe_maildir(settings: Settings, mailbox_base: str) -> Path:
 
 
 def start_agent(settings: Settings, queue_dir: Path, mailbox_base: str,
-                running: threading.Event) -> tuple[LogStats, AgentServer | None]:
-    """Counters for the log stream, and the HTTP listener in a thread (port 0: none)."""
+                running: threading.Event, user: int | None = None
+                ) -> tuple[LogStats, AgentKeeper | None]:
+    """Counters for the log stream, and the HTTP agent run as `user` (port 0: none), kept
+    by a thread of this process."""
     registry = CollectorRegistry()
     stats = LogStats(registry, settings.content_filter_address.host, settings.filter_subnet)
     registry.register(QueueCollector(queue_dir, running))
     if settings.metrics_listen.port == 0:
         return stats, None
-    server = AgentServer(settings.metrics_listen, registry,
-                         ProbeMailbox(probe_maildir(settings, mailbox_base)))
-    threading.Thread(target=server.serve_forever, daemon=True, name="agent").start()
-    return stats, server
+    keeper = AgentKeeper(registry, mailbox_base, user)
+    threading.Thread(target=keeper.run, daemon=True, name="agent").start()
+    return stats, keeper

@@ -26,7 +26,7 @@ from typing import BinaryIO
 
 from secumail.logs import log_event
 from secumail.settings import Settings
-from services.postfix.exporter import start_agent
+from services.postfix.exporter import agent_user, start_agent
 
 log = logging.getLogger("secumail.postfix")
 
@@ -158,12 +158,18 @@ class Supervisor:
 
 
 def supervise(settings: Settings, mailbox_base: str, queue_dir: Path = QUEUE_DIR,
-              postfix: tuple[str, ...] = ("postfix",)) -> int:
-    """Start the metrics and probe-mailbox listener, then run Postfix until stopped.
-    (`postfix` may carry `-c DIR`: the tests run a Postfix of their own.)"""
+              postfix: tuple[str, ...] = ("postfix",), drop_agent: bool = True) -> int:
+    """Start the metrics and probe-mailbox listener (as the mailboxes' owner, unless
+    `drop_agent` is false), then run Postfix until stopped. (`postfix` may carry `-c DIR`:
+    the tests run a Postfix of their own.)"""
     running = threading.Event()
-    stats, _ = start_agent(settings, queue_dir, mailbox_base, running)
+    user = agent_user(mailbox_base) if drop_agent else None
+    stats, agent = start_agent(settings, queue_dir, mailbox_base, running, user)
     supervisor = Supervisor([*postfix, "start-fg"], [*postfix, "stop"], stats.feed,
                             running=running, before_stop=lambda: finish_deliveries(postfix))
     log_event(log, "starting postfix", metrics=str(settings.metrics_listen))
-    return supervisor.run()
+    try:
+        return supervisor.run()
+    finally:
+        if agent is not None:
+            agent.stop()
