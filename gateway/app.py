@@ -88,7 +88,8 @@ def create_app(
         registry=registry,
         instance=hostname or socket.gethostname(),
         open_store=store or (lambda: open_store(settings.greylist_store,
-                                                settings.greylist_max_age)),
+                                                settings.greylist_max_age,
+                                                settings.redis_password_file)),
         requests=Counter("secumail_gateway_requests", "Gateway API requests by route and "
                          "status code", ["route", "code"], registry=registry),
     )

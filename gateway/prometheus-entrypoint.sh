@@ -1,5 +1,5 @@
 #!/bin/sh
-# The gateway's metrics token (SECUMAIL_METRICS_TOKEN, from secumail.env) goes to the file
+# The gateway's metrics token (SECUMAIL_METRICS_TOKEN, from .env) goes to the file
 # prometheus.yml names: Prometheus reads credentials from files, not from the environment.
 # Empty when no token is set; the gateway then asks for none.
 set -eu

@@ -18,7 +18,7 @@ import uvloop
 from secumail.logs import log_event, setup_logging
 from secumail.metrics import start_metrics_listener
 from secumail.netaddr import HostPort
-from secumail.settings import Settings
+from secumail.settings import Settings, misplaced_secrets
 
 log = logging.getLogger("secumail.runtime")
 
@@ -231,9 +231,17 @@ async def serve_until_signalled(service: Service, drain_timeout: float) -> None:
     log_event(log, "stopped")
 
 
+def warn_misplaced_secrets(service: str) -> None:
+    for variable in misplaced_secrets():
+        log_event(log, "a secret is given to a service that does not use it", logging.ERROR,
+                  service=service, variable=variable,
+                  fix="move it from secumail.env to .env: compose gives it to the gateway only")
+
+
 def run_service(name: str, settings: Settings, make_service: Callable[[], Service]) -> None:
     """The body of every service's `main()`: logging, metrics listener, run until signalled."""
     setup_logging(settings.log_level, settings.log_format)
+    warn_misplaced_secrets(name)
     start_metrics_listener(settings.metrics_listen)
     log_event(log, "starting", service=name, metrics=str(settings.metrics_listen))
 

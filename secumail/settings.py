@@ -7,6 +7,7 @@ The same fields are listed, with their defaults, in `.env.example`.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Annotated, Literal
@@ -63,6 +64,8 @@ class Settings(BaseSettings):
 
     greylist_enabled: bool = True
     greylist_store: str = "sqlite:///var/lib/secumail/greylist.sqlite"
+    # Redis's password, when the store URL holds none: compose's Redis writes it here.
+    redis_password_file: str = "/run/secumail/redis/password"
     greylist_delay: int = Field(300, ge=0)
     greylist_retry_window: int = Field(2 * 86400, gt=0)
     greylist_max_age: int = Field(35 * 86400, gt=0)
@@ -278,6 +281,18 @@ def parse_weighted_zone(entry: str) -> tuple[str, float]:
     if value <= 0:
         raise ValueError(f"weight must be positive in {entry!r}")
     return zone, value
+
+
+# Secrets only the gateway (and Prometheus, the metrics token) uses; compose gives them to
+# those containers only, from .env.
+GATEWAY_SECRETS = ("SECUMAIL_ADMIN_TOKEN", "SECUMAIL_METRICS_TOKEN")
+
+
+def misplaced_secrets(environ: dict[str, str] | None = None) -> list[str]:
+    """The gateway's secrets found in another service's environment (set in secumail.env,
+    which every container reads, instead of .env)."""
+    environ = dict(os.environ) if environ is None else environ
+    return [name for name in GATEWAY_SECRETS if environ.get(name)]
 
 
 def describe_errors(error: ValidationError) -> list[str]:

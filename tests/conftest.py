@@ -40,6 +40,18 @@ def redis_url() -> Iterator[str]:
     daemon.stop()
 
 
+@pytest.fixture
+def redis_with_password() -> Iterator[tuple[str, str]]:
+    """A real redis-server that requires a password, as compose's Redis does: (url, password)."""
+    binary = require_binary("redis-server")
+    port, password = free_port(), "correct-horse-battery-staple"
+    daemon = Daemon([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no", "--requirepass", password])
+    wait_for_port(port)
+    yield f"redis://127.0.0.1:{port}/0", password
+    daemon.stop()
+
+
 @pytest.fixture(scope="session")
 def clamd() -> Iterator[Clamd]:
     """Debian's clamd with the tests' own signatures (EICAR, clam.exe), shared by the tests."""

@@ -48,7 +48,8 @@ def _decisions(check: str, kind: str) -> Counter:
 class PolicyService:
     def __init__(self, settings: Settings, store: GreylistStore | None = None) -> None:
         self.settings = settings
-        self.store = store or open_store(settings.greylist_store, settings.greylist_max_age)
+        self.store = store or open_store(settings.greylist_store, settings.greylist_max_age,
+                                         settings.redis_password_file)
         self.engine = PolicyEngine(
             settings, self.store,
             secumail_dns.make_resolver(settings.dns_servers, settings.dns_timeout),

@@ -10,10 +10,12 @@ import asyncio
 import os
 import re
 import sqlite3
+from pathlib import Path
 from typing import Protocol, cast
 from urllib.parse import urlparse
 
 import redis.asyncio as aioredis
+from redis.credentials import CredentialProvider
 
 from services.policy.greylist import (
     AWL_COUNT_INTERVAL,
@@ -180,6 +182,25 @@ class SqliteStore:
         self.db.close()
 
 
+class PasswordFile(CredentialProvider):
+    """Redis's password, read from a file at each new connection (the redis-auth volume,
+    where Redis writes it at its first start, maybe after this service started): no file,
+    no AUTH (a Redis of the admin's own without a password)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        try:
+            password = Path(self.path).read_text().strip()
+        except OSError:
+            return ()  # type: ignore[return-value]
+        return (password,) if password else ()  # type: ignore[return-value]
+
+    async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
+        return self.get_credentials()
+
+
 class RedisStore:
     """Shared state for scaled policy replicas; Redis expires old entries by itself."""
 
@@ -197,9 +218,14 @@ class RedisStore:
         return 1
     """
 
-    def __init__(self, url: str, max_age: int, timeout: float = 2.0) -> None:
+    def __init__(self, url: str, max_age: int, timeout: float = 2.0,
+                 password_file: str = "") -> None:
+        # A password in the URL wins; else the password file's, if there is one.
+        credentials = PasswordFile(password_file) if password_file and not urlparse(
+            url).password else None
         self.redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True,
+            credential_provider=credentials,
         )
         self.max_age = max_age
         self._count_pass = self.redis.register_script(self.COUNT_PASS)
@@ -279,10 +305,10 @@ def _triplet(fields: dict[str, str]) -> Triplet:
     return Triplet(float(fields["first"]), float(fields["last"]), fields["passed"] == "1")
 
 
-def open_store(url: str, max_age: int) -> GreylistStore:
+def open_store(url: str, max_age: int, redis_password_file: str = "") -> GreylistStore:
     """`sqlite:///abs/path`, `sqlite://:memory:` or `redis://host:port/db`."""
     if url.startswith(("redis://", "rediss://")):
-        return RedisStore(url, max_age)
+        return RedisStore(url, max_age, password_file=redis_password_file)
     parsed = urlparse(url)
     path = parsed.netloc + parsed.path if parsed.netloc == ":memory:" else parsed.path
     if not path:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from secumail.logs import log_event, setup_logging
+from secumail.runtime import warn_misplaced_secrets
 from secumail.settings import Settings, load_settings
 from services.postfix.render import MAILBOX_BASE, VMAIL_ID, render
 from services.postfix.supervisor import supervise
@@ -76,6 +77,7 @@ def prepare(settings: Settings) -> None:
 def main() -> None:
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format)
+    warn_misplaced_secrets("postfix")
     prepare(settings)
     sys.exit(supervise(settings, MAILBOX_BASE))
 

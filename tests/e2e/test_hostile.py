@@ -351,3 +351,30 @@ def test_a_filter_refuses_hosts_that_do_not_hand_it_mail(stack: Stack) -> None:
     assert lines[0].startswith("spamd:10026 GREETING 554 5.7.1 "), result.stdout
     assert lines[1].startswith("clamav:10025 GREETING 220 "), result.stdout
     assert "client refused" in stack.logs("spamd")
+
+
+# --- Secrets go only where they are used (issue 13, item 9) --------------------------------
+
+
+def test_each_secret_reaches_only_the_containers_that_use_it(stack: Stack) -> None:
+    holders: dict[str, set[str]] = {"SECUMAIL_ADMIN_TOKEN": set(),
+                                    "SECUMAIL_METRICS_TOKEN": set()}
+    for service in ("postfix", "policy", "clamav", "spamd", "clamd", "spamassassin", "dkim",
+                    "gateway", "redis", "prometheus"):
+        for container in stack.containers(service):
+            for variable in stack.inspect(container)["Config"]["Env"]:
+                name, _, value = variable.partition("=")
+                if name in holders and value:
+                    holders[name].add(service)
+    assert holders == {"SECUMAIL_ADMIN_TOKEN": {"gateway"},
+                       "SECUMAIL_METRICS_TOKEN": {"gateway", "prometheus"}}
+
+
+def test_redis_requires_the_password_only_its_peers_hold(stack: Stack) -> None:
+    refused = stack.exec("redis", "redis-cli", "ping")
+    assert "NOAUTH" in refused.stdout + refused.stderr
+    script = ("import redis; print(redis.Redis(host='redis', password=open("
+              "'/run/secumail/redis/password').read().strip()).ping())")
+    assert stack.exec("policy", "python3", "-c", script).stdout.strip() == "True"
+    # Not mounted anywhere else: a filter cannot read it.
+    assert stack.exec("clamav", "ls", "/run/secumail/redis/password").returncode != 0

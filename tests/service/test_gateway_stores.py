@@ -5,6 +5,10 @@ redis-server: the administration gives the same answers as SQLite's
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+
+import pytest
+import redis.exceptions
 
 from services.policy.greylist import Triplet, WhitelistEntry
 from services.policy.stores import RedisStore
@@ -62,3 +66,24 @@ async def test_replicas_passing_one_network_at_once_count_it_once(redis_url: str
     assert await replicas[0].redis.ttl(RedisStore.PREFIX + "c:" + network) > 7000
     for store in replicas:
         await store.close()
+
+
+async def test_redis_password_is_read_from_its_file_at_each_connection(
+    redis_with_password: tuple[str, str], tmp_path: Path
+) -> None:
+    """Issue 13, item 9: compose's Redis requires a password, which it writes to the
+    redis-auth volume at its first start, maybe after the policy service started."""
+    url, password = redis_with_password
+    password_file = tmp_path / "password"
+    store = RedisStore(url, max_age=3600, password_file=str(password_file))
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        await store.count()  # no file yet: no password sent, Redis refuses
+    password_file.write_text(password + "\n")
+    assert await store.count() == 0  # the next connection reads it
+    await store.close()
+    wrong = RedisStore(url.replace("redis://", "redis://:wrong@"), 3600,
+                       password_file=str(password_file))
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        await wrong.count()  # a password in the URL wins over the file
+    await wrong.close()
+

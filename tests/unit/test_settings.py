@@ -74,3 +74,11 @@ def test_address_parsing() -> None:
     assert parse_network("[::1]/128") == ipaddress.ip_network("::1/128")
     assert postfix_network(parse_network("2001:db8::/48")) == "[2001:db8::]/48"
     assert parse_weighted_zone("Bl.Example.*0.5") == ("bl.example", 0.5)
+
+
+def test_the_gateways_secrets_found_elsewhere_are_named() -> None:
+    from secumail.settings import misplaced_secrets
+
+    assert misplaced_secrets({"SECUMAIL_ADMIN_TOKEN": "x" * 20, "SECUMAIL_METRICS_TOKEN": "",
+                              "SECUMAIL_HOSTNAME": "mx"}) == ["SECUMAIL_ADMIN_TOKEN"]
+    assert misplaced_secrets({}) == []

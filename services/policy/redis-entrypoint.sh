@@ -1,0 +1,18 @@
+#!/bin/sh
+# Redis for shared greylisting state, with a password: the one in the redis-auth volume
+# (/run/secumail/redis/password), made at first start when the admin has put none there.
+# The policy and gateway containers read it from the same volume; no other container has it.
+set -eu
+file=/run/secumail/redis/password
+if [ ! -s "$file" ]; then
+    umask 022
+    head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$file.new"
+    mv "$file.new" "$file"
+    echo "redis: made a password in $file"
+fi
+# The password goes in a config file only this user reads, not on the command line.
+umask 077
+config=$(mktemp)
+printf 'bind 0.0.0.0\nprotected-mode yes\ndir /var/lib/redis\nappendonly yes\nrequirepass %s\n' \
+    "$(cat "$file")" > "$config"
+exec redis-server "$config"
