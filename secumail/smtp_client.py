@@ -11,10 +11,11 @@ import asyncio
 import itertools
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from secumail.logs import describe
-from secumail.message import dot_stuff
+from secumail.message import dot_stuffed
 from secumail.netaddr import HostPort
 from secumail.runtime import IdleDeadline, send
 
@@ -127,27 +128,31 @@ class SmtpClient:
             self.in_transaction = not replies[-1].ok
         return replies
 
-    async def data(self, message: bytes) -> SmtpReply:
-        """DATA, the dot-stuffed message (CRLF line endings only), and the final dot."""
+    async def data(self, message: bytes | list[bytes | memoryview]) -> SmtpReply:
+        """DATA, the dot-stuffed message (CRLF line endings only; or its pieces, each
+        starting at a line start), and the final dot."""
         reply = await self.command("DATA")
         if reply.code != 354:
             return reply
+        pieces: list[bytes | memoryview] = [message] if isinstance(message, bytes) else message
         try:
-            [reply] = await self._exchange(dot_stuff(message) + b".\r\n", 1)
+            [reply] = await self._exchange(dot_stuffed(pieces), 1)
         except SmtpUnavailable as error:
             raise SmtpUnavailable(f"end of data: {error}") from None
         self.in_transaction = False  # whatever the code, the end-of-data reply ends it
         return reply
 
-    async def _exchange(self, data: bytes, replies: int) -> list[SmtpReply]:
-        """Send `data`, read `replies` replies within the timeout; any trouble closes the
-        connection and raises SmtpUnavailable saying what it was."""
+    async def _exchange(self, data: bytes | Iterable[bytes], replies: int) -> list[SmtpReply]:
+        """Send `data` (or its pieces, one after the other), read `replies` replies within
+        the timeout; any trouble closes the connection and raises SmtpUnavailable saying
+        what it was."""
         assert self._writer is not None and self._deadline is not None
         deadline = self._deadline
         deadline.waiting()
         try:
             self._awaiting_reply = True
-            await send(self._writer, data)
+            for piece in [data] if isinstance(data, bytes) else data:
+                await send(self._writer, piece)
             read = [await self._read_reply() for _ in range(replies)]
             self._awaiting_reply = False
             return read

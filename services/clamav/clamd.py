@@ -12,6 +12,7 @@ from secumail.kept import KeptConnections
 from secumail.logs import describe
 
 CHUNK = 64 * 1024
+ONE_WRITE = 256 * 1024  # messages up to this size go to clamd in one write
 # clamd ends a session idle for IdleTimeout (30 s by default); keep ours well under that.
 SESSION_IDLE_SECONDS = 10.0
 SESSIONS_KEPT = 32
@@ -102,7 +103,17 @@ class _Session:
 
     async def instream(self, message: bytes) -> bytes:
         self.requests += 1
-        self.writer.write(instream_request(message))  # one write: one system call
+        if len(message) <= ONE_WRITE:
+            self.writer.write(instream_request(message))  # one write: one system call
+        else:  # chunk by chunk from a view: no framed copy of a big message
+            view = memoryview(message)
+            self.writer.write(b"zINSTREAM\0")
+            for start in range(0, len(message), CHUNK):
+                chunk = view[start:start + CHUNK]
+                self.writer.write(struct.pack(">I", len(chunk)))
+                self.writer.write(chunk)
+                await self.writer.drain()
+            self.writer.write(struct.pack(">I", 0))
         await self.writer.drain()
         reply = await self.reader.readuntil(b"\0")
         number, separator, rest = reply.partition(b": ")
