@@ -35,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from secumail.protocols import spamc  # noqa: E402
 from services.postfix.render import scan_transport  # noqa: E402
-from services.spamd import spamc  # noqa: E402
 from tests.support import mail  # noqa: E402
 from tests.support.postfix import PostfixInstance  # noqa: E402
 from tests.support.processes import (  # noqa: E402
@@ -49,7 +49,7 @@ from tests.support.processes import (  # noqa: E402
 from tests.support.scanners import Clamd, Spamd  # noqa: E402
 
 SPAMD_CHILDREN = 2
-SCANNER_SETTING = {"clamav": "clamd_address", "spamd": "spamd_address"}
+SCANNER_SETTING = {"clamav": "clamd_address", "spamd": "spamassassin_address"}
 
 
 def stand_in_scanners() -> tuple[Daemon, int, int]:

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from secumail.policy_codec import encode_request  # noqa: E402
+from secumail.protocols.policy import encode_request  # noqa: E402
 from tests.support.processes import free_port, wait_for_port  # noqa: E402
 
 

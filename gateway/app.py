@@ -1,7 +1,9 @@
 """The gateway's FastAPI application: `create_app(settings)`.
 
 Everything that talks to the outside (replica resolution, probes, HTTP scrapes, the
-greylist store) is built here from the settings, or handed in by the tests.
+greylist store, SMTP for canaries and releases) is built here from the settings into the
+context the routes share (context.py), or handed in by the tests. The routes are in
+gateway/routers/, one module per area; the tokens guard them as they are included here.
 """
 
 from __future__ import annotations
@@ -12,52 +14,31 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from gateway import api_admin, api_health
 from gateway.auth import token_guard
 from gateway.canary import CanarySend, ChainProbe, ProbeMetrics
+from gateway.context import Gateway, problem
 from gateway.health import HealthChecker, Hop, Namer, Resolver, chain_hops, reverse_name
 from gateway.http import HostCheck
 from gateway.quarantine import QuarantineAdmin, ReleaseSend, next_hops
+from gateway.routers import dkim, greylist, health, metrics, quarantine
 from secumail import probes
 from secumail.logs import log_event
+from secumail.quarantine import Quarantine
 from secumail.settings import Settings
 from services.policy.stores import GreylistStore, open_store
 
 log = logging.getLogger("secumail.gateway")
 
 FIRST_PROBE_AFTER = 60.0  # seconds: let the stack come up before the first canary
-
-
-@dataclass
-class Gateway:
-    """What the routes share."""
-
-    settings: Settings
-    checker: HealthChecker
-    client: httpx2.AsyncClient
-    probe: ChainProbe
-    quarantine: QuarantineAdmin
-    registry: CollectorRegistry
-    instance: str
-    open_store: Callable[[], GreylistStore]
-    requests: Counter
-    _store: GreylistStore | None = field(default=None, repr=False)
-
-    def store(self) -> GreylistStore:
-        """The greylist store, opened on first use (a missing volume must not stop the
-        gateway from starting: only the greylist routes then answer 503)."""
-        if self._store is None:
-            self._store = self.open_store()
-        return self._store
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: problem("Missing or wrong bearer token")}
 
 
 def create_app(
@@ -71,8 +52,10 @@ def create_app(
     hops: list[Hop] | None = None,
     canary_send: CanarySend | None = None,
     release_send: ReleaseSend | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> FastAPI:
-    """The app; the keyword arguments replace what reaches the network, for the tests."""
+    """The app; the keyword arguments replace what reaches the network (and the clock), for
+    the tests."""
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
@@ -80,10 +63,10 @@ def create_app(
     gateway = Gateway(
         settings=settings,
         checker=HealthChecker(hops or chain_hops(settings), settings.gateway_timeout,
-                              resolve, namer),
+                              resolve, namer, clock),
         client=client,
-        probe=ChainProbe(settings, client, ProbeMetrics(registry), send=canary_send),
-        quarantine=QuarantineAdmin(settings.quarantine_dir, next_hops(settings),
+        probe=ChainProbe(settings, client, ProbeMetrics(registry), clock, canary_send),
+        quarantine=QuarantineAdmin(Quarantine(settings.quarantine_dir), next_hops(settings),
                                    settings.hostname, settings.relay_timeout, release_send),
         registry=registry,
         instance=hostname or socket.gethostname(),
@@ -104,9 +87,7 @@ def create_app(
         yield
         if periodic is not None:
             periodic.cancel()
-        await client.aclose()
-        if gateway._store is not None:
-            await gateway._store.close()
+        await gateway.close()
 
     app = FastAPI(
         title="SecuMail gateway",
@@ -120,14 +101,20 @@ def create_app(
     )
     app.state.gateway = gateway
     app.add_middleware(HostCheck, names=[*settings.gateway_hosts, settings.hostname])
-    metrics_guard = (token_guard(settings.metrics_token, "MetricsToken",
-                                 "SECUMAIL_METRICS_TOKEN")
-                     if settings.metrics_token.get_secret_value() else None)
-    app.include_router(api_health.router(gateway, metrics_guard))
+
+    app.include_router(health.liveness)
+    # Health and metrics: open, or guarded by the metrics token when one is set.
+    guarded: dict[str, Any] = {}
+    if settings.metrics_token.get_secret_value():
+        guard = token_guard(settings.metrics_token, "MetricsToken", "SECUMAIL_METRICS_TOKEN")
+        guarded = {"dependencies": [Depends(guard)], "responses": UNAUTHORIZED}
+    app.include_router(health.router, **guarded)
+    app.include_router(metrics.router, **guarded)
+    # The admin API exists only with an admin token.
     if settings.admin_token.get_secret_value():
-        admin_guard = token_guard(settings.admin_token, "AdminToken", "SECUMAIL_ADMIN_TOKEN")
-        app.include_router(api_health.probe_router(gateway, admin_guard))
-        app.include_router(api_admin.router(gateway, admin_guard))
+        guard = token_guard(settings.admin_token, "AdminToken", "SECUMAIL_ADMIN_TOKEN")
+        for router in (health.run, greylist.router, quarantine.router, dkim.router):
+            app.include_router(router, dependencies=[Depends(guard)], responses=UNAUTHORIZED)
     else:
         log_event(log, "admin API off: SECUMAIL_ADMIN_TOKEN is not set", logging.WARNING)
 

@@ -22,9 +22,10 @@ from typing import Any
 import httpx2
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from secumail.chain import chain
 from secumail.logs import log_event
+from secumail.protocols.smtp import Envelope, NextHop, SmtpRefused, SmtpUnavailable, deliver
 from secumail.settings import Settings
-from secumail.smtp_client import NextHop, SmtpClient, SmtpUnavailable
 from services.postfix.exporter import PROBE_HEADER
 
 log = logging.getLogger("secumail.gateway")
@@ -37,14 +38,7 @@ CanarySend = Callable[[str, float], Awaitable[str]]
 
 def expected_headers(settings: Settings) -> dict[str, str]:
     """Hop -> the header it adds to every message it passes (given these settings)."""
-    headers = {}
-    if settings.spf_enabled:
-        headers["policy"] = "Received-SPF"
-    if settings.dkim_milter_address:
-        headers["dkim"] = "Authentication-Results"
-    headers["clamav"] = "X-AV-Checked"
-    headers["spamd"] = "X-Spam-Status"
-    return headers
+    return {hop.service: hop.header for hop in chain(settings) if hop.header}
 
 
 @dataclass
@@ -162,24 +156,17 @@ class ChainProbe:
         return outcome
 
     async def _send(self, token: str, now: float) -> str:
-        smtp = SmtpClient(self.settings.gateway_timeout)
+        envelope = Envelope(self.settings.probe_sender, (self.settings.probe_address,))
         try:
-            reply = await smtp.connect(NextHop(self.settings.postfix_address),
-                                       self.settings.probe_helo)
-            steps = [
-                (reply, "EHLO"),
-                (await smtp.command(f"MAIL FROM:<{self.settings.probe_sender}>"), "MAIL"),
-                (await smtp.command(f"RCPT TO:<{self.settings.probe_address}>"), "RCPT"),
-            ]
-            for answer, step in steps:
-                if not answer.ok:
-                    raise ValueError(f"Postfix refused {step}: {answer}")
-            queued = await smtp.data(canary_message(token, self.settings, now))
-            if not queued.ok:
-                raise ValueError(f"Postfix refused the canary: {queued}")
-            return str(queued)
-        finally:
-            await smtp.quit()
+            queued = await deliver(NextHop(self.settings.postfix_address),
+                                   self.settings.probe_helo, envelope,
+                                   canary_message(token, self.settings, now),
+                                   self.settings.gateway_timeout)
+        except SmtpRefused as refused:
+            raise ValueError(f"Postfix refused {refused.step}: {refused.reply}") from None
+        if not queued.ok:
+            raise ValueError(f"Postfix refused the canary: {queued}")
+        return str(queued)
 
     async def _wait_for(self, token: str, deadline: float) -> dict[str, Any] | None:
         url = self.agent + token

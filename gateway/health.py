@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
 from secumail import probes
+from secumail.chain import chain
 from secumail.netaddr import parse_host_port
 from secumail.settings import Settings
 
@@ -36,20 +37,11 @@ class Hop:
 
 
 def chain_hops(settings: Settings) -> list[Hop]:
-    """The chain in mail order, from the same settings the services themselves read."""
-    hops = [
-        Hop("postfix", str(settings.postfix_address), "SMTP banner", probes.smtp_banner, True),
-        Hop("policy", str(settings.policy_address), "policy request", probes.policy, True),
-    ]
-    if settings.dkim_milter_address:
-        hops.append(Hop("dkim", settings.dkim_milter_address, "milter option negotiation",
-                        probes.milter, True))
-    hops += [
-        Hop("clamav", str(settings.content_filter_address), "EHLO", probes.smtp_ehlo, True),
-        Hop("spamd", str(settings.clamav_next_hop), "EHLO", probes.smtp_ehlo, True),
-        Hop("clamd", settings.clamd_address, "PING", probes.clamd, False),
-        Hop("spamassassin", settings.spamd_address, "PING", probes.spamd, False),
-    ]
+    """The chain in mail order (secumail/chain.py), each hop with its probe."""
+    hops = []
+    for hop in chain(settings):
+        probe, check = probes.PROBES[hop.probe]
+        hops.append(Hop(hop.service, hop.address, check, probe, hop.metrics))
     return hops
 
 

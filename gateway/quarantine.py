@@ -1,4 +1,4 @@
-"""The quarantine the filters write (secumail/quarantine.py), seen from the admin API.
+"""Releasing a quarantined message (the filters' quarantine, secumail/quarantine.py).
 
 Release hands the message to the next hop of the filter that quarantined it, over SMTP
 with the original envelope and client attributes (XFORWARD): a message the ClamAV filter
@@ -10,20 +10,23 @@ hop accepted the message; a refusal leaves them where they are.
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from secumail.message import prepend_headers
+from secumail.chain import chain
+from secumail.message import header_block
 from secumail.netaddr import HostPort
+from secumail.protocols.smtp import (
+    Envelope,
+    NextHop,
+    SmtpRefused,
+    SmtpReply,
+    SmtpUnavailable,
+    deliver,
+)
+from secumail.quarantine import Quarantine, QuarantineRecord
 from secumail.settings import Settings
-from secumail.smtp_client import NextHop, SmtpClient, SmtpReply, SmtpUnavailable
 
-QUARANTINE_ID = re.compile(r"^\d{8}T\d{6}-[0-9a-f]{12}$")
-FILTER_NAME = re.compile(r"^[a-z0-9_-]{1,32}$")
 RELEASE_HEADER = "X-SecuMail-Released"
 
 
@@ -41,109 +44,53 @@ class Released:
 
 
 # (next hop, quarantine record, message) -> the next hop's answer to the end of DATA.
-ReleaseSend = Callable[[HostPort, dict[str, Any], bytes], Awaitable[SmtpReply]]
+ReleaseSend = Callable[[HostPort, QuarantineRecord, bytes], Awaitable[SmtpReply]]
 
 
 def next_hops(settings: Settings) -> dict[str, HostPort]:
     """Where each filter passes clean mail: where a message it kept is released to."""
-    return {"clamav": settings.clamav_next_hop, "spamd": settings.spamd_next_hop}
+    return {hop.service: hop.next_hop for hop in chain(settings) if hop.next_hop}
+
+
+def release_headers(record: QuarantineRecord) -> list[tuple[str, str]]:
+    """What a released message carries on top: that it was released, and why it was kept
+    (a released virus must still say it is one)."""
+    return [(RELEASE_HEADER, f"{record.id} by the gateway; kept by the {record.filter} filter"
+                             f" as {record.verdict}: {record.reason}")]
 
 
 class QuarantineAdmin:
-    def __init__(self, directory: str, hops: dict[str, HostPort], hostname: str,
+    def __init__(self, quarantine: Quarantine, hops: dict[str, HostPort], hostname: str,
                  timeout: float, send: ReleaseSend | None = None) -> None:
-        self.directory = Path(directory)
+        self.quarantine = quarantine
         self.hops = hops
         self.hostname = hostname
         self.timeout = timeout
         self.send = send or self._send
 
-    def _meta_path(self, ident: str) -> Path | None:
-        if not QUARANTINE_ID.match(ident):
-            return None  # also what keeps `..` and slashes out of the paths below
-        for path in self.directory.glob(f"*/{ident}.json"):
-            if FILTER_NAME.match(path.parent.name):
-                return path
-        return None
-
-    def records(self, filter_name: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """Newest first (identifiers start with their UTC time)."""
-        metas = sorted(self.directory.glob("*/*.json"), key=lambda p: p.name, reverse=True)
-        found = []
-        for meta in metas:
-            if filter_name is not None and meta.parent.name != filter_name:
-                continue
-            try:
-                found.append(json.loads(meta.read_text()))
-            except (OSError, ValueError):
-                continue  # removed meanwhile, or half-written by hand
-            if len(found) >= limit:
-                break
-        return found
-
-    def record(self, ident: str) -> dict[str, Any] | None:
-        meta = self._meta_path(ident)
-        if meta is None:
-            return None
-        try:
-            record: dict[str, Any] = json.loads(meta.read_text())
-        except (OSError, ValueError):
-            return None
-        return record
-
-    def message(self, ident: str) -> bytes | None:
-        meta = self._meta_path(ident)
-        try:
-            return meta.with_suffix(".eml").read_bytes() if meta else None
-        except OSError:
-            return None
-
-    def delete(self, ident: str) -> bool:
-        meta = self._meta_path(ident)
-        if meta is None:
-            return False
-        meta.with_suffix(".eml").unlink(missing_ok=True)
-        meta.unlink(missing_ok=True)
-        return True
-
     async def release(self, ident: str) -> Released | None:
-        record, message = self.record(ident), self.message(ident)
+        record = await asyncio.to_thread(self.quarantine.record, ident)
+        message = await asyncio.to_thread(self.quarantine.message, ident)
         if record is None or message is None:
             return None
-        target = self.hops.get(str(record.get("filter")))
+        target = self.hops.get(record.filter)
         if target is None:
-            filter_name = record.get("filter")
-            raise ReleaseRefused("release", f"no next hop known for filter {filter_name!r}")
-        message = prepend_headers(message, [(RELEASE_HEADER, f"{ident} by the gateway")])
-        reply = await self.send(target, record, message)
+            raise ReleaseRefused("release", f"no next hop known for filter {record.filter!r}")
+        reply = await self.send(target, record, header_block(release_headers(record)) + message)
         if not reply.ok:
             raise ReleaseRefused("DATA", reply)
-        await asyncio.to_thread(self.delete, ident)
+        await asyncio.to_thread(self.quarantine.delete, ident)
         return Released(str(target), str(reply))
 
-    async def _send(self, target: HostPort, record: dict[str, Any], message: bytes
+    async def _send(self, target: HostPort, record: QuarantineRecord, message: bytes
                     ) -> SmtpReply:
-        smtp = SmtpClient(self.timeout)
+        # aiosmtpd records the null sender as "<>": it goes out as MAIL FROM:<>.
+        envelope = Envelope(record.mail_from.removeprefix("<").removesuffix(">"),
+                            record.rcpt_tos, {k.upper(): v for k, v in record.client.items()})
         try:
-            greeting = await smtp.connect(NextHop(target), self.hostname)
-            if not greeting.ok:
-                raise ReleaseRefused("EHLO", greeting)
-            client = {str(k).upper(): str(v) for k, v in dict(record.get("client") or {}).items()}
-            offered = set(smtp.extensions.get("XFORWARD", "").upper().split())
-            attributes = [f"{k}={v}" for k, v in client.items() if k in offered and v]
-            if attributes:
-                await smtp.command("XFORWARD " + " ".join(attributes))  # best effort
-            # aiosmtpd records the null sender as "<>": it goes out as MAIL FROM:<>.
-            sender = str(record.get("mail_from") or "").removeprefix("<").removesuffix(">")
-            reply = await smtp.command(f"MAIL FROM:<{sender}>")
-            if not reply.ok:
-                raise ReleaseRefused("MAIL", reply)
-            for recipient in record.get("rcpt_tos") or []:
-                reply = await smtp.command(f"RCPT TO:<{recipient}>")
-                if not reply.ok:  # all or nothing: a partial release would be confusing
-                    raise ReleaseRefused(f"RCPT {recipient}", reply)
-            return await smtp.data(message)
+            return await deliver(NextHop(target), self.hostname, envelope, message,
+                                 self.timeout)
+        except SmtpRefused as refused:
+            raise ReleaseRefused(refused.step, refused.reply) from None
         except SmtpUnavailable as error:
             raise ReleaseRefused("connection", str(error)) from None
-        finally:
-            await smtp.quit()

@@ -1,4 +1,5 @@
-"""Connections to the scanning daemons (clamd, spamd): TCP `host:port` or a unix socket path."""
+"""Connections to the scanning daemons (clamd, spamd): TCP `host:port` or a unix socket path,
+and the PING both answer PONG to (their probes)."""
 
 from __future__ import annotations
 
@@ -16,3 +17,18 @@ async def open_backend(address: str) -> tuple[asyncio.StreamReader, asyncio.Stre
 
 class BackendError(Exception):
     """The scanner could not give a verdict (unreachable, timed out, answered an error)."""
+
+
+async def ping(address: str, request: bytes, timeout: float) -> str:
+    """Send `request`; a healthy scanner answers PONG."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await open_backend(address)
+        try:
+            writer.write(request)
+            answer = await reader.read(200)
+        finally:
+            writer.close()
+    if b"PONG" not in answer:
+        raise ConnectionError(f"answered {answer[:80]!r}")
+    return answer.decode(errors="replace").strip("\0\r\n ")
+

@@ -14,6 +14,11 @@ import dns.resolver
 from secumail.netaddr import HostPort
 
 
+class DnsTemporaryError(Exception):
+    """The DNS did not answer (timeout, SERVFAIL, no server reachable): a lookup that may
+    succeed later (DKIM and DMARC then report temperror)."""
+
+
 def _configure(
     resolver: dns.resolver.BaseResolver, servers: list[HostPort], timeout: float
 ) -> None:

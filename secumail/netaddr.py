@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 from typing import NamedTuple
@@ -75,3 +76,18 @@ def client_network(ip: IPAddress) -> str:
         octets = ip.packed
         return f"{octets[0]}.{octets[1]}.{octets[2]}.0/24"  # as ip_network() says it, cheaper
     return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+
+
+async def resolve(address: HostPort) -> list[tuple[str, int]]:
+    """Every address `host:port` resolves to (a scaled compose service has one per replica),
+    in the resolver's order, each once. OSError when it does not resolve."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys((str(info[4][0]), int(info[4][1])) for info in infos))
+
+
+def peer_name(peer: object) -> str:
+    """`ip:port` of a connection's peer (transport.get_extra_info("peername")), or "?"."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return "?"

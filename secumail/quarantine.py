@@ -1,18 +1,25 @@
 """Quarantine: messages kept instead of delivered, with their envelope and the verdict.
 
 Each message is two files under `<dir>/<filter>/`: `<id>.eml` (the message as received)
-and `<id>.json` (sender, recipients, client, verdict, reason, time). Both are written to a
-temporary name, synced, then renamed, so a crash never leaves half a message behind.
+and `<id>.json` (its `QuarantineRecord`: sender, recipients, client, verdict, reason,
+time). Both are written to a temporary name, synced, then renamed, so a crash never leaves
+half a message behind. The filters write it; the gateway's admin API reads, releases and
+deletes through the same class.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+QUARANTINE_ID = re.compile(r"^\d{8}T\d{6}-[0-9a-f]{12}$")
+FILTER_NAME = re.compile(r"^[a-z0-9_-]{1,32}$")
 
 
 class Envelope(Protocol):
@@ -24,6 +31,40 @@ class Envelope(Protocol):
 
     @property
     def client(self) -> dict[str, str]: ...
+
+
+@dataclass(frozen=True)
+class QuarantineRecord:
+    """What the `.json` file says of a quarantined message."""
+
+    id: str
+    filter: str
+    verdict: str
+    reason: str
+    mail_from: str  # as the filter received it: "<>" for the null sender
+    rcpt_tos: tuple[str, ...]
+    client: dict[str, str] = field(default_factory=dict)  # XFORWARD attributes
+    size: int = 0
+    time: float = 0.0
+
+    def to_json(self) -> bytes:
+        return json.dumps({**asdict(self), "rcpt_tos": list(self.rcpt_tos)}, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> QuarantineRecord:
+        """ValueError when the file is not such a record (written by hand, or damaged)."""
+        raw: Any = json.loads(data)
+        try:
+            record = cls(
+                id=str(raw["id"]), filter=str(raw["filter"]), verdict=str(raw["verdict"]),
+                reason=str(raw["reason"]), mail_from=str(raw["mail_from"]),
+                rcpt_tos=tuple(str(r) for r in raw["rcpt_tos"]),
+                client={str(k): str(v) for k, v in dict(raw.get("client") or {}).items()},
+                size=int(raw.get("size", 0)), time=float(raw.get("time", 0.0)),
+            )
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"not a quarantine record: {error!r}") from None
+        return record
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -44,17 +85,66 @@ class Quarantine:
         folder = self.directory / filter_name
         folder.mkdir(parents=True, exist_ok=True)
         ident = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:12]
-        record: dict[str, Any] = {
-            "id": ident, "filter": filter_name, "verdict": verdict, "reason": reason,
-            "mail_from": envelope.mail_from, "rcpt_tos": list(envelope.rcpt_tos),
-            "client": envelope.client, "size": len(message), "time": time.time(),
-        }
+        record = QuarantineRecord(
+            id=ident, filter=filter_name, verdict=verdict, reason=reason,
+            mail_from=envelope.mail_from, rcpt_tos=tuple(envelope.rcpt_tos),
+            client=dict(envelope.client), size=len(message), time=time.time(),
+        )
         _write_atomically(folder / f"{ident}.eml", message)
-        _write_atomically(folder / f"{ident}.json", json.dumps(record, indent=1).encode())
+        _write_atomically(folder / f"{ident}.json", record.to_json())
         return ident
 
-    def list(self) -> list[dict[str, Any]]:
-        records = []
-        for meta in sorted(self.directory.glob("*/*.json")):
-            records.append(json.loads(meta.read_text()))
-        return records
+    # --- reading (the gateway's admin API) --------------------------------------------------
+
+    def _meta_path(self, ident: str) -> Path | None:
+        if not QUARANTINE_ID.match(ident):
+            return None  # also what keeps `..` and slashes out of the paths below
+        for path in self.directory.glob(f"*/{ident}.json"):
+            if FILTER_NAME.match(path.parent.name):
+                return path
+        return None
+
+    def records(self, filter_name: str | None = None, limit: int = 100,
+                on_unreadable: Any = None) -> list[QuarantineRecord]:
+        """Newest first (identifiers start with their UTC time); a file that is no record
+        is skipped (and handed to `on_unreadable`, if given)."""
+        metas = sorted(self.directory.glob("*/*.json"), key=lambda p: p.name, reverse=True)
+        found = []
+        for meta in metas:
+            if filter_name is not None and meta.parent.name != filter_name:
+                continue
+            try:
+                found.append(QuarantineRecord.from_json(meta.read_text()))
+            except OSError:
+                continue  # removed meanwhile
+            except ValueError:
+                if on_unreadable is not None:
+                    on_unreadable(meta.stem)
+                continue
+            if len(found) >= limit:
+                break
+        return found
+
+    def record(self, ident: str) -> QuarantineRecord | None:
+        meta = self._meta_path(ident)
+        if meta is None:
+            return None
+        try:
+            return QuarantineRecord.from_json(meta.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def message(self, ident: str) -> bytes | None:
+        meta = self._meta_path(ident)
+        try:
+            return meta.with_suffix(".eml").read_bytes() if meta else None
+        except OSError:
+            return None
+
+    def delete(self, ident: str) -> bool:
+        meta = self._meta_path(ident)
+        if meta is None:
+            return False
+        meta.with_suffix(".eml").unlink(missing_ok=True)
+        meta.unlink(missing_ok=True)
+        return True

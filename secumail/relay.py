@@ -26,12 +26,18 @@ from prometheus_client import Counter, Gauge, Histogram
 from secumail.access import AllowedClients
 from secumail.kept import KeptConnections
 from secumail.logs import log_event
-from secumail.message import DotDecoder, header_block, normalize_newlines, split_headers
-from secumail.netaddr import HostPort
+from secumail.message import header_block, normalize_newlines, split_headers
+from secumail.netaddr import HostPort, peer_name
+from secumail.protocols.smtp import (
+    XFORWARD_NAMES,
+    DotDecoder,
+    NextHop,
+    SmtpClient,
+    SmtpUnavailable,
+)
 from secumail.quarantine import Quarantine
 from secumail.runtime import InFlight
 from secumail.settings import Settings
-from secumail.smtp_client import NextHop, SmtpClient, SmtpReply, SmtpUnavailable
 
 log = logging.getLogger("secumail.relay")
 
@@ -52,7 +58,6 @@ CONNECTIONS = Gauge("secumail_filter_connections", "Open SMTP connections", ["fi
 
 TEMPFAIL_NEXT_HOP = "451 4.4.1 Next hop unavailable, please try again later"
 TEMPFAIL_INTERNAL = "451 4.3.0 Internal error, please try again later"
-XFORWARD_NAMES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 # aiosmtpd refuses lines over 1001 bytes only once they end: a line that never ends would
 # hold the connection until the idle timeout. Past this many bytes without one, hang up.
 UNENDING_LINE = 65536
@@ -188,7 +193,7 @@ class RelaySMTP(_HooksListedOnce, SMTP):
         self._unterminated = len(data) - end - 1 if end >= 0 else self._unterminated + len(data)
         if self._unterminated > UNENDING_LINE:
             log_event(log, "connection dropped", logging.WARNING, filter=self.relay.name,
-                      peer=_peer_name(self.session.peer if self.session else None),
+                      peer=peer_name(self.session.peer if self.session else None),
                       reason=f"no line end in {UNENDING_LINE} bytes")
             self.transport.write(b"500 5.5.2 Line too long, closing connection\r\n")  # type: ignore[attr-defined]
             self.transport.close()
@@ -274,14 +279,13 @@ class RelayHandler(_HooksListedOnce):
         wanted = [o for o in options if o.split("=")[0] in ("BODY", "SMTPUTF8", "SIZE")]
         # aiosmtpd hands the null sender of bounces over as "<>"; it must stay <>.
         sender = "" if address == "<>" else address
-        mail = " ".join([f"MAIL FROM:<{sender}>", *wanted])
         try:
             while True:
                 downstream = await self._downstream(transaction)
                 if isinstance(downstream, str):
                     return downstream
                 try:
-                    reply = await self._send_mail(downstream, transaction.xforward, mail)
+                    reply = await downstream.mail(sender, wanted, transaction.xforward)
                 except SmtpUnavailable:
                     if not transaction.reused:
                         raise
@@ -305,7 +309,7 @@ class RelayHandler(_HooksListedOnce):
         if downstream is None or not downstream.connected:
             return TEMPFAIL_NEXT_HOP
         try:
-            reply = await downstream.command(f"RCPT TO:<{address}>")
+            reply = await downstream.rcpt(address)
         except SmtpUnavailable as error:
             return self._next_hop_failed(error)
         if reply.ok:
@@ -392,24 +396,6 @@ class RelayHandler(_HooksListedOnce):
     def _quit(self, client: SmtpClient) -> None:
         self.closing.add(asyncio.ensure_future(client.quit()))
         self.closing = {task for task in self.closing if not task.done()}
-
-    async def _send_mail(
-        self, downstream: SmtpClient, xforward: dict[str, str], mail: str
-    ) -> SmtpReply:
-        """XFORWARD (what the next hop supports of it) and MAIL, pipelined when it can."""
-        supported = set(downstream.extensions.get("XFORWARD", "").upper().split())
-        items = [f"{k}={v}" for k, v in xforward.items() if k in supported]
-        if not items:
-            return await downstream.command(mail)
-        lines = ["XFORWARD " + " ".join(items), mail]
-        if "PIPELINING" in downstream.extensions:
-            replies = await downstream.pipeline(lines)
-        else:
-            replies = [await downstream.command(line) for line in lines]
-        if not replies[0].ok:
-            log_event(log, "next hop refused XFORWARD", logging.WARNING, filter=self.name,
-                      reply=str(replies[0])[:200])
-        return replies[-1]
 
     def _next_hop_failed(self, error: Exception) -> str:
         NEXT_HOP_ERRORS.labels(self.name).inc()
@@ -512,7 +498,3 @@ def filter_service(
         AllowedClients(allowed_clients),
     )
     return FilterService(name, listen, handler, settings.message_size_limit, settings.hostname)
-
-
-def _peer_name(peer: object) -> str:
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"

@@ -17,7 +17,7 @@ import uvloop
 
 from secumail.logs import log_event, setup_logging
 from secumail.metrics import start_metrics_listener
-from secumail.netaddr import HostPort
+from secumail.netaddr import HostPort, peer_name
 from secumail.settings import Settings, misplaced_secrets
 
 log = logging.getLogger("secumail.runtime")
@@ -181,7 +181,8 @@ class ConnectionServer:
         if self.draining or len(self._tasks) >= self.max_connections:
             log_event(
                 log, "connection refused", logging.WARNING, service=self.name,
-                peer=_peer(writer), reason="draining" if self.draining else "too many connections",
+                peer=peer_name(writer.get_extra_info("peername")),
+                reason="draining" if self.draining else "too many connections",
             )
             writer.close()
             return
@@ -213,9 +214,6 @@ class ConnectionServer:
             await asyncio.wait(list(self._tasks), timeout=1)
 
 
-def _peer(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
-    return f"{peer[0]}:{peer[1]}" if peer else "?"
 
 
 async def serve_until_signalled(service: Service, drain_timeout: float) -> None:

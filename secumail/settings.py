@@ -12,7 +12,7 @@ import re
 import sys
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from secumail.access import split_entries
@@ -35,7 +35,8 @@ def _split_commas(value: object) -> object:
 class Settings(BaseSettings):
     """The whole stack's settings. A service reads only the fields it needs."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True,
+                                      populate_by_name=True)
 
     # --- shared by every service -------------------------------------------------------
     hostname: str = Field("mail.example.org", min_length=1)
@@ -113,7 +114,11 @@ class Settings(BaseSettings):
     spamd_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:10026")
     spamd_next_hop: Annotated[HostPort, NoDecode] = parse_host_port("postfix:10027")
     spamd_allowed_clients: CommaList = ["clamav", "gateway"]
-    spamd_address: str = "/run/spamd/spamd.sock"
+    # SpamAssassin's spamd (compose service `spamassassin`), which the spamd filter asks.
+    # SECUMAIL_SPAMD_ADDRESS, its name before, is still read.
+    spamassassin_address: str = Field(
+        "/run/spamd/spamd.sock",
+        validation_alias=AliasChoices("SECUMAIL_SPAMASSASSIN_ADDRESS", "SECUMAIL_SPAMD_ADDRESS"))
     spam_tag_score: float = 5.0
     spam_reject_score: float = 10.0
     spam_action: Literal["reject", "quarantine"] = "reject"
@@ -216,7 +221,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"bad mailbox {address!r} (user@domain or @domain)")
         return [m.lower() for m in mailboxes]
 
-    @field_validator("clamd_address", "spamd_address")
+    @field_validator("clamd_address", "spamassassin_address")
     @classmethod
     def _backend_address(cls, address: str) -> str:
         if not address.startswith("/"):

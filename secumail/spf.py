@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -43,42 +43,56 @@ def spf_action(outcome: SpfOutcome, reject_fail: bool) -> str | None:
     return None
 
 
-def dns_lookup_via(resolver: dns.resolver.Resolver) -> Callable[..., list[Any]]:
-    """A replacement for pyspf's DNSLookup that asks `resolver` instead of the system one."""
-
-    def lookup(name: str, qtype: str, strict: bool = True, timeout: float = 20) -> list[Any]:
-        results: list[Any] = []
-        try:
-            answer = resolver.resolve(name, qtype, lifetime=timeout, raise_on_no_answer=False)
-        except dns.resolver.NXDOMAIN:
-            return results
-        except (dns.exception.Timeout, dns.resolver.NoNameservers) as error:
-            raise pyspf.TempError(f"DNS {error}") from None
-        for rdata in answer:
-            if qtype in ("A", "AAAA"):
-                results.append(((name, qtype), rdata.address))
-            elif qtype == "MX":
-                results.append(((name, qtype), (rdata.preference, rdata.exchange)))
-            elif qtype == "PTR":
-                results.append(((name, qtype), rdata.target.to_text(True)))
-            elif qtype in ("TXT", "SPF"):
-                results.append(((name, qtype), rdata.strings))
+def _pyspf_lookup(resolver: dns.resolver.Resolver, name: str, qtype: str,
+                  timeout: float) -> list[Any]:
+    """One lookup as pyspf's DNSLookup answers it, asked of `resolver`."""
+    results: list[Any] = []
+    try:
+        answer = resolver.resolve(name, qtype, lifetime=timeout, raise_on_no_answer=False)
+    except dns.resolver.NXDOMAIN:
         return results
+    except (dns.exception.Timeout, dns.resolver.NoNameservers) as error:
+        raise pyspf.TempError(f"DNS {error}") from None
+    for rdata in answer:
+        if qtype in ("A", "AAAA"):
+            results.append(((name, qtype), rdata.address))
+        elif qtype == "MX":
+            results.append(((name, qtype), (rdata.preference, rdata.exchange)))
+        elif qtype == "PTR":
+            results.append(((name, qtype), rdata.target.to_text(True)))
+        elif qtype in ("TXT", "SPF"):
+            results.append(((name, qtype), rdata.strings))
+    return results
 
-    return lookup
+
+# pyspf resolves through one module-level hook. It is set once, here, to ask the resolver
+# of the check running in this thread (check_spf sets it): two checkers never share one.
+_check = threading.local()
 
 
-def use_resolver(resolver: dns.resolver.Resolver) -> None:
-    """Route pyspf's lookups (a module-level hook in pyspf) through `resolver`."""
-    pyspf.DNSLookup = dns_lookup_via(resolver)
+def _lookup_for_this_check(name: str, qtype: str, strict: bool = True,
+                           timeout: float = 20) -> list[Any]:
+    resolver = getattr(_check, "resolver", None)
+    if resolver is None:
+        raise pyspf.TempError("SPF lookup outside check_spf")
+    return _pyspf_lookup(resolver, name, qtype, timeout)
+
+
+pyspf.DNSLookup = _lookup_for_this_check
 
 
 def check_spf(
-    client_address: str, sender: str, helo: str, receiver: str, timeout: float
+    client_address: str, sender: str, helo: str, receiver: str, timeout: float,
+    resolver: dns.resolver.Resolver,
 ) -> SpfOutcome:
-    """Blocking: run it in a thread. An empty sender checks the HELO identity (RFC 7208 2.4)."""
+    """Blocking: run it in a thread. An empty sender checks the HELO identity (RFC 7208 2.4).
+    Every lookup goes to `resolver`."""
     query = pyspf.query(i=client_address, s=sender, h=helo, receiver=receiver, querytime=timeout)
-    result, _code, explanation = query.check()
+    _check.resolver = resolver
+    try:
+        result, _code, explanation = query.check()
+    finally:
+        _check.resolver = None
     if result not in SPF_RESULTS:
         result = "permerror"
     if explanation == pyspf.EXPLANATIONS.get(result):
@@ -95,14 +109,15 @@ class SpfChecker:
 
     def __init__(self, resolver: dns.resolver.Resolver, receiver: str, timeout: float,
                  threads: int = 16) -> None:
-        use_resolver(resolver)
+        self.resolver = resolver
         self.receiver = receiver
         self.timeout = timeout  # for the whole check, all its lookups together
         self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="spf")
 
     async def check(self, client_address: str, sender: str, helo: str) -> SpfOutcome:
         return await asyncio.get_running_loop().run_in_executor(
-            self._threads, check_spf, client_address, sender, helo, self.receiver, self.timeout)
+            self._threads, check_spf, client_address, sender, helo, self.receiver, self.timeout,
+            self.resolver)
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)

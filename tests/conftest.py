@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from tests.support.dnsserver import LoopbackDNS
 from tests.support.policy_client import PolicyClient
 from tests.support.processes import Daemon, free_port, require_binary, wait_for_port
 from tests.support.scanners import Clamd, Spamd
 from tests.support.sink import SmtpSink
+
+# Property and fuzz tests: 100 examples in the suite; HYPOTHESIS_PROFILE=fuzz runs 3,000.
+settings.register_profile("fuzz", max_examples=3000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from secumail.backend import BackendError
+from secumail.protocols import clamd
 from secumail.relay import (
     BACKEND_ERRORS,
     FilterService,
@@ -12,7 +13,6 @@ from secumail.relay import (
 )
 from secumail.runtime import run_service
 from secumail.settings import Settings, load_settings
-from services.clamav import clamd
 from services.clamav.verdict import unscanned_verdict, virus_verdict
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from secumail.protocols.clamd import ScanResult
 from secumail.relay import Verdict
-from services.clamav.clamd import ScanResult
 
 VIRUS_HEADERS = frozenset({"X-AV-Checked", "X-Virus-Infected", "X-Virus-Scanned"})
 

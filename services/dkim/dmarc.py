@@ -112,10 +112,6 @@ class DmarcOutcome:
     reason: str = ""
 
 
-class DnsTemporaryError(Exception):
-    """The DNS did not answer (timeout, SERVFAIL): the result is temperror."""
-
-
 TxtLookup = Callable[[str], Awaitable[list[str] | None]]
 
 

@@ -111,11 +111,16 @@ def txt_record_value(key: PrivateKey) -> str:
     return f"v=DKIM1; k={key_type_of(key)}; p={public_key_base64(key)}"
 
 
+def record_name(domain: str, selector: str) -> str:
+    """Where a key's TXT record is published (RFC 6376 3.6.2.1)."""
+    return f"{selector}._domainkey.{domain}"
+
+
 def zone_file_line(domain: str, selector: str, key: PrivateKey) -> str:
     """The record as a zone file line, the value cut into strings of at most 255 bytes."""
     value = txt_record_value(key)
     strings = " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
-    return f"{selector}._domainkey.{domain}. IN TXT ( {strings} )"
+    return f"{record_name(domain, selector)}. IN TXT ( {strings} )"
 
 
 # --- the keys folder, as the milter reads it ------------------------------------------------
@@ -254,10 +259,15 @@ def generate_key(key_type: KeyType, bits: int = 2048) -> PrivateKey:
 @dataclass(frozen=True)
 class KeygenResult:
     key_path: Path
+    domain: str
+    selector: str
     activated: bool
-    record_name: str
     record_value: str
     zone_line: str
+
+    @property
+    def record_name(self) -> str:
+        return record_name(self.domain, self.selector)
 
 
 def keygen(keys_dir: Path, domain: str, selector: str | None = None,
@@ -288,8 +298,8 @@ def keygen(keys_dir: Path, domain: str, selector: str | None = None,
         activate_now = not any(k.key_type == key_type for k in load_domain(domain_dir).keys)
     if activate_now:
         activate(keys_dir, domain, selector)
-    return KeygenResult(key_path, activate_now, f"{selector}._domainkey.{domain}",
-                        txt_record_value(key), zone_line)
+    return KeygenResult(key_path, domain, selector, activate_now, txt_record_value(key),
+                        zone_line)
 
 
 def activate(keys_dir: Path, domain: str, selector: str) -> list[str]:
@@ -322,6 +332,10 @@ class KeyListing:
     active: bool
     record_value: str
     error: str = ""
+
+    @property
+    def record_name(self) -> str:
+        return record_name(self.domain, self.selector)
 
 
 def list_keys(keys_dir: Path) -> list[KeyListing]:

@@ -65,11 +65,10 @@ def main(argv: list[str] | None = None) -> None:
             if result.activated:
                 print("This key signs from now on (the milter sees it within a second).")
             else:
-                selector = result.record_name.split(".")[0]
-                domain = result.record_name.split("._domainkey.")[1]
                 print("Not signing yet. Once the record is published (check with: dig TXT "
-                      f"{result.record_name}), run:\n\n  secumail-dkim activate {domain} "
-                      f"{selector}\n\nKeep the old selector's record published for a few days.")
+                      f"{result.record_name}), run:\n\n  secumail-dkim activate "
+                      f"{result.domain} {result.selector}\n\nKeep the old selector's record "
+                      "published for a few days.")
         elif args.command == "activate":
             selectors = keys.activate(keys_dir, args.domain, args.selector)
             print(f"{args.domain} now signs with: {', '.join(selectors)}")
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             domain = keys.check_domain(args.domain)
             selector = keys.check_selector(args.selector)
             key = keys.load_private_key(keys_dir / domain / f"{selector}{keys.KEY_SUFFIX}")
-            _print_record(f"{selector}._domainkey.{domain}", keys.txt_record_value(key),
+            _print_record(keys.record_name(domain, selector), keys.txt_record_value(key),
                           keys.zone_file_line(domain, selector, key))
     except (ValueError, OSError, keys.KeyUnusable) as error:
         print(f"secumail-dkim: {error}", file=sys.stderr)

@@ -26,12 +26,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from secumail import milter_codec as mc
+from secumail.dns import DnsTemporaryError
 from secumail.logs import log_event
 from secumail.message import check_header_value
 from secumail.netaddr import IPAddress, parse_ip
+from secumail.protocols import milter as mc
 from secumail.settings import Settings
-from services.dkim import authres, dmarc, signature
+from services.dkim import auth_results, dmarc, signature
 from services.dkim.canonical import RELAXED, BodyHasher, header_value_crlf
 from services.dkim.keys import KeyStore, SigningKey
 
@@ -228,7 +229,7 @@ class MilterSession:
             try:
                 parsed = signature.parse_signature(value, name)
             except signature.SignatureSyntaxError as error:
-                self.parsed.append((signature.describe(value), str(error)))
+                self.parsed.append((signature.signature_fields(value), str(error)))
                 continue
             self.parsed.append(parsed)
             key = parsed.body_hasher_key
@@ -337,7 +338,7 @@ class MilterSession:
                 reports.append(self._check(item, keys[item.key_name], hashes))
             else:
                 info, reason = item
-                reports.append(authres.DkimReport(
+                reports.append(auth_results.DkimReport(
                     "permerror", reason, info.domain, info.identity, info.selector,
                     info.algorithm, info.b_prefix))
         outcome_dmarc = self._dmarc(from_domain, dmarc_answer, reports, spf)
@@ -366,7 +367,7 @@ class MilterSession:
                 return failed, outcome
         else:
             outcome = Outcome("verify", "continue", fields=fields)
-        value = authres.authentication_results(self.milter.authserv_id, reports, spf,
+        value = auth_results.authentication_results(self.milter.authserv_id, reports, spf,
                                                outcome_dmarc)
         header = mc.encode_insert_header(
             0, *self._header_bytes(AUTH_RESULTS, value.encode("utf-8")))
@@ -374,11 +375,11 @@ class MilterSession:
 
     def _check(self, parsed: signature.ParsedSignature, answer: object,
                hashes: dict[tuple[str, str, int | None], tuple[bytes, int]],
-               ) -> authres.DkimReport:
-        report = authres.DkimReport(
+               ) -> auth_results.DkimReport:
+        report = auth_results.DkimReport(
             "permerror", "", parsed.domain, parsed.identity, parsed.selector,
             parsed.algorithm, parsed.b_prefix)
-        if isinstance(answer, dmarc.DnsTemporaryError):
+        if isinstance(answer, DnsTemporaryError):
             return dataclasses.replace(report, result="temperror", reason=f"key lookup: {answer}")
         if isinstance(answer, BaseException):
             raise answer
@@ -396,7 +397,7 @@ class MilterSession:
         return dataclasses.replace(report, result=verdict.result, reason=verdict.reason,
                                    key_bits=record.bits, key_type=record.key_type)
 
-    async def _spf(self) -> authres.SpfResult | None:
+    async def _spf(self) -> auth_results.SpfResult | None:
         """This host's own SPF result for the client, its HELO and its MAIL FROM (the SPF
         identity is the HELO name for the null sender, RFC 7208 2.4)."""
         check = self.milter.spf_check
@@ -413,12 +414,12 @@ class MilterSession:
             log_event(log, "SPF check failed", logging.WARNING, queue_id=self.queue_id,
                       error=f"{type(error).__name__}: {error}")
             result = "temperror"
-        return authres.SpfResult(result, domain.lower().rstrip("."), identity)
+        return auth_results.SpfResult(result, domain.lower().rstrip("."), identity)
 
     def _dmarc(self, from_domain: str, answer: object,
-               reports: list[authres.DkimReport],
-               spf: authres.SpfResult | None) -> dmarc.DmarcOutcome:
-        if isinstance(answer, dmarc.DnsTemporaryError):
+               reports: list[auth_results.DkimReport],
+               spf: auth_results.SpfResult | None) -> dmarc.DmarcOutcome:
+        if isinstance(answer, DnsTemporaryError):
             return dmarc.DmarcOutcome("temperror", from_domain, reason=str(answer))
         if isinstance(answer, BaseException):
             raise answer
@@ -438,7 +439,7 @@ class MilterSession:
         for name, value in self.headers:
             if _name(name) == b"authentication-results":
                 position += 1
-                if authres.claims_to_be(_text(value), self.milter.authserv_id):
+                if auth_results.claims_to_be(_text(value), self.milter.authserv_id):
                     positions.append(position)
         return positions
 

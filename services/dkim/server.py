@@ -8,8 +8,9 @@ import logging
 from prometheus_client import Counter, Gauge, Histogram
 
 from secumail import dns as secumail_dns
-from secumail import milter_codec as mc
 from secumail.logs import log_event
+from secumail.netaddr import peer_name
+from secumail.protocols import milter as mc
 from secumail.runtime import ConnectionServer, IdleDeadline, send
 from secumail.settings import Settings
 from secumail.spf import SpfChecker
@@ -83,8 +84,7 @@ class DkimService:
         SIGNING_DOMAINS.set(usable)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        peer_text = f"{peer[0]}:{peer[1]}" if peer else "?"
+        peer_text = peer_name(writer.get_extra_info("peername"))
         decoder = mc.MilterDecoder()
         session = self.milter.session(peer_text)
         idle = IdleDeadline(writer, self.settings.dkim_idle_timeout,

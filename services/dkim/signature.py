@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from services.dkim.canonical import CANONICALIZATIONS, RELAXED, header_hash_input
-from services.dkim.keys import SigningKey
+from services.dkim.keys import SigningKey, record_name
 
 SIGNATURE_HEADER: Final = b"DKIM-Signature"
 MIN_RSA_BITS: Final = 1024
@@ -136,7 +136,7 @@ class ParsedSignature:
 
     @property
     def key_name(self) -> str:
-        return f"{self.selector}._domainkey.{self.domain}"
+        return record_name(self.domain, self.selector)
 
     @property
     def b_prefix(self) -> str:
@@ -174,7 +174,7 @@ def _tags(value: bytes) -> dict[bytes, bytes]:
         raise SignatureSyntaxError(f"malformed tag list ({error})") from None
 
 
-def describe(value: bytes) -> SignatureInfo:
+def signature_fields(value: bytes) -> SignatureInfo:
     """Best-effort d=, s=, i=, a= and b= of a signature, for a header that failed to parse."""
     try:
         tags = _tags(value)
@@ -316,7 +316,7 @@ def strip_b_value(value: bytes) -> bytes:
 
 
 @dataclass(frozen=True)
-class Verdict:
+class SignatureCheck:
     result: str  # pass, fail, policy, permerror (RFC 8601 dkim results)
     reason: str
 
@@ -324,19 +324,19 @@ class Verdict:
 def check(
     signature: ParsedSignature, record: KeyRecord, headers: list[tuple[bytes, bytes]],
     body_hash: bytes, body_length: int | None = None,
-) -> Verdict:
+) -> SignatureCheck:
     """Check one parsed signature against its key, the headers and the computed body hash
     (and the canonical body's whole length, for a signature limited by l=)."""
     if record.key_type != signature.key_type:
-        return Verdict("permerror", f"key type {record.key_type} does not match a=")
+        return SignatureCheck("permerror", f"key type {record.key_type} does not match a=")
     if record.hashes is not None and signature.hash_name not in record.hashes:
-        return Verdict("permerror", f"key does not allow {signature.hash_name}")
+        return SignatureCheck("permerror", f"key does not allow {signature.hash_name}")
     if record.strict_identity:
         identity_domain = signature.identity.rpartition("@")[2].lower()
         if identity_domain != signature.domain:
-            return Verdict("permerror", "key requires i= in d= exactly (t=s)")
+            return SignatureCheck("permerror", "key requires i= in d= exactly (t=s)")
     if body_hash != signature.body_hash:
-        return Verdict("fail", "body hash did not verify")
+        return SignatureCheck("fail", "body hash did not verify")
     data = header_hash_input(
         headers, signature.signed_headers,
         (signature.name, strip_b_value(signature.value)),
@@ -348,13 +348,13 @@ def check(
         else:
             record.key.verify(signature.signature, hashlib.sha256(data).digest())
     except InvalidSignature:
-        return Verdict("fail", "signature did not verify")
+        return SignatureCheck("fail", "signature did not verify")
     if signature.length is not None and body_length is not None:
         if body_length < signature.length:
-            return Verdict("permerror", "l= is longer than the body")
+            return SignatureCheck("permerror", "l= is longer than the body")
         if body_length > signature.length:
             # RFC 6376 8.2: anyone may append text to such a message. RFC 8601 2.7.1
             # "policy": the signature verified, but this host does not accept it as a pass.
-            return Verdict("policy", f"l= covers {signature.length} of {body_length} body "
+            return SignatureCheck("policy", f"l= covers {signature.length} of {body_length} body "
                                      "bytes: text was added after signing")
-    return Verdict("pass", "")
+    return SignatureCheck("pass", "")

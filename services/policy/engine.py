@@ -22,7 +22,7 @@ import dns.resolver
 from secumail import spf
 from secumail.logs import log_event
 from secumail.netaddr import IPAddress, client_network, parse_ip
-from secumail.policy_codec import PolicyRequest
+from secumail.protocols.policy import PolicyRequest
 from secumail.settings import Settings
 from services.policy import dnsbl
 from services.policy.greylist import (

@@ -51,8 +51,28 @@ class GreyVerdict:
 
 
 def triplet_key(network: str, sender: str, recipient: str) -> str:
-    """`network` is the client's, from `client_network()`."""
+    """The store's key of a triplet: `network/sender/recipient`, `network` the client's
+    from `client_network()`. (A string, built on every request: TripletKey reads it back.)"""
     return f"{network}/{(sender or '<>').lower()}/{recipient.lower()}"
+
+
+@dataclass(frozen=True)
+class TripletKey:
+    network: str
+    sender: str  # "<>" for the null sender
+    recipient: str
+
+    @classmethod
+    def from_text(cls, key: str) -> TripletKey:
+        """The parts of `triplet_key()`'s text; the network itself holds a slash."""
+        address, _, prefix_rest = key.partition("/")
+        prefix, _, rest = prefix_rest.partition("/")
+        sender, _, recipient = rest.rpartition("/")
+        return cls(f"{address}/{prefix}", sender, recipient)
+
+    @property
+    def text(self) -> str:
+        return triplet_key(self.network, self.sender, self.recipient)
 
 
 def check_triplet(entry: Triplet | None, now: float, cfg: GreylistConfig) -> GreyVerdict:

@@ -11,7 +11,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from secumail import dns as secumail_dns
 from secumail.logs import log_event
-from secumail.policy_codec import PolicyDecoder, PolicyProtocolError, encode_action
+from secumail.netaddr import peer_name
+from secumail.protocols.policy import PolicyDecoder, PolicyProtocolError, encode_action
 from secumail.runtime import ConnectionServer, IdleDeadline, send
 from secumail.settings import Settings
 from services.policy.engine import TEMPORARY_FAILURE, Decision, PolicyEngine
@@ -87,8 +88,7 @@ class PolicyService:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        peer_text = f"{peer[0]}:{peer[1]}" if peer else "?"
+        peer_text = peer_name(writer.get_extra_info("peername"))
         decoder = PolicyDecoder(
             self.settings.policy_max_line, self.settings.policy_max_attributes,
             self.settings.policy_strict_attributes,

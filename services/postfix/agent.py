@@ -26,6 +26,7 @@ import sys
 import time
 
 from secumail.logs import log_event, setup_logging
+from secumail.netaddr import peer_name
 from secumail.settings import Settings, load_settings
 from services.postfix.exporter import TOKEN, ProbeMailbox, probe_maildir
 
@@ -60,8 +61,7 @@ class Agent:
         self.connections = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        peer_text = f"{peer[0]}:{peer[1]}" if peer else "?"
+        peer_text = peer_name(writer.get_extra_info("peername"))
         if self.connections >= MAX_CONNECTIONS:
             log_event(log, "connection refused", logging.WARNING, peer=peer_text,
                       reason="too many connections")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from secumail.backend import BackendError
+from secumail.protocols import spamc
 from secumail.relay import (
     BACKEND_ERRORS,
     FilterService,
@@ -12,7 +13,6 @@ from secumail.relay import (
 )
 from secumail.runtime import run_service
 from secumail.settings import Settings, load_settings
-from services.spamd import spamc
 from services.spamd.verdict import oversized_verdict, spam_verdict, unchecked_verdict
 
 
@@ -21,7 +21,8 @@ def make_filter(settings: Settings) -> FilterService:
         if settings.spam_max_size and len(message) > settings.spam_max_size:
             return oversized_verdict(len(message), settings.spam_max_size)
         try:
-            result = await spamc.check(settings.spamd_address, message, settings.relay_timeout)
+            result = await spamc.check(settings.spamassassin_address, message,
+                                       settings.relay_timeout)
         except BackendError as error:
             BACKEND_ERRORS.labels("spamd").inc()
             return unchecked_verdict(str(error), settings.spamd_fail_open)

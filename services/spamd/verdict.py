@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from secumail.protocols.spamc import SpamResult
 from secumail.relay import Verdict
-from services.spamd.spamc import SpamResult
 
 SPAM_HEADERS = frozenset(
     {"X-Spam-Status", "X-Spam-Score", "X-Spam-Flag", "X-Spam-Level", "X-Spam-Checker-Version"}

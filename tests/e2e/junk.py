@@ -75,7 +75,7 @@ def main() -> None:
         }
     started = time.monotonic()
     try:
-        asyncio.run(probes.PROBES[PROBE](f"{HOST}:{PORT}"))
+        asyncio.run(probes.PROBES[PROBE][0](f"{HOST}:{PORT}", 5.0))
         report["probe with idle connections open"] = "ok"
     except probes.PROBE_ERRORS as error:
         report["probe with idle connections open"] = f"failed: {error!r}"

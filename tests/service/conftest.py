@@ -40,7 +40,7 @@ def chain(tmp_path: Path, clamd: Clamd, spamd: Spamd, sink: SmtpSink) -> Iterato
         quarantine = tmp_path / "quarantine"
         common = {
             "clamd_address": clamd.address,
-            "spamd_address": spamd.address,
+            "spamassassin_address": spamd.address,
             "quarantine_dir": str(quarantine),
             "relay_timeout": "30",
         }

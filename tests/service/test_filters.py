@@ -147,7 +147,7 @@ def test_unreachable_next_hop_is_451(chain: StartChain, sink: SmtpSink) -> None:
     assert filters.spamd.logged("next hop unavailable")
 
 
-@pytest.mark.parametrize("scanner", ["clamd_address", "spamd_address"])
+@pytest.mark.parametrize("scanner", ["clamd_address", "spamassassin_address"])
 def test_scanner_down_is_451_or_marked_when_failing_open(
     chain: StartChain, sink: SmtpSink, scanner: str
 ) -> None:
@@ -155,7 +155,7 @@ def test_scanner_down_is_451_or_marked_when_failing_open(
     with pytest.raises(smtplib.SMTPDataError) as refused:
         chain(**{scanner: dead}).send(mail.plain())
     assert refused.value.smtp_code == 451
-    fail_open = {"clamd_address": "clamav_fail_open", "spamd_address": "spamd_fail_open"}
+    fail_open = {"clamd_address": "clamav_fail_open", "spamassassin_address": "spamd_fail_open"}
     chain(**{scanner: dead, fail_open[scanner]: "true"}).send(mail.plain())
     [message] = sink.wait_for(1)
     if scanner == "clamd_address":

@@ -148,7 +148,7 @@ def stack(spamd: Spamd) -> Iterator[Stack]:
             policy_listen=f"{HOSTS['policy']}:{ports['policy']}", metrics_listen=metrics("policy"),
             greylist_store=f"sqlite://{greylist}", spf_enabled="false", greylist_delay="60",
         ), "SECUMAIL_POLICY_LISTEN"))
-        common = {"clamd_address": clamd.address, "spamd_address": spamd.address,
+        common = {"clamd_address": clamd.address, "spamassassin_address": spamd.address,
                   "quarantine_dir": str(quarantine), "relay_timeout": "30",
                   "virus_action": "quarantine"}
         daemons.append(start("secumail-spamd", service_env(
@@ -172,7 +172,7 @@ def stack(spamd: Spamd) -> Iterator[Stack]:
             dkim_milter_address=f"{HOSTS['dkim']}:{ports['dkim']}",
             content_filter_address=f"{HOSTS['clamav']}:{ports['clamav']}",
             clamav_next_hop=f"{HOSTS['spamd']}:{ports['spamd']}",
-            clamd_address=clamd.address, spamd_address=spamd.address,
+            clamd_address=clamd.address, spamassassin_address=spamd.address,
             quarantine_dir=str(quarantine), dkim_keys_dir=str(keys),
             spamd_next_hop=f"127.0.0.1:{sink.port}",  # where the spamd filter's mail goes
             greylist_store=f"sqlite://{greylist}", probe_interval="0", gateway_timeout="3",
@@ -359,12 +359,14 @@ def test_keys_generated_through_the_api_are_the_dkim_tools_keys(stack: Stack) ->
 
 
 async def test_probes_of_the_real_daemons(stack: Stack) -> None:
-    assert (await probes.milter(f"{HOSTS['dkim']}:{stack.ports['dkim']}")).startswith(
+    milter_probe, _ = probes.PROBES["milter"]
+    banner_probe, _ = probes.PROBES["banner"]
+    assert (await milter_probe(f"{HOSTS['dkim']}:{stack.ports['dkim']}", 5)).startswith(
         "milter v6")
     with pytest.raises(probes.PROBE_ERRORS):  # a policy service is no milter
-        await probes.milter(f"{HOSTS['policy']}:{stack.ports['policy']}", timeout=3)
+        await milter_probe(f"{HOSTS['policy']}:{stack.ports['policy']}", 3)
     with pytest.raises(probes.PROBE_ERRORS):  # a milter says nothing first: no banner
-        await probes.smtp_banner(f"{HOSTS['dkim']}:{stack.ports['dkim']}", timeout=1)
+        await banner_probe(f"{HOSTS['dkim']}:{stack.ports['dkim']}", 1)
     assert await probes.replicas(f"localhost:{stack.ports['dkim']}") in (
         [f"127.0.0.1:{stack.ports['dkim']}"],
         [f"127.0.0.1:{stack.ports['dkim']}", f"[::1]:{stack.ports['dkim']}"],

@@ -73,7 +73,8 @@ def test_greylisting_round_trip(policy: StartPolicy) -> None:
 
 def test_health_probes_answer_dunno_without_a_log_line(policy: StartPolicy) -> None:
     daemon, port = policy(spf_enabled="false")
-    assert asyncio.run(probes.policy(f"127.0.0.1:{port}")) == "action=DUNNO"
+    probe, _ = probes.PROBES["policy"]
+    assert asyncio.run(probe(f"127.0.0.1:{port}", 5)) == "action=DUNNO"
     assert PolicyClient(port).ask(rcpt_request()).startswith("DEFER_IF_PERMIT")
     assert daemon.logged("state=RCPT")  # the request after the probe is logged...
     assert "state=VRFY" not in daemon.output()  # ...the probe is not

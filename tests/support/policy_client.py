@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from typing import ClassVar
 
-from secumail.policy_codec import encode_request
+from secumail.protocols.policy import encode_request
 
 
 def rcpt_request(**overrides: str) -> dict[str, str]:

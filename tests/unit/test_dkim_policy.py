@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.dkim import authres, dmarc
+from secumail.dns import DnsTemporaryError
+from services.dkim import auth_results, dmarc
 
 
 @pytest.mark.parametrize(
@@ -61,7 +62,7 @@ def run_find(records: dict[str, list[str]], domain: str,
              failing: str = "") -> tuple[dmarc.DmarcRecord | None, bool]:
     async def lookup(name: str) -> list[str] | None:
         if name == failing:
-            raise dmarc.DnsTemporaryError(name)
+            raise DnsTemporaryError(name)
         return records.get(name)
 
     return asyncio.run(dmarc.find_record(domain, lookup))
@@ -75,7 +76,7 @@ def test_record_falls_back_to_the_organizational_domain() -> None:
     assert run_find({}, "example.com") == (None, False)
     doubled = {"_dmarc.example.com": ["v=DMARC1; p=reject", "v=DMARC1; p=none"]}
     assert run_find(doubled, "example.com") == (None, False)
-    with pytest.raises(dmarc.DnsTemporaryError):
+    with pytest.raises(DnsTemporaryError):
         run_find(records, "example.com", failing="_dmarc.example.com")
 
 
@@ -129,20 +130,20 @@ def test_evaluate_subdomain_policy_strict_mode_and_sampling() -> None:
     ],
 )
 def test_authserv_id(value: str, authserv_id: str) -> None:
-    assert authres.authserv_id_of(value) == authserv_id
+    assert auth_results.authserv_id_of(value) == authserv_id
 
 
 @pytest.mark.parametrize(
     "value", ["", " (unterminated", ' "unterminated', " mx.secumail.test junk; x", " ;none"])
 def test_unparsable_authserv_id(value: str) -> None:
-    with pytest.raises(authres.Unparsable):
-        authres.authserv_id_of(value)
+    with pytest.raises(auth_results.Unparsable):
+        auth_results.authserv_id_of(value)
 
 
 def test_an_unparsable_header_naming_us_counts_as_ours() -> None:
-    assert authres.claims_to_be(" mx.secumail.test junk; dkim=pass", "mx.secumail.test")
-    assert authres.claims_to_be(" (mx.SECUMAIL.test", "mx.secumail.test")
-    assert not authres.claims_to_be(" (other", "mx.secumail.test")
+    assert auth_results.claims_to_be(" mx.secumail.test junk; dkim=pass", "mx.secumail.test")
+    assert auth_results.claims_to_be(" (mx.SECUMAIL.test", "mx.secumail.test")
+    assert not auth_results.claims_to_be(" (other", "mx.secumail.test")
 
 
 OURS = "mx.secumail.test"
@@ -183,25 +184,25 @@ def results_headers(draw: st.DrawFn, identifier: str) -> str:
 
 @given(results_headers(OURS))
 def test_any_spelling_of_our_authserv_id_is_ours(value: str) -> None:
-    assert authres.claims_to_be(value, OURS)
+    assert auth_results.claims_to_be(value, OURS)
 
 
 @given(st.from_regex(r"[a-z0-9]{1,10}(\.[a-z0-9]{1,10}){0,3}", fullmatch=True)
        .filter(lambda other: other != OURS).flatmap(results_headers))
 def test_another_hosts_results_are_not_ours(value: str) -> None:
-    assert not authres.claims_to_be(value, OURS)
+    assert not auth_results.claims_to_be(value, OURS)
 
 
 def test_authentication_results_text() -> None:
     reports = [
-        authres.DkimReport("pass", "", "example.com", "@example.com", "s1", "rsa-sha256",
+        auth_results.DkimReport("pass", "", "example.com", "@example.com", "s1", "rsa-sha256",
                            "AbCdEf12", 2048, "rsa"),
-        authres.DkimReport("fail", "body hash did not verify", "example.com", "@example.com",
+        auth_results.DkimReport("fail", "body hash did not verify", "example.com", "@example.com",
                            "e1", "ed25519-sha256", "Zz+/0123", 256, "ed25519"),
     ]
-    spf = authres.SpfResult("pass", "example.com", "mailfrom")
+    spf = auth_results.SpfResult("pass", "example.com", "mailfrom")
     outcome = dmarc.DmarcOutcome("pass", "example.com", "reject", "none")
-    value = authres.authentication_results("mx.secumail.test", reports, spf, outcome)
+    value = auth_results.authentication_results("mx.secumail.test", reports, spf, outcome)
     assert value.split(";\n\t") == [
         "mx.secumail.test",
         "dkim=pass (2048-bit rsa key) header.d=example.com header.i=@example.com "
@@ -212,4 +213,4 @@ def test_authentication_results_text() -> None:
         "spf=pass smtp.mailfrom=example.com",
         "dmarc=pass (p=reject dis=none) header.from=example.com",
     ]
-    assert authres.authentication_results("mx", [], None, None) == "mx;\n\tdkim=none"
+    assert auth_results.authentication_results("mx", [], None, None) == "mx;\n\tdkim=none"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from secumail.backend import BackendError
-from services.clamav.clamd import CHUNK, ScanResult, instream_request
-from services.clamav.clamd import parse_reply as parse_clamd
+from secumail.protocols.clamd import CHUNK, ScanResult, instream_request
+from secumail.protocols.clamd import parse_reply as parse_clamd
+from secumail.protocols.spamc import SpamResult, build_request
+from secumail.protocols.spamc import parse_reply as parse_spamd
 from services.clamav.verdict import unscanned_verdict, virus_verdict
-from services.spamd.spamc import SpamResult, build_request
-from services.spamd.spamc import parse_reply as parse_spamd
 from services.spamd.verdict import oversized_verdict, spam_verdict, unchecked_verdict
 
 

@@ -25,9 +25,9 @@ from starlette.routing import Match
 from gateway.app import create_app
 from gateway.health import chain_hops
 from secumail.netaddr import HostPort
-from secumail.quarantine import Quarantine
+from secumail.protocols.smtp import SmtpReply
+from secumail.quarantine import Quarantine, QuarantineRecord
 from secumail.settings import Settings
-from secumail.smtp_client import SmtpReply
 from services.policy.stores import GreylistStore, SqliteStore
 
 ADMIN = "admin-token-0123456789"
@@ -63,9 +63,13 @@ class World:
     canaries: dict[str, dict[str, Any]] = field(default_factory=dict)
     canary_headers: list[str] | None = field(default_factory=lambda: list(HEADERS_ADDED))
     refuse_canary: str = ""
-    released: list[tuple[HostPort, dict[str, Any], bytes]] = field(default_factory=list)
+    released: list[tuple[HostPort, QuarantineRecord, bytes]] = field(default_factory=list)
     release_reply: SmtpReply = field(
         default_factory=lambda: SmtpReply(250, ("2.0.0 Ok: queued as 4F2A",)))
+    offset: float = 0.0  # seconds the gateway's clock is ahead of the real one
+
+    def clock(self) -> float:
+        return time.time() + self.offset
 
     async def resolve(self, address: str) -> list[str]:
         if address not in self.replicas:
@@ -103,7 +107,7 @@ class World:
                                     "headers": headers}
         return "250 2.0.0 Ok: queued as 3B1C"
 
-    async def release(self, hop: HostPort, record: dict[str, Any], message: bytes
+    async def release(self, hop: HostPort, record: QuarantineRecord, message: bytes
                       ) -> SmtpReply:
         self.released.append((hop, record, message))
         return self.release_reply
@@ -181,7 +185,7 @@ def make_gateway(tmp_path: Path) -> Iterator[Any]:
             "dkim_keys_dir": str(tmp_path / "dkim"), "gateway_timeout": 1,
             "greylist_whitelist_clients": ["198.51.100.0/24"],
             # Scanners over TCP here, so that a name can fail to resolve (compose: sockets).
-            "clamd_address": "clamd:3310", "spamd_address": "spamassassin:783",
+            "clamd_address": "clamd:3310", "spamassassin_address": "spamassassin:783",
             "gateway_hosts": ["testserver"],  # the name FastAPI's test client sends
             **overrides,
         }
@@ -198,7 +202,7 @@ def make_gateway(tmp_path: Path) -> Iterator[Any]:
             settings, resolve=world.resolve, namer=world.namer,
             transport=httpx2.MockTransport(world.handle), store=open_store,
             hostname="gateway-1", hops=hops, canary_send=world.send_canary,
-            release_send=world.release,
+            release_send=world.release, clock=world.clock,
         )
         client = TestClient(app)
         client.__enter__()
@@ -232,7 +236,7 @@ def test_readyz_is_200_when_every_hop_answers(gw: Gateway) -> None:
 
 def test_readyz_is_503_naming_the_broken_hop(gw: Gateway) -> None:
     gw.world.failing["10.0.2.1:3310"] = "Connection refused"
-    time.sleep(1.1)  # past the age a round of probes is reused for
+    gw.world.offset += 1.1  # past the age a round of probes is reused for
     response = gw.client.get("/readyz")
     assert response.status_code == 503
     [failing] = response.json()["failing"]
@@ -274,7 +278,7 @@ def test_health_lists_every_replica_and_keeps_the_last_error(gw: Gateway) -> Non
     assert all(r["latency_seconds"] >= 0 for r in clamav["replicas"])
     assert clamav["replicas"][2]["last_error"] == "ConnectionError: timed out"
     del gw.world.failing["10.0.1.3:10025"]
-    time.sleep(1.1)
+    gw.world.offset += 1.1
     again = gw.client.get("/health").json()
     recovered = next(s for s in again["services"] if s["service"] == "clamav")["replicas"][2]
     assert again["status"] == "ok" and recovered["status"] == "ok"
@@ -285,7 +289,7 @@ def test_health_lists_every_replica_and_keeps_the_last_error(gw: Gateway) -> Non
 def test_a_scaled_down_replica_leaves_health(gw: Gateway) -> None:
     assert len(gw.client.get("/health").json()["services"][3]["replicas"]) == 3
     gw.world.replicas["clamav:10025"] = REPLICAS["clamav:10025"][:1]
-    time.sleep(1.1)
+    gw.world.offset += 1.1
     assert len(gw.client.get("/health").json()["services"][3]["replicas"]) == 1
 
 
@@ -607,8 +611,10 @@ def test_release_goes_to_the_next_hop_of_the_filter_that_kept_it(gw: Gateway) ->
     assert response.json() == {"id": virus, "released": True, "next_hop": "spamd:10026",
                                "reply": "250 2.0.0 Ok: queued as 4F2A"}
     hop, record, message = gw.world.released[0]
-    assert hop == HostPort("spamd", 10026) and record["rcpt_tos"] == ["bob@secumail.test"]
-    assert message.startswith(f"X-SecuMail-Released: {virus} by the gateway\r\n".encode())
+    assert hop == HostPort("spamd", 10026) and record.rcpt_tos == ("bob@secumail.test",)
+    # Released, and still saying why it was kept: a released virus says it is one.
+    assert message.startswith(f"X-SecuMail-Released: {virus} by the gateway; kept by the "
+                              f"clamav filter as virus: ".encode())
     assert gw.client.get(f"/admin/quarantine/{virus}", headers=AUTH).status_code == 404
     gw.client.post(f"/admin/quarantine/{spam}/release", headers=AUTH)
     assert gw.world.released[1][0] == HostPort("postfix", 10027)

@@ -12,9 +12,12 @@ Reference: libmilter's mfdef.h and mfapi.h (sendmail 8.14+), Postfix's milter8.c
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from dataclasses import dataclass, field
 from typing import Final
+
+from secumail.netaddr import parse_host_port
 
 # --- protocol constants (mfdef.h) --------------------------------------------------------
 
@@ -547,3 +550,31 @@ def _parse_reply(code: str, data: bytes) -> Reply:
     if code == "y":
         return Reply(code, data, value=_strings(data, code)[0])
     return Reply(code, data)
+
+
+async def probe(address: str, timeout: float = 5.0) -> str:
+    """Option negotiation, as Postfix opens every milter session; then QUIT."""
+    target = parse_host_port(address)
+    decoder = ReplyDecoder()
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(target.host, target.port)
+        try:
+            writer.write(encode_negotiation())
+            replies: list[Reply] = []
+            while not replies:
+                data = await reader.read(4096)
+                if not data:
+                    raise ConnectionError("milter closed the connection")
+                replies = decoder.feed(data)
+            writer.write(QUIT)
+            await writer.drain()
+        except MilterProtocolError as error:
+            raise ConnectionError(f"milter answered garbage: {error}") from None
+        finally:
+            writer.close()
+    negotiation = replies[0].negotiation
+    if negotiation is None:
+        raise ConnectionError(f"milter answered {replies[0].code!r} to option negotiation")
+    return (f"milter v{negotiation.version} actions=0x{negotiation.actions:x} "
+            f"protocol=0x{negotiation.protocol:x}")
+

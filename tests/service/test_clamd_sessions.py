@@ -1,5 +1,6 @@
 """The clamd client's kept IDSESSION connections, against an in-process stand-in for clamd
-(the service tests use the real clamd): reuse, a connection clamd ended, answers out of turn."""
+(the service tests use the real clamd): reuse, a connection clamd ended, answers out of turn.
+(Over loopback, against small servers of the test's own.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from secumail.backend import BackendError
-from services.clamav.clamd import Clamd, ScanResult
+from secumail.protocols.clamd import Clamd, ScanResult
 
 
 class FakeClamd:

@@ -6,7 +6,7 @@ import asyncio
 import re
 from dataclasses import dataclass
 
-from secumail.backend import BackendError, open_backend
+from secumail.backend import BackendError, open_backend, ping
 from secumail.logs import describe
 
 MAX_REPLY = 64 * 1024
@@ -56,3 +56,8 @@ async def check(address: str, message: bytes, timeout: float) -> SpamResult:
     except (OSError, TimeoutError) as error:
         raise BackendError(f"spamd at {address}: {describe(error)}") from None
     return parse_reply(reply)
+
+
+async def probe(address: str, timeout: float = 5.0) -> str:
+    """PING, answered PONG by a healthy spamd."""
+    return await ping(address, b"PING SPAMC/1.5\r\n\r\n", timeout)

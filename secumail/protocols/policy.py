@@ -8,7 +8,10 @@ request raises `PolicyProtocolError`: the server logs it and closes that connect
 
 from __future__ import annotations
 
+import asyncio
 import re
+
+from secumail.netaddr import parse_host_port
 
 # Every attribute Postfix (up to 3.10) sends in a policy request.
 KNOWN_ATTRIBUTES = frozenset(
@@ -129,3 +132,20 @@ def encode_request(attributes: dict[str, str]) -> bytes:
     """A request as Postfix sends it (used by tests, benchmarks and the gateway's probe)."""
     body = "".join(f"{k}={v}\n" for k, v in attributes.items())
     return (body + "\n").encode("utf-8")
+
+
+async def probe(address: str, timeout: float = 5.0) -> str:
+    """A request at a stage no check acts on: a healthy service answers DUNNO."""
+    target = parse_host_port(address)
+    request = encode_request({"request": "smtpd_access_policy", "protocol_state": "VRFY"})
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(target.host, target.port)
+        try:
+            writer.write(request)
+            answer = (await reader.readuntil(b"\n\n")).decode(errors="replace").strip()
+        finally:
+            writer.close()
+    if not answer.startswith("action="):
+        raise ConnectionError(f"policy answered {answer[:80]!r}")
+    return answer
+

@@ -7,7 +7,7 @@ import asyncio
 import struct
 from dataclasses import dataclass
 
-from secumail.backend import BackendError, open_backend
+from secumail.backend import BackendError, open_backend, ping
 from secumail.kept import KeptConnections
 from secumail.logs import describe
 
@@ -124,3 +124,8 @@ class _Session:
 
     def close(self) -> None:
         self.writer.close()
+
+
+async def probe(address: str, timeout: float = 5.0) -> str:
+    """PING, answered PONG by a healthy clamd."""
+    return await ping(address, b"zPING\0", timeout)

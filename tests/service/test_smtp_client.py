@@ -1,5 +1,6 @@
 """When the filters' SMTP client may hand its connection to another session: never with a
-reply still to come (it would be read as the answer to the next session's command)."""
+reply still to come (it would be read as the answer to the next session's command).
+(Over loopback, against small servers of the test's own.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from secumail.netaddr import HostPort
-from secumail.smtp_client import NextHop, SmtpClient, SmtpUnavailable
+from secumail.protocols.smtp import NextHop, SmtpClient, SmtpUnavailable
 
 
 class SlowNextHop:

@@ -1,0 +1,81 @@
+"""What the gateway's routes share: settings, the health checker, the HTTP client, the
+chain probe, the quarantine, the greylist store. Built once by `create_app` (app.py), kept
+on the application, and handed to each route by FastAPI (`GatewayDep`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import httpx2
+from fastapi import Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CollectorRegistry, Counter
+
+from gateway.canary import ChainProbe
+from gateway.health import HealthChecker
+from gateway.models import Problem
+from gateway.quarantine import QuarantineAdmin
+from secumail.logs import log_event
+from secumail.settings import Settings
+from services.policy.stores import GreylistStore
+
+log = logging.getLogger("secumail.gateway")
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    checker: HealthChecker
+    client: httpx2.AsyncClient
+    probe: ChainProbe
+    quarantine: QuarantineAdmin
+    registry: CollectorRegistry
+    instance: str
+    open_store: Callable[[], GreylistStore]
+    requests: Counter
+    _store: GreylistStore | None = field(default=None, repr=False)
+
+    def store(self) -> GreylistStore:
+        """The greylist store, opened on first use (a missing volume must not stop the
+        gateway from starting: only the greylist routes then answer 503)."""
+        if self._store is None:
+            self._store = self.open_store()
+        return self._store
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        if self._store is not None:
+            await self._store.close()
+
+
+def get_gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+
+
+async def get_store(gateway: GatewayDep) -> GreylistStore:
+    try:
+        return gateway.store()
+    except Exception as error:
+        log_event(log, "greylist store unavailable", logging.ERROR, error=repr(error))
+        raise HTTPException(503, "the greylist store cannot be opened") from None
+
+
+StoreDep = Annotated[GreylistStore, Depends(get_store)]
+
+
+def invalid(where: tuple[str, ...], error: ValueError) -> RequestValidationError:
+    """A value the schema allows but the service does not: the same 422 FastAPI gives for
+    a schema error, so that one documented shape covers both."""
+    return RequestValidationError([{"loc": where, "msg": str(error), "type": "value_error"}])
+
+
+def problem(description: str) -> dict[str, Any]:
+    """An error response for the OpenAPI document."""
+    return {"model": Problem, "description": description}

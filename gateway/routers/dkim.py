@@ -1,0 +1,66 @@
+"""DKIM keys: list them with their records, generate one, activate a selector."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException
+
+from gateway.context import GatewayDep, invalid, problem
+from gateway.models import DkimActivation, DkimKey, KeygenReport, KeygenRequest
+from secumail.logs import log_event
+from services.dkim import keys
+
+log = logging.getLogger("secumail.gateway")
+
+router = APIRouter(prefix="/admin/dkim", tags=["dkim"])
+
+
+@router.get("/keys", response_model=list[DkimKey],
+            summary="Every domain's selectors, which sign, and the DNS record to publish")
+async def list_dkim(gateway: GatewayDep) -> list[DkimKey]:
+    listed = await asyncio.to_thread(keys.list_keys, Path(gateway.settings.dkim_keys_dir))
+    return [
+        DkimKey(domain=k.domain, selector=k.selector, key_type=k.key_type, active=k.active,
+                record_name=k.record_name, record_value=k.record_value,
+                error=k.error or None)
+        for k in listed
+    ]
+
+
+@router.post("/keys", response_model=KeygenReport, status_code=201,
+             summary="Generate a key; publish its record, then activate it",
+             responses={409: problem("That selector exists already")})
+async def generate_dkim(request: KeygenRequest, gateway: GatewayDep) -> KeygenReport:
+    try:
+        made = await asyncio.to_thread(
+            keys.keygen, Path(gateway.settings.dkim_keys_dir), request.domain,
+            request.selector, request.key_type, request.bits, request.activate,
+        )
+    except FileExistsError:
+        raise HTTPException(409, "that selector exists already for this domain") from None
+    except ValueError as error:
+        raise invalid(("body",), error) from None
+    log_event(log, "dkim key generated", domain=made.domain, selector=made.selector,
+              type=request.key_type, activated=made.activated)
+    return KeygenReport(domain=made.domain, selector=made.selector, key_type=request.key_type,
+                        activated=made.activated, record_name=made.record_name,
+                        record_value=made.record_value, zone_line=made.zone_line)
+
+
+@router.post("/keys/{domain}/{selector}/activate", response_model=DkimActivation,
+             summary="Sign with this selector from now on (the milter sees it within a "
+             "second)", responses={404: problem("No such key")})
+async def activate_dkim(domain: str, selector: str, gateway: GatewayDep) -> DkimActivation:
+    try:
+        domain, selector = keys.check_domain(domain), keys.check_selector(selector)
+        active = await asyncio.to_thread(keys.activate, Path(gateway.settings.dkim_keys_dir),
+                                         domain, selector)
+    except keys.KeyUnusable:
+        raise HTTPException(404, "no usable key with that selector") from None
+    except ValueError as error:
+        raise invalid(("path",), error) from None
+    log_event(log, "dkim key activated", domain=domain, selector=selector)
+    return DkimActivation(domain=domain, active=active)

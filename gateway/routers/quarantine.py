@@ -1,0 +1,100 @@
+"""The quarantine: list, show, download, release past the filter that kept it, delete."""
+
+from __future__ import annotations
+
+import asyncio
+import email.parser
+import email.policy
+import logging
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi.responses import JSONResponse
+
+from gateway.context import GatewayDep, problem
+from gateway.models import QuarantineDetail, QuarantineItem, ReleaseFailure, ReleaseReport
+from gateway.quarantine import ReleaseRefused
+from secumail.logs import log_event
+from secumail.quarantine import QuarantineRecord
+
+log = logging.getLogger("secumail.gateway")
+
+router = APIRouter(prefix="/admin/quarantine", tags=["quarantine"])
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: problem("No such message")}
+
+
+def item(record: QuarantineRecord) -> QuarantineItem:
+    return QuarantineItem.model_validate(asdict(record))
+
+
+def _unreadable(ident: str) -> None:
+    log_event(log, "unreadable quarantine record", logging.WARNING, id=ident)
+
+
+@router.get("", response_model=list[QuarantineItem], summary="Quarantined messages, newest first")
+async def list_quarantine(
+    gateway: GatewayDep,
+    filter: str | None = Query(None, pattern=r"^[a-z0-9_-]{1,32}$",
+                               description="Only what this filter kept: clamav, spamd"),
+    limit: int = Query(100, ge=1, le=10000),
+) -> list[QuarantineItem]:
+    records = await asyncio.to_thread(gateway.quarantine.quarantine.records, filter, limit,
+                                      _unreadable)
+    return [item(record) for record in records]
+
+
+@router.get("/{ident}", response_model=QuarantineDetail,
+            summary="One quarantined message: envelope, verdict, headers", responses=NOT_FOUND)
+async def show_quarantine(ident: str, gateway: GatewayDep) -> QuarantineDetail:
+    store = gateway.quarantine.quarantine
+    record = await asyncio.to_thread(store.record, ident)
+    message = await asyncio.to_thread(store.message, ident)
+    if record is None or message is None:
+        raise HTTPException(404, "no such quarantined message")
+    parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(message)
+    headers = [(name, " ".join(str(value).split())) for name, value in parsed.items()]
+    return QuarantineDetail.model_validate({**asdict(record), "headers": headers})
+
+
+@router.get("/{ident}/message", response_class=Response,
+            summary="The quarantined message itself",
+            responses={200: {"content": {"message/rfc822": {}},
+                             "description": "The message as the filter received it"},
+                       **NOT_FOUND})
+async def raw_quarantine(ident: str, gateway: GatewayDep) -> Response:
+    message = await asyncio.to_thread(gateway.quarantine.quarantine.message, ident)
+    if message is None:
+        raise HTTPException(404, "no such quarantined message")
+    return Response(message, media_type="message/rfc822")
+
+
+@router.post("/{ident}/release", response_model=ReleaseReport,
+             summary="Deliver a quarantined message, past the filter that kept it",
+             responses={**NOT_FOUND,
+                        502: {"model": ReleaseFailure,
+                              "description": "The next hop refused the message; it stays in "
+                              "quarantine"}})
+async def release_quarantine(ident: str, gateway: GatewayDep) -> Any:
+    try:
+        released = await gateway.quarantine.release(ident)
+    except ReleaseRefused as error:
+        log_event(log, "release refused", logging.WARNING, id=ident, step=error.step,
+                  reply=error.reply[:200])
+        failure = ReleaseFailure(detail="the next hop refused the message", step=error.step,
+                                 reply=error.reply)
+        return JSONResponse(failure.model_dump(), status_code=502)
+    if released is None:
+        raise HTTPException(404, "no such quarantined message")
+    log_event(log, "released", id=ident, next_hop=released.next_hop)
+    return ReleaseReport(id=ident, released=True, next_hop=released.next_hop,
+                         reply=released.reply)
+
+
+@router.delete("/{ident}", status_code=204, response_class=Response,
+               summary="Delete a quarantined message for good", responses=NOT_FOUND)
+async def delete_quarantine(ident: str, gateway: GatewayDep) -> Response:
+    if not await asyncio.to_thread(gateway.quarantine.quarantine.delete, ident):
+        raise HTTPException(404, "no such quarantined message")
+    log_event(log, "quarantined message deleted", id=ident)
+    return Response(status_code=204)
