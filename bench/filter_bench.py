@@ -1,19 +1,24 @@
-"""Content-filter benchmark: what the ClamAV and SpamAssassin filters cost, next to plain
-Postfix and next to spamd alone, in the same run.
+"""Content-filter benchmark: what the ClamAV and SpamAssassin filters cost in both filter
+modes, next to plain Postfix, spamd alone and amavisd-new, in the same run.
 
   1. smtp-source -> Postfix -> smtp-sink                          (no filter: the peer)
-  2. smtp-source -> Postfix -> clamav -> spamd -> Postfix:10027 -> smtp-sink,
-     scanners replaced by always-clean stand-ins (the relay's own cost)
-  3. the same chain with the real clamd and spamd (-L, local tests only)
-  4. spamd alone over SPAMC with as many clients as it has children (3 and 4 alternate,
-     `--rounds` times; medians)
+  2. smtp-source -> Postfix -> clamav -> spamd -> Postfix:10027 -> smtp-sink, scanners
+     replaced by always-clean stand-ins (the relay's own cost), after-queue (content_filter:
+     two queue passes) and before-queue (smtpd_proxy_filter: one)
+  3. the same chain with the real clamd and spamd (-L, local tests only), both modes, and
+     spamd alone over SPAMC with as many clients as it has children, and amavisd-new
+     (Debian's, SpamAssassin in its own 2 children, the same clamd) as Postfix's
+     content_filter: alternated `--rounds` times, medians, CPU per message of each
+  4. what a client waits for one message in before-queue mode (p50, p99), against Postfix
+     alone, one session sending one message after the other
   5. one filter hop alone, smtp-source -> clamav filter (stand-in clamd) -> smtp-sink:
      msg/s, and the median latency it adds to one SMTP transaction
 
     .venv/bin/python bench/filter_bench.py [--messages 2000] [--sessions 20] [--size 2048]
                                            [--scanned 300] [--rounds 3]
 
-Needs root (Postfix), Debian's postfix, clamav-daemon and spamd (scripts/install-deps.sh).
+Needs root (Postfix), Debian's postfix, clamav-daemon and spamd (scripts/install-deps.sh),
+and amavisd-new for the peer (apt-get install amavisd-new; skipped, saying so, without it).
 """
 
 from __future__ import annotations
@@ -36,9 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from secumail.protocols import spamc  # noqa: E402
-from services.postfix.render import scan_transport  # noqa: E402
 from tests.support import mail  # noqa: E402
-from tests.support.postfix import PostfixInstance  # noqa: E402
+from tests.support.postfix import (  # noqa: E402
+    PostfixInstance,
+    filtering_postfix,
+    sink_transport,
+)
 from tests.support.processes import (  # noqa: E402
     Daemon,
     free_port,
@@ -136,26 +144,34 @@ def cpu_seconds(pid: int) -> float:
 
 def through_postfix(sink_port: int, messages: int, sessions: int, size: int,
                     filter_port: int | None = None, reinjection: int | None = None,
+                    mode: str = "after-queue",
                     send: Callable[[int, int, int, int], float] = smtp_source,
-                    watch: dict[str, int] | None = None) -> tuple[float, dict[str, float]]:
+                    watch: dict[str, int] | None = None,
+                    amavis: int | None = None) -> tuple[float, dict[str, float]]:
     """msg/s from smtp-source until Postfix's queue is empty again, and the CPU
-    milliseconds per message of Postfix and of the `watch`ed processes (name: pid)."""
-    main = {
-        "relay_domains": "secumail.test",
-        "transport_maps": f"inline:{{ secumail.test=smtp:[127.0.0.1]:{sink_port} }}",
-        "default_process_limit": "200",
-    }
-    extra = ""
+    milliseconds per message of Postfix and of the `watch`ed processes (name: pid). With a
+    `filter_port`: SecuMail's chain in `mode`, configured as production renders it; with
+    `amavis`: amavisd-new as content_filter, its mail back on `reinjection`."""
     if filter_port is not None:
-        main["content_filter"] = f"scan:[127.0.0.1]:{filter_port}"
-        main["receive_override_options"] = "no_address_mappings"
-        extra = "\n".join(scan_transport(20)) + "\n" + (  # the production transport
-            f"127.0.0.1:{reinjection} inet n - n - 100 smtpd\n  -o content_filter=\n"
-            "  -o receive_override_options=no_unknown_recipient_checks,no_header_body_checks\n"
-            "  -o smtpd_recipient_restrictions=permit_mynetworks,reject\n"
-            "  -o smtpd_authorized_xforward_hosts=127.0.0.0/8\n"
-        )
-    postfix = PostfixInstance(main, extra).start()
+        assert reinjection is not None
+        postfix = filtering_postfix(mode, filter_port, reinjection, sink_port, processes=100,
+                                    default_process_limit="200")
+    else:
+        main = {**sink_transport(sink_port), "default_process_limit": "200"}
+        extra = ""
+        if amavis is not None:  # amavisd-new's README.postfix, on loopback
+            main["content_filter"] = f"amavis:[127.0.0.1]:{amavis}"
+            main["receive_override_options"] = "no_address_mappings"
+            extra = (
+                f"amavis unix - - n - {AMAVIS_CHILDREN} smtp\n"
+                "  -o smtp_data_done_timeout=1200\n  -o smtp_send_xforward_command=yes\n"
+                f"127.0.0.1:{reinjection} inet n - n - 100 smtpd\n  -o content_filter=\n"
+                "  -o receive_override_options=no_unknown_recipient_checks,"
+                "no_header_body_checks,no_milters\n"
+                "  -o smtpd_recipient_restrictions=permit_mynetworks,reject\n"
+                "  -o smtpd_authorized_xforward_hosts=127.0.0.0/8\n")
+        postfix = PostfixInstance(main, extra)
+    postfix.start()
     try:
         pids = {**(watch or {}),
                 "postfix": int((postfix.root / "queue/pid/master.pid").read_text())}
@@ -170,34 +186,103 @@ def through_postfix(sink_port: int, messages: int, sessions: int, size: int,
         postfix.stop()
 
 
-def start_filter(name: str, scanner: str, next_hop: int) -> tuple[Daemon, int]:
+def start_filter(name: str, scanner: str, next_hop: int, mode: str = "after-queue"
+                 ) -> tuple[Daemon, int]:
     """secumail-clamav or secumail-spamd on a free port, handing mail to `next_hop`."""
     port = free_port()
     daemon = start_service(f"secumail-{name}", service_env(**{
         f"{name}_listen": f"127.0.0.1:{port}", f"{name}_next_hop": f"127.0.0.1:{next_hop}",
-        SCANNER_SETTING[name]: scanner,
-        "log_level": "WARNING",
+        SCANNER_SETTING[name]: scanner, "filter_mode": mode, "log_level": "WARNING",
     }), f"SECUMAIL_{name.upper()}_LISTEN")
     return daemon, port
 
 
-def start_chain(clamd: str, spamd: str, next_hop: int) -> tuple[list[Daemon], int]:
-    spamd_filter, spamd_port = start_filter("spamd", spamd, next_hop)
-    clamav_filter, clamav_port = start_filter("clamav", clamd, spamd_port)
+def start_chain(clamd: str, spamd: str, next_hop: int, mode: str
+                ) -> tuple[list[Daemon], int]:
+    spamd_filter, spamd_port = start_filter("spamd", spamd, next_hop, mode)
+    clamav_filter, clamav_port = start_filter("clamav", clamd, spamd_port, mode)
     return [clamav_filter, spamd_filter], clamav_port
 
 
-def transaction_latency(port: int, count: int, size: int) -> float:
-    """Median seconds of one whole SMTP transaction (connection reused), for `count` sends."""
+def transaction_times(port: int, count: int, size: int) -> list[float]:
+    """Seconds of each whole SMTP transaction of one session sending `count` messages."""
     body = bench_message(size)
     times = []
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
         smtp.ehlo("bench.secumail.test")
         for _ in range(count):
             started = time.perf_counter()
             smtp.sendmail("bench@secumail.test", ["sink@secumail.test"], body)
             times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return times
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+# --- amavisd-new, the peer ------------------------------------------------------------------
+
+AMAVIS_CHILDREN = 2  # as many SpamAssassin processes as spamd has children
+AMAVIS_CONFIG = """
+use strict;
+$MYHOME = '{home}';
+$TEMPBASE = "$MYHOME/tmp";
+$ENV{{TMPDIR}} = $TEMPBASE;
+$db_home = "$MYHOME/db";
+$pid_file = "$MYHOME/amavisd.pid";
+$lock_file = "$MYHOME/amavisd.lock";
+$daemon_user = 'amavis';
+$daemon_group = 'amavis';
+$mydomain = 'secumail.test';
+$myhostname = 'mx.secumail.test';
+$inet_socket_bind = '127.0.0.1';
+$inet_socket_port = {port};
+@inet_acl = qw(127.0.0.1);
+$forward_method = 'smtp:[127.0.0.1]:{reinjection}';
+$notify_method = $forward_method;
+$max_servers = {children};
+$max_requests = 10000;
+$child_timeout = 1200;
+$sa_local_tests_only = 1;
+$sa_tag_level_deflt = -999;
+$sa_tag2_level_deflt = 5.0;
+$sa_kill_level_deflt = 10.0;
+$final_spam_destiny = D_DISCARD;
+$final_virus_destiny = D_DISCARD;
+@local_domains_maps = ( [".secumail.test"] );
+$enable_dkim_verification = 0;
+$enable_dkim_signing = 0;
+$do_syslog = 0;
+$LOGFILE = "$MYHOME/amavisd.log";
+$log_level = 0;
+@av_scanners = (['ClamAV-clamd', \\&ask_daemon, ["CONTSCAN {{}}\\n", "{clamd}"],
+  qr/\\bOK$/m, qr/\\bFOUND$/m, qr/^.*?: (?!Infected Archive)(.*) FOUND$/m ]);
+@av_scanners_backup = ();
+1;
+"""
+
+
+def start_amavis(clamd: str, reinjection: int) -> tuple[Daemon, int] | None:
+    """amavisd-new in the foreground with its own home; None when it is not installed."""
+    binary = shutil.which("amavisd") or "/usr/sbin/amavisd"
+    if not Path(binary).exists():
+        return None
+    home = Path(tempfile.mkdtemp(prefix="amavis-bench-"))
+    for folder in ("tmp", "db", "var"):
+        (home / folder).mkdir()
+    shutil.chown(home, "amavis", "amavis")
+    for path in home.iterdir():
+        shutil.chown(path, "amavis", "amavis")
+    os.chmod(home, 0o755)
+    port = free_port()
+    config = home / "amavisd.conf"
+    config.write_text(AMAVIS_CONFIG.format(home=home, port=port, reinjection=reinjection,
+                                           children=AMAVIS_CHILDREN, clamd=clamd))
+    daemon = Daemon([binary, "-c", str(config), "foreground"], name="amavisd")
+    wait_for_port(port, timeout=120)
+    return daemon, port
 
 
 async def spamd_alone(address: str, messages: int, clients: int, size: int) -> float:
@@ -220,7 +305,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=3,
-                        help="alternated rounds of the real chain and of spamd alone")
+                        help="alternated rounds of the real chains, spamd alone, amavisd-new")
     args = parser.parse_args()
     if os.getuid() != 0:
         raise SystemExit("run as root: the benchmark starts its own Postfix instances")
@@ -231,59 +316,98 @@ def main() -> None:
     clamd, spamd = Clamd().start(), Spamd().start()
     rows: list[tuple[str, str]] = []
     daemons: list[Daemon] = []
+    median = statistics.median
+    modes = ("after-queue", "before-queue")
     try:
         plain, _ = through_postfix(sink_port, args.messages, args.sessions, args.size)
         rows.append(("postfix -> smtp-sink (no filter)", f"{plain:8.0f} msg/s"))
+        noop_ports: dict[str, tuple[int, int]] = {}
+        for mode in modes:
+            reinjection = free_port()
+            chain, chain_port = start_chain(
+                f"127.0.0.1:{clamd_port}", f"127.0.0.1:{spamd_port}", reinjection, mode)
+            daemons += chain
+            noop_ports[mode] = (chain_port, reinjection)
+            noop, _ = through_postfix(sink_port, args.messages, args.sessions, args.size,
+                                      chain_port, reinjection, mode)
+            rows.append((f"{mode}: postfix -> 2 filters (no-op scan)", f"{noop:8.0f} msg/s"))
+            rows.append(("  ratio to no filter", f"{noop / plain:8.2f}x"))
 
-        reinjection = free_port()
-        chain, chain_port = start_chain(
-            f"127.0.0.1:{clamd_port}", f"127.0.0.1:{spamd_port}", reinjection
-        )
-        daemons += chain
-        noop, _ = through_postfix(sink_port, args.messages, args.sessions, args.size,
-                               chain_port, reinjection)
-        rows.append(("postfix -> 2 filters (no-op scan) -> postfix", f"{noop:8.0f} msg/s"))
-        rows.append(("  ratio to no filter", f"{noop / plain:8.2f}x"))
+        # What a client waits for in before-queue mode: the whole transaction, one message
+        # after the other, against Postfix taking it into its queue alone.
+        alone_times = client_times(sink_port, args.scanned, args.size)
+        proxied_times = client_times(sink_port, args.scanned, args.size,
+                                     *noop_ports["before-queue"])
+        for share, name in ((0.5, "p50"), (0.99, "p99")):
+            alone_t, proxied_t = percentile(alone_times, share), percentile(proxied_times, share)
+            rows.append((f"before-queue: a client's transaction, {name}",
+                         f"{proxied_t * 1000:8.2f} ms  (Postfix alone {alone_t * 1000:.2f} ms,"
+                         f" added {(proxied_t - alone_t) * 1000:.2f} ms)"))
 
-        reinjection = free_port()
-        real, real_port = start_chain(clamd.address, spamd.address, reinjection)
-        daemons += real
         assert spamd.daemon and clamd.daemon
-        watch = {"spamd": spamd.daemon.proc.pid, "clamd": clamd.daemon.proc.pid,
-                 "clamav filter": real[0].proc.pid, "spamd filter": real[1].proc.pid}
-        # Chain and spamd alone in alternated rounds, medians: the machine's speed drifts
-        # (once 0.64x and 0.92x in two runs of one round each), a pair of rounds less so.
-        chain_rates, alone_rates, ratios = [], [], []
-        cpu_rounds: list[dict[str, float]] = []
-        alone_cpu: list[float] = []
+        real: dict[str, tuple[int, int, dict[str, int]]] = {}
+        for mode in modes:
+            reinjection = free_port()
+            filters, port = start_chain(clamd.address, spamd.address, reinjection, mode)
+            daemons += filters
+            real[mode] = (port, reinjection, {
+                "spamd": spamd.daemon.proc.pid, "clamd": clamd.daemon.proc.pid,
+                "clamav filter": filters[0].proc.pid, "spamd filter": filters[1].proc.pid})
+        amavis_reinjection = free_port()
+        amavis = start_amavis(clamd.address, amavis_reinjection)
+        if amavis is not None:
+            daemons.append(amavis[0])
+        # Rounds alternated, medians: the machine's speed drifts (once 0.64x and 0.92x in
+        # two runs of one round each), a set of rounds run side by side less so.
+        rates: dict[str, list[float]] = {name: [] for name in (*modes, "spamd", "amavisd")}
+        cpu: dict[str, list[dict[str, float]]] = {name: [] for name in rates}
         for _ in range(args.rounds):
-            scanned, cpu = through_postfix(
-                sink_port, args.scanned, SPAMD_CHILDREN * 4, args.size, real_port, reinjection,
-                send=send_messages, watch=watch,
-            )
+            for mode in modes:
+                port, reinjection, watch = real[mode]
+                rate, used = through_postfix(
+                    sink_port, args.scanned, SPAMD_CHILDREN * 4, args.size, port,
+                    reinjection, mode, send=send_messages, watch=watch)
+                rates[mode].append(rate)
+                cpu[mode].append(used)
             spamd_before = cpu_seconds(spamd.daemon.proc.pid)
-            alone = asyncio.run(
-                spamd_alone(spamd.address, args.scanned, SPAMD_CHILDREN, args.size)
-            )
-            alone_cpu.append(
-                (cpu_seconds(spamd.daemon.proc.pid) - spamd_before) * 1000 / args.scanned
-            )
-            chain_rates.append(scanned)
-            alone_rates.append(alone)
-            ratios.append(scanned / alone)
-            cpu_rounds.append(cpu)
-        median = statistics.median
-        rows.append(("postfix -> clamd + spamd filters -> postfix",
-                     f"{median(chain_rates):8.1f} msg/s  (rounds: "
-                     + ", ".join(f"{r:.1f}" for r in chain_rates) + ")"))
-        rows.append(("  CPU ms per message", "  " + ", ".join(
-            f"{name} {median(c[name] for c in cpu_rounds):.1f}" for name in cpu_rounds[0])))
-        rows.append((f"spamd alone ({SPAMD_CHILDREN} children, SPAMC)",
-                     f"{median(alone_rates):8.1f} msg/s  (rounds: "
-                     + ", ".join(f"{r:.1f}" for r in alone_rates) + ")"))
-        rows.append(("  CPU ms per message", f"  spamd {median(alone_cpu):.0f}"))
-        rows.append(("  ratio chain / spamd alone", f"{median(ratios):8.2f}x  (rounds: "
-                     + ", ".join(f"{r:.2f}" for r in ratios) + ")"))
+            rates["spamd"].append(asyncio.run(
+                spamd_alone(spamd.address, args.scanned, SPAMD_CHILDREN, args.size)))
+            cpu["spamd"].append({"spamd": (cpu_seconds(spamd.daemon.proc.pid) - spamd_before)
+                                 * 1000 / args.scanned})
+            if amavis is not None:
+                rate, used = through_postfix(
+                    sink_port, args.scanned, SPAMD_CHILDREN * 4, args.size,
+                    reinjection=amavis_reinjection, send=send_messages, amavis=amavis[1],
+                    watch={"amavisd": amavis[0].proc.pid, "clamd": clamd.daemon.proc.pid})
+                rates["amavisd"].append(rate)
+                cpu["amavisd"].append(used)
+
+        def figures(name: str) -> str:
+            return (f"{median(rates[name]):8.1f} msg/s  (rounds: "
+                    + ", ".join(f"{r:.1f}" for r in rates[name]) + ")")
+
+        def cpu_line(name: str) -> str:
+            total = median(sum(c.values()) for c in cpu[name])
+            return "  " + ", ".join(f"{part} {median(c[part] for c in cpu[name]):.1f}"
+                                    for part in cpu[name][0]) + f"; all {total:.1f}"
+
+        alone = median(rates["spamd"])
+        rows.append((f"spamd alone ({SPAMD_CHILDREN} children, SPAMC)", figures("spamd")))
+        rows.append(("  CPU ms per message", cpu_line("spamd")))
+        for mode in modes:
+            rows.append((f"{mode}: postfix -> clamd + spamd filters", figures(mode)))
+            rows.append(("  CPU ms per message", cpu_line(mode)))
+            rows.append(("  ratio to spamd alone", f"{median(rates[mode]) / alone:8.2f}x"))
+        if amavis is None:
+            rows.append(("amavisd-new", "not installed: apt-get install amavisd-new"))
+        else:
+            peer = median(rates["amavisd"])
+            rows.append((f"amavisd-new ({AMAVIS_CHILDREN} children, same clamd)",
+                         figures("amavisd")))
+            rows.append(("  CPU ms per message", cpu_line("amavisd")))
+            for mode in modes:
+                rows.append((f"  {mode} SecuMail / amavisd-new",
+                             f"{median(rates[mode]) / peer:8.2f}x"))
 
         # One hop: smtp-source -> clamav filter (stand-in clamd) -> smtp-sink.
         hop, hop_port = start_filter("clamav", f"127.0.0.1:{clamd_port}", sink_port)
@@ -293,8 +417,8 @@ def main() -> None:
         # smtp-source ends when the last 250 came back: the filter answered after the sink.
         rate = args.messages / (time.perf_counter() - started)
         rows.append(("one filter hop alone (no-op scan)", f"{rate:8.0f} msg/s"))
-        direct = transaction_latency(sink_port, 300, args.size)
-        through = transaction_latency(hop_port, 300, args.size)
+        direct = median(transaction_times(sink_port, 300, args.size))
+        through = median(transaction_times(hop_port, 300, args.size))
         rows.append(("  smtp-sink directly, p50 transaction", f"{direct * 1000:8.2f} ms"))
         rows.append(("  through one filter, p50 transaction", f"{through * 1000:8.2f} ms"))
         rows.append(("  added by the filter hop, p50", f"{(through - direct) * 1000:8.2f} ms"))
@@ -308,7 +432,23 @@ def main() -> None:
     print(f"filter benchmark: {args.messages} messages of {args.size} bytes, "
           f"{args.sessions} sessions ({args.scanned} through the real scanners)")
     for name, value in rows:
-        print(f"{name:<48}{value}")
+        print(f"{name:<52}{value}")
+
+
+def client_times(sink_port: int, count: int, size: int, filter_port: int | None = None,
+                 reinjection: int | None = None) -> list[float]:
+    """A client's transaction times through Postfix alone, or through Postfix in
+    before-queue mode with the filters at `filter_port`."""
+    if filter_port is None:
+        postfix = PostfixInstance({**sink_transport(sink_port)})
+    else:
+        assert reinjection is not None
+        postfix = filtering_postfix("before-queue", filter_port, reinjection, sink_port)
+    postfix.start()
+    try:
+        return transaction_times(postfix.port, count, size)
+    finally:
+        postfix.stop()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from inspect import signature
 from typing import Any, ClassVar, Literal
 
@@ -24,16 +24,21 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from prometheus_client import Counter, Gauge, Histogram
 
 from secumail.access import AllowedClients
+from secumail.forwarded import HEADER as CLIENT_HEADER
+from secumail.forwarded import ForwardedClient
 from secumail.kept import KeptConnections
 from secumail.logs import log_event
 from secumail.message import header_block, normalize_newlines, split_headers
-from secumail.netaddr import HostPort, peer_name
+from secumail.netaddr import HostPort, Network, peer_name
 from secumail.protocols.smtp import (
+    MAIL_PARAMETERS,
+    RCPT_PARAMETERS,
     XFORWARD_NAMES,
     DotDecoder,
     NextHop,
     SmtpClient,
     SmtpUnavailable,
+    parameter_problem,
 )
 from secumail.quarantine import Quarantine
 from secumail.runtime import InFlight
@@ -55,6 +60,11 @@ NEXT_HOP_ERRORS = Counter(
     "secumail_filter_next_hop_errors", "Next hop unreachable or broken off", ["filter"]
 )
 CONNECTIONS = Gauge("secumail_filter_connections", "Open SMTP connections", ["filter"])
+BACKSCATTER_AVOIDED = Counter(
+    "secumail_filter_backscatter_avoided",
+    "Refusals turned into quarantine after queueing: a bounce would go to a forged sender",
+    ["filter"],
+)
 
 TEMPFAIL_NEXT_HOP = "451 4.4.1 Next hop unavailable, please try again later"
 TEMPFAIL_INTERNAL = "451 4.3.0 Internal error, please try again later"
@@ -90,6 +100,23 @@ class MessageInfo:
     mail_from: str
     rcpt_tos: tuple[str, ...]
     client: dict[str, str]  # XFORWARD attributes from Postfix (ADDR, NAME, HELO, ...)
+
+
+def refusal_after_queue(verdict: Verdict, client: ForwardedClient,
+                        mynetworks: list[Network]) -> Verdict:
+    """After queueing (after-queue mode), a filter's refusal makes our own Postfix bounce
+    the message to its envelope sender, whom spammers and viruses forge: backscatter. So it
+    is kept in quarantine instead, unless the client was trusted (mynetworks, or
+    authenticated), whose own users deserve their bounce."""
+    if verdict.action != "reject":
+        return verdict
+    trusted = client.authenticated or (
+        client.address is not None and any(client.address in net for net in mynetworks))
+    if trusted:
+        return verdict
+    return replace(verdict, action="quarantine",
+                   reason=f"{verdict.reason}; quarantined, not refused: a bounce would go to "
+                   "a sender nobody vouches for")
 
 
 Inspector = Callable[[MessageInfo, bytes], Awaitable[Verdict]]
@@ -153,6 +180,47 @@ class RelaySMTP(_HooksListedOnce, SMTP):
             self.transport.close()
             return
         await super()._handle_client()
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """aiosmtpd's MAIL, with the parameters a relay must pass on (DSN's RET and ENVID
+        as well as BODY, SMTPUTF8, SIZE), their values in their own case."""
+        await self._envelope_command("MAIL", arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        """aiosmtpd's RCPT, with DSN's NOTIFY and ORCPT, passed on."""
+        await self._envelope_command("RCPT", arg)
+
+    async def _envelope_command(self, verb: str, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed(verb):
+            return
+        assert self.envelope is not None and self.session is not None
+        keyword = "FROM:" if verb == "MAIL" else "TO:"
+        syntax = f"501 Syntax: {verb} {keyword} <address> [SP <parameters>]"
+        if verb == "MAIL" and self.envelope.mail_from:
+            await self.push("503 Error: nested MAIL command")
+            return
+        if verb == "RCPT" and not self.envelope.mail_from:
+            await self.push("503 Error: need MAIL command")
+            return
+        stripped = self._strip_command_keyword(keyword, arg or "")
+        if stripped is None:
+            await self.push(syntax)
+            return
+        address, rest = self._getaddr(stripped)
+        if address is None:
+            await self.push("553 5.1.3 Error: malformed address")
+            return
+        if not address:
+            await self.push(syntax)
+            return
+        parameters = (rest or "").split()
+        known = MAIL_PARAMETERS if verb == "MAIL" else RCPT_PARAMETERS
+        problem = parameter_problem(parameters, known, self.data_size_limit)
+        if problem is not None:
+            await self.push(problem)
+            return
+        status = await self._call_handler_hook(verb, address, parameters)
+        await self.push(status)
 
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's DATA with the message read in chunks (DotDecoder), not line by line:
@@ -243,9 +311,15 @@ class RelayHandler(_HooksListedOnce):
     def __init__(
         self, name: str, next_hop: HostPort, inspect: Inspector, hostname: str,
         timeout: float, quarantine: Quarantine, max_connections: int,
-        clients: AllowedClients | None = None,
+        clients: AllowedClients | None = None, before_queue: bool = False,
+        mynetworks: list[Network] | None = None,
     ) -> None:
         self.name = name
+        # Before-queue: the client waits for our answer, so a refusal is a 5xx it sees, and
+        # the real client goes on in X-SecuMail-Client for the milter behind us. After-queue:
+        # see refusal_after_queue.
+        self.before_queue = before_queue
+        self.mynetworks = mynetworks or []
         self.clients = clients or AllowedClients([])
         self.next_hop = NextHop(next_hop)
         self.inspect = inspect
@@ -268,7 +342,7 @@ class RelayHandler(_HooksListedOnce):
         session.host_name = hostname
         # aiosmtpd reads commands line by line, so a client may send them in groups
         # (RFC 2920): Postfix then sends MAIL, RCPT and DATA in one packet.
-        ours = ["250-PIPELINING", "250-XFORWARD " + " ".join(XFORWARD_NAMES)]
+        ours = ["250-PIPELINING", "250-DSN", "250-XFORWARD " + " ".join(XFORWARD_NAMES)]
         return [*responses[:-1], *ours, responses[-1]]
 
     async def handle_MAIL(
@@ -276,7 +350,6 @@ class RelayHandler(_HooksListedOnce):
         options: list[str],
     ) -> str:
         transaction = server.transaction
-        wanted = [o for o in options if o.split("=")[0] in ("BODY", "SMTPUTF8", "SIZE")]
         # aiosmtpd hands the null sender of bounces over as "<>"; it must stay <>.
         sender = "" if address == "<>" else address
         try:
@@ -285,7 +358,7 @@ class RelayHandler(_HooksListedOnce):
                 if isinstance(downstream, str):
                     return downstream
                 try:
-                    reply = await downstream.mail(sender, wanted, transaction.xforward)
+                    reply = await downstream.mail(sender, options, transaction.xforward)
                 except SmtpUnavailable:
                     if not transaction.reused:
                         raise
@@ -309,7 +382,7 @@ class RelayHandler(_HooksListedOnce):
         if downstream is None or not downstream.connected:
             return TEMPFAIL_NEXT_HOP
         try:
-            reply = await downstream.rcpt(address)
+            reply = await downstream.rcpt(address, options)
         except SmtpUnavailable as error:
             return self._next_hop_failed(error)
         if reply.ok:
@@ -335,7 +408,13 @@ class RelayHandler(_HooksListedOnce):
                 log.exception("filter %s: inspection failed", self.name)
                 verdict = Verdict("tempfail", "error", "internal error", reply=TEMPFAIL_INTERNAL)
             SCAN_SECONDS.labels(self.name).observe(time.perf_counter() - started)
-            reply = await self._act(transaction, info, message, verdict)
+            client = ForwardedClient.from_xforward(info.client)
+            if not self.before_queue:
+                refused = verdict
+                verdict = refusal_after_queue(verdict, client, self.mynetworks)
+                if verdict is not refused:
+                    BACKSCATTER_AVOIDED.labels(self.name).inc()
+            reply = await self._act(transaction, info, message, verdict, client)
             MESSAGES.labels(self.name, verdict.label).inc()
             log_event(
                 log, "message", filter=self.name, verdict=verdict.label, action=verdict.action,
@@ -403,16 +482,21 @@ class RelayHandler(_HooksListedOnce):
         return TEMPFAIL_NEXT_HOP
 
     async def _act(
-        self, transaction: _Transaction, info: MessageInfo, message: bytes, verdict: Verdict
+        self, transaction: _Transaction, info: MessageInfo, message: bytes, verdict: Verdict,
+        client: ForwardedClient,
     ) -> str:
         downstream = transaction.downstream
         if verdict.action == "deliver":
             if downstream is None or not downstream.connected:
                 return self._next_hop_failed(SmtpUnavailable("connection lost before DATA"))
-            # Three pieces around the one copy of the message: no whole copy is made.
-            kept, body = split_headers(message, set(verdict.remove))
+            headers = list(verdict.headers)
+            if self.before_queue:
+                headers.append((CLIENT_HEADER, client.header_value()))
+            # Three pieces around the one copy of the message: no whole copy is made. The
+            # client header is always removed: only ours may reach the milter.
+            kept, body = split_headers(message, {*verdict.remove, CLIENT_HEADER})
             pieces: list[bytes | memoryview] = [
-                header_block(list(verdict.headers)), kept, memoryview(message)[body:]]
+                header_block(headers), kept, memoryview(message)[body:]]
             try:
                 reply = await downstream.data(pieces)
             except SmtpUnavailable as error:
@@ -495,6 +579,7 @@ def filter_service(
     handler = RelayHandler(
         name, next_hop, inspect, settings.hostname, settings.relay_timeout,
         Quarantine(settings.quarantine_dir), settings.filter_max_connections,
-        AllowedClients(allowed_clients),
+        AllowedClients(allowed_clients), settings.filter_mode == "before-queue",
+        settings.mynetworks,
     )
     return FilterService(name, listen, handler, settings.message_size_limit, settings.hostname)

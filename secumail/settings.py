@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     smtpd_timeout: int = Field(60, ge=10, le=3600)
 
     # --- content filters: ClamAV (10025 -> 10026) and SpamAssassin (10026 -> 10027) -------
+    # before-queue: port 25's smtpd proxies each message through the filters while the
+    # client waits (a refusal is the client's 5xx; one queue pass). after-queue: the
+    # tutorial's content_filter (queued, then filtered; refusals kept, not bounced).
+    filter_mode: Literal["before-queue", "after-queue"] = "before-queue"
     message_size_limit: int = Field(10240000, ge=1024)
     relay_timeout: float = Field(120.0, gt=0)
     filter_max_connections: int = Field(200, ge=1)
@@ -108,7 +112,7 @@ class Settings(BaseSettings):
     clamav_allowed_clients: CommaList = ["postfix", "gateway"]
     clamd_address: str = "/run/clamav/clamd.sock"
     clamd_stream_max_length: int = Field(25 * 1024 * 1024, ge=1024)
-    virus_action: Literal["reject", "drop", "quarantine", "pass"] = "drop"
+    virus_action: Literal["reject", "drop", "quarantine", "pass"] = "reject"
     clamav_fail_open: bool = False
 
     spamd_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:10026")

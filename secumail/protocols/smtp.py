@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +33,42 @@ log = logging.getLogger("secumail.smtp")
 MAX_REPLY_LINES = 100
 MAX_REPLY_LINE = 4096
 XFORWARD_NAMES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+# The MAIL and RCPT parameters a filter takes and passes on (RFC 6152, 6531, 1870, 3461):
+# a relay that refused Postfix's DSN parameters would refuse every message that asks for one.
+MAIL_PARAMETERS = frozenset({"BODY", "SMTPUTF8", "SIZE", "RET", "ENVID"})
+RCPT_PARAMETERS = frozenset({"NOTIFY", "ORCPT"})
+# Which extension the next hop must announce to be sent each parameter.
+_NEEDS = {"BODY": "8BITMIME", "SMTPUTF8": "SMTPUTF8", "SIZE": "SIZE", "RET": "DSN",
+          "ENVID": "DSN", "NOTIFY": "DSN", "ORCPT": "DSN"}
+_XTEXT = re.compile(r"^(?:[!-*,-<>-~]|\+[0-9A-F]{2})+$")  # RFC 3461 4: no "+" or "=" bare
+
+
+def parameter_problem(parameters: list[str], known: frozenset[str],
+                      size_limit: int | None = None) -> str | None:
+    """The reply refusing MAIL or RCPT parameters, or None when each is one `known` and
+    well-formed. Values keep their case (ENVID and ORCPT are the client's own text)."""
+    for parameter in parameters:
+        name, equals, value = parameter.partition("=")
+        key = name.upper()
+        if not name.isalnum() or (equals and not value):
+            return "501 5.5.4 Syntax error in parameters"
+        if key not in known:
+            return f"555 5.5.4 {name[:20]} parameter not recognized or not implemented"
+        valid = {
+            "BODY": value.upper() in ("7BIT", "8BITMIME"),
+            "SMTPUTF8": not equals,
+            "SIZE": value.isdigit(),
+            "RET": value.upper() in ("FULL", "HDRS"),
+            "ENVID": bool(_XTEXT.match(value)) and len(value) <= 100,
+            "NOTIFY": all(v in ("NEVER", "SUCCESS", "FAILURE", "DELAY")
+                          for v in value.upper().split(",")),
+            "ORCPT": ";" in value and bool(_XTEXT.match(value.partition(";")[2])),
+        }[key]
+        if not valid:
+            return f"501 5.5.4 Bad {key} parameter"
+        if key == "SIZE" and size_limit and int(value) > size_limit:
+            return "552 5.3.4 Message size exceeds fixed maximum message size"
+    return None
 
 
 class SmtpUnavailable(Exception):
@@ -268,11 +305,16 @@ class SmtpClient:
             self.in_transaction = not replies[-1].ok
         return replies
 
+    def passable(self, parameters: Iterable[str]) -> list[str]:
+        """The MAIL or RCPT parameters the next hop announced it takes."""
+        return [p for p in parameters
+                if _NEEDS.get(p.partition("=")[0].upper(), "") in self.extensions]
+
     async def mail(self, sender: str, options: Iterable[str] = (),
                    xforward: dict[str, str] | None = None) -> SmtpReply:
-        """XFORWARD (the attributes the next hop takes) and MAIL, in one write when it
-        allows pipelining; MAIL's reply."""
-        mail = " ".join([f"MAIL FROM:<{sender}>", *options])
+        """XFORWARD (the attributes the next hop takes) and MAIL with the parameters it
+        takes, in one write when it allows pipelining; MAIL's reply."""
+        mail = " ".join([f"MAIL FROM:<{sender}>", *self.passable(options)])
         supported = set(self.extensions.get("XFORWARD", "").upper().split())
         items = [f"{k}={v}" for k, v in (xforward or {}).items() if k in supported and v]
         if not items:
@@ -287,8 +329,9 @@ class SmtpClient:
                       reply=str(replies[0])[:200])
         return replies[-1]
 
-    async def rcpt(self, recipient: str) -> SmtpReply:
-        return await self.command(f"RCPT TO:<{recipient}>")
+    async def rcpt(self, recipient: str, options: Iterable[str] = ()) -> SmtpReply:
+        return await self.command(" ".join([f"RCPT TO:<{recipient}>",
+                                            *self.passable(options)]))
 
     async def data(self, message: bytes | list[bytes | memoryview]) -> SmtpReply:
         """DATA, the dot-stuffed message (CRLF line endings only; or its pieces, each

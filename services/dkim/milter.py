@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from secumail.dns import DnsTemporaryError
+from secumail.forwarded import HEADER as FORWARDED_NAME
+from secumail.forwarded import ForwardedClient
 from secumail.logs import log_event
 from secumail.message import check_header_value
 from secumail.netaddr import IPAddress, parse_ip
@@ -56,6 +58,8 @@ TOO_BIG = (f"552 5.6.0 Message header block too large (over {MAX_HEADERS} fields
            f"{MAX_HEADER_BYTES} bytes)")
 
 AUTH_RESULTS = b"Authentication-Results"
+FORWARDED_HEADER = FORWARDED_NAME.encode()
+FORWARDED = FORWARDED_HEADER.lower()
 _SIGN_BODY = (RELAXED, "sha256", None)
 
 TxtLookup = Callable[[str], Awaitable[list[str] | None]]
@@ -111,6 +115,8 @@ class MilterSession:
 
     def _new_message(self) -> None:
         self.macros: dict[str, str] = {}
+        # The real client, when a filter says who it was (before-queue mode): see _origin.
+        self.forwarded: ForwardedClient | None = None
         self.sender = ""
         self.headers: list[tuple[bytes, bytes]] = []
         self.header_count = 0
@@ -187,16 +193,30 @@ class MilterSession:
     def _header_values(self, name: bytes) -> list[bytes]:
         return [v for n, v in self.headers if _name(n) == name]
 
+    def _origin(self) -> ForwardedClient:
+        """The client that sent this message. In before-queue mode the milter sits behind the
+        filters (secumail/forwarded.py): from a connection out of the filters' network, the
+        real client is the one their X-SecuMail-Client header names (none: unknown)."""
+        if self.forwarded is not None:
+            return self.forwarded
+        authenticated = bool(self.macros.get("auth_authen")
+                             or self.connection_macros.get("auth_authen"))
+        return ForwardedClient(self.client_ip, self.helo, "ESMTPA" if authenticated else "")
+
     def _internal(self) -> bool:
-        return self.settings.in_mynetworks(self.client_ip) or bool(
-            self.macros.get("auth_authen") or self.connection_macros.get("auth_authen")
-        )
+        origin = self._origin()
+        return origin.authenticated or self.settings.in_mynetworks(origin.address)
 
     def _decide(self) -> None:
         """At end of headers: sign, verify or let pass, and set up the body hashers."""
         if self.too_big:
             self.mode = "refuse"
             return
+        if (self.settings.filter_mode == "before-queue" and self.client_ip is not None
+                and self.client_ip in self.settings.filter_subnet):
+            named = self._header_values(FORWARDED)
+            self.forwarded = (ForwardedClient.from_header(_text(named[0])) if named
+                              else ForwardedClient(None, "", ""))
         if self._internal():
             self._decide_signing()
         else:
@@ -255,12 +275,17 @@ class MilterSession:
             log.exception("end of message failed")
             reply, outcome = self._failure(self.mode, f"internal error: {error!r}")
         if outcome.action == "continue":
-            # Whatever else happened, no Authentication-Results of ours but our own leaves.
+            # Whatever else happened, no Authentication-Results of ours but our own leaves,
+            # and no X-SecuMail-Client (it was for this milter only).
             forged = self._forged_auth_results()
             if forged:
                 outcome.fields["removed_forged_auth_results"] = len(forged)
-                reply = b"".join(mc.encode_change_header(index, AUTH_RESULTS, b"")
-                                 for index in reversed(forged)) + reply
+            removals = [mc.encode_change_header(index, AUTH_RESULTS, b"")
+                        for index in reversed(forged)]
+            forwarded = len(self._header_values(FORWARDED))
+            removals += [mc.encode_change_header(index, FORWARDED_HEADER, b"")
+                         for index in range(forwarded, 0, -1)]
+            reply = b"".join(removals) + reply
         outcome.seconds = time.perf_counter() - started
         outcome.fields["ms"] = round(outcome.seconds * 1000, 2)
         self._log(outcome)
@@ -401,15 +426,16 @@ class MilterSession:
         """This host's own SPF result for the client, its HELO and its MAIL FROM (the SPF
         identity is the HELO name for the null sender, RFC 7208 2.4)."""
         check = self.milter.spf_check
-        if check is None or self.client_ip is None:
+        origin = self._origin()
+        if check is None or origin.address is None:
             return None
         sender = self.sender
         if sender:
             identity, domain = "mailfrom", sender.rpartition("@")[2]
         else:
-            identity, domain = "helo", self.helo
+            identity, domain = "helo", origin.helo
         try:
-            result = await check(str(self.client_ip), sender, self.helo)
+            result = await check(str(origin.address), sender, origin.helo)
         except Exception as error:
             log_event(log, "SPF check failed", logging.WARNING, queue_id=self.queue_id,
                       error=f"{type(error).__name__}: {error}")
@@ -448,6 +474,8 @@ class MilterSession:
         level = logging.WARNING if failed else logging.INFO
         if outcome.reason:
             outcome.fields["reason"] = outcome.reason
+        if self.forwarded is not None:  # behind the filters: who really sent it
+            outcome.fields["origin"] = str(self.forwarded.address or "unknown")
         log_event(log, "message", level, mode=outcome.mode, action=outcome.action,
                   queue_id=self.queue_id, client=self.client, **outcome.fields)
         if self.milter.on_outcome is not None:

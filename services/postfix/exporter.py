@@ -51,6 +51,8 @@ _LINE = re.compile(r"\s[\w.-]+(?:/[\w.-]+)*/(?P<daemon>[\w.-]+)\[\d+\]: (?P<text
 _STATUS = re.compile(r"^\w+: to=<.*?, relay=(?P<relay>[^,]*), .*?status=(?P<status>\w+)")
 _CLIENT = re.compile(r"^\w+: client=[^\[]*\[(?P<ip>[^\]]+)\]")
 _REJECT = re.compile(r"^(?:NOQUEUE|\w+): reject: \w+ from .*?: (?P<code>[45]\d\d) ")
+# Before-queue mode: a refusal by the filters, passed to the client by the proxying smtpd.
+_PROXY_REJECT = re.compile(r"^(?:NOQUEUE|\w+): proxy-reject: [\w-]+: (?P<code>[45]\d\d) ")
 
 
 class LogStats:
@@ -86,7 +88,7 @@ class LogStats:
         if daemon in ("smtpd", "postscreen"):
             if client := _CLIENT.match(text):
                 self.received.labels(self._source(client.group("ip"))).inc()
-            elif reject := _REJECT.match(text):
+            elif reject := _REJECT.match(text) or _PROXY_REJECT.match(text):
                 self.rejects.labels(reject.group("code")).inc()
         elif daemon == "pickup" and " uid=" in text:
             self.received.labels("local").inc()

@@ -113,10 +113,6 @@ def main_cf(settings: Settings) -> dict[str, str]:
         "smtpd_authorized_xclient_hosts": " ".join(
             postfix_network(n) for n in settings.xclient_hosts
         ),
-        # The chain of content filters (the tutorial's "scan" transport).
-        "content_filter": f"scan:[{settings.content_filter_address.host}]:"
-        f"{settings.content_filter_address.port}",
-        "receive_override_options": "no_address_mappings",
         # STARTTLS offered, never required (a public MX cannot require it).
         "smtpd_tls_cert_file": settings.tls_cert_file,
         "smtpd_tls_key_file": settings.tls_key_file,
@@ -130,6 +126,12 @@ def main_cf(settings: Settings) -> dict[str, str]:
         "virtual_uid_maps": f"static:{VMAIL_ID}",
         "virtual_gid_maps": f"static:{VMAIL_ID}",
     }
+    if settings.filter_mode == "after-queue":
+        # The tutorial's chain: queued first, then handed to the "scan" transport; address
+        # mappings wait for the second pass (mail back from the filters on 10027).
+        config["content_filter"] = (f"scan:[{settings.content_filter_address.host}]:"
+                                    f"{settings.content_filter_address.port}")
+        config["receive_override_options"] = "no_address_mappings"
     if settings.delivery_transport:
         config["virtual_transport"] = settings.delivery_transport
     if settings.dkim_milter_address:
@@ -181,18 +183,39 @@ def scan_transport(max_processes: int = 16) -> list[str]:
     ]
 
 
-def master_cf(settings: Settings) -> str:
-    lines = ["smtp       inet       n   -   n   -     -   smtpd", standard_services().rstrip("\n")]
-    lines += scan_transport()
-    # Mail back from the filters: no restrictions, no filter, no milter (the tutorial's
-    # 10027), open only to the filters' network.
+def smtp_options(settings: Settings) -> list[str]:
+    """Port 25's smtpd. Before-queue: each message goes through the filters while the client
+    waits (SMTPD_PROXY_README): a refusal is the client's own 5xx, nothing bounces, and the
+    message is queued once, by the 10027 smtpd. speed_adjust receives the whole message
+    before opening the filter connection, so a slow client holds no filter; the timeout lets
+    the filters answer (their own deadline is SECUMAIL_RELAY_TIMEOUT) before Postfix gives
+    up. No filter answers: the client gets a 4xx and retries, nothing is accepted unscanned.
+    Postfix shows a proxying smtpd's milters nothing: the DKIM milter moves to 10027."""
+    if settings.filter_mode != "before-queue":
+        return []
+    address = settings.content_filter_address
+    return [
+        f"smtpd_proxy_filter=inet:{address.host}:{address.port}",
+        "smtpd_proxy_options=speed_adjust",
+        f"smtpd_proxy_timeout={int(settings.relay_timeout) + 60}s",
+        "smtpd_milters=",
+    ]
+
+
+def reinjection_options(settings: Settings) -> list[str]:
+    """The tutorial's 10027: mail back from the filters, no restrictions, no filter, open
+    only to the filters' network. After-queue, the milter ran on port 25 already; before-
+    queue it runs here, and address mappings happen here (the one pass through cleanup)."""
     subnet = postfix_network(settings.filter_subnet)
     # Docker's gateway (the subnet's first address) is the host, not a filter: keep it out.
     gateway = next(settings.filter_subnet.hosts())
     trusted = f"!{gateway},{subnet}"
-    reinjection = [
+    overrides = ["no_unknown_recipient_checks", "no_header_body_checks"]
+    if settings.filter_mode == "after-queue":
+        overrides.append("no_milters")
+    return [
         "content_filter=",
-        "receive_override_options=no_unknown_recipient_checks,no_header_body_checks,no_milters",
+        f"receive_override_options={','.join(overrides)}",
         "smtpd_helo_restrictions=",
         "smtpd_client_restrictions=permit_mynetworks,reject",
         "smtpd_sender_restrictions=",
@@ -203,9 +226,17 @@ def master_cf(settings: Settings) -> str:
         f"smtpd_authorized_xforward_hosts={trusted}",
         "smtpd_forbid_bare_newline=no",
     ]
+
+
+def master_cf(settings: Settings) -> str:
+    lines = ["smtp       inet       n   -   n   -     -   smtpd"]
+    lines += [f"  -o {option}" for option in smtp_options(settings)]
+    lines.append(standard_services().rstrip("\n"))
+    if settings.filter_mode == "after-queue":
+        lines += scan_transport()
     # As many processes as the filters may hold sessions open (they keep them for reuse).
     lines.append(f"{settings.reinjection_port:<10} inet       n   -   n   -     100 smtpd")
-    lines += [f"  -o {option}" for option in reinjection]
+    lines += [f"  -o {option}" for option in reinjection_options(settings)]
     return "\n".join(lines) + "\n"
 
 

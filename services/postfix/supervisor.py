@@ -2,9 +2,9 @@
 
 It passes Postfix's log (`maillog_file = /dev/stdout`) on to its own stdout, unchanged, and
 counts it for the metrics listener (exporter.py). SIGTERM or SIGINT first lets the
-deliveries under way finish (finish_deliveries), then runs `postfix stop`: the master
-process ends its children, the queue stays on its volume, `start-fg` returns, and the
-supervisor exits 0. If the master dies on its own, the supervisor exits with its
+deliveries and SMTP sessions under way finish (finish_deliveries), then runs `postfix
+stop`: the master process ends its children, the queue stays on its volume, `start-fg`
+returns, and the supervisor exits 0. If the master dies on its own, the supervisor exits with its
 status and Docker restarts the container. Postfix's master puts itself in a session of its
 own, so signals to our child would not reach it: `postfix stop` is the one reliable way.
 In the container the supervisor is PID 1, with no init: the master reaps its own children,
@@ -37,14 +37,18 @@ DELIVERY_AGENTS = frozenset({"smtp", "lmtp", "virtual", "local", "pipe"})
 
 
 def finish_deliveries(postfix: Sequence[str], timeout: float = FINISH_TIMEOUT) -> int:
-    """Before `postfix stop`: let the deliveries under way end, and start no new one.
+    """Before `postfix stop`: let the deliveries and the SMTP sessions under way end, and
+    start no new one.
 
     `postfix stop` kills delivery agents in the middle of a delivery. When the next hop (the
     filters, and behind them Postfix's own 10027) had already queued its copy, the message
-    stays in our queue and goes out again after the restart: a duplicate. Deferring every
-    transport and reloading makes the queue manager start nothing new, while the running
-    agents finish their message, record it, and exit. main.cf is rendered afresh at the next
-    start, which ends the deferral. Returns how many agents were still busy at the timeout.
+    stays in our queue and goes out again after the restart: a duplicate. Likewise, in
+    before-queue mode, a port-25 session holds a message that 10027 may have queued already:
+    cut before its 250, the client sends it again. Deferring every transport, closing the
+    port-25 listener (`smtp/inet`) and reloading makes the queue manager start nothing new
+    and the master accept no new session, while the running agents and sessions finish.
+    main.cf and master.cf are rendered afresh at the next start, which undoes both. Returns
+    how many were still busy at the timeout.
     """
     postconf = ["postconf", *postfix[1:]]  # the same `-c DIR`, if any
     services = subprocess.run([*postconf, "-M"], capture_output=True, text=True).stdout
@@ -54,17 +58,19 @@ def finish_deliveries(postfix: Sequence[str], timeout: float = FINISH_TIMEOUT) -
     })
     subprocess.run([*postconf, "-e", f"defer_transports = {' '.join(transports)}"],
                    capture_output=True, check=False)
+    subprocess.run([*postconf, "-M#", "smtp/inet"], capture_output=True, check=False)
     subprocess.run([*postfix, "reload"], capture_output=True, check=False)
     queue_dir = subprocess.run([*postconf, "-h", "queue_directory"], capture_output=True,
                                text=True).stdout.strip()
     deadline = time.monotonic() + timeout
-    while (busy := _busy_agents(Path(queue_dir))) and time.monotonic() < deadline:
+    while (busy := _busy(Path(queue_dir))) and time.monotonic() < deadline:
         time.sleep(0.2)
     return busy
 
 
-def _busy_agents(queue_dir: Path) -> int:
-    """Delivery agents of this Postfix's master still running (idle ones leave at reload)."""
+def _busy(queue_dir: Path) -> int:
+    """Delivery agents and port-25 smtpd processes of this Postfix's master still running
+    (idle ones leave at reload)."""
     try:
         master = int((queue_dir / "pid/master.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
@@ -73,12 +79,18 @@ def _busy_agents(queue_dir: Path) -> int:
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             text = stat.read_text()
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after its ")".
+            comm = text[text.index("(") + 1:text.rindex(")")]
+            ppid = int(text[text.rindex(")") + 2:].split()[1])
+            if ppid != master:
+                continue
+            if comm == "smtpd":
+                # Which service: the master starts each with "-n <name>".
+                count += b"\0-n\0smtp\0" in (stat.parent / "cmdline").read_bytes()
+            else:
+                count += comm in DELIVERY_AGENTS
         except OSError:
             continue  # ended meanwhile
-        # "pid (comm) state ppid ...": comm may hold spaces, so split after its ")".
-        comm = text[text.index("(") + 1:text.rindex(")")]
-        ppid = int(text[text.rindex(")") + 2:].split()[1])
-        count += ppid == master and comm in DELIVERY_AGENTS
     return count
 
 

@@ -24,6 +24,7 @@ from tests.support.scanners import TESTFILES, write_signatures
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "secumail-e2e"
 CLAMAV_REPLICAS = 3
+MODE_SERVICES = ("postfix", "dkim", "clamav", "spamd")  # what SECUMAIL_FILTER_MODE changes
 
 
 def compose_command() -> str | None:
@@ -100,6 +101,17 @@ class Stack:
         )
         host, port = os.environ["SECUMAIL_SMTP_PUBLISH"].rsplit(":", 1)
         self.smtp_host, self.smtp_port = host, int(port)
+        self.mode = os.environ.get("SECUMAIL_E2E_FILTER_MODE", "before-queue")
+
+    def switch_mode(self, mode: str) -> None:
+        """Run the stack in the other filter mode: the services it concerns are made anew
+        (compose recreates a container whose settings changed); queue and mail stay."""
+        os.environ["SECUMAIL_E2E_FILTER_MODE"] = mode
+        subprocess.run(
+            [*self.compose, "up", "-d", "--no-deps", "--scale", f"clamav={CLAMAV_REPLICAS}",
+             *MODE_SERVICES], check=True, capture_output=True)
+        self.wait_healthy(list(MODE_SERVICES))
+        self.mode = mode
 
     def containers(self, service: str) -> list[str]:
         result = subprocess.run(

@@ -337,3 +337,18 @@ def test_only_the_hosts_that_hand_a_filter_mail_may_use_it(
     sink.wait_for(1)
     assert sink.envelopes[0].rcpt_tos == ["bob@secumail.test"]
 
+
+
+def test_dsn_parameters_are_taken_and_passed_on(chain: StartChain, sink: SmtpSink) -> None:
+    """Before-queue, Postfix hands the filter the client's own MAIL and RCPT parameters: a
+    relay that refused DSN's (aiosmtpd did: 555) would refuse every message asking for one."""
+    filters = chain()
+    with smtplib.SMTP("127.0.0.1", filters.port, timeout=30) as smtp:
+        smtp.ehlo("mx.secumail.test")
+        assert smtp.has_extn("dsn")
+        assert smtp.mail("alice@secumail.test", ["RET=HDRS", "ENVID=Order+2B42"])[0] == 250
+        assert smtp.rcpt("bob@secumail.test", ["NOTIFY=FAILURE,DELAY",
+                                               "ORCPT=rfc822;Bob@secumail.test"])[0] == 250
+        assert smtp.data(mail.plain())[0] == 250
+        assert smtp.mail("alice@secumail.test", ["HOLDFOR=10"])[0] == 555
+    sink.wait_for(1)

@@ -8,14 +8,22 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from services.postfix.render import standard_services
+from secumail.settings import Settings
+from services.postfix.render import (
+    main_cf,
+    reinjection_options,
+    scan_transport,
+    smtp_options,
+    standard_services,
+)
 from tests.support.processes import free_port, require_binary, wait_for_port
 
 
 class PostfixInstance:
     """`main` holds main.cf settings; the SMTP listener is on 127.0.0.1:`port`."""
 
-    def __init__(self, main: dict[str, str], extra_master: str = "") -> None:
+    def __init__(self, main: dict[str, str], extra_master: str = "",
+                 listener_options: list[str] | None = None) -> None:
         self.binary = require_binary("postfix")
         self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="secumail-postfix-"))
@@ -46,7 +54,8 @@ class PostfixInstance:
         (self.config_dir / "main.cf").write_text(
             "".join(f"{k} = {v}\n" for k, v in settings.items())
         )
-        listener = f"127.0.0.1:{self.port} inet n - n - - smtpd\n"
+        listener = f"127.0.0.1:{self.port} inet n - n - - smtpd\n" + "".join(
+            f"  -o {option}\n" for option in listener_options or [])
         (self.config_dir / "master.cf").write_text(listener + standard_services() + extra_master)
 
     def postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -89,3 +98,30 @@ def sink_transport(port: int, domain: str = "secumail.test") -> dict[str, str]:
         "relay_domains": domain,
         "transport_maps": f"inline:{{ {domain}=smtp:[127.0.0.1]:{port} }}",
     }
+
+
+def filtering_postfix(mode: str, filter_port: int, reinjection: int, sink_port: int,
+                      milter: str = "", processes: int = 16, **extra: str) -> PostfixInstance:
+    """A Postfix in front of the filters, its filtering options rendered by
+    services/postfix/render.py as in production (but on loopback); `extra` main.cf
+    settings on top."""
+    settings = Settings(filter_mode=mode,
+                        content_filter_address=f"127.0.0.1:{filter_port}", relay_timeout=30)
+    rendered = main_cf(settings)
+    main: dict[str, str] = {
+        **sink_transport(sink_port),
+        **extra,
+        "smtpd_recipient_restrictions": "permit_mynetworks, reject_unauth_destination",
+        **{k: rendered[k] for k in ("content_filter", "receive_override_options")
+           if k in rendered},
+    }
+    if milter:
+        main.update({"smtpd_milters": f"inet:{milter}", "milter_default_action": "tempfail"})
+    loopback = ("mynetworks=", "smtpd_authorized_xforward_hosts=")
+    options = [o if not o.startswith(loopback) else o.split("=", 1)[0] + "=127.0.0.0/8"
+               for o in reinjection_options(settings)]
+    master = f"127.0.0.1:{reinjection} inet n - n - {processes} smtpd\n" + "".join(
+        f"  -o {o}\n" for o in options)
+    if mode == "after-queue":
+        master = "\n".join(scan_transport(processes)) + "\n" + master
+    return PostfixInstance(main, extra_master=master, listener_options=smtp_options(settings))

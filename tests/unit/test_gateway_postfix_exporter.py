@@ -148,3 +148,14 @@ def test_stale_canaries_are_purged_and_other_mail_kept(tmp_path: Path) -> None:
     mailbox = ProbeMailbox(tmp_path)
     assert mailbox.purge_stale(time.time()) == 1
     assert sorted(os.listdir(new)) == ["fresh.canary", "old.real"]
+
+
+def test_before_queue_refusals_are_counted_as_rejects() -> None:
+    registry = CollectorRegistry()
+    stats = LogStats(registry, "clamav", parse_network("172.29.125.0/24"))
+    stats.feed("Nov 29 10:00:00 mx postfix/smtpd[7]: NOQUEUE: proxy-reject: END-OF-MESSAGE: "
+               "554 5.7.0 Message refused: virus found (Eicar-Test-Signature); "
+               "from=<a@b.test> to=<c@d.test> proto=ESMTP helo=<x>")
+    found = samples(registry)
+    assert found[("secumail_postfix_smtpd_rejects_total", (("code", "554"),))] == 1
+

@@ -47,8 +47,9 @@ def test_rbl_zones_go_before_the_final_permit() -> None:
     )
 
 
-def test_content_filter_and_milter() -> None:
-    config = main_cf(settings(content_filter_address="clamav:10025"))
+def test_after_queue_the_tutorials_content_filter() -> None:
+    after = settings(content_filter_address="clamav:10025", filter_mode="after-queue")
+    config = main_cf(after)
     assert config["content_filter"] == "scan:[clamav]:10025"
     assert config["receive_override_options"] == "no_address_mappings"
     assert config["smtpd_milters"] == "inet:dkim:10028"
@@ -56,6 +57,27 @@ def test_content_filter_and_milter() -> None:
     # A deadline per line: a client that never ends one does not hold a process.
     assert (config["smtpd_timeout"], config["smtpd_per_record_deadline"]) == ("60s", "yes")
     assert "smtpd_milters" not in main_cf(settings(dkim_milter_address=""))
+    master = master_cf(after)
+    assert master.startswith("smtp       inet       n   -   n   -     -   smtpd\npickup")
+    assert "scan       unix" in master and "smtp_send_xforward_command=yes" in master
+    assert "smtp_connection_cache_on_demand=no" in master  # replicas share a burst
+    assert "no_milters" in master.split("10027", 1)[1]  # the milter ran on port 25
+
+
+def test_before_queue_port_25_proxies_through_the_filters() -> None:
+    before = settings(content_filter_address="clamav:10025", relay_timeout="120")
+    config = main_cf(before)
+    assert "content_filter" not in config and "receive_override_options" not in config
+    assert config["smtpd_milters"] == "inet:dkim:10028"  # for 10027, which queues the mail
+    master = master_cf(before)
+    smtp, reinjection = master.split("\n10027", 1)
+    assert "-o smtpd_proxy_filter=inet:clamav:10025\n" in smtp
+    assert "-o smtpd_proxy_options=speed_adjust\n" in smtp
+    assert "-o smtpd_proxy_timeout=180s\n" in smtp  # longer than the filters' own deadline
+    assert "-o smtpd_milters=\n" in smtp  # a proxying smtpd shows milters nothing
+    assert "scan       unix" not in master
+    assert "receive_override_options=no_unknown_recipient_checks,no_header_body_checks\n" \
+        in reinjection  # milters and address mappings happen here
 
 
 def test_reinjection_port_is_open_to_the_filters_only() -> None:
@@ -65,9 +87,6 @@ def test_reinjection_port_is_open_to_the_filters_only() -> None:
     assert "-o smtpd_recipient_restrictions=permit_mynetworks,reject" in block
     assert "-o smtpd_client_restrictions=permit_mynetworks,reject" in block
     assert "-o mynetworks=!10.20.30.1,10.20.30.0/24" in block  # the gateway is the host
-    assert "no_milters" in block
-    assert "scan       unix" in master and "smtp_send_xforward_command=yes" in master
-    assert "smtp_connection_cache_on_demand=no" in master  # replicas share a burst
 
 
 def test_mailboxes_and_delivery() -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 
 from secumail.protocols.smtp import (
+    MAIL_PARAMETERS,
+    RCPT_PARAMETERS,
     DotDecoder,
     ReplyDecoder,
     SmtpReply,
     SmtpUnavailable,
     dot_stuffed,
+    parameter_problem,
 )
 
 CHUNKS = [4096, 128, 16, 1]
@@ -97,3 +100,23 @@ def test_dot_stuffing() -> None:
         b"..start\r\nmid\r\n..\r\n...two\r\nend\r\n"
     )
     assert b"".join(dot_stuffed([b"a\r\n"])) == b"a\r\n.\r\n"
+
+
+@pytest.mark.parametrize(("parameters", "known", "problem"), [
+    (["BODY=8BITMIME", "SMTPUTF8", "SIZE=100", "RET=HDRS", "ENVID=Ab+2Bc"], "mail", None),
+    (["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;Bob@Example.org"], "rcpt", None),
+    (["RET=HDRS"], "rcpt", "555"),
+    (["FOO=1"], "mail", "555"),
+    (["BODY=BINARYMIME"], "mail", "501"),
+    (["SIZE=x"], "mail", "501"),
+    (["SIZE=5000"], "mail", "552"),
+    (["ENVID=a=b"], "mail", "501"),
+    (["NOTIFY=SOMETIMES"], "rcpt", "501"),
+    (["ORCPT=nosemicolon"], "rcpt", "501"),
+    (["="], "mail", "501"),
+])
+def test_mail_and_rcpt_parameters(parameters: list[str], known: str, problem: str | None
+                                  ) -> None:
+    names = MAIL_PARAMETERS if known == "mail" else RCPT_PARAMETERS
+    found = parameter_problem(parameters, names, size_limit=1000)
+    assert (found[:3] if found else None) == problem
