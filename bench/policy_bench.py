@@ -6,6 +6,11 @@ smtpd processes would, and prints requests/s, p50/p99 latency and the server's R
 each server, with the ratio. Greylisting only, with the defaults both servers share
 (300 s delay, /24 grouping, SQLite vs postgrey's Berkeley DB), logging on as in production.
 
+Then the cost of selective greylisting (issue 19), same stream, same run: SecuMail with SPF
+and a DNSBL zone, greylisting every triplet, against the same with every signal on (HELO
+lookups, a DNSWL zone, the names Postfix sends), DNS answering from a loopback server
+(tests/support/dnsserver.py, in a process of its own) that knows the stream's records.
+
     .venv/bin/python bench/policy_bench.py [--requests 40000] [--connections 20] [--rounds 3]
 """
 
@@ -13,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
+import multiprocessing
 import os
 import random
 import shutil
@@ -21,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +36,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from secumail.protocols.policy import encode_request  # noqa: E402
+from tests.support.dnsserver import LoopbackDNS  # noqa: E402
 from tests.support.processes import free_port, wait_for_port  # noqa: E402
 
+BLOCKLIST, WHITELIST = "bl.bench.test", "wl.bench.test"
 
-def make_stream(count: int, seed: int = 7) -> list[bytes]:
+
+def client_names(n: int, client: str) -> tuple[str, str]:
+    """Postfix's (client_name, reverse_client_name): a third with no rDNS, a third with a
+    forward-confirmed static name, a third with a dynamic-looking name that does not."""
+    kind = n % 3
+    if kind == 0:
+        return "unknown", "unknown"
+    if kind == 1:
+        return f"mail{n % 977}.example.net", f"mail{n % 977}.example.net"
+    return "unknown", client.replace(".", "-") + ".dsl.example.net"
+
+
+def make_stream(count: int, seed: int = 7) -> list[dict[str, str]]:
     """A reproducible mix: 50% new triplets, 35% retries of known ones, 15% null senders."""
     rng = random.Random(seed)
     known: list[tuple[str, str, str]] = []
@@ -48,23 +70,55 @@ def make_stream(count: int, seed: int = 7) -> list[bytes]:
             sender = "" if roll > 0.85 else f"user{user}@sender{domain}.example"
             recipient = f"rcpt{rng.randint(1, 500)}@secumail.test"
             known.append((client, sender, recipient))
-        stream.append(
-            encode_request({
-                "request": "smtpd_access_policy", "protocol_state": "RCPT",
-                "protocol_name": "ESMTP", "client_address": client,
-                "client_name": "unknown", "reverse_client_name": "unknown",
-                "helo_name": f"mx{n % 977}.example.net", "sender": sender,
-                "recipient": recipient, "recipient_count": "0", "queue_id": "",
-                "instance": f"{n:x}.{n % 13}.0", "size": "2048", "sasl_method": "",
-                "sasl_username": "", "sasl_sender": "", "encryption_protocol": "",
-                "encryption_cipher": "", "encryption_keysize": "0", "etrn_domain": "",
-                "stress": "", "ccert_subject": "", "ccert_issuer": "",
-                "ccert_fingerprint": "", "ccert_pubkey_fingerprint": "",
-                "client_port": str(1024 + n % 60000), "server_address": "127.0.0.1",
-                "server_port": "25",
-            })
-        )
+        name, reverse = client_names(n, client)
+        stream.append({
+            "request": "smtpd_access_policy", "protocol_state": "RCPT",
+            "protocol_name": "ESMTP", "client_address": client,
+            "client_name": name, "reverse_client_name": reverse,
+            "helo_name": f"mx{n % 977}.example.net", "sender": sender,
+            "recipient": recipient, "recipient_count": "0", "queue_id": "",
+            "instance": f"{n:x}.{n % 13}.0", "size": "2048", "sasl_method": "",
+            "sasl_username": "", "sasl_sender": "", "encryption_protocol": "",
+            "encryption_cipher": "", "encryption_keysize": "0", "etrn_domain": "",
+            "stress": "", "ccert_subject": "", "ccert_issuer": "",
+            "ccert_fingerprint": "", "ccert_pubkey_fingerprint": "",
+            "client_port": str(1024 + n % 60000), "server_address": "127.0.0.1",
+            "server_port": "25",
+        })
     return stream
+
+
+def stream_records(stream: list[dict[str, str]]) -> list[tuple[str, str, str]]:
+    """The DNS the stream needs: SPF for every sender domain (passing the lower half of the
+    address space, softfail else), A records for half the HELO names, one client in 20 on
+    the DNSBL (below the reject threshold), one in 20 on the DNSWL."""
+    records = [(f"sender{d}.example", "TXT", '"v=spf1 ip4:0.0.0.0/1 ~all"')
+               for d in range(1, 5001)]
+    records += [(f"mx{h}.example.net", "A", "192.0.2.1") for h in range(0, 977, 2)]
+    for n, client in enumerate(sorted({r["client_address"] for r in stream})):
+        reverse = ipaddress.ip_address(client).reverse_pointer.removesuffix(".in-addr.arpa")
+        if n % 20 == 0:
+            records.append((f"{reverse}.{BLOCKLIST}", "A", "127.0.0.2"))
+        elif n % 20 == 1:
+            records.append((f"{reverse}.{WHITELIST}", "A", "127.0.10.2"))
+    return records
+
+
+def _serve_dns(records: list[tuple[str, str, str]], ready: multiprocessing.Queue[str]) -> None:
+    server = LoopbackDNS()
+    for name, qtype, value in records:
+        server.add(name, qtype, value)
+    server.start()
+    ready.put(server.spec)
+    time.sleep(10**6)
+
+
+def start_dns(records: list[tuple[str, str, str]]) -> tuple[multiprocessing.Process, str]:
+    """The loopback DNS server in a process of its own (its own interpreter lock)."""
+    ready: multiprocessing.Queue[str] = multiprocessing.Queue()
+    process = multiprocessing.Process(target=_serve_dns, args=(records, ready), daemon=True)
+    process.start()
+    return process, ready.get(timeout=60)
 
 
 async def replay(port: int, stream: list[bytes], connections: int) -> tuple[float, list[float]]:
@@ -115,15 +169,25 @@ def measure(name: str, port: int, pid: int, stream: list[bytes], connections: in
     )
 
 
-def start_secumail(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+Starter = Callable[[Path], tuple[subprocess.Popen[bytes], int]]
+
+# Postgrey's semantics: the configuration the first comparison measures.
+PLAIN = {"SECUMAIL_GREYLIST_MODE": "all", "SECUMAIL_SPF_ENABLED": "false"}
+
+
+def secumail(settings: dict[str, str]) -> Starter:
+    return lambda workdir: start_secumail(workdir, settings)
+
+
+def start_secumail(workdir: Path, settings: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     env = {
         **os.environ,
         "SECUMAIL_POLICY_LISTEN": f"127.0.0.1:{port}",
         "SECUMAIL_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
         "SECUMAIL_GREYLIST_STORE": f"sqlite:///{workdir}/secumail.sqlite",
-        "SECUMAIL_SPF_ENABLED": "false",
         "SECUMAIL_GREYLIST_AUTO_WHITELIST": "5",
+        **settings,
     }
     log = open(workdir / "secumail.log", "wb")
     proc = subprocess.Popen([str(ROOT / ".venv/bin/secumail-policy")], env=env, stderr=log)
@@ -150,38 +214,73 @@ def start_postgrey(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     return proc, port
 
 
+def run_rounds(
+    servers: list[tuple[str, Starter]], stream: list[bytes], rounds: int, connections: int
+) -> list[Result]:
+    """Each round starts every server afresh, one after the other: a machine that slows
+    down for a while (a shared host) slows them all; each figure's median is reported."""
+    results: dict[str, list[Result]] = {name: [] for name, _ in servers}
+    for _ in range(rounds):
+        for name, start in servers:
+            workdir = Path(tempfile.mkdtemp(prefix="secumail-bench-"))
+            proc, port = start(workdir)
+            try:
+                results[name].append(measure(name, port, proc.pid, stream, connections))
+            finally:
+                proc.terminate()
+                proc.wait(30)
+                shutil.rmtree(workdir, ignore_errors=True)
+    for name, by_round in results.items():
+        print(f"  {name} req/s by round: " + ", ".join(f"{r.rate:.0f}" for r in by_round))
+    return [median_result(by_round) for by_round in results.values()]
+
+
+def print_table(medians: list[Result]) -> None:
+    print(f"{'server':<32}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'RSS MiB':>10}")
+    for r in medians:
+        print(f"{r.name:<32}{r.rate:>10.0f}{r.p50_ms:>10.2f}{r.p99_ms:>10.2f}{r.rss_mib:>10.1f}")
+
+
+def ratio(ours: Result, peer: Result) -> str:
+    return (f"{ours.rate / peer.rate:.2f}x requests/s, p50 {ours.p50_ms / peer.p50_ms:.2f}x, "
+            f"p99 {ours.p99_ms / peer.p99_ms:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=40000)
     parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3, help="runs of each server, alternated")
+    parser.add_argument("--skip-selective", action="store_true",
+                        help="only the comparison with postgrey")
     args = parser.parse_args()
-    stream = make_stream(args.requests)
-    servers = (("secumail-policy", start_secumail), ("postgrey", start_postgrey))
-    rounds: dict[str, list[Result]] = {name: [] for name, _ in servers}
-    # Each round starts both servers afresh, one after the other: a machine that slows down
-    # for a while (a shared host) slows both, and the median of the rounds is reported.
-    for _ in range(args.rounds):
-        for name, start in servers:
-            workdir = Path(tempfile.mkdtemp(prefix="secumail-bench-"))
-            proc, port = start(workdir)
-            try:
-                rounds[name].append(measure(name, port, proc.pid, stream, args.connections))
-            finally:
-                proc.terminate()
-                proc.wait(30)
-                shutil.rmtree(workdir, ignore_errors=True)
+    requests = make_stream(args.requests)
+    stream = [encode_request(r) for r in requests]
     print(f"policy benchmark: {args.requests} requests over {args.connections} connections, "
           f"median of {args.rounds} rounds")
-    for name, results in rounds.items():
-        print(f"  {name} req/s by round: " + ", ".join(f"{r.rate:.0f}" for r in results))
-    print(f"{'server':<18}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'RSS MiB':>10}")
-    medians = [median_result(results) for results in rounds.values()]
-    for r in medians:
-        print(f"{r.name:<18}{r.rate:>10.0f}{r.p50_ms:>10.2f}{r.p99_ms:>10.2f}{r.rss_mib:>10.1f}")
-    ours, peer = medians
-    print(f"ratio secumail/postgrey: {ours.rate / peer.rate:.2f}x requests/s, "
-          f"p50 {ours.p50_ms / peer.p50_ms:.2f}x, p99 {ours.p99_ms / peer.p99_ms:.2f}x")
+    plain, peer = run_rounds([("secumail-policy", secumail(PLAIN)),
+                              ("postgrey", start_postgrey)], stream, args.rounds, args.connections)
+    print_table([plain, peer])
+    print(f"ratio secumail/postgrey: {ratio(plain, peer)}")
+    if args.skip_selective:
+        return
+    dns_process, dns = start_dns(stream_records(requests))
+    checks = {"SECUMAIL_DNS_SERVERS": dns, "SECUMAIL_SPF_ENABLED": "true",
+              "SECUMAIL_DNSBL_ZONES": f"{BLOCKLIST}*0.5", "SECUMAIL_DNSBL_THRESHOLD": "1"}
+    try:
+        print("selective greylisting: SPF and a DNSBL zone in both, DNS from loopback")
+        every_triplet, selective = run_rounds([
+            ("greylisting all, SPF, DNSBL", secumail({**checks, "SECUMAIL_GREYLIST_MODE": "all"})),
+            ("selective, every signal", secumail({
+                **checks, "SECUMAIL_GREYLIST_MODE": "selective",
+                "SECUMAIL_GREYLIST_DNSWL_ZONES": f"{WHITELIST}*-2",
+                "SECUMAIL_GREYLIST_KNOWN_SENDERS": "sender1.example, sender2.example"})),
+        ], stream, args.rounds, args.connections)
+    finally:
+        dns_process.terminate()
+    print_table([every_triplet, selective])
+    print(f"ratio selective/all, same checks: {ratio(selective, every_triplet)}")
+    print(f"ratio selective/plain greylisting (first table): {ratio(selective, plain)}")
 
 
 def median_result(results: list[Result]) -> Result:

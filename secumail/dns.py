@@ -8,6 +8,8 @@ Empty means the system resolver (/etc/resolv.conf).
 from __future__ import annotations
 
 import dns.asyncresolver
+import dns.exception
+import dns.name
 import dns.nameserver
 import dns.resolver
 
@@ -42,3 +44,23 @@ def make_async_resolver(servers: list[HostPort], timeout: float) -> dns.asyncres
     _configure(resolver, servers, timeout)
     resolver.cache = dns.resolver.LRUCache(10000)
     return resolver
+
+
+async def name_resolves(resolver: dns.asyncresolver.Resolver, name: str) -> bool:
+    """Whether `name` has an A or AAAA record. A name DNS cannot even carry (bad syntax, a
+    single label) does not resolve; a DNS failure raises (the caller fails open or closed)."""
+    name = name.strip().rstrip(".")
+    if "." not in name:
+        return False
+    try:
+        query = dns.name.from_text(name)
+    except dns.exception.DNSException:
+        return False
+    for rdtype in ("A", "AAAA"):
+        try:
+            answer = await resolver.resolve(query, rdtype, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            return False
+        if len(answer):
+            return True
+    return False

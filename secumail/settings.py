@@ -32,6 +32,16 @@ def _split_commas(value: object) -> object:
     return value
 
 
+# Selective greylisting's signals (services/policy/signals.py says what each means) and
+# their default weights: a bot with no rDNS and a made-up HELO scores 3 and is greylisted;
+# a provider with forward-confirmed rDNS and SPF pass scores -1 and is not.
+GREYLIST_SIGNALS = ("no-rdns", "rdns-mismatch", "dynamic-rdns", "helo-ip", "helo-unresolved",
+                    "dnsbl", "dnswl", "spf-pass", "known-sender", "passed-before")
+DEFAULT_SIGNAL_WEIGHTS = ("no-rdns=2, rdns-mismatch=1, dynamic-rdns=2, helo-ip=1, "
+                          "helo-unresolved=1, dnsbl=1, dnswl=1, spf-pass=-1, known-sender=-3, "
+                          "passed-before=-1")
+
+
 class Settings(BaseSettings):
     """The whole stack's settings. A service reads only the fields it needs."""
 
@@ -73,6 +83,13 @@ class Settings(BaseSettings):
     greylist_auto_whitelist: int = Field(5, ge=0)
     greylist_whitelist_clients: CommaList = []
     greylist_whitelist_recipients: CommaList = []
+    # selective: greylist only clients whose signals (services/policy/signals.py) add up to
+    # the threshold; all: every unknown triplet, as postgrey.
+    greylist_mode: Literal["selective", "all"] = "selective"
+    greylist_threshold: float = 2.0
+    greylist_signals: str = DEFAULT_SIGNAL_WEIGHTS
+    greylist_dnswl_zones: CommaList = []  # zone*weight, weights negative
+    greylist_known_senders: CommaList = []  # sender domains (and their subdomains)
 
     spf_enabled: bool = True
     spf_reject_fail: bool = True
@@ -158,6 +175,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "greylist_whitelist_clients", "greylist_whitelist_recipients", "dnsbl_zones",
+        "greylist_dnswl_zones", "greylist_known_senders",
         "domains", "rbl_zones", "mailboxes", "clamav_allowed_clients", "spamd_allowed_clients",
         "gateway_hosts", mode="before",
     )
@@ -201,6 +219,27 @@ class Settings(BaseSettings):
         for zone in zones:
             parse_weighted_zone(zone)  # raises ValueError with the offending entry
         return zones
+
+    @field_validator("greylist_dnswl_zones")
+    @classmethod
+    def _dnswl_zones(cls, zones: list[str]) -> list[str]:
+        for zone in zones:
+            parse_weighted_zone(zone, whitelist=True)
+        return zones
+
+    @field_validator("greylist_signals")
+    @classmethod
+    def _signals(cls, text: str) -> str:
+        parse_signal_weights(text)
+        return text
+
+    @field_validator("greylist_known_senders")
+    @classmethod
+    def _known_senders(cls, domains: list[str]) -> list[str]:
+        for domain in domains:
+            if not _DOMAIN.match(domain):
+                raise ValueError(f"bad sender domain {domain!r}")
+        return [d.lower() for d in domains]
 
     @field_validator("clamav_allowed_clients", "spamd_allowed_clients")
     @classmethod
@@ -272,24 +311,54 @@ class Settings(BaseSettings):
         return [parse_weighted_zone(z) for z in self.dnsbl_zones]
 
     @property
+    def weighted_dnswl_zones(self) -> list[tuple[str, float]]:
+        return [parse_weighted_zone(z, whitelist=True) for z in self.greylist_dnswl_zones]
+
+    @property
+    def signal_weights(self) -> dict[str, float]:
+        return parse_signal_weights(self.greylist_signals)
+
+    @property
     def probe_address(self) -> str:
         """Where the gateway's canary goes: the probe mailbox, or postmaster@ by default."""
         return self.probe_mailbox or f"postmaster@{self.domains[0]}"
 
 
-def parse_weighted_zone(entry: str) -> tuple[str, float]:
-    """`zen.spamhaus.org*2` -> ("zen.spamhaus.org", 2.0); no weight means 1."""
+def parse_weighted_zone(entry: str, whitelist: bool = False) -> tuple[str, float]:
+    """`zen.spamhaus.org*2` -> ("zen.spamhaus.org", 2.0); no weight means 1. A whitelist
+    zone's weight is negative (it speaks for the client): `list.dnswl.org*-2`, -1 without."""
+    kind = "DNSWL" if whitelist else "DNSBL"
     zone, _, weight = entry.partition("*")
     zone = zone.strip().rstrip(".").lower()
     if not zone or " " in zone or "." not in zone:
-        raise ValueError(f"bad DNSBL zone {entry!r}")
+        raise ValueError(f"bad {kind} zone {entry!r}")
     try:
-        value = float(weight) if weight else 1.0
+        value = float(weight) if weight else (-1.0 if whitelist else 1.0)
     except ValueError:
-        raise ValueError(f"bad weight in DNSBL zone {entry!r}") from None
-    if value <= 0:
-        raise ValueError(f"weight must be positive in {entry!r}")
+        raise ValueError(f"bad weight in {kind} zone {entry!r}") from None
+    if (value >= 0) if whitelist else (value <= 0):
+        sign = "negative" if whitelist else "positive"
+        raise ValueError(f"weight must be {sign} in {kind} zone {entry!r}")
     return zone, value
+
+
+def parse_signal_weights(text: str) -> dict[str, float]:
+    """`no-rdns=2, spf-pass=-1` -> weights; a signal left out weighs nothing (is off).
+    dnsbl and dnswl scale the listing zones' own weights."""
+    weights: dict[str, float] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, equals, value = item.partition("=")
+        name = name.strip().lower()
+        if name not in GREYLIST_SIGNALS or not equals:
+            raise ValueError(f"not a signal=weight: {item!r} (signals: "
+                             f"{', '.join(GREYLIST_SIGNALS)})")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"bad weight in {item!r}") from None
+    return weights
 
 
 # Secrets only the gateway (and Prometheus, the metrics token) uses; compose gives them to

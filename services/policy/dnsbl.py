@@ -1,4 +1,5 @@
-"""DNSBL scoring: each listing zone adds its weight; reaching the threshold rejects."""
+"""DNS list lookups: DNSBL zones (each listing adds its weight; reaching the threshold
+rejects) and DNSWL zones (selective greylisting's whitelist signal)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ def dnsbl_query_name(client_address: str, zone: str) -> str:
 
 
 def is_listing(addresses: list[str]) -> bool:
-    """A listing answers 127.0.0.0/8; 127.255.255.0/24 are list errors (query refused)."""
+    """A listing answers 127.0.0.0/8; 127.255.255.0/24 (DNSBLs) and 127.0.0.255 (DNSWL) say
+    the query itself was refused (over quota, public resolver): no listing."""
     for text in addresses:
         ip = ipaddress.ip_address(text)
-        if ip in ipaddress.ip_network("127.0.0.0/8") and not text.startswith("127.255.255."):
+        refused = text.startswith("127.255.255.") or text == "127.0.0.255"
+        if ip in ipaddress.ip_network("127.0.0.0/8") and not refused:
             return True
     return False
 

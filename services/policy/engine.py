@@ -1,7 +1,10 @@
 """The policy engine: one request in, one decision out. No sockets here.
 
 At RCPT time the checks run cheapest-verdict-first: DNSBL (reject a listed client), SPF
-(reject a forged sender), greylisting (defer an unknown triplet). Postfix allows a single
+(reject a forged sender), greylisting (defer an unknown triplet; in selective mode only a
+client whose signals score at the threshold). Every DNS lookup a request needs is asked at
+once, before the first check, so a request waits for the slowest answer, not their sum.
+Postfix allows a single
 action per answer, so the two headers are added at different stages: X-Greylist with the
 RCPT answer that lets a delayed triplet through, Received-SPF with the DATA answer (the
 Postfix config asks the service again from smtpd_data_restrictions).
@@ -9,22 +12,25 @@ Postfix config asks the service again from smtpd_data_restrictions).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import dns.asyncresolver
 import dns.resolver
 
 from secumail import spf
+from secumail.dns import name_resolves
 from secumail.logs import log_event
 from secumail.netaddr import IPAddress, client_network, parse_ip
 from secumail.protocols.policy import PolicyRequest
 from secumail.settings import Settings
-from services.policy import dnsbl
+from services.policy import dnsbl, signals
 from services.policy.greylist import (
     ClientWhitelist,
     GreylistConfig,
@@ -61,6 +67,31 @@ class Decision:
 
 
 DUNNO = Decision("DUNNO", "none", "no check objected")
+
+
+class _Lookups:
+    """The DNS questions of one request, asked at once; each check awaits the answer it
+    needs. Those no check awaited (a DNSBL rejection came first) are cancelled."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, asyncio.Future[Any]] = {}
+
+    def ask(self, name: str, question: Coroutine[Any, Any, Any]) -> None:
+        self._tasks[name] = asyncio.ensure_future(question)
+
+    def asked(self, name: str) -> bool:
+        return name in self._tasks
+
+    async def answer(self, name: str) -> Any:
+        return await self._tasks[name]
+
+    async def close(self) -> None:
+        if not self._tasks:
+            return
+        for task in self._tasks.values():
+            task.cancel()
+        # Collects the exceptions of the answers nobody awaited (else asyncio logs them).
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
 
 @dataclass
@@ -104,11 +135,17 @@ class PolicyEngine:
         self._runtime_whitelists = split_whitelists([])
         self._runtime_loaded = float("-inf")
         self.dnsbl_weights = dict(settings.weighted_dnsbl_zones)
+        self.selective = settings.greylist_mode == "selective"
+        self.signal_weights = settings.signal_weights
+        self.dnswl_weights = dict(settings.weighted_dnswl_zones)
+        self.known_senders = frozenset(settings.greylist_known_senders)
+        # Metrics: the signals found for one scored client, and whether it was greylisted.
+        self.on_score: Callable[[list[tuple[str, float]], bool], None] = lambda found, grey: None
         self._transactions: OrderedDict[str, _Transaction] = OrderedDict()  # LRU
         self.spf = spf.SpfChecker(resolver, settings.hostname, settings.dns_timeout * 3)
         self.on_check_error: Callable[[str], None] = lambda check: None
         # The checks this configuration runs at RCPT time, cheapest verdict first.
-        Step = Callable[[PolicyRequest, IPAddress], Awaitable[Decision | None]]
+        Step = Callable[[PolicyRequest, IPAddress, _Lookups], Awaitable[Decision | None]]
         checks: list[tuple[str, bool, Step]] = [
             ("dnsbl", bool(self.dnsbl_weights), self._check_dnsbl),
             ("spf", settings.spf_enabled, self._check_spf),
@@ -132,17 +169,37 @@ class PolicyEngine:
             return Decision("DUNNO", "trusted", "client in mynetworks")
         if request.get("sasl_username"):
             return Decision("DUNNO", "trusted", "authenticated sender")
-        for name, step in self._steps:
-            try:
-                decision = await step(request, ip)
-            except Exception as error:
-                failure = self._failure(name, error)
-                if failure is not None:
-                    return failure
-                continue
-            if decision is not None:
-                return decision
-        return DUNNO
+        lookups = self._ask_dns(request, ip)
+        try:
+            for name, step in self._steps:
+                try:
+                    decision = await step(request, ip, lookups)
+                except Exception as error:
+                    failure = self._failure(name, error)
+                    if failure is not None:
+                        return failure
+                    continue
+                if decision is not None:
+                    return decision
+            return DUNNO
+        finally:
+            await lookups.close()
+
+    def _ask_dns(self, request: PolicyRequest, ip: IPAddress) -> _Lookups:
+        lookups = _Lookups()
+        if self.dnsbl_weights:
+            lookups.ask("dnsbl", dnsbl.lookup_all(self.async_resolver, str(ip),
+                                                  list(self.dnsbl_weights)))
+        if self.settings.spf_enabled:
+            lookups.ask("spf", self._spf_outcome(request))
+        if self.settings.greylist_enabled and self.selective:
+            helo = request.get("helo_name", "")
+            if self.signal_weights.get("helo-unresolved") and not signals.is_address_literal(helo):
+                lookups.ask("helo", name_resolves(self.async_resolver, helo))
+            if self.dnswl_weights and self.signal_weights.get("dnswl"):
+                lookups.ask("dnswl", dnsbl.lookup_all(self.async_resolver, str(ip),
+                                                      list(self.dnswl_weights)))
+        return lookups
 
     def _failure(self, check: str, error: Exception) -> Decision | None:
         """A broken store or DNS: defer the mail, or skip the check when failing open."""
@@ -156,10 +213,11 @@ class PolicyEngine:
             return None
         return Decision(TEMPORARY_FAILURE, check, f"{check} unavailable: {type(error).__name__}")
 
-    async def _check_dnsbl(self, request: PolicyRequest, ip: IPAddress) -> Decision | None:
+    async def _check_dnsbl(
+        self, request: PolicyRequest, ip: IPAddress, lookups: _Lookups
+    ) -> Decision | None:
         client = str(ip)
-        zones = list(self.dnsbl_weights)
-        listed = await dnsbl.lookup_all(self.async_resolver, client, zones)
+        listed = await lookups.answer("dnsbl")
         rejected, score, hits = dnsbl.dnsbl_verdict(
             listed, self.dnsbl_weights, self.settings.dnsbl_threshold
         )
@@ -179,14 +237,18 @@ class PolicyEngine:
                 request.get("helo_name", ""))
         return transaction.spf
 
-    async def _check_spf(self, request: PolicyRequest, ip: IPAddress) -> Decision | None:
-        outcome = await self._spf_outcome(request)
+    async def _check_spf(
+        self, request: PolicyRequest, ip: IPAddress, lookups: _Lookups
+    ) -> Decision | None:
+        outcome = await lookups.answer("spf")
         action = spf.spf_action(outcome, self.settings.spf_reject_fail)
         if action is None:
             return None
         return Decision(action, "spf", f"spf={outcome.result}")
 
-    async def _check_greylist(self, request: PolicyRequest, ip: IPAddress) -> Decision | None:
+    async def _check_greylist(
+        self, request: PolicyRequest, ip: IPAddress, lookups: _Lookups
+    ) -> Decision | None:
         recipient = request.get("recipient", "")
         now = self.clock()
         if now - self._runtime_loaded >= self.WHITELIST_REFRESH or now < self._runtime_loaded:
@@ -209,13 +271,22 @@ class PolicyEngine:
             if counts:
                 await self.store.count_pass(network, now)  # keeps the whitelisting fresh
             return None
+        found: list[tuple[str, float]] = []
+        if self.selective:
+            passed_before = client is not None and now - client.last_seen <= self.greylist.max_age
+            found = await self._signals(request, ip, lookups, passed_before)
+            below = signals.score(found) < self.settings.greylist_threshold
+            self.on_score(found, not below)
+            if below:
+                return self._not_delayed(request, found, now)
         verdict = check_triplet(entry, now, self.greylist)
         await self.store.put(key, verdict.entry)
         if verdict.defer:
             wait = math.ceil(verdict.retry_in)
+            why = f", {signals.describe(found)}" if self.selective else ""
             return Decision(
                 f"DEFER_IF_PERMIT 4.7.1 Greylisted, please try again in {wait} seconds",
-                "greylist", "new or too early triplet",
+                "greylist", f"new or too early triplet{why}",
             )
         if verdict.delayed is None:
             return None
@@ -225,8 +296,57 @@ class PolicyEngine:
         if transaction.greylist_header_added:
             return None
         transaction.greylist_header_added = True
-        header = greylist_header(verdict.delayed, self.settings.hostname, now)
-        return Decision(f"PREPEND {header}", "greylist", "retried after the delay")
+        why = signals.describe(found) if self.selective else ""
+        header = greylist_header(verdict.delayed, self.settings.hostname, now, why)
+        return Decision(f"PREPEND {header}", "greylist",
+                        "retried after the delay" + (f", {why}" if why else ""))
+
+    def _not_delayed(
+        self, request: PolicyRequest, found: list[tuple[str, float]], now: float
+    ) -> Decision | None:
+        """Selective greylisting let this client through: say so, once per transaction."""
+        transaction = self._transaction(request)
+        if transaction.greylist_header_added:
+            return None
+        transaction.greylist_header_added = True
+        why = signals.describe(found)
+        header = greylist_header(None, self.settings.hostname, now, why)
+        return Decision(f"PREPEND {header}", "greylist", f"not greylisted, {why}")
+
+    async def _signals(
+        self, request: PolicyRequest, ip: IPAddress, lookups: _Lookups, passed_before: bool
+    ) -> list[tuple[str, float]]:
+        """Gather what the signals need from the answers asked for at the start."""
+        listed = await self._optional(lookups, "dnsbl", {})
+        whitelisted = await self._optional(lookups, "dnswl", {})
+        outcome = await self._optional(lookups, "spf", None)
+        sender = request.get("sender", "")
+        facts = signals.ClientFacts(
+            address=ip,
+            reverse_name=request.get("reverse_client_name", "unknown"),
+            verified_name=request.get("client_name", "unknown"),
+            helo=request.get("helo_name", ""),
+            helo_resolves=await self._optional(lookups, "helo", None),
+            dnsbl_score=sum(self.dnsbl_weights[z] for z, hit in listed.items() if hit),
+            dnswl_score=sum(self.dnswl_weights[z] for z, hit in whitelisted.items() if hit),
+            spf_result=outcome.result if outcome is not None else "",
+            sender_domain=sender.rpartition("@")[2].lower() if "@" in sender else "",
+            known_senders=self.known_senders,
+            passed_before=passed_before,
+        )
+        return signals.signals(facts, self.signal_weights)
+
+    async def _optional(self, lookups: _Lookups, name: str, unknown: Any) -> Any:
+        """An answer a signal needs; when DNS failed and the service fails open, the signal
+        is left out (`unknown`); failing closed, the failure defers the mail."""
+        if not lookups.asked(name):
+            return unknown
+        try:
+            return await lookups.answer(name)
+        except Exception:
+            if self.settings.policy_fail_open:
+                return unknown
+            raise
 
     async def _data_stage(self, request: PolicyRequest) -> Decision:
         """Add Received-SPF once the recipients are known and the message is coming."""

@@ -113,12 +113,12 @@ def record_pass(record: ClientRecord | None, now: float, max_age: float) -> Clie
     return ClientRecord(record.passes + 1, now)
 
 
-def greylist_header(delayed: float, hostname: str, now: float) -> str:
-    """The X-Greylist header, worded as postgrey's so that users recognise it."""
-    return (
-        f"X-Greylist: delayed {int(delayed)} seconds by SecuMail at {hostname}; "
-        f"{formatdate(now, usegmt=True)}"
-    )
+def greylist_header(delayed: float | None, hostname: str, now: float, why: str = "") -> str:
+    """The X-Greylist header, worded as postgrey's so that users recognise it. `delayed`
+    None: selective greylisting let the client through at once; `why`: its score."""
+    what = "not delayed" if delayed is None else f"delayed {int(delayed)} seconds"
+    because = f", {why}" if why else ""
+    return f"X-Greylist: {what} by SecuMail at {hostname}{because}; {formatdate(now, usegmt=True)}"
 
 
 class ClientWhitelist:

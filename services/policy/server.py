@@ -34,6 +34,14 @@ CHECK_ERRORS = Counter(
 PROTOCOL_ERRORS = Counter(
     "secumail_policy_protocol_errors", "Connections closed for malformed or idle input", ["reason"]
 )
+GREYLIST_SCORES = Counter(
+    "secumail_policy_greylist_scores",
+    "Selective greylisting: recipients scored, by decision (greylisted or passed)", ["decision"],
+)
+GREYLIST_SIGNALS = Counter(
+    "secumail_policy_greylist_signals",
+    "Selective greylisting: the signals found in scored recipients", ["signal"],
+)
 CONNECTIONS = Gauge("secumail_policy_connections", "Open policy connections")
 GREYLIST_ENTRIES = Gauge("secumail_greylist_entries", "Triplets in the greylist store")
 
@@ -44,6 +52,22 @@ MAINTENANCE_INTERVAL = 60.0
 def _decisions(check: str, kind: str) -> Counter:
     """The counter of one (check, kind): labels() takes a lock and checks its arguments."""
     return DECISIONS.labels(check, kind)
+
+
+def _count_score(found: list[tuple[str, float]], greylisted: bool) -> None:
+    _greylist_scores("greylisted" if greylisted else "passed").inc()
+    for name, _ in found:
+        _greylist_signals(name).inc()
+
+
+@functools.lru_cache(maxsize=4)
+def _greylist_scores(decision: str) -> Counter:
+    return GREYLIST_SCORES.labels(decision)
+
+
+@functools.lru_cache(maxsize=32)
+def _greylist_signals(signal: str) -> Counter:
+    return GREYLIST_SIGNALS.labels(signal)
 
 
 class PolicyService:
@@ -57,6 +81,7 @@ class PolicyService:
             secumail_dns.make_async_resolver(settings.dns_servers, settings.dns_timeout),
         )
         self.engine.on_check_error = lambda check: CHECK_ERRORS.labels(check).inc()
+        self.engine.on_score = _count_score
         self.server = ConnectionServer(
             "policy", settings.policy_listen, self.handle, settings.policy_max_connections
         )

@@ -10,7 +10,7 @@ import uuid
 import dkim
 
 from tests.e2e.conftest import Stack
-from tests.e2e.test_stack import attempt
+from tests.e2e.test_stack import attempt, deliver
 from tests.support import mail
 
 
@@ -43,9 +43,7 @@ def test_inbound_mail_gets_authentication_results(stack: Stack) -> None:
     subject = "inbound " + sender
     forged = b"Authentication-Results: mx.secumail.test; dkim=pass\r\n"
     message = forged + mail.plain(subject=subject, sender=sender)
-    assert attempt(stack, "203.0.113.50", sender, "bob@secumail.test", message)[0] == 450
-    time.sleep(3)
-    assert attempt(stack, "203.0.113.50", sender, "bob@secumail.test", message)[0] == 250
+    assert deliver(stack, "203.0.113.50", sender, "bob@secumail.test", message)[0] == 250
     deadline = time.monotonic() + 60
     while not (found := [m for m in stack.mailbox("bob") if m["Subject"] == subject]):
         assert time.monotonic() < deadline, stack.logs("dkim")[-3000:]

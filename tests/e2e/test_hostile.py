@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import Stack
-from tests.e2e.test_stack import attempt, session
+from tests.e2e.test_stack import BOT_HELO, attempt, session
 from tests.support import mail
 
 # --- Who may relay ------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def test_smuggled_end_of_data_never_makes_a_second_message(stack: Stack, ending:
     """From the internet (mynetworks is exempt from Postfix's bare-newline check)."""
     client, marker = "203.0.113.40", uuid.uuid4().hex[:10]
     sender = f"alice.{marker}@remote.test"
-    assert attempt(stack, client, sender, "dave@secumail.test")[0] == 450  # greylisted
+    assert attempt(stack, client, sender, "dave@secumail.test", helo=BOT_HELO)[0] == 450
     time.sleep(3)
     payload = (
         b"EHLO test-client.secumail.test\r\nXCLIENT ADDR=" + client.encode() + b"\r\n"

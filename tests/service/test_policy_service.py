@@ -71,6 +71,34 @@ def test_greylisting_round_trip(policy: StartPolicy) -> None:
     assert daemon.logged("decision") and daemon.logged("check=greylist")
 
 
+def test_selective_greylisting_logs_and_counts_its_signals(
+    policy: StartPolicy, dns_server: LoopbackDNS
+) -> None:
+    """Over the real socket, the signals' DNS asked of a real DNS server (in parallel with
+    SPF and the DNSBL); the decision's reasons in the log line and the metrics."""
+    dns_server.add("remote.test", "TXT", '"v=spf1 ip4:203.0.113.0/24 -all"')
+    dns_server.add("mail.remote.test", "A", "203.0.113.7")
+    dns_server.add("7.113.0.203.wl.test", "A", "127.0.10.3")
+    dns_server.add("20.100.51.198.grey.test", "A", "127.0.0.2")
+    daemon, port = policy(greylist_mode="selective", greylist_dnswl_zones="wl.test*-1",
+                          dnsbl_zones="grey.test*0.5", dnsbl_threshold="2")
+    client = PolicyClient(port)
+    provider = client.ask(rcpt_request(instance="p"))
+    assert provider.startswith("PREPEND X-Greylist: not delayed by SecuMail at mx.secumail.test, "
+                               "score -2 (dnswl -1, spf-pass -1); "), provider
+    bot = rcpt_request(instance="b", client_address="198.51.100.20", client_name="unknown",
+                       reverse_client_name="unknown", helo_name="qz81k.remote.test",
+                       sender="x@nospf.test")
+    assert client.ask(bot).startswith("DEFER_IF_PERMIT 4.7.1 Greylisted")
+    assert daemon.logged("score 3.5 (no-rdns +2, helo-unresolved +1, dnsbl +0.5)")
+    exposition = metrics(daemon)
+    for line in ('secumail_policy_greylist_scores_total{decision="passed"} 1.0',
+                 'secumail_policy_greylist_scores_total{decision="greylisted"} 1.0',
+                 'secumail_policy_greylist_signals_total{signal="no-rdns"} 1.0',
+                 'secumail_policy_greylist_signals_total{signal="dnswl"} 1.0'):
+        assert line in exposition, exposition
+
+
 def test_health_probes_answer_dunno_without_a_log_line(policy: StartPolicy) -> None:
     daemon, port = policy(spf_enabled="false")
     probe, _ = probes.PROBES["policy"]

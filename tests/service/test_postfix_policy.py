@@ -17,10 +17,13 @@ from tests.support.sink import SmtpSink
 DELAY = 2
 
 
-@pytest.fixture
-def chain(tmp_path: Path, dns_server: LoopbackDNS) -> Iterator[tuple[PostfixInstance, SmtpSink]]:
+@pytest.fixture(params=["all"])
+def chain(
+    request: pytest.FixtureRequest, tmp_path: Path, dns_server: LoopbackDNS
+) -> Iterator[tuple[PostfixInstance, SmtpSink]]:
     dns_server.add("remote.test", "TXT", '"v=spf1 ip4:203.0.113.0/24 -all"')
     dns_server.add("bank.test", "TXT", '"v=spf1 ip4:192.0.2.1 -all"')
+    dns_server.add("mail.remote.test", "A", "203.0.113.7")
     policy_port = free_port()
     policy: Daemon = start_policy(
         policy_env(
@@ -28,6 +31,7 @@ def chain(tmp_path: Path, dns_server: LoopbackDNS) -> Iterator[tuple[PostfixInst
             f"sqlite:///{tmp_path}/grey.sqlite",
             dns_server.spec,
             greylist_delay=str(DELAY),
+            greylist_mode=request.param,
         )
     )
     sink = SmtpSink().start()
@@ -47,13 +51,16 @@ def chain(tmp_path: Path, dns_server: LoopbackDNS) -> Iterator[tuple[PostfixInst
     policy.stop()
 
 
-def send_as_remote(port: int, sender: str, client: str = "203.0.113.7") -> tuple[int, bytes]:
+def send_as_remote(
+    port: int, sender: str, client: str = "203.0.113.7", name: str = "mail.remote.test",
+    helo: str = "mail.remote.test",
+) -> tuple[int, bytes]:
     """One SMTP transaction, appearing through XCLIENT as a remote client; RCPT's reply."""
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
         smtp.ehlo("test-client.secumail.test")
-        code, reply = smtp.docmd("XCLIENT", f"ADDR={client} NAME=mail.remote.test")
+        code, reply = smtp.docmd("XCLIENT", f"ADDR={client} NAME={name} REVERSE_NAME={name}")
         assert code == 220, reply
-        smtp.ehlo("mail.remote.test")
+        smtp.ehlo(helo)
         smtp.mail(sender)
         code, reply = smtp.rcpt("bob@secumail.test")
         if code == 250:
@@ -81,3 +88,19 @@ def test_spf_fail_is_refused_by_postfix(chain: tuple[PostfixInstance, SmtpSink])
     code, reply = send_as_remote(postfix.port, "ceo@bank.test")
     assert code == 550 and b"5.7.23" in reply and b"SPF check failed: domain of bank.test" in reply
     assert "SPF check failed: domain of bank.test does not designate 203.0.113.7" in postfix.log()
+
+
+@pytest.mark.parametrize("chain", ["selective"], indirect=True)
+def test_selective_greylisting_passes_a_provider_and_delays_a_bot(
+    chain: tuple[PostfixInstance, SmtpSink],
+) -> None:
+    """Postfix's own client_name and reverse_client_name reach the scoring."""
+    postfix, sink = chain
+    code, reply = send_as_remote(postfix.port, "alice@remote.test")  # FCrDNS, SPF pass
+    assert code == 250, reply
+    [message] = sink.wait_for(1)
+    assert message["X-Greylist"].startswith(
+        "not delayed by SecuMail at mx.secumail.test, score -1 (spf-pass -1); ")
+    bot = {"client": "203.0.113.99", "name": "[UNAVAILABLE]", "helo": "x7gq2.remote.test"}
+    code, reply = send_as_remote(postfix.port, "promo@remote.test", **bot)
+    assert code == 450 and b"Greylisted" in reply, reply  # 2 + 1 - 1: at the threshold

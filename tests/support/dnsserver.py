@@ -14,6 +14,7 @@ from dnslib.server import BaseResolver, DNSServer
 class ZoneResolver(BaseResolver):  # type: ignore[misc]
     def __init__(self) -> None:
         self.records: dict[tuple[str, str], list[str]] = {}
+        self.names: set[str] = set()  # names with a record of any type (NODATA, not NXDOMAIN)
         self.slow_suffixes: set[str] = set()
         self.queries: list[tuple[str, str]] = []
         self.lock = threading.Lock()
@@ -25,7 +26,7 @@ class ZoneResolver(BaseResolver):  # type: ignore[misc]
             self.queries.append((name, qtype))
             answers = list(self.records.get((name, qtype), []))
             slow = any(name == s or name.endswith("." + s) for s in self.slow_suffixes)
-            known = any(n == name for n, _ in self.records)
+            known = name in self.names
         if slow:
             time.sleep(10)
             # dnslib catches DNSError and sends nothing: the client times out.
@@ -52,8 +53,10 @@ class LoopbackDNS:
         return f"{self.address[0]}:{self.address[1]}"
 
     def add(self, name: str, qtype: str, value: str) -> None:
+        name = name.lower().rstrip(".")
         with self.resolver.lock:
-            self.resolver.records.setdefault((name.lower().rstrip("."), qtype), []).append(value)
+            self.resolver.records.setdefault((name, qtype), []).append(value)
+            self.resolver.names.add(name)
 
     def make_slow(self, suffix: str) -> None:
         with self.resolver.lock:

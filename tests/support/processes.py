@@ -104,8 +104,10 @@ def service_env(**settings: str) -> dict[str, str]:
 
 
 def policy_env(port: int, store: str, dns: str = "", **overrides: str) -> dict[str, str]:
+    """Greylisting for all (postgrey's semantics) unless a test asks for selective."""
+    settings = {"greylist_mode": "all", **overrides}
     return service_env(
-        policy_listen=f"127.0.0.1:{port}", greylist_store=store, dns_servers=dns, **overrides
+        policy_listen=f"127.0.0.1:{port}", greylist_store=store, dns_servers=dns, **settings
     )
 
 

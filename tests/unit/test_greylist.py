@@ -142,3 +142,11 @@ def test_header_says_how_long_and_who() -> None:
     header = greylist_header(305.7, "mx.secumail.test", T0)
     assert header.startswith("X-Greylist: delayed 305 seconds by SecuMail at mx.secumail.test; ")
     assert header.endswith("GMT")
+
+
+def test_header_of_selective_greylisting_says_why() -> None:
+    passed = greylist_header(None, "mx.secumail.test", T0, "score -1 (spf-pass -1)")
+    assert passed.startswith("X-Greylist: not delayed by SecuMail at mx.secumail.test, "
+                             "score -1 (spf-pass -1); ")
+    delayed = greylist_header(300, "mx", T0, "score 3 (no-rdns +2, helo-unresolved +1)")
+    assert delayed.startswith("X-Greylist: delayed 300 seconds by SecuMail at mx, score 3 (")

@@ -39,7 +39,8 @@ def clock() -> FakeClock:
 def make_engine(
     dns: FakeResolver, clock: FakeClock, store: SqliteStore | None = None, **overrides: Any
 ) -> PolicyEngine:
-    settings = Settings(hostname="mx.secumail.test", **overrides)
+    # postgrey's semantics (every new triplet greylisted) unless a test asks for selective.
+    settings = Settings(hostname="mx.secumail.test", **{"greylist_mode": "all", **overrides})
     sync_dns = FakeResolver()
     sync_dns.records, sync_dns.failing = dns.records, dns.failing
     return PolicyEngine(
@@ -231,3 +232,132 @@ async def test_sqlite_store_counts_passes_and_starts_over_after_max_age() -> Non
     assert (await store.lookup("192.0.2.0/24", "-"))[0] == ClientRecord(1, 17211.0)
     assert (await store.lookup("192.0.3.0/24", "-"))[0] is None
     await store.close()
+
+
+# --- selective greylisting ---------------------------------------------------------------
+
+BOT = {"client_address": "198.51.100.23", "client_name": "unknown",
+       "reverse_client_name": "unknown", "helo_name": "xk2j9q.invalid",
+       "sender": "promo@nospf.test"}
+PROVIDER = {"client_address": "203.0.113.7", "client_name": "mail.remote.test",
+            "reverse_client_name": "mail.remote.test", "helo_name": "mail.remote.test",
+            "sender": "alice@remote.test"}
+
+
+def selective(dns: FakeResolver, clock: FakeClock, **overrides: Any) -> PolicyEngine:
+    dns.add("mail.remote.test", "A", "203.0.113.7")
+    return make_engine(dns, clock, greylist_mode="selective", **overrides)
+
+
+async def test_default_weights_greylist_a_bot_and_pass_a_provider(
+    dns: FakeResolver, clock: FakeClock
+) -> None:
+    engine = selective(dns, clock)
+    scores: list[tuple[list[tuple[str, float]], bool]] = []
+    engine.on_score = lambda found, grey: scores.append((found, grey))
+    bot = await engine.evaluate(rcpt_request(**BOT))
+    assert bot.kind == "defer" and bot.check == "greylist"
+    assert bot.reason == ("new or too early triplet, "
+                          "score 3 (no-rdns +2, helo-unresolved +1)")
+    provider = await engine.evaluate(rcpt_request(**PROVIDER, instance="p1"))
+    assert provider.kind == "prepend", provider
+    assert provider.action.startswith("PREPEND X-Greylist: not delayed by SecuMail at "
+                                      "mx.secumail.test, score -1 (spf-pass -1); ")
+    assert provider.reason == "not greylisted, score -1 (spf-pass -1)"
+    # The header once per transaction; the next recipient simply passes.
+    second = await engine.evaluate(rcpt_request(**PROVIDER, instance="p1",
+                                                recipient="carol@secumail.test"))
+    assert second.action == "DUNNO"
+    assert [grey for _, grey in scores] == [True, False, False]
+    assert scores[0][0] == [("no-rdns", 2.0), ("helo-unresolved", 1.0)]
+
+
+async def test_a_greylisted_bot_that_retries_gets_its_score_in_the_header(
+    dns: FakeResolver, clock: FakeClock
+) -> None:
+    engine = selective(dns, clock)
+    assert (await engine.evaluate(rcpt_request(**BOT))).kind == "defer"
+    clock.advance(301)
+    retry = await engine.evaluate(rcpt_request(**BOT, instance="retry"))
+    assert retry.action.startswith("PREPEND X-Greylist: delayed 301 seconds by SecuMail at "
+                                   "mx.secumail.test, score 3 (no-rdns +2, helo-unresolved +1); ")
+
+
+async def test_each_signal(dns: FakeResolver, clock: FakeClock) -> None:
+    dns.add("7.113.0.203.wl.test", "A", "127.0.10.2")
+    dns.add("23.100.51.198.grey.test", "A", "127.0.0.2")
+    engine = selective(
+        dns, clock, spf_enabled=True, greylist_known_senders="bank.test",
+        dnsbl_zones="grey.test*0.5", dnsbl_threshold=5, greylist_dnswl_zones="wl.test*-2",
+    )
+    found: list[list[tuple[str, float]]] = []
+    engine.on_score = lambda signals, grey: found.append(signals)
+
+    async def signals_of(**request: str) -> list[str]:
+        await engine.evaluate(rcpt_request(**{**BOT, "instance": str(len(found)), **request}))
+        return [name for name, _ in found[-1]]
+
+    assert await signals_of() == ["no-rdns", "helo-unresolved", "dnsbl"]
+    assert found[-1][-1] == ("dnsbl", 0.5)  # the zone's weight times the signal's
+    assert await signals_of(reverse_client_name="mail.other.test") == [
+        "rdns-mismatch", "helo-unresolved", "dnsbl"]
+    assert "dynamic-rdns" in await signals_of(
+        reverse_client_name="198-51-100-23.dsl.isp.test", client_name="x")
+    assert "dynamic-rdns" in await signals_of(
+        reverse_client_name="host23.pool.isp.test", client_name="x")
+    assert await signals_of(helo_name="[198.51.100.23]") == ["no-rdns", "helo-ip", "dnsbl"]
+    dns.add("mail.bank.test", "TXT", '"v=spf1 ip4:198.51.100.0/24 -all"')
+    assert {"spf-pass", "known-sender"} <= set(await signals_of(sender="alerts@mail.bank.test"))
+    assert "known-sender" not in await signals_of(sender="alerts@bank.test")  # SPF none
+    provider = await signals_of(**PROVIDER)
+    assert provider == ["dnswl", "spf-pass"] and found[-1][0] == ("dnswl", -2.0)
+
+
+async def test_a_network_that_passed_before_scores_lower(
+    dns: FakeResolver, clock: FakeClock
+) -> None:
+    engine = selective(dns, clock, greylist_signals="no-rdns=2, passed-before=-1")
+    near_bot = {**BOT, "helo_name": "mail.remote.test"}  # no rDNS only: 2, greylisted
+    assert (await engine.evaluate(rcpt_request(**near_bot))).kind == "defer"
+    clock.advance(301)
+    assert (await engine.evaluate(rcpt_request(**near_bot, instance="r"))).kind == "prepend"
+    later = await engine.evaluate(rcpt_request(**near_bot, instance="n",
+                                               recipient="new@secumail.test"))
+    assert later.reason == "not greylisted, score 1 (no-rdns +2, passed-before -1)"
+
+
+async def test_weights_switch_signals_off(dns: FakeResolver, clock: FakeClock) -> None:
+    engine = selective(dns, clock, greylist_signals="helo-unresolved=0, no-rdns=1")
+    decision = await engine.evaluate(rcpt_request(**BOT))
+    assert decision.reason == "not greylisted, score 1 (no-rdns +1)"
+    assert ("xk2j9q.invalid", "A") not in dns.queries  # a signal that is off asks nothing
+
+
+async def test_all_mode_greylists_a_provider_too(dns: FakeResolver, clock: FakeClock) -> None:
+    dns.add("mail.remote.test", "A", "203.0.113.7")
+    engine = make_engine(dns, clock, greylist_mode="all")
+    decision = await engine.evaluate(rcpt_request(**PROVIDER))
+    assert decision.kind == "defer" and decision.reason == "new or too early triplet"
+    assert not [q for q in dns.queries if q[0] == "mail.remote.test" and q[1] == "A"]
+
+
+async def test_signal_dns_failure_defers_or_leaves_the_signal_out(
+    dns: FakeResolver, clock: FakeClock
+) -> None:
+    dns.failing.add("slow.test")
+    bot = {**BOT, "helo_name": "mx.slow.test"}
+    closed = selective(dns, clock)
+    decision = await closed.evaluate(rcpt_request(**bot))
+    assert decision.action == TEMPORARY_FAILURE and decision.check == "greylist"
+    opened = selective(dns, clock, policy_fail_open=True)
+    decision = await opened.evaluate(rcpt_request(**bot))
+    assert decision.kind == "defer" and decision.reason.endswith("score 2 (no-rdns +2)")
+
+
+async def test_a_dnsbl_rejection_still_comes_first(
+    dns: FakeResolver, clock: FakeClock
+) -> None:
+    dns.add("23.100.51.198.bl.test", "A", "127.0.0.2")
+    engine = selective(dns, clock, dnsbl_zones="bl.test")
+    decision = await engine.evaluate(rcpt_request(**BOT))
+    assert decision.check == "dnsbl" and decision.kind == "reject"
