@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 
-import dns.asyncresolver
 import dns.resolver
+
+from secumail.dns import AddressLookup
 
 
 def dnsbl_query_name(client_address: str, zone: str) -> str:
@@ -37,7 +38,7 @@ def dnsbl_verdict(
     return score >= threshold, score, zones
 
 
-async def lookup_zone(resolver: dns.asyncresolver.Resolver, client_address: str, zone: str) -> bool:
+async def lookup_zone(resolver: AddressLookup, client_address: str, zone: str) -> bool:
     try:
         answer = await resolver.resolve(
             dnsbl_query_name(client_address, zone), "A", raise_on_no_answer=False
@@ -48,7 +49,7 @@ async def lookup_zone(resolver: dns.asyncresolver.Resolver, client_address: str,
 
 
 async def lookup_all(
-    resolver: dns.asyncresolver.Resolver, client_address: str, zones: list[str]
+    resolver: AddressLookup, client_address: str, zones: list[str]
 ) -> dict[str, bool]:
     """Ask every zone at once; a DNS failure of any zone raises (the engine decides what then)."""
     results = await asyncio.gather(*(lookup_zone(resolver, client_address, z) for z in zones))

@@ -25,7 +25,7 @@ import dns.asyncresolver
 import dns.resolver
 
 from secumail import spf
-from secumail.dns import name_resolves
+from secumail.dns import AddressLookup, AddressResolver, name_resolves
 from secumail.logs import log_event
 from secumail.netaddr import IPAddress, client_network, parse_ip
 from secumail.protocols.policy import PolicyRequest
@@ -113,7 +113,7 @@ class PolicyEngine:
         settings: Settings,
         store: GreylistStore,
         resolver: dns.resolver.Resolver,
-        async_resolver: dns.asyncresolver.Resolver,
+        async_resolver: AddressLookup,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -380,3 +380,5 @@ class PolicyEngine:
 
     def close(self) -> None:
         self.spf.close()
+        if isinstance(self.async_resolver, AddressResolver):
+            self.async_resolver.close()

@@ -78,7 +78,7 @@ class PolicyService:
         self.engine = PolicyEngine(
             settings, self.store,
             secumail_dns.make_resolver(settings.dns_servers, settings.dns_timeout),
-            secumail_dns.make_async_resolver(settings.dns_servers, settings.dns_timeout),
+            secumail_dns.AddressResolver(settings.dns_servers, settings.dns_timeout),
         )
         self.engine.on_check_error = lambda check: CHECK_ERRORS.labels(check).inc()
         self.engine.on_score = _count_score

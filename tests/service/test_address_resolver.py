@@ -1,0 +1,113 @@
+"""The policy service's lean A/AAAA resolver against real DNS servers on loopback: the
+tests' DNS server, and a hostile one that answers first with forged replies."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+
+import dns.exception
+import dns.resolver
+import pytest
+
+from secumail.dns import AddressResolver, name_resolves
+from secumail.netaddr import parse_host_port
+from tests.support.dnsserver import LoopbackDNS
+
+
+def resolver_for(server: LoopbackDNS, timeout: float = 2.0) -> AddressResolver:
+    return AddressResolver([parse_host_port(server.spec)], timeout)
+
+
+async def test_answers_nxdomain_nodata_and_the_cache(dns_server: LoopbackDNS) -> None:
+    dns_server.add("2.0.0.127.bl.test", "A", "127.0.0.2")
+    dns_server.add("2.0.0.127.bl.test", "A", "127.0.0.10")
+    dns_server.add("v6.test", "AAAA", "2001:db8::1")
+    dns_server.add("txt-only.test", "TXT", '"hello"')
+    resolver = resolver_for(dns_server)
+    answer = await resolver.resolve("2.0.0.127.BL.test.", "A", raise_on_no_answer=False)
+    assert sorted(r.address for r in answer) == ["127.0.0.10", "127.0.0.2"]
+    assert [r.address for r in await resolver.resolve("v6.test", "AAAA")] == ["2001:db8::1"]
+    with pytest.raises(dns.resolver.NXDOMAIN):
+        await resolver.resolve("nowhere.test", "A")
+    assert await resolver.resolve("txt-only.test", "A", raise_on_no_answer=False) == []
+    with pytest.raises(dns.resolver.NoAnswer):
+        await resolver.resolve("txt-only.test", "A")
+    asked = len(dns_server.resolver.queries)
+    await resolver.resolve("2.0.0.127.bl.test", "A")
+    with pytest.raises(dns.resolver.NXDOMAIN):
+        await resolver.resolve("nowhere.test", "A")
+    assert len(dns_server.resolver.queries) == asked  # both from the cache
+    assert await name_resolves(resolver, "v6.test") and not await name_resolves(resolver, "x.test")
+    resolver.close()
+
+
+async def test_a_server_that_never_answers_is_a_timeout(dns_server: LoopbackDNS) -> None:
+    dns_server.make_slow("slow.test")
+    resolver = resolver_for(dns_server, timeout=0.5)
+    with pytest.raises(dns.exception.Timeout):
+        await resolver.resolve("a.slow.test", "A")
+    resolver.close()
+
+
+async def test_many_queries_at_once_over_fresh_sockets(dns_server: LoopbackDNS) -> None:
+    for n in range(200):
+        dns_server.add(f"h{n}.test", "A", f"192.0.2.{n % 250}")
+    resolver = resolver_for(dns_server)
+    answers = await asyncio.gather(*(resolver.resolve(f"h{n}.test", "A") for n in range(200)))
+    assert [a[0].address for a in answers] == [f"192.0.2.{n % 250}" for n in range(200)]
+    resolver.close()
+
+
+@pytest.fixture
+def forging_server() -> Iterator[tuple[str, int]]:
+    """Answers each query three times: a reply with another ID, one with another question
+    (both forged: 127.0.0.2, "listed"), then the true one (NXDOMAIN)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                query, client = sock.recvfrom(512)
+            except TimeoutError:
+                continue
+            qid = struct.unpack_from("!H", query)[0]
+            question = query[12:]
+            listed = (b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4)
+                      + socket.inet_aton("127.0.0.2"))
+            forged_id = struct.pack("!HHHHHH", qid ^ 1, 0x8180, 1, 1, 0, 0) + question + listed
+            other = b"\x01x" + question
+            forged_question = struct.pack("!HHHHHH", qid, 0x8180, 1, 1, 0, 0) + other + listed
+            true = struct.pack("!HHHHHH", qid, 0x8183, 1, 0, 0, 0) + question
+            for reply in (forged_id, forged_question, true):
+                sock.sendto(reply, client)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield sock.getsockname()
+    stop.set()
+    thread.join()
+    sock.close()
+
+
+async def test_forged_replies_are_not_taken(forging_server: tuple[str, int]) -> None:
+    host, port = forging_server
+    resolver = AddressResolver([parse_host_port(f"{host}:{port}")], 2.0)
+    with pytest.raises(dns.resolver.NXDOMAIN):
+        await resolver.resolve("7.113.0.203.bl.test", "A")
+    resolver.close()
+
+
+async def test_names_dns_cannot_carry_are_refused_before_asking(dns_server: LoopbackDNS) -> None:
+    resolver = resolver_for(dns_server)
+    for name in ("a" * 64 + ".test", "caf\u00e9.test", "a..test"):
+        with pytest.raises(dns.exception.DNSException):
+            await resolver.resolve(name, "A")
+    assert dns_server.resolver.queries == []
+    resolver.close()
