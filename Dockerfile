@@ -50,7 +50,11 @@ CMD ["secumail-dkim"]
 # (services/clamav/clamd.Dockerfile). /run/clamav: the volume with clamd's socket, writable
 # by clamd whichever image made it.
 FROM python AS clamav
-RUN install -d -o secumail -g secumail /var/lib/secumail/quarantine \
+# libarchive: the attachment rules look inside zip, 7z, rar, tar, cab... archives.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libarchive13 \
+ && rm -rf /var/lib/apt/lists/* \
+ && install -d -o secumail -g secumail /var/lib/secumail/quarantine \
  && install -d -m 1777 /run/clamav
 USER secumail
 EXPOSE 10025 9100

@@ -93,6 +93,7 @@ class Verdict:
     reply: str = ""  # the SMTP reply for reject and tempfail ("554 5.7.1 ...")
     headers: tuple[tuple[str, str], ...] = ()  # added on top when delivering
     remove: frozenset[str] = frozenset()  # headers of the same names, forged or stale
+    message: bytes | None = None  # delivered instead of the one received (parts removed)
 
 
 @dataclass(frozen=True)
@@ -487,6 +488,8 @@ class RelayHandler(_HooksListedOnce):
     ) -> str:
         downstream = transaction.downstream
         if verdict.action == "deliver":
+            if verdict.message is not None:
+                message = verdict.message
             if downstream is None or not downstream.connected:
                 return self._next_hop_failed(SmtpUnavailable("connection lost before DATA"))
             headers = list(verdict.headers)

@@ -131,6 +131,14 @@ class Settings(BaseSettings):
     clamd_stream_max_length: int = Field(25 * 1024 * 1024, ge=1024)
     virus_action: Literal["reject", "drop", "quarantine", "pass"] = "reject"
     clamav_fail_open: bool = False
+    # Dangerous attachments (services/clamav/attachments.py): reject, quarantine, strip
+    # (deliver without them, a text part saying why), pass (deliver, marked), off.
+    attachment_action: Literal["reject", "quarantine", "strip", "pass", "off"] = "reject"
+    attachment_block: CommaList = []  # extensions refused on top of the default list
+    attachment_allow: CommaList = []  # extensions or rule names let through
+    attachment_max_depth: int = Field(3, ge=1, le=20)  # archives inside archives
+    attachment_max_expanded: int = Field(100 * 1024 * 1024, ge=1024)  # bytes, all archives
+    attachment_max_parts: int = Field(1000, ge=10)  # MIME parts; archive members
 
     spamd_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:10026")
     spamd_next_hop: Annotated[HostPort, NoDecode] = parse_host_port("postfix:10027")
@@ -175,7 +183,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "greylist_whitelist_clients", "greylist_whitelist_recipients", "dnsbl_zones",
-        "greylist_dnswl_zones", "greylist_known_senders",
+        "greylist_dnswl_zones", "greylist_known_senders", "attachment_block", "attachment_allow",
         "domains", "rbl_zones", "mailboxes", "clamav_allowed_clients", "spamd_allowed_clients",
         "gateway_hosts", mode="before",
     )
@@ -232,6 +240,14 @@ class Settings(BaseSettings):
     def _signals(cls, text: str) -> str:
         parse_signal_weights(text)
         return text
+
+    @field_validator("attachment_block", "attachment_allow")
+    @classmethod
+    def _extensions(cls, items: list[str]) -> list[str]:
+        for item in items:
+            if not re.fullmatch(r"\.?[a-z0-9][a-z0-9_-]*", item, re.I):
+                raise ValueError(f"not a file extension or rule name: {item!r}")
+        return [item.lower().lstrip(".") for item in items]
 
     @field_validator("greylist_known_senders")
     @classmethod

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
+from prometheus_client import Counter
+
 from secumail.backend import BackendError
 from secumail.protocols import clamd
 from secumail.relay import (
@@ -13,21 +17,52 @@ from secumail.relay import (
 )
 from secumail.runtime import run_service
 from secumail.settings import Settings, load_settings
-from services.clamav.verdict import unscanned_verdict, virus_verdict
+from services.clamav import attachments
+from services.clamav.verdict import attachment_verdict, unscanned_verdict, virus_verdict
+
+ATTACHMENT_FINDINGS = Counter(
+    "secumail_filter_attachment_findings", "Dangerous attachments found, by rule", ["rule"]
+)
+
+
+def attachment_policy(settings: Settings) -> attachments.AttachmentPolicy:
+    return attachments.AttachmentPolicy.from_lists(
+        settings.attachment_block, settings.attachment_allow, settings.attachment_max_depth,
+        settings.attachment_max_expanded, settings.attachment_max_parts)
 
 
 def make_filter(settings: Settings) -> FilterService:
     scanner = clamd.Clamd(
         settings.clamd_address, settings.relay_timeout, settings.clamd_stream_max_length
     )
+    policy = attachment_policy(settings)
+    checking = settings.attachment_action != "off"
 
     async def inspect(info: MessageInfo, message: bytes) -> Verdict:
+        # clamd scans while the attachment rules run in a thread: the slower sets the pace.
+        scan = asyncio.ensure_future(scanner.scan(message))
         try:
-            result = await scanner.scan(message)
+            findings = await asyncio.to_thread(attachments.check, message, policy) \
+                if checking else []
+        except BaseException:
+            scan.cancel()
+            raise
+        try:
+            result = await scan
         except BackendError as error:
             BACKEND_ERRORS.labels("clamav").inc()
+            if findings:  # no need of clamd to refuse those
+                return found(findings, message)
             return unscanned_verdict(str(error), settings.clamav_fail_open, settings.hostname)
+        if findings and not result.infected:
+            return found(findings, message)
         return virus_verdict(result, settings.virus_action, settings.hostname)
+
+    def found(findings: list[attachments.Finding], message: bytes) -> Verdict:
+        for finding in findings:
+            ATTACHMENT_FINDINGS.labels(finding.rule).inc()
+        return attachment_verdict(findings, settings.attachment_action, settings.hostname,
+                                  message)
 
     return filter_service(
         "clamav", settings.clamav_listen, settings.clamav_next_hop,

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from secumail.protocols.clamd import ScanResult
 from secumail.relay import Verdict
+from services.clamav.attachments import Finding, strip
 
-VIRUS_HEADERS = frozenset({"X-AV-Checked", "X-Virus-Infected", "X-Virus-Scanned"})
+ATTACHMENTS_HEADER = "X-SecuMail-Attachments"
+# Ours only: the same names arriving from outside are forged, and removed.
+VIRUS_HEADERS = frozenset({"X-AV-Checked", "X-Virus-Infected", "X-Virus-Scanned",
+                           ATTACHMENTS_HEADER})
 
 
 def checked_header(hostname: str) -> tuple[str, str]:
@@ -34,3 +38,24 @@ def unscanned_verdict(error: str, fail_open: bool, hostname: str) -> Verdict:
         return Verdict("deliver", "unchecked", error, headers=(header,), remove=VIRUS_HEADERS)
     return Verdict("tempfail", "error", error,
                    reply="451 4.7.1 Virus scanner unavailable, please try again later")
+
+
+def attachment_verdict(findings: list[Finding], action: str, hostname: str,
+                       message: bytes) -> Verdict:
+    """Dangerous attachments found (and no virus): what the setting says to do."""
+    reason = "; ".join(f.describe() for f in findings[:5])
+    if len(findings) > 5:
+        reason += f"; and {len(findings) - 5} more"
+    if action == "reject":
+        return Verdict("reject", "attachment", reason,
+                       reply=f"554 5.7.1 Message refused: attachment not allowed "
+                             f"({findings[0].describe()})")
+    if action in ("strip", "pass"):
+        stripped = strip(message, findings) if action == "strip" else message
+        if stripped is not None:
+            what = "removed" if action == "strip" else "dangerous, delivered"
+            headers = (checked_header(hostname), (ATTACHMENTS_HEADER, f"{what}: {reason}"))
+            return Verdict("deliver", "attachment", reason, headers=headers,
+                           remove=VIRUS_HEADERS, message=stripped if action == "strip" else None)
+    # quarantine, or nothing would be left once stripped.
+    return Verdict("quarantine", "attachment", reason)

@@ -290,3 +290,30 @@ def test_postfix_stops_cleanly_on_sigterm_and_comes_back(gateway: Gateway, stack
     compose(stack, "start", "postfix")
     stack.wait_healthy(["postfix"])
     gateway.wait_for(lambda: gateway.ready()[0] == 200, "postfix did not come back ready")
+
+
+def test_a_double_extension_in_a_zip_is_refused_and_a_clean_pdf_passes(
+    gateway: Gateway, stack: Stack
+) -> None:
+    """Issue 19 through the stack (SECUMAIL_ATTACHMENT_ACTION=reject, the default): the
+    client's own 554 before-queue, the rule in the ClamAV filter's log and metrics."""
+    archive = mail.zipped([("invoice.pdf.exe", mail.PROGRAM)])
+    subject = "attachments " + uuid.uuid4().hex[:8]
+    banned = mail.attaching([("invoice.zip", archive)], subject=subject + " banned")
+    clean = mail.attaching([("report.pdf", b"%PDF-1.4\n%%EOF\n")], subject=subject + " clean")
+    code, reply = attempt(stack, "127.0.0.22", "alice@secumail.test", "dave@secumail.test",
+                          banned)
+    if stack.mode == "before-queue":
+        assert code == 554 and b"double-extension: invoice.zip > invoice.pdf.exe" in reply, reply
+    code, reply = attempt(stack, "127.0.0.22", "alice@secumail.test", "dave@secumail.test",
+                          clean)
+    assert code == 250, reply
+    deadline = time.monotonic() + 60
+    while not [m for m in stack.mailbox("dave") if m["Subject"] == subject + " clean"]:
+        assert time.monotonic() < deadline, stack.logs("clamav")[-3000:]
+        time.sleep(1)
+    assert not [m for m in stack.mailbox("dave") if m["Subject"] == subject + " banned"]
+    assert "double-extension: invoice.zip > invoice.pdf.exe" in stack.logs("clamav")
+    found = gateway.metrics()
+    assert total(found, "secumail_filter_attachment_findings_total",
+                 rule="double-extension") >= 1

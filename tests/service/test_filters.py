@@ -352,3 +352,37 @@ def test_dsn_parameters_are_taken_and_passed_on(chain: StartChain, sink: SmtpSin
         assert smtp.data(mail.plain())[0] == 250
         assert smtp.mail("alice@secumail.test", ["HOLDFOR=10"])[0] == 555
     sink.wait_for(1)
+
+
+def test_dangerous_attachments_are_refused_or_stripped_and_say_which_rule(
+    chain: StartChain, sink: SmtpSink
+) -> None:
+    """Issue 19: invoice.pdf.exe in a zip, through the real filter (real clamd beside it)."""
+    archive = mail.zipped([("invoice.pdf.exe", mail.PROGRAM)])
+    message = mail.attaching([("report.txt", b"numbers"), ("invoice.zip", archive)])
+    refusing = chain(attachment_action="reject")
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        refusing.send(message)
+    assert refused.value.smtp_code == 554
+    assert refused.value.smtp_error == (
+        b"5.7.1 Message refused: attachment not allowed "
+        b"(double-extension: invoice.zip > invoice.pdf.exe)")
+    assert refusing.clamav.logged("verdict=attachment")
+    assert ('secumail_filter_attachment_findings_total{rule="double-extension"} 1.0'
+            in scrape(refusing.clamav.metrics_port))
+    stripping = chain(attachment_action="strip")
+    stripping.send(message)
+    [delivered] = sink.wait_for(1)
+    assert delivered["X-SecuMail-Attachments"].startswith(
+        "removed: double-extension: invoice.zip > invoice.pdf.exe")
+    names = [part.get_filename() for part in delivered.walk()]
+    assert "report.txt" in names and "invoice.zip" not in names
+    assert b"MZ" not in delivered.as_bytes()
+
+
+def test_a_virus_is_named_a_virus_even_with_a_banned_name(
+    chain: StartChain, sink: SmtpSink
+) -> None:
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        chain().send(mail.with_attachment("clam.exe"))
+    assert b"virus found (ClamAV-Test-File" in refused.value.smtp_error

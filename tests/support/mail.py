@@ -46,3 +46,57 @@ def with_attachment(filename: str) -> bytes:
         filename=filename,
     )
     return message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
+
+
+def attaching(files: list[tuple[str, bytes]], subject: str = "attachments") -> bytes:
+    """A message with a text part and each (filename, content) attached."""
+    message = EmailMessage()
+    message["From"] = "alice@secumail.test"
+    message["To"] = "bob@secumail.test"
+    message["Subject"] = subject
+    message.set_content("See the attachments.\n")
+    for name, content in files:
+        message.add_attachment(content, maintype="application", subtype="octet-stream",
+                               filename=name)
+    return message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
+
+
+# Samples the attachment rules must catch, built here (Debian's clamav-testfiles has no
+# such names): a Windows program's first bytes, and archives made with libarchive.
+PROGRAM = b"MZ\x90\x00\x03\x00\x00\x00" + b"\x00" * 120 + b"PE\x00\x00"
+
+
+def zipped(files: list[tuple[str, bytes]], archive_format: str = "zip",
+           options: str = "", passphrase: str | None = None) -> bytes:
+    """An archive (zip, 7zip, ustar...) holding the files, made by libarchive."""
+    import libarchive
+
+    chunks: list[bytes] = []
+
+    def write(data: bytes) -> int:
+        chunks.append(bytes(data))
+        return len(data)
+
+    with libarchive.custom_writer(write, archive_format, options=options,
+                                  passphrase=passphrase) as archive:
+        for name, content in files:
+            archive.add_file_from_memory(name, len(content), content)
+    return b"".join(chunks)
+
+
+def rar4(name: str, content: bytes, encrypted: bool = False) -> bytes:
+    """A RAR 4 archive with one stored file (RAR cannot be written by free tools): marker,
+    archive header, file header, the data, end of archive; each header with its CRC."""
+    import struct
+    import zlib
+
+    def block(head_type: int, flags: int, body: bytes) -> bytes:
+        rest = struct.pack("<BHH", head_type, flags, 7 + len(body)) + body
+        return struct.pack("<H", zlib.crc32(rest) & 0xFFFF) + rest
+
+    encoded = name.encode()
+    flags = 0x8000 | (0x04 if encrypted else 0)  # LONG_BLOCK, and PASSWORD
+    header = struct.pack("<IIBIIBBHI", len(content), len(content), 2, zlib.crc32(content),
+                         0x5A000000, 20, 0x30, len(encoded), 0x20) + encoded
+    return (b"Rar!\x1a\x07\x00" + block(0x73, 0, b"\x00" * 6) + block(0x74, flags, header)
+            + content + bytes.fromhex("c43d7b00400700"))

@@ -1,0 +1,134 @@
+"""A MIME walk over a raw message: where each leaf part lies, its headers, its decoded body.
+
+The message stays one bytes object: a part is a pair of offsets into it, so that a filter
+can read a part, or put another in its place, without re-serialising the message (what
+the `email` package would do, altering what DKIM signed). Walked with an explicit stack
+and limits, never recursion, so that hostile nesting costs a bounded amount of time; the
+`email` package only parses each part's header block (RFC 2231 and RFC 2047 filenames).
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesHeaderParser
+
+_HEADERS = BytesHeaderParser(policy=policy.default)
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]+")
+MAX_BOUNDARY = 200  # RFC 2046 allows 70; a longer one is not worth a regular expression
+
+
+class MimeTooComplex(Exception):
+    """More parts or deeper nesting than the limits: too costly to check, so not trusted."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """A leaf part: `message[start:end]` is the whole part (its headers, then its body from
+    `body_start`); the CRLF before the next boundary is not the part's."""
+
+    start: int
+    body_start: int
+    end: int
+    depth: int  # 0: the message itself
+    headers: EmailMessage
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get_content_type()
+
+    @property
+    def filename(self) -> str:
+        """The name the sender gave (Content-Disposition's filename, else Content-Type's
+        name), decoded, without any folder part; "" if none."""
+        try:
+            name = self.headers.get_filename() or ""
+        except Exception:  # a parameter the email package cannot read: a hostile header
+            name = ""
+        return re.split(r"[/\\]", str(name))[-1]
+
+
+def header_end(message: bytes, start: int, end: int) -> int:
+    """Where the body of the part starting at `start` begins (after the blank line)."""
+    if message.startswith(b"\r\n", start):
+        return start + 2  # no header fields at all
+    blank = message.find(b"\r\n\r\n", start, end)
+    return end if blank < 0 else blank + 4
+
+
+def _delimiters(boundary: str) -> re.Pattern[bytes]:
+    """A delimiter line: after a line break (whose CRLF belongs to the delimiter),
+    `--boundary`, `--` more for the closing one, then white space only."""
+    return re.compile(rb"(?<=\n)--" + re.escape(boundary.encode("ascii"))
+                      + rb"(--)?[ \t]*(?:\r\n|\Z)")
+
+
+def walk(message: bytes, max_parts: int = 1000, max_depth: int = 30) -> Iterator[Part]:
+    """The leaf parts in order: every part that is neither a multipart with a boundary nor
+    an attached message (message/rfc822 is walked into). MimeTooComplex past the limits."""
+    stack = [(0, len(message), 0)]
+    seen = 0
+    while stack:
+        start, end, depth = stack.pop()
+        seen += 1
+        if seen > max_parts:
+            raise MimeTooComplex(f"more than {max_parts} MIME parts")
+        if depth > max_depth:
+            raise MimeTooComplex(f"MIME parts nested deeper than {max_depth}")
+        body = header_end(message, start, end)
+        headers = _HEADERS.parsebytes(message[start:body])
+        content_type = headers.get_content_type()
+        boundary = headers.get_param("boundary") if content_type.startswith("multipart/") else None
+        if isinstance(boundary, str) and 0 < len(boundary) <= MAX_BOUNDARY and \
+                boundary.isascii():
+            stack.extend(reversed(_children(message, body, end, boundary, depth + 1)))
+        elif content_type == "message/rfc822" and body < end and \
+                headers.get("content-transfer-encoding", "7bit").lower() in ("7bit", "8bit",
+                                                                              "binary"):
+            stack.append((body, end, depth + 1))
+        else:
+            yield Part(start, body, end, depth, headers)
+
+
+def _children(message: bytes, start: int, end: int, boundary: str,
+              depth: int) -> list[tuple[int, int, int]]:
+    """The (start, end, depth) of each body part between a multipart's delimiters."""
+    children: list[tuple[int, int, int]] = []
+    opened = -1  # where the current part started, after its delimiter line
+    for found in _delimiters(boundary).finditer(message, start, end):
+        if opened >= 0:
+            children.append((opened, max(opened, found.start() - 2), depth))
+        if found.group(1):  # the closing delimiter: only the epilogue follows
+            return children
+        opened = found.end()
+    if opened >= 0:  # no closing delimiter: the last part runs to the end
+        children.append((opened, end, depth))
+    return children
+
+
+def decode_body(message: bytes, part: Part, limit: int | None = None) -> bytes:
+    """The part's body, its transfer encoding undone; at most about `limit` bytes (None:
+    all). Broken base64 is decoded as far as it goes, as mail clients do: a sender cannot
+    hide a file from the check by spoiling its encoding."""
+    encoding = str(part.headers.get("content-transfer-encoding", "")).strip().lower()
+    raw = message[part.body_start:part.end]
+    if encoding == "base64":
+        if limit is not None:
+            raw = raw[:limit * 4 // 3 + 4096]  # line breaks included
+        data = _NOT_BASE64.sub(b"", raw)  # line breaks, padding, junk
+        if len(data) % 4 == 1:
+            data = data[:-1]  # half a byte: nothing to decode
+        data += b"=" * (-len(data) % 4)
+        try:
+            decoded = binascii.a2b_base64(data)
+        except binascii.Error:
+            decoded = b""
+    elif encoding == "quoted-printable":
+        decoded = binascii.a2b_qp(raw if limit is None else raw[:limit * 3])
+    else:
+        decoded = raw
+    return decoded if limit is None else decoded[:limit]

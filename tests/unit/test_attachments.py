@@ -1,0 +1,267 @@
+"""The attachment rules over real samples (Debian's clamav-testfiles) and samples built
+here, and hostile MIME: plain functions, no sockets."""
+
+from __future__ import annotations
+
+import base64
+import email
+import tracemalloc
+from email import policy as email_policy
+
+import pytest
+
+from secumail.mime import decode_body, walk
+from services.clamav.attachments import (
+    AttachmentPolicy,
+    Finding,
+    check,
+    content_rule,
+    name_rule,
+    strip,
+)
+from services.clamav.verdict import attachment_verdict
+from tests.support.mail import PROGRAM, attaching, rar4, with_attachment, zipped
+
+POLICY = AttachmentPolicy.from_lists([], [], max_depth=3, max_expanded=10 * 2**20,
+                                     max_parts=1000)
+PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
+
+
+def rules(message: bytes, policy: AttachmentPolicy = POLICY) -> list[str]:
+    return [f.describe() for f in check(message, policy)]
+
+
+# --- names ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,rule", [
+    ("setup.exe", "blocked-extension"), ("SETUP.EXE", "blocked-extension"),
+    ("invoice.pdf.exe", "double-extension"), ("Invoice.PDF .scr", "double-extension"),
+    ("run.js", "blocked-extension"), ("a.vbs", "blocked-extension"),
+    ("link.lnk", "blocked-extension"), ("disk.iso", "blocked-extension"),
+    ("evil.exe.", "blocked-extension"), ("evil.exe  ", "blocked-extension"),
+    ("invoice\u202efdp.exe", "deceptive-name"), ("report.pdf", None), ("notes.txt", None),
+    ("archive.tar.gz", None), ("exe", None), ("photo.jpg.png", None),
+])
+def test_names(name: str, rule: str | None) -> None:
+    assert name_rule(name, POLICY.blocked) == rule
+
+
+def test_settings_add_and_allow() -> None:
+    policy = AttachmentPolicy.from_lists(["docm", ".XLSM"], ["iso", "office-macro"], 3, 1, 10)
+    assert name_rule("a.docm", policy.blocked) == "blocked-extension"
+    assert name_rule("a.xlsm", policy.blocked) == "blocked-extension"
+    assert name_rule("a.iso", policy.blocked) is None
+    assert "office-macro" in policy.allowed_rules
+
+
+@pytest.mark.parametrize("head,rule", [
+    (PROGRAM, "executable-content"), (b"\x7fELF\x02\x01", "executable-content"),
+    (b"\xcf\xfa\xed\xfe\x07", "executable-content"),
+    (b"L\x00\x00\x00\x01\x14\x02\x00\x00", "executable-content"),
+    (b"\x00" * 0x8001 + b"CD001\x01", "disk-image"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 500 + "_VBA_PROJECT".encode("utf-16-le"),
+     "office-macro"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 500, None), (PDF, None),
+])
+def test_content(head: bytes, rule: str | None) -> None:
+    assert content_rule(head) == rule
+
+
+# --- real samples and built ones -----------------------------------------------------------
+
+@pytest.mark.parametrize("sample,found", [
+    ("clam.exe", "executable-content: clam.exe"),
+    ("clam.zip", "blocked-extension: clam.zip > clam.exe"),
+    ("clam.7z", "blocked-extension: clam.7z > clam.exe"),
+    ("clam.tar.gz", "blocked-extension: clam.tar.gz > clam.exe"),
+    ("clam.cab", "blocked-extension: clam.cab > clam.exe"),
+    ("clam.exe.bz2", "executable-content: clam.exe.bz2 > data"),
+    ("clam_cache_emax.tgz", "archive-bomb: clam_cache_emax.tgz > clam01.tgz > clam02.tgz > "
+                            "clam03.tgz: archives nested deeper than 3"),
+])
+def test_debian_samples(sample: str, found: str) -> None:
+    assert found in rules(with_attachment(sample))
+
+
+@pytest.mark.parametrize("sample", ["clam.pdf", "clam.ole.doc", "clam.ppt"])
+def test_documents_without_programs_pass(sample: str) -> None:
+    """ClamAV's test signature is in them (clamd says virus); no attachment rule applies."""
+    assert rules(with_attachment(sample)) == []
+
+
+@pytest.mark.parametrize("archive", [
+    zipped([("docs/invoice.pdf.exe", PROGRAM)]),
+    zipped([("docs/invoice.pdf.exe", PROGRAM)], "7zip"),
+    zipped([("docs/invoice.pdf.exe", PROGRAM)], "ustar"),
+    rar4("docs/invoice.pdf.exe", PROGRAM),
+], ids=["zip", "7z", "tar", "rar"])
+def test_a_double_extension_in_any_archive(archive: bytes) -> None:
+    found = rules(attaching([("invoice.zip", archive)]))
+    assert found == ["double-extension: invoice.zip > docs/invoice.pdf.exe",
+                     "executable-content: invoice.zip > docs/invoice.pdf.exe"]
+
+
+def test_content_is_judged_not_the_name_or_type() -> None:
+    """A program renamed report.pdf, inside an archive renamed photos.jpg."""
+    archive = zipped([("report.pdf", PROGRAM)])
+    assert rules(attaching([("photos.jpg", archive)])) == [
+        "executable-content: photos.jpg > report.pdf"]
+
+
+@pytest.mark.parametrize("archive", [
+    zipped([("invoice.pdf", PDF)], options="zip:encryption=zipcrypt", passphrase="1234"),
+    rar4("invoice.pdf", PDF, encrypted=True),
+], ids=["zip", "rar"])
+def test_encrypted_archives_cannot_be_checked(archive: bytes) -> None:
+    [found] = rules(attaching([("invoice.zip", archive)]))
+    assert found.startswith("encrypted-archive: invoice.zip")
+
+
+def test_office_macros_in_ooxml_and_ole() -> None:
+    docm = zipped([("[Content_Types].xml", b"<Types/>"), ("word/document.xml", b"<w/>"),
+                   ("word/vbaProject.bin", b"\xd0\xcf\x11\xe0")])
+    docx = zipped([("[Content_Types].xml", b"<Types/>"), ("word/document.xml", b"<w/>")])
+    ole = (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 70000
+           + "_VBA_PROJECT".encode("utf-16-le"))
+    assert rules(attaching([("order.docm", docm)])) == ["office-macro: order.docm"]
+    assert rules(attaching([("order.doc", ole)])) == ["office-macro: order.doc"]
+    assert rules(attaching([("order.docx", docx), ("report.pdf", PDF)])) == []
+
+
+def test_filenames_encoded_by_rfc_2231_and_2047_and_uuencode() -> None:
+    folded = (b"From: a@secumail.test\r\nMIME-Version: 1.0\r\n"
+              b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+              b"Content-Type: application/octet-stream\r\nContent-Disposition: attachment;\r\n"
+              b" filename*0*=utf-8''invoice%2Epdf;\r\n filename*1=\".exe\"\r\n\r\nAAAA\r\n"
+              b"--b\r\nContent-Type: application/octet-stream\r\n"
+              b"Content-Disposition: attachment; filename=\"=?utf-8?B?cnVuLmpz?=\"\r\n\r\n"
+              b"x\r\n--b\r\nContent-Type: text/plain\r\n\r\nSee below.\r\n"
+              b"begin 644 tool.scr\r\n#34T`\r\n`\r\nend\r\n--b--\r\n")
+    assert rules(folded) == ["double-extension: invoice.pdf.exe", "blocked-extension: run.js",
+                             "blocked-extension: tool.scr"]
+
+
+def test_a_clean_message_passes() -> None:
+    assert rules(attaching([("report.pdf", PDF), ("notes.zip", zipped([("a.txt", b"hi")]))])) \
+        == []
+
+
+# --- hostile MIME: bounded time and memory -----------------------------------------------------
+
+def nested(depth: int) -> bytes:
+    head = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (n, n)
+                    for n in range(depth))
+    tail = b"".join(b"\r\n--b%d--" % n for n in reversed(range(depth)))
+    return b"From: a@secumail.test\r\n" + head + b"Content-Type: text/plain\r\n\r\nhi" + tail
+
+
+def within(budget_bytes: int, function, *args):  # type: ignore[no-untyped-def]
+    """Run `function`, failing if it allocated more than `budget_bytes` at its peak."""
+    tracemalloc.start()
+    try:
+        result = function(*args)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < budget_bytes, f"peak {peak} bytes"
+    return result
+
+
+def test_deep_nesting_is_refused_without_recursion() -> None:
+    assert [p.depth for p in walk(nested(25))] == [25]  # within the limit: walked
+    message = nested(5000)
+    assert within(20 * len(message), rules, message) == [
+        "mime-too-complex: MIME parts nested deeper than 30"]
+
+
+def test_thousands_of_parts_are_refused_at_the_limit() -> None:
+    parts = b"".join(b"--b\r\nContent-Type: text/plain\r\n\r\npart\r\n" for _ in range(20000))
+    message = (b"From: a@secumail.test\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+               + parts + b"--b--\r\n")
+    assert within(30 * len(message), rules, message) == [
+        "mime-too-complex: more than 1000 MIME parts"]
+
+
+def test_broken_base64_does_not_hide_a_program() -> None:
+    encoded = base64.b64encode(PROGRAM * 10)
+    spoiled = b"\r\n".join(encoded[i:i + 40] + b"*!~" for i in range(0, len(encoded), 40))
+    message = (b"From: a@secumail.test\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+               b"--b\r\nContent-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n"
+               b"Content-Disposition: attachment; filename=cat.png\r\n\r\n"
+               + spoiled[:-1] + b"\r\n--b--\r\n")
+    assert rules(message) == ["executable-content: cat.png"]
+
+
+def test_archive_bombs() -> None:
+    zeros = zipped([("zeros.bin", b"\x00" * (16 * 2**20))])  # 16 MiB in a few KiB
+    [found] = within(8 * 2**20, rules, attaching([("bomb.zip", zeros)]))
+    assert found.startswith("archive-bomb: bomb.zip")
+    many = zipped([(f"f{n}.txt", b"x") for n in range(1500)])
+    [found] = rules(attaching([("many.zip", many)]))
+    assert found.startswith("archive-bomb: many.zip")
+    deep = PROGRAM
+    for level in range(5):
+        deep = zipped([(f"level{level}.zip" if level else "x.txt", deep)])
+    [found] = rules(attaching([("deep.zip", deep)]))
+    assert found.startswith("archive-bomb: deep.zip > level4.zip > level3.zip > level2.zip")
+
+
+def test_a_damaged_archive_is_refused() -> None:
+    archive = zipped([("a.txt", b"hello" * 100)])
+    [found] = rules(attaching([("a.zip", archive[:40] + b"\xff" * 40 + archive[80:])]))
+    assert found.startswith("unreadable-archive: a.zip")
+
+
+# --- what the filter does with them ----------------------------------------------------------
+
+def test_strip_puts_a_notice_in_the_attachment_s_place() -> None:
+    message = attaching([("report.pdf", PDF), ("invoice.zip", rar4("invoice.pdf.exe", PROGRAM))])
+    findings = check(message, POLICY)
+    stripped = strip(message, findings)
+    assert stripped is not None and b"MZ" not in stripped
+    parsed = email.message_from_bytes(stripped, policy=email_policy.default)
+    parts = list(parsed.iter_parts())
+    assert [p.get_filename() for p in parts] == [None, "report.pdf", None]
+    notice = parts[2].get_content()
+    assert 'removed the attachment "invoice.zip"' in notice
+    assert "double-extension: invoice.zip > invoice.pdf.exe" in notice
+    assert parts[1].get_content() == PDF  # the rest untouched, byte for byte
+    assert check(stripped, POLICY) == []
+
+
+def test_a_single_part_program_cannot_be_stripped() -> None:
+    message = (b"From: a@secumail.test\r\nContent-Type: application/octet-stream; name=a.exe"
+               b"\r\nContent-Transfer-Encoding: base64\r\n\r\n" + base64.b64encode(PROGRAM))
+    findings = check(message, POLICY)
+    assert [f.rule for f in findings] == ["blocked-extension", "executable-content"]
+    assert strip(message, findings) is None
+    assert attachment_verdict(findings, "strip", "mx", message).action == "quarantine"
+
+
+def test_verdicts_by_action() -> None:
+    message = attaching([("invoice.pdf.exe", PROGRAM)])
+    findings = check(message, POLICY)
+    reject = attachment_verdict(findings, "reject", "mx", message)
+    assert reject.action == "reject" and reject.reply == (
+        "554 5.7.1 Message refused: attachment not allowed "
+        "(double-extension: invoice.pdf.exe)")
+    assert attachment_verdict(findings, "quarantine", "mx", message).action == "quarantine"
+    stripped = attachment_verdict(findings, "strip", "mx", message)
+    assert stripped.action == "deliver" and stripped.message is not None
+    assert ("X-SecuMail-Attachments", "removed: double-extension: invoice.pdf.exe; "
+            "executable-content: invoice.pdf.exe") in stripped.headers
+    passed = attachment_verdict(findings, "pass", "mx", message)
+    assert passed.action == "deliver" and passed.message is None
+    assert "X-SecuMail-Attachments" in passed.remove  # a forged one never survives
+
+
+def test_names_are_made_safe_to_show() -> None:
+    finding = Finding("blocked-extension", "a\r\n--b\r\nX: y\u202e.exe", None)
+    assert finding.describe() == "blocked-extension: a??--b??X: y\\u202e.exe"
+
+
+def test_decode_body_limit() -> None:
+    message = attaching([("a.bin", b"\x01" * 100000)])
+    [_, part] = list(walk(message))
+    assert decode_body(message, part, 1000) == b"\x01" * 1000
+    assert decode_body(message, part) == b"\x01" * 100000
