@@ -110,15 +110,23 @@ def _children(message: bytes, start: int, end: int, boundary: str,
     return children
 
 
+def transfer_encoding(part: Part) -> str:
+    """base64, quoted-printable, or "" for a body sent as it is (7bit, 8bit, binary)."""
+    encoding = str(part.headers.get("content-transfer-encoding", "")).strip().lower()
+    return encoding if encoding in ("base64", "quoted-printable") else ""
+
+
 def decode_body(message: bytes, part: Part, limit: int | None = None) -> bytes:
     """The part's body, its transfer encoding undone; at most about `limit` bytes (None:
     all). Broken base64 is decoded as far as it goes, as mail clients do: a sender cannot
     hide a file from the check by spoiling its encoding."""
-    encoding = str(part.headers.get("content-transfer-encoding", "")).strip().lower()
-    raw = message[part.body_start:part.end]
+    encoding = transfer_encoding(part)
+    # Only the bytes the limit needs are copied out of the message (base64 with its line
+    # breaks, quoted-printable at worst three bytes a byte).
+    needed = {"base64": 2, "quoted-printable": 3}.get(encoding, 1)
+    end = part.end if limit is None else min(part.end, part.body_start + limit * needed + 4096)
+    raw = message[part.body_start:end]
     if encoding == "base64":
-        if limit is not None:
-            raw = raw[:limit * 4 // 3 + 4096]  # line breaks included
         data = _NOT_BASE64.sub(b"", raw)  # line breaks, padding, junk
         if len(data) % 4 == 1:
             data = data[:-1]  # half a byte: nothing to decode
@@ -128,7 +136,7 @@ def decode_body(message: bytes, part: Part, limit: int | None = None) -> bytes:
         except binascii.Error:
             decoded = b""
     elif encoding == "quoted-printable":
-        decoded = binascii.a2b_qp(raw if limit is None else raw[:limit * 3])
+        decoded = binascii.a2b_qp(raw)
     else:
         decoded = raw
     return decoded if limit is None else decoded[:limit]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from secumail.mime import MimeTooComplex, Part, decode_body, walk
+from secumail.mime import MimeTooComplex, Part, decode_body, transfer_encoding, walk
 from services.clamav.archives import (
     HEAD,
     OLE_MAGIC,
@@ -144,9 +144,13 @@ def _check_part(message: bytes, part: Part, policy: AttachmentPolicy,
     if name and (rule := name_rule(name, policy.blocked)):
         findings.append(Finding(rule, name, part))
     if part.content_type.startswith("text/") and not name:
-        # Old clients put files in the text itself (uuencode): their names are checked.
-        body = decode_body(message, part)
-        for found in _UUENCODED.finditer(body):
+        # Old clients put files in the text itself (uuencode): their names are checked, in
+        # the message itself when the text is not encoded (no copy of a big body).
+        if transfer_encoding(part):
+            lines = _UUENCODED.finditer(decode_body(message, part))
+        else:
+            lines = _UUENCODED.finditer(message, part.body_start, part.end)
+        for found in lines:
             encoded_name = found.group(1).decode("latin-1").strip()
             if rule := name_rule(encoded_name, policy.blocked):
                 findings.append(Finding(rule, encoded_name, part))

@@ -147,6 +147,7 @@ def stack(spamd: Spamd) -> Iterator[Stack]:
         daemons.append(start("secumail-policy", service_env(
             policy_listen=f"{HOSTS['policy']}:{ports['policy']}", metrics_listen=metrics("policy"),
             greylist_store=f"sqlite://{greylist}", spf_enabled="false", greylist_delay="60",
+            greylist_mode="all",
         ), "SECUMAIL_POLICY_LISTEN"))
         common = {"clamd_address": clamd.address, "spamassassin_address": spamd.address,
                   "quarantine_dir": str(quarantine), "relay_timeout": "30",
