@@ -35,6 +35,12 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class Target:
     service: str
     instance: str  # ip:port of the metrics listener
+    container: str = ""  # the replica's container name, as /health shows it
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {"service": self.service, "instance": self.instance,
+                "container": self.container or self.instance}
 
     @property
     def url(self) -> str:
@@ -49,8 +55,9 @@ class Scrape:
     seconds: float = 0.0
 
 
-def target_for(service: str, host: str, metrics_port: int) -> Target:
-    return Target(service, str(HostPort(host, metrics_port)))
+def target_for(service: str, host: str, metrics_port: int, container: str | None = None
+               ) -> Target:
+    return Target(service, str(HostPort(host, metrics_port)), container or "")
 
 
 def relabel(families: Iterable[Metric], labels: dict[str, str]) -> list[Metric]:
@@ -106,8 +113,7 @@ async def scrape(client: httpx2.AsyncClient, target: Target, timeout: float) -> 
         families = parse(response.text)
     except (httpx2.HTTPError, ValueError) as error:
         return Scrape(target, [], f"{type(error).__name__}: {error}", loop.time() - started)
-    labels = {"service": target.service, "instance": target.instance}
-    return Scrape(target, relabel(families, labels), None, loop.time() - started)
+    return Scrape(target, relabel(families, target.labels), None, loop.time() - started)
 
 
 async def scrape_all(client: httpx2.AsyncClient, targets: list[Target], timeout: float
@@ -119,8 +125,8 @@ def up_family(scrapes: list[Scrape]) -> Metric:
     family = Metric("secumail_up", "1 when the gateway could scrape a replica's metrics",
                     "gauge")
     for item in scrapes:
-        labels = {"service": item.target.service, "instance": item.target.instance}
-        family.samples.append(Sample("secumail_up", labels, 0 if item.error else 1, None, None))
+        family.samples.append(Sample("secumail_up", item.target.labels, 0 if item.error else 1,
+                                     None, None))
     return family
 
 
@@ -142,4 +148,4 @@ def render(families: list[Metric]) -> bytes:
 def own_families(registry: CollectorRegistry, instance: str) -> list[Metric]:
     """The gateway's own registry, labelled like every other replica."""
     families = parse(generate_latest(registry).decode())
-    return relabel(families, {"service": "gateway", "instance": instance})
+    return relabel(families, {"service": "gateway", "instance": instance, "container": instance})

@@ -75,8 +75,11 @@ async def readyz(gateway: GatewayDep) -> Any:
 async def health(gateway: GatewayDep) -> HealthReport:
     results = await gateway.checker.check(max_age=READY_MAX_AGE)
     last = gateway.probe.last
+    # One verdict for the whole report: every replica answers and the last canary (if one
+    # ran) came through.
+    ok = all(r.ok for r in results) and (last is None or last.ok)
     return HealthReport(
-        status="ok" if all(r.ok for r in results) else "failing",
+        status="ok" if ok else "failing",
         checked_at=gateway.checker.checked_at,
         services=[service_health(r) for r in results],
         probe=probe_report(last) if last else None,

@@ -1,4 +1,5 @@
-"""/metrics: the gateway's own metrics and every replica's, labelled by service and instance."""
+"""/metrics: the gateway's own metrics and every replica's, labelled by service, instance
+(address) and container (name, as /health shows it)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def hop_families(results: list[HopResult]) -> list[Metric]:
         service.samples.append(Sample(service.name, {"service": name}, int(result.ok),
                                       None, None))
         for r in result.replicas:
-            labels = {"service": name, "instance": r.instance}
+            labels = {"service": name, "instance": r.instance,
+                      "container": r.name or r.instance}
             replica.samples.append(Sample(replica.name, labels, int(r.status == "ok"),
                                           None, None))
             if r.latency_seconds is not None:
@@ -47,15 +49,16 @@ def hop_families(results: list[HopResult]) -> list[Metric]:
 @router.get(
     "/metrics", response_class=Response,
     summary="The whole stack's metrics in the Prometheus text format",
-    description="The gateway's own metrics and every replica's, labelled by service and "
-    "instance. Scrape with `honor_labels: true`.",
+    description="The gateway's own metrics and every replica's, labelled by service, "
+    "instance (address) and container (the name /health shows). Scrape with "
+    "`honor_labels: true`.",
     responses={200: {"content": {"text/plain": {}},
                      "description": "Prometheus text exposition format 0.0.4"}},
 )
 async def metrics(gateway: GatewayDep) -> Response:
     results = await gateway.checker.latest(max_age=METRICS_MAX_AGE)
     port = gateway.settings.metrics_listen.port
-    targets = [target_for(r.hop.service, replica.host, port)
+    targets = [target_for(r.hop.service, replica.host, port, replica.name)
                for r in results if r.hop.metrics for replica in r.replicas if replica.host]
     scrapes = await scrape_all(gateway.client, targets, gateway.settings.gateway_timeout)
     families = merge([

@@ -14,6 +14,7 @@ and when the master ends the supervisor ends too, so no orphan outlives them.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +35,17 @@ QUEUE_DIR = Path("/var/spool/postfix")
 STOP_RETRY = 5.0  # seconds; a stop that came before the master was up is tried again
 FINISH_TIMEOUT = 20.0  # seconds deliveries under way get at a stop (compose gives 30 in all)
 DELIVERY_AGENTS = frozenset({"smtp", "lmtp", "virtual", "local", "pipe"})
+# The container's healthcheck (an EHLO on 127.0.0.1:25 every 10 s) would fill the log with
+# its connect and disconnect lines; nothing but the healthcheck connects from loopback.
+HEALTHCHECK_SESSION = re.compile(
+    rb"postfix/smtpd\[\d+\]: (?:connect|disconnect|lost connection after \w+) from "
+    rb"[^\s\[]*\[127\.0\.0\.1\]")
+
+
+def shown(line: bytes) -> bool:
+    """Whether a line of Postfix's log goes to the container's log (all but the
+    healthcheck's sessions; the metrics count every line)."""
+    return HEALTHCHECK_SESSION.search(line) is None
 
 
 def finish_deliveries(postfix: Sequence[str], timeout: float = FINISH_TIMEOUT) -> int:
@@ -161,8 +173,9 @@ class Supervisor:
     def _pump(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
         for raw in self._proc.stdout:
-            self.output.write(raw)
-            self.output.flush()
+            if shown(raw):
+                self.output.write(raw)
+                self.output.flush()
             try:
                 self.on_line(raw.decode("utf-8", "replace"))
             except Exception:

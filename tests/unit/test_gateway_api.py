@@ -333,23 +333,26 @@ def test_metrics_gather_every_replica_labelled(make_gateway: Any) -> None:
     for ip in ("10.0.1.1", "10.0.1.2"):
         key = ("secumail_filter_messages_total", frozenset({
             ("filter", "clamav"), ("verdict", "clean"), ("service", "clamav"),
-            ("instance", f"{ip}:9100")}))
+            ("instance", f"{ip}:9100"), ("container", f"replica-{ip}")}))
         assert found[key] == 5
     assert found[("secumail_postfix_deliveries_total", frozenset({
         ("status", "sent"), ("via", "virtual"), ("service", "postfix"),
-        ("instance", "10.0.0.2:9100")}))] == 7
+        ("instance", "10.0.0.2:9100"), ("container", "replica-10.0.0.2")}))] == 7
     # One HELP and TYPE per family, whatever the number of replicas.
     assert response.text.count("# TYPE secumail_filter_messages_total counter") == 1
     assert found[("secumail_filter_messages_total", frozenset({
         ("filter", "spamd"), ("verdict", "ham"), ("exported_instance", "x"),
-        ("service", "spamd"), ("instance", "10.0.1.4:9100")}))] == 2
-    assert found[("secumail_up", frozenset({("service", "clamav"),
-                                            ("instance", "10.0.1.3:9100")}))] == 0
-    assert found[("secumail_up", frozenset({("service", "clamav"),
-                                            ("instance", "10.0.1.1:9100")}))] == 1
+        ("service", "spamd"), ("instance", "10.0.1.4:9100"),
+        ("container", "replica-10.0.1.4")}))] == 2
+    # Labelled by address and by the container name /health shows.
+    assert found[("secumail_up", frozenset({("service", "clamav"), ("instance", "10.0.1.3:9100"),
+                                            ("container", "replica-10.0.1.3")}))] == 0
+    assert found[("secumail_up", frozenset({("service", "clamav"), ("instance", "10.0.1.1:9100"),
+                                            ("container", "replica-10.0.1.1")}))] == 1
     assert found[("secumail_service_ready", frozenset({("service", "clamd")}))] == 1
     assert found[("secumail_replica_ready", frozenset({
-        ("service", "clamav"), ("instance", "10.0.1.3:10025")}))] == 1
+        ("service", "clamav"), ("instance", "10.0.1.3:10025"),
+        ("container", "replica-10.0.1.3")}))] == 1
     # No scrape of the daemons without a metrics listener.
     assert not any(dict(labels).get("service") == "clamd"
                    for name, labels in found if name == "secumail_up")
@@ -365,10 +368,10 @@ def test_metrics_count_the_gateways_own_requests(gw: Gateway) -> None:
     found = samples(gw.client.get("/metrics").text)
     assert found[("secumail_gateway_requests_total", frozenset({
         ("route", "/healthz"), ("code", "200"), ("service", "gateway"),
-        ("instance", "gateway-1")}))] == 1
+        ("instance", "gateway-1"), ("container", "gateway-1")}))] == 1
     assert found[("secumail_gateway_requests_total", frozenset({
         ("route", "unmatched"), ("code", "404"), ("service", "gateway"),
-        ("instance", "gateway-1")}))] == 1
+        ("instance", "gateway-1"), ("container", "gateway-1")}))] == 1
 
 
 @pytest.mark.parametrize("path", ["/metrics", "/health", "/readyz", "/probe"])
@@ -398,9 +401,11 @@ def test_probe_sends_a_canary_and_finds_every_header(gw: Gateway) -> None:
     assert gw.client.get("/probe").json() == report
     found = samples(gw.client.get("/metrics").text)
     assert found[("secumail_chain_probe_success", frozenset({
-        ("service", "gateway"), ("instance", "gateway-1")}))] == 1
+        ("service", "gateway"), ("instance", "gateway-1"),
+        ("container", "gateway-1")}))] == 1
     assert found[("secumail_chain_probe_header_present", frozenset({
-        ("hop", "spamd"), ("service", "gateway"), ("instance", "gateway-1")}))] == 1
+        ("hop", "spamd"), ("service", "gateway"), ("instance", "gateway-1"),
+        ("container", "gateway-1")}))] == 1
     assert gw.client.get("/health").json()["probe"]["token"] == report["token"]
 
 
@@ -410,6 +415,10 @@ def test_probe_names_the_hop_whose_header_is_missing(gw: Gateway) -> None:
     assert response.status_code == 503
     assert response.json()["missing"] == ["spamd"]
     assert "spamd" in response.json()["error"]
+    # /health's one status agrees with its own probe: every replica answers, yet it fails.
+    health = gw.client.get("/health").json()
+    assert health["probe"]["ok"] is False and health["status"] == "failing"
+    assert all(s["status"] == "ok" for s in health["services"])
 
 
 def test_probe_that_never_arrives_fails_after_its_timeout(gw: Gateway) -> None:
@@ -730,7 +739,8 @@ def test_no_token_ever_reaches_a_log_line(make_gateway: Any, caplog: pytest.LogC
 
 def test_metrics_answer_from_the_last_round_while_a_new_one_runs(gw: Gateway) -> None:
     ready = ("secumail_replica_ready", frozenset({("service", "clamd"),
-                                                  ("instance", "10.0.2.1:3310")}))
+                                                  ("instance", "10.0.2.1:3310"),
+                                                  ("container", "replica-10.0.2.1")}))
     assert samples(gw.client.get("/metrics").text)[ready] == 1
     gw.world.failing["10.0.2.1:3310"] = "Connection refused"
     checker = gw.client.app.state.gateway.checker

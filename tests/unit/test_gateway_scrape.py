@@ -6,7 +6,16 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.scrape import Scrape, Target, merge, parse, relabel, render, up_family
+from gateway.scrape import (
+    Scrape,
+    Target,
+    merge,
+    parse,
+    relabel,
+    render,
+    target_for,
+    up_family,
+)
 
 
 def exposition(build: str) -> str:
@@ -52,3 +61,12 @@ def test_up_says_which_replica_did_not_answer() -> None:
 
 def test_target_url() -> None:
     assert Target("clamav", "[2001:db8::1]:9100").url == "http://[2001:db8::1]:9100/metrics"
+
+
+def test_replicas_are_labelled_by_container_name_as_health_names_them() -> None:
+    named = target_for("clamav", "172.29.125.4", 9100, "secumail_clamav_2")
+    unnamed = target_for("clamav", "172.29.125.5", 9100)
+    family = up_family([Scrape(named, []), Scrape(unnamed, [], error="ConnectError")])
+    assert [s.labels["container"] for s in family.samples] == ["secumail_clamav_2",
+                                                              "172.29.125.5:9100"]
+    assert family.samples[0].labels["instance"] == "172.29.125.4:9100"
