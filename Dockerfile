@@ -95,7 +95,11 @@ RUN echo "postfix postfix/main_mailer_type select No configuration" | debconf-se
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 5000 vmail \
  && useradd --system --uid 5000 --gid vmail --home-dir /var/mail/vhosts \
-      --shell /usr/sbin/nologin vmail
+      --shell /usr/sbin/nologin vmail \
+ && python3 -c "from secumail.settings import Settings; \
+      from services.postfix.main import write_config; write_config(Settings())"
+# The image carries main.cf and master.cf rendered from the default settings, so that
+# `postconf` answers even before the first start renders the real ones.
 # The queue and the mailboxes live on volumes: a restarted container loses nothing.
 VOLUME ["/var/spool/postfix", "/var/mail/vhosts"]
 # 9100: Postfix's metrics and the probe mailbox (a child of the supervisor, run as vmail),

@@ -583,6 +583,6 @@ def filter_service(
         name, next_hop, inspect, settings.hostname, settings.relay_timeout,
         Quarantine(settings.quarantine_dir), settings.filter_max_connections,
         AllowedClients(allowed_clients), settings.filter_mode == "before-queue",
-        settings.mynetworks,
+        settings.trusted_networks,
     )
     return FilterService(name, listen, handler, settings.message_size_limit, settings.hostname)

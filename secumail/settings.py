@@ -12,7 +12,14 @@ import re
 import sys
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from secumail.access import split_entries
@@ -63,6 +70,13 @@ class Settings(BaseSettings):
         parse_network("127.0.0.0/8"),
         parse_network("[::1]/128"),
     ]
+    # Trust mail the Docker host itself sends through the published port: it arrives from
+    # the address Docker gives the host on the compose networks (see trusted_networks).
+    trust_docker_host: bool = False
+    # The compose networks' subnets (compose reads them from .env for the networks and
+    # hands the same values to every SecuMail container).
+    mail_subnet: Annotated[Network, NoDecode] = parse_network("172.29.126.0/24")
+    filter_subnet: Annotated[Network, NoDecode] = parse_network("172.29.125.0/24")
 
     # --- policy service (10023) --------------------------------------------------------
     policy_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:10023")
@@ -106,7 +120,6 @@ class Settings(BaseSettings):
     policy_address: Annotated[HostPort, NoDecode] = parse_host_port("policy:10023")
     content_filter_address: Annotated[HostPort, NoDecode] = parse_host_port("clamav:10025")
     reinjection_port: int = Field(10027, ge=1, lt=65536)
-    filter_subnet: Annotated[Network, NoDecode] = parse_network("172.29.125.0/24")
     dkim_milter_address: str = "dkim:10028"
     xclient_hosts: Annotated[list[Network], NoDecode] = []
     tls_cert_file: str = "/etc/secumail/tls/cert.pem"
@@ -208,10 +221,17 @@ class Settings(BaseSettings):
             return [parse_host_port(i, default_port=53) if isinstance(i, str) else i for i in items]
         return items
 
-    @field_validator("filter_subnet", mode="before")
+    @field_validator("filter_subnet", "mail_subnet", mode="before")
     @classmethod
     def _network(cls, value: object) -> object:
         return parse_network(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _subnets_apart(self) -> Settings:
+        if self.mail_subnet.overlaps(self.filter_subnet):
+            raise ValueError(f"SECUMAIL_MAIL_SUBNET={self.mail_subnet} and "
+                             f"SECUMAIL_FILTER_SUBNET={self.filter_subnet} overlap")
+        return self
 
     @field_validator("mynetworks", "xclient_hosts", mode="before")
     @classmethod
@@ -319,8 +339,22 @@ class Settings(BaseSettings):
             raise ValueError(f"not a fully-qualified host name: {name!r}")
         return name.lower()
 
+    @property
+    def docker_host_addresses(self) -> list[Network]:
+        """The Docker host as the containers see it: the gateway of each compose network,
+        which Docker makes the subnet's first address. Mail the host sends to its own
+        published port comes from one of these (Docker's choice)."""
+        return [parse_network(str(next(subnet.hosts())))
+                for subnet in (self.mail_subnet, self.filter_subnet)]
+
+    @property
+    def trusted_networks(self) -> list[Network]:
+        """mynetworks, plus the Docker host when SECUMAIL_TRUST_DOCKER_HOST says so."""
+        host = self.docker_host_addresses if self.trust_docker_host else []
+        return [*self.mynetworks, *host]
+
     def in_mynetworks(self, ip: IPAddress | None) -> bool:
-        return ip is not None and any(ip in net for net in self.mynetworks)
+        return ip is not None and any(ip in net for net in self.trusted_networks)
 
     @property
     def weighted_dnsbl_zones(self) -> list[tuple[str, float]]:
@@ -393,7 +427,10 @@ def describe_errors(error: ValidationError) -> list[str]:
     """One line per invalid setting, naming the variable as the user spelled it."""
     lines = []
     for item in error.errors():
-        field = str(item["loc"][0]) if item["loc"] else "?"
+        if not item["loc"]:  # a check across settings: its message names them (and the
+            lines.append(item["msg"].removeprefix("Value error, "))  # input holds tokens)
+            continue
+        field = str(item["loc"][0])
         variable = ENV_PREFIX + field.upper()
         secret = field in Settings.model_fields and Settings.model_fields[field].annotation \
             is SecretStr

@@ -9,6 +9,7 @@ the metrics listener and turns SIGTERM into `postfix stop`.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import logging
 import os
 import subprocess
@@ -21,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from secumail.logs import log_event, setup_logging
+from secumail.netaddr import IPAddress
 from secumail.runtime import warn_misplaced_secrets
 from secumail.settings import Settings, load_settings
 from services.postfix.render import MAILBOX_BASE, VMAIL_ID, render
@@ -61,6 +63,45 @@ def ensure_certificate(cert_file: str, key_file: str, hostname: str) -> bool:
     return True
 
 
+def local_addresses(fib_trie: str) -> set[IPAddress]:
+    """This container's own IPv4 addresses, from /proc/net/fib_trie (no `ip` tool needed):
+    each address is the `|-- A.B.C.D` line just before a `/32 host LOCAL` line."""
+    addresses: set[IPAddress] = set()
+    last = ""
+    for line in fib_trie.splitlines():
+        text = line.strip()
+        if text.startswith(("|--", "+--")):
+            last = text.split()[-1]
+        elif text == "/32 host LOCAL" and last:
+            addresses.add(ipaddress.ip_address(last))
+    return addresses
+
+
+def subnet_mismatches(settings: Settings, addresses: set[IPAddress]) -> list[str]:
+    """The subnet settings this container has no address in. Compose makes a network once
+    and keeps its subnet: a subnet changed in .env after that, or one set in secumail.env,
+    would leave the settings and the network silently apart."""
+    subnets = {"SECUMAIL_MAIL_SUBNET": settings.mail_subnet,
+               "SECUMAIL_FILTER_SUBNET": settings.filter_subnet}
+    return [
+        f"{name}={subnet}, but this container's addresses are "
+        f"{', '.join(sorted(map(str, addresses))) or 'none'}: set it in .env (compose "
+        "reads it there for the network), and after a change `docker compose down` then "
+        "`up -d`, so that the network is made anew"
+        for name, subnet in subnets.items() if not any(a in subnet for a in addresses)
+    ]
+
+
+def check_subnets(settings: Settings, fib_trie: Path = Path("/proc/net/fib_trie")) -> None:
+    if not Path("/.dockerenv").exists() or not fib_trie.exists():
+        return  # not in a container (the service tests run Postfix on loopback)
+    problems = subnet_mismatches(settings, local_addresses(fib_trie.read_text()))
+    for problem in problems:
+        print(f"secumail: invalid setting {problem}", file=sys.stderr)
+    if problems:
+        raise SystemExit(2)
+
+
 def prepare(settings: Settings) -> None:
     write_config(settings)
     if ensure_certificate(settings.tls_cert_file, settings.tls_key_file, settings.hostname):
@@ -78,6 +119,7 @@ def main() -> None:
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format)
     warn_misplaced_secrets("postfix")
+    check_subnets(settings)
     prepare(settings)
     sys.exit(supervise(settings, MAILBOX_BASE))
 

@@ -60,7 +60,7 @@ def main_cf(settings: Settings) -> dict[str, str]:
         "mydomain": settings.domains[0],
         "myorigin": "$mydomain",
         "mydestination": "localhost",
-        "mynetworks": " ".join(postfix_network(n) for n in settings.mynetworks),
+        "mynetworks": " ".join(postfix_network(n) for n in settings.trusted_networks),
         "inet_interfaces": "all",
         "inet_protocols": "ipv4",
         "maillog_file": "/dev/stdout",

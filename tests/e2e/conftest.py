@@ -53,8 +53,10 @@ def e2e_dir() -> Iterator[Path]:
     os.environ["SECUMAIL_SMTP_PUBLISH"] = f"127.0.0.1:{free_port()}"
     os.environ["SECUMAIL_GATEWAY_PUBLISH"] = f"127.0.0.1:{free_port()}"
     os.environ["SECUMAIL_PROMETHEUS_PUBLISH"] = f"127.0.0.1:{free_port()}"
-    # Greylisting in Redis, as scaled set-ups run it; Prometheus scraping the gateway.
+    # Greylisting in Redis, as scaled set-ups run it; Prometheus scraping the gateway;
+    # replicas as a setting (README: it persists across later `up -d`).
     os.environ["COMPOSE_PROFILES"] = "redis,prometheus"
+    os.environ["SECUMAIL_CLAMAV_REPLICAS"] = str(CLAMAV_REPLICAS)
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
 
@@ -77,7 +79,7 @@ def docker_compose_project_name() -> str:
 @pytest.fixture(scope="session")
 def docker_setup(e2e_dir: Path) -> list[str]:
     # Compose v1 knows no --wait: the stack fixture waits on the healthchecks itself.
-    return ["down -v --remove-orphans", f"up --build -d --scale clamav={CLAMAV_REPLICAS}"]
+    return ["down -v --remove-orphans", "up --build -d"]
 
 
 @pytest.fixture(scope="session")
@@ -107,11 +109,14 @@ class Stack:
         """Run the stack in the other filter mode: the services it concerns are made anew
         (compose recreates a container whose settings changed); queue and mail stay."""
         os.environ["SECUMAIL_E2E_FILTER_MODE"] = mode
-        subprocess.run(
-            [*self.compose, "up", "-d", "--no-deps", "--scale", f"clamav={CLAMAV_REPLICAS}",
-             *MODE_SERVICES], check=True, capture_output=True)
-        self.wait_healthy(list(MODE_SERVICES))
+        self.recreate(MODE_SERVICES)
         self.mode = mode
+
+    def recreate(self, services: tuple[str, ...]) -> None:
+        """`up -d` for these services after a setting changed, as an admin applies one."""
+        subprocess.run([*self.compose, "up", "-d", "--no-deps", *services],
+                       check=True, capture_output=True)
+        self.wait_healthy(list(services))
 
     def containers(self, service: str) -> list[str]:
         result = subprocess.run(

@@ -1,28 +1,57 @@
-"""`.env.example` documents every setting with its real default."""
+"""`.env.example` documents every setting with its real default, and every variable
+compose.yaml reads, in the section of the file it belongs in."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from secumail.settings import ENV_PREFIX, Settings
 
-ENV_EXAMPLE = Path(__file__).parents[2] / ".env.example"
+ROOT = Path(__file__).parents[2]
+ENV_EXAMPLE = ROOT / ".env.example"
+SECTION_2 = "# === 2. In secumail.env"
+# Read by compose itself, not by a SecuMail setting.
+COMPOSE_ONLY = {"COMPOSE_PROFILES"}
 
 
-def documented() -> dict[str, str]:
+def documented(text: str) -> dict[str, str]:
     values = {}
-    for line in ENV_EXAMPLE.read_text().splitlines():
-        if line.startswith(ENV_PREFIX):
+    for line in text.splitlines():
+        if re.match(r"[A-Z_]+=", line):
             name, _, value = line.partition("=")
             values[name] = value
     return values
 
 
+def sections() -> tuple[dict[str, str], dict[str, str]]:
+    env, secumail_env = ENV_EXAMPLE.read_text().split(SECTION_2)
+    return documented(env), documented(secumail_env)
+
+
+def compose_variables() -> dict[str, str]:
+    """`${NAME:-default}` in compose.yaml (the test overlay's own variables aside)."""
+    text = (ROOT / "compose.yaml").read_text()
+    return dict(re.findall(r"\$\{([A-Z_]+):-([^}]*)\}", text))
+
+
 def test_every_setting_is_documented_and_nothing_else() -> None:
+    env, secumail_env = sections()
     fields = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
-    assert set(documented()) == fields
+    assert set(env) | set(secumail_env) == fields | set(compose_variables()) | COMPOSE_ONLY
+
+
+def test_what_compose_reads_is_in_the_env_section_with_compose_defaults() -> None:
+    env, secumail_env = sections()
+    assert set(env) == set(compose_variables()) | COMPOSE_ONLY
+    assert not set(env) & set(secumail_env)
+    for name, default in compose_variables().items():
+        assert env[name] == default, name
 
 
 def test_documented_values_are_the_defaults() -> None:
-    from_file = Settings(**{k.removeprefix(ENV_PREFIX).lower(): v for k, v in documented().items()})
+    env, secumail_env = sections()
+    fields = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    values = {k: v for k, v in (env | secumail_env).items() if k in fields}
+    from_file = Settings(**{k.removeprefix(ENV_PREFIX).lower(): v for k, v in values.items()})
     assert from_file == Settings()

@@ -1,0 +1,85 @@
+"""An admin's first hour (issue 16): what the README promises about settings, replicas and
+the Docker host's own mail, checked on the running stack."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import subprocess
+import time
+import uuid
+
+from tests.e2e.conftest import CLAMAV_REPLICAS, PROJECT, Stack
+from tests.e2e.test_stack import attempt
+from tests.support import mail
+
+HOST_SERVICES = ("postfix", "policy", "dkim")  # what SECUMAIL_TRUST_DOCKER_HOST changes
+
+
+def from_the_host(stack: Stack, sender: str, recipient: str, message: bytes
+                  ) -> tuple[int, bytes]:
+    """A transaction as the Docker host's own cron would make it: no XCLIENT, so Postfix
+    sees the address Docker gives the host on a compose network."""
+    with smtplib.SMTP(stack.smtp_host, stack.smtp_port, timeout=60) as smtp:
+        smtp.ehlo("cron.secumail.test")
+        code, reply = smtp.mail(sender)
+        if code == 250:
+            code, reply = smtp.rcpt(recipient)
+        if code == 250:
+            code, reply = smtp.data(message)
+        return code, reply
+
+
+def set_trust(stack: Stack, trusted: bool) -> None:
+    os.environ["SECUMAIL_E2E_TRUST_DOCKER_HOST"] = "true" if trusted else "false"
+    stack.recreate(HOST_SERVICES)
+
+
+def test_the_docker_hosts_own_mail_is_trusted_only_when_the_admin_says_so(stack: Stack
+                                                                          ) -> None:
+    subject = f"from the host {uuid.uuid4().hex[:8]}"
+    message = mail.plain(subject=subject, sender="cron@secumail.test",
+                         to="ops@elsewhere.test")
+    code, reply = from_the_host(stack, "cron@secumail.test", "ops@elsewhere.test", message)
+    assert code == 554 and b"Sender address forged" in reply, reply
+    try:
+        set_trust(stack, True)
+        trusted = stack.exec("postfix", "postconf", "-h", "mynetworks").stdout.split()
+        assert trusted == ["127.0.0.0/8", "[::1]/128", "172.29.126.1/32", "172.29.125.1/32"]
+        code, reply = from_the_host(stack, "cron@secumail.test", "ops@elsewhere.test",
+                                    message)
+        assert code == 250, reply
+        deadline = time.monotonic() + 60
+        while not [m for m in stack.sink() if m["Subject"] == subject]:
+            assert time.monotonic() < deadline, stack.logs("postfix")[-3000:]
+            time.sleep(1)
+        # Another address of Docker's range (a container, not the host) is no more trusted.
+        code, reply = attempt(stack, "172.29.126.77", "cron@secumail.test",
+                              "ops@elsewhere.test", message)
+        assert code == 554 and b"Sender address forged" in reply, reply
+    finally:
+        set_trust(stack, False)
+
+
+def test_replicas_set_in_the_environment_survive_a_later_up(stack: Stack) -> None:
+    done = subprocess.run([*stack.compose, "up", "-d"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert len(stack.containers("clamav")) == CLAMAV_REPLICAS
+    stack.wait_healthy(["postfix", "clamav"])
+
+
+def test_the_postfix_image_answers_postconf_before_its_first_start(stack: Stack) -> None:
+    done = subprocess.run(["docker", "run", "--rm", "secumail/postfix", "postconf", "-h",
+                           "smtpd_relay_restrictions"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "reject_unauth_destination" in done.stdout
+
+
+def test_a_subnet_setting_the_network_does_not_have_stops_postfix(stack: Stack) -> None:
+    done = subprocess.run(
+        ["docker", "run", "--rm", "--network", f"{PROJECT}_filters",
+         "-e", "SECUMAIL_FILTER_SUBNET=10.9.0.0/24", "secumail/postfix"],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "SECUMAIL_FILTER_SUBNET=10.9.0.0/24, but this container's addresses are" in \
+        done.stderr and "172.29.125." in done.stderr, done.stderr
