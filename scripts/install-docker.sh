@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Provides what the compose tests need on a Debian machine with no container registry:
-# Docker's engine and Compose from Debian's packages, a running dockerd, and a local
+# Docker's engine and Compose (v1 from Debian's packages, v2 as below), a running dockerd, and a local
 # `debian:bookworm-slim` base image made with debootstrap from the same Debian mirror apt
 # uses. Safe to run again: each step is skipped when already done.
 set -euo pipefail
@@ -10,12 +10,45 @@ SUDO=""
 
 missing=()
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
-command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || missing+=(docker-compose)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v xz >/dev/null 2>&1 || missing+=(xz-utils)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     $SUDO apt-get update -q
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
+fi
+
+# The mirror apt itself uses (deb822 "URIs:" or one-line "deb URL" entries).
+mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null \
+    | grep -E '^(URIs:|deb )' | grep -oE 'https?://[^ ]+' | grep -v security | head -1 || true)
+mirror=${mirror:-http://deb.debian.org/debian}
+
+# Compose v2, as users run it (`docker compose`). Debian bookworm ships only v1 (its
+# docker-compose stays: the tests check that v1 still reads compose.yaml); the next
+# release's docker-compose package is v2, a static binary needing only libc6 >= 2.34, which
+# bookworm has. Taken from the same mirror, checked against its SHA-256, installed as the
+# Docker CLI plugin. Should the pinned build leave the mirror, the release's current one is
+# taken, checked against the SHA-256 of the release's signed package index.
+COMPOSE_V2_DEB=pool/main/d/docker-compose/docker-compose_2.26.1-4_amd64.deb
+COMPOSE_V2_SHA256=47681197cb2b1ab88206b42a1a92fc75f50d9530a6322d03494a473eed0408ea
+PLUGINS=/usr/local/lib/docker/cli-plugins
+if ! docker compose version >/dev/null 2>&1 && [ "$(uname -m)" = x86_64 ]; then
+    tmp=$(mktemp -d)
+    if ! curl -fsSL "$mirror/$COMPOSE_V2_DEB" -o "$tmp/compose.deb"; then
+        curl -fsSL "$mirror/dists/trixie/main/binary-amd64/Packages.xz" | xz -dc \
+            | awk '/^Package: docker-compose$/{p=1} p&&/^$/{exit} p' >"$tmp/entry"
+        COMPOSE_V2_DEB=$(sed -n 's/^Filename: //p' "$tmp/entry")
+        COMPOSE_V2_SHA256=$(sed -n 's/^SHA256: //p' "$tmp/entry")
+        curl -fsSL "$mirror/$COMPOSE_V2_DEB" -o "$tmp/compose.deb"
+    fi
+    echo "$COMPOSE_V2_SHA256  $tmp/compose.deb" | sha256sum -c --quiet
+    dpkg-deb -x "$tmp/compose.deb" "$tmp/root"
+    $SUDO install -D -m 0755 "$tmp/root/usr/libexec/docker/cli-plugins/docker-compose" \
+        "$PLUGINS/docker-compose"
+    rm -rf "$tmp"
+    echo "installed $(docker compose version)"
 fi
 
 if ! docker info >/dev/null 2>&1; then
@@ -29,10 +62,6 @@ if ! docker info >/dev/null 2>&1; then
 fi
 
 if ! docker image inspect debian:bookworm-slim >/dev/null 2>&1; then
-    # The mirror apt itself uses (deb822 "URIs:" or one-line "deb URL" entries).
-    mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null \
-        | grep -E '^(URIs:|deb )' | grep -oE 'https?://[^ ]+' | grep -v security | head -1 || true)
-    mirror=${mirror:-http://deb.debian.org/debian}
     root=$(mktemp -d)
     echo "building debian:bookworm-slim with debootstrap from $mirror"
     $SUDO debootstrap --variant=minbase bookworm "$root" "$mirror" >/dev/null

@@ -8,8 +8,11 @@ import smtplib
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
-from tests.e2e.conftest import CLAMAV_REPLICAS, PROJECT, Stack
+import pytest
+
+from tests.e2e.conftest import CLAMAV_REPLICAS, PROJECT, ROOT, Stack
 from tests.e2e.test_stack import attempt
 from tests.support import mail
 
@@ -83,3 +86,17 @@ def test_a_subnet_setting_the_network_does_not_have_stops_postfix(stack: Stack) 
     assert done.returncode == 2
     assert "SECUMAIL_FILTER_SUBNET=10.9.0.0/24, but this container's addresses are" in \
         done.stderr and "172.29.125." in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("command", [["docker", "compose"], ["docker-compose"]],
+                         ids=["compose-v2", "compose-v1"])
+def test_both_composes_read_the_files(command: list[str], tmp_path: Path) -> None:
+    """Users run Compose v2; v1 (Debian bookworm's) still reads the same files."""
+    if subprocess.run([*command, "version"], capture_output=True).returncode != 0:
+        pytest.skip(f"{' '.join(command)} is not installed (scripts/install-docker.sh)")
+    env = {**os.environ, "SECUMAIL_E2E_DIR": str(tmp_path)}
+    for files in (["compose.yaml"], ["compose.yaml", "tests/e2e/compose.test.yaml"]):
+        done = subprocess.run(
+            [*command, *(a for f in files for a in ("-f", str(ROOT / f))), "config", "-q"],
+            capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
