@@ -71,10 +71,12 @@ class Settings(BaseSettings):
         parse_network("[::1]/128"),
     ]
     # Trust mail the Docker host itself sends through the published port: it arrives from
-    # the address Docker gives the host on the compose networks (see trusted_networks).
+    # the address Docker gives the host on the edge network (see trusted_networks).
     trust_docker_host: bool = False
     # The compose networks' subnets (compose reads them from .env for the networks and
-    # hands the same values to every SecuMail container).
+    # hands the same values to every SecuMail container). edge: Postfix's alone, where
+    # port 25 is published.
+    edge_subnet: Annotated[Network, NoDecode] = parse_network("172.29.124.0/24")
     mail_subnet: Annotated[Network, NoDecode] = parse_network("172.29.126.0/24")
     filter_subnet: Annotated[Network, NoDecode] = parse_network("172.29.125.0/24")
 
@@ -125,6 +127,8 @@ class Settings(BaseSettings):
     tls_cert_file: str = "/etc/secumail/tls/cert.pem"
     tls_key_file: str = "/etc/secumail/tls/key.pem"
     smtpd_timeout: int = Field(60, ge=10, le=3600)
+    # Postfix listens on IPv6 too (compose.ipv6.yaml sets it, with the network it needs).
+    smtp_ipv6: bool = False
 
     # --- content filters: ClamAV (10025 -> 10026) and SpamAssassin (10026 -> 10027) -------
     # before-queue: port 25's smtpd proxies each message through the filters while the
@@ -221,16 +225,18 @@ class Settings(BaseSettings):
             return [parse_host_port(i, default_port=53) if isinstance(i, str) else i for i in items]
         return items
 
-    @field_validator("filter_subnet", "mail_subnet", mode="before")
+    @field_validator("filter_subnet", "mail_subnet", "edge_subnet", mode="before")
     @classmethod
     def _network(cls, value: object) -> object:
         return parse_network(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _subnets_apart(self) -> Settings:
-        if self.mail_subnet.overlaps(self.filter_subnet):
-            raise ValueError(f"SECUMAIL_MAIL_SUBNET={self.mail_subnet} and "
-                             f"SECUMAIL_FILTER_SUBNET={self.filter_subnet} overlap")
+        subnets = self.subnets
+        for i, (name, subnet) in enumerate(subnets.items()):
+            for other, other_subnet in list(subnets.items())[i + 1:]:
+                if subnet.overlaps(other_subnet):
+                    raise ValueError(f"{name}={subnet} and {other}={other_subnet} overlap")
         return self
 
     @field_validator("mynetworks", "xclient_hosts", mode="before")
@@ -340,12 +346,18 @@ class Settings(BaseSettings):
         return name.lower()
 
     @property
+    def subnets(self) -> dict[str, Network]:
+        """The compose networks' subnets, by the variable that sets each."""
+        return {"SECUMAIL_EDGE_SUBNET": self.edge_subnet,
+                "SECUMAIL_MAIL_SUBNET": self.mail_subnet,
+                "SECUMAIL_FILTER_SUBNET": self.filter_subnet}
+
+    @property
     def docker_host_addresses(self) -> list[Network]:
-        """The Docker host as the containers see it: the gateway of each compose network,
-        which Docker makes the subnet's first address. Mail the host sends to its own
-        published port comes from one of these (Docker's choice)."""
-        return [parse_network(str(next(subnet.hosts())))
-                for subnet in (self.mail_subnet, self.filter_subnet)]
+        """The Docker host as Postfix sees it: the edge network's gateway, which Docker makes
+        the subnet's first address. Port 25 is published on the edge network (compose gives
+        it the highest priority), so mail the host sends to it comes from there."""
+        return [parse_network(str(next(self.edge_subnet.hosts())))]
 
     @property
     def trusted_networks(self) -> list[Network]:

@@ -81,14 +81,13 @@ def subnet_mismatches(settings: Settings, addresses: set[IPAddress]) -> list[str
     """The subnet settings this container has no address in. Compose makes a network once
     and keeps its subnet: a subnet changed in .env after that, or one set in secumail.env,
     would leave the settings and the network silently apart."""
-    subnets = {"SECUMAIL_MAIL_SUBNET": settings.mail_subnet,
-               "SECUMAIL_FILTER_SUBNET": settings.filter_subnet}
     return [
         f"{name}={subnet}, but this container's addresses are "
         f"{', '.join(sorted(map(str, addresses))) or 'none'}: set it in .env (compose "
         "reads it there for the network), and after a change `docker compose down` then "
         "`up -d`, so that the network is made anew"
-        for name, subnet in subnets.items() if not any(a in subnet for a in addresses)
+        for name, subnet in settings.subnets.items()
+        if not any(a in subnet for a in addresses)
     ]
 
 

@@ -62,7 +62,7 @@ def main_cf(settings: Settings) -> dict[str, str]:
         "mydestination": "localhost",
         "mynetworks": " ".join(postfix_network(n) for n in settings.trusted_networks),
         "inet_interfaces": "all",
-        "inet_protocols": "ipv4",
+        "inet_protocols": "all" if settings.smtp_ipv6 else "ipv4",
         "maillog_file": "/dev/stdout",
         "smtpd_banner": "$myhostname ESMTP",
         "biff": "no",

@@ -24,6 +24,8 @@ from tests.support.scanners import TESTFILES, write_signatures
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "secumail-e2e"
 CLAMAV_REPLICAS = 3
+# The stack as a site taking IPv6 runs it, plus the tests' overlay.
+COMPOSE_FILES = ("compose.yaml", "compose.ipv6.yaml", "tests/e2e/compose.test.yaml")
 MODE_SERVICES = ("postfix", "dkim", "clamav", "spamd")  # what SECUMAIL_FILTER_MODE changes
 
 
@@ -51,6 +53,7 @@ def e2e_dir() -> Iterator[Path]:
     os.chmod(directory, 0o755)
     os.environ["SECUMAIL_E2E_DIR"] = str(directory)
     os.environ["SECUMAIL_SMTP_PUBLISH"] = f"127.0.0.1:{free_port()}"
+    os.environ["SECUMAIL_SMTP_PUBLISH6"] = f"[::]:{free_port()}"  # compose.ipv6.yaml
     os.environ["SECUMAIL_GATEWAY_PUBLISH"] = f"127.0.0.1:{free_port()}"
     os.environ["SECUMAIL_PROMETHEUS_PUBLISH"] = f"127.0.0.1:{free_port()}"
     # Greylisting in Redis, as scaled set-ups run it; Prometheus scraping the gateway;
@@ -68,7 +71,7 @@ def docker_compose_command() -> str:
 
 @pytest.fixture(scope="session")
 def docker_compose_file() -> list[str]:
-    return [str(ROOT / "compose.yaml"), str(ROOT / "tests/e2e/compose.test.yaml")]
+    return [str(ROOT / name) for name in COMPOSE_FILES]
 
 
 @pytest.fixture(scope="session")
@@ -96,8 +99,8 @@ class Stack:
             command.split()
             + [
                 arg
-                for f in (ROOT / "compose.yaml", ROOT / "tests/e2e/compose.test.yaml")
-                for arg in ("-f", str(f))
+                for name in COMPOSE_FILES
+                for arg in ("-f", str(ROOT / name))
             ]
             + ["-p", PROJECT]
         )

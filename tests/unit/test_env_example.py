@@ -12,13 +12,14 @@ ROOT = Path(__file__).parents[2]
 ENV_EXAMPLE = ROOT / ".env.example"
 SECTION_2 = "# === 2. In secumail.env"
 # Read by compose itself, not by a SecuMail setting.
-COMPOSE_ONLY = {"COMPOSE_PROFILES"}
+COMPOSE_ONLY = {"COMPOSE_PROFILES", "COMPOSE_FILE"}
+COMPOSE_FILES = ("compose.yaml", "compose.ipv6.yaml")
 
 
 def documented(text: str) -> dict[str, str]:
     values = {}
     for line in text.splitlines():
-        if re.match(r"[A-Z_]+=", line):
+        if re.match(r"[A-Z0-9_]+=", line):
             name, _, value = line.partition("=")
             values[name] = value
     return values
@@ -30,9 +31,9 @@ def sections() -> tuple[dict[str, str], dict[str, str]]:
 
 
 def compose_variables() -> dict[str, str]:
-    """`${NAME:-default}` in compose.yaml (the test overlay's own variables aside)."""
-    text = (ROOT / "compose.yaml").read_text()
-    return dict(re.findall(r"\$\{([A-Z_]+):-([^}]*)\}", text))
+    """`${NAME:-default}` in the compose files (the test overlay's own variables aside)."""
+    text = "".join((ROOT / name).read_text() for name in COMPOSE_FILES)
+    return dict(re.findall(r"\$\{([A-Z0-9_]+):-([^}]*)\}", text))
 
 
 def test_every_setting_is_documented_and_nothing_else() -> None:

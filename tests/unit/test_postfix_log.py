@@ -4,6 +4,10 @@ the Postfix container's check of its subnets (services/postfix/main.py)."""
 from __future__ import annotations
 
 import ipaddress
+import re
+
+import pytest
+from pydantic import ValidationError
 
 from secumail.settings import Settings
 from services.postfix.main import local_addresses, subnet_mismatches
@@ -34,6 +38,10 @@ FIB_TRIE = """Main:
            |-- 127.0.0.1
               /32 host LOCAL
      +-- 172.29.124.0/22 2 0 2
+           |-- 172.29.124.0
+              /24 link UNICAST
+           |-- 172.29.124.2
+              /32 host LOCAL
            |-- 172.29.125.0
               /24 link UNICAST
            |-- 172.29.125.3
@@ -48,8 +56,8 @@ FIB_TRIE = """Main:
 
 
 def test_the_containers_addresses_come_from_fib_trie() -> None:
-    assert local_addresses(FIB_TRIE) == {ipaddress.ip_address(a) for a in
-                                         ("127.0.0.1", "172.29.125.3", "172.29.126.5")}
+    assert local_addresses(FIB_TRIE) == {ipaddress.ip_address(a) for a in (
+        "127.0.0.1", "172.29.124.2", "172.29.125.3", "172.29.126.5")}
 
 
 def test_a_subnet_the_container_is_not_in_is_named_with_both_values() -> None:
@@ -57,14 +65,21 @@ def test_a_subnet_the_container_is_not_in_is_named_with_both_values() -> None:
     assert subnet_mismatches(Settings(), addresses) == []
     [problem] = subnet_mismatches(Settings(filter_subnet="10.9.0.0/24"), addresses)
     assert problem.startswith("SECUMAIL_FILTER_SUBNET=10.9.0.0/24, but this container's "
-                              "addresses are 127.0.0.1, 172.29.125.3, 172.29.126.5")
+                              "addresses are 127.0.0.1, 172.29.124.2, 172.29.125.3, "
+                              "172.29.126.5")
 
 
 def test_the_docker_host_is_trusted_only_when_asked() -> None:
     assert Settings().trusted_networks == Settings().mynetworks
-    trusting = Settings(trust_docker_host=True, mail_subnet="10.1.0.0/24",
-                        filter_subnet="10.2.0.0/24")
+    trusting = Settings(trust_docker_host=True, edge_subnet="10.1.0.0/24")
     assert trusting.in_mynetworks(ipaddress.ip_address("10.1.0.1"))
-    assert trusting.in_mynetworks(ipaddress.ip_address("10.2.0.1"))
     assert not trusting.in_mynetworks(ipaddress.ip_address("10.1.0.2"))
-    assert not Settings().in_mynetworks(ipaddress.ip_address("172.29.126.1"))
+    assert not trusting.in_mynetworks(ipaddress.ip_address("172.29.126.1"))
+    assert not Settings().in_mynetworks(ipaddress.ip_address("172.29.124.1"))
+
+
+def test_overlapping_subnets_are_refused_naming_both() -> None:
+    with pytest.raises(ValidationError, match=re.escape(
+            "SECUMAIL_EDGE_SUBNET=172.29.125.0/25 and SECUMAIL_FILTER_SUBNET=172.29.125.0/24 "
+            "overlap")):
+        Settings(edge_subnet="172.29.125.0/25")

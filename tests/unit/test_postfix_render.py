@@ -37,9 +37,11 @@ def test_never_an_open_relay() -> None:
     assert config["mynetworks"] == "127.0.0.0/8 [::1]/128"
     assert config["allow_percent_hack"] == "no" and config["swap_bangpath"] == "no"
     assert config["smtpd_authorized_xclient_hosts"] == ""
-    # The Docker host's own mail, when the admin trusts it: its two addresses, no subnet.
+    # The Docker host's own mail, when the admin trusts it: its one address, no subnet.
     trusting = main_cf(settings(trust_docker_host="true"))
-    assert trusting["mynetworks"] == "127.0.0.0/8 [::1]/128 172.29.126.1/32 172.29.125.1/32"
+    assert trusting["mynetworks"] == "127.0.0.0/8 [::1]/128 172.29.124.1/32"
+    assert config["inet_protocols"] == "ipv4"
+    assert main_cf(settings(smtp_ipv6="true"))["inet_protocols"] == "all"
 
 
 def test_rbl_zones_go_before_the_final_permit() -> None:
