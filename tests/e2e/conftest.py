@@ -24,8 +24,9 @@ from tests.support.scanners import TESTFILES, write_signatures
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "secumail-e2e"
 CLAMAV_REPLICAS = 3
-# The stack as a site taking IPv6 runs it, plus the tests' overlay.
-COMPOSE_FILES = ("compose.yaml", "compose.ipv6.yaml", "tests/e2e/compose.test.yaml")
+# The stack as a site runs it, plus the tests' overlay (test_v6.py adds compose.ipv6.yaml).
+COMPOSE_FILES = ("compose.yaml", "tests/e2e/compose.test.yaml")
+IPV6_FILES = ("compose.yaml", "compose.ipv6.yaml", "tests/e2e/compose.test.yaml")
 MODE_SERVICES = ("postfix", "dkim", "clamav", "spamd")  # what SECUMAIL_FILTER_MODE changes
 
 
@@ -95,18 +96,22 @@ class Stack:
 
     def __init__(self, directory: Path, command: str) -> None:
         self.directory = directory
-        self.compose = (
-            command.split()
-            + [
-                arg
-                for name in COMPOSE_FILES
-                for arg in ("-f", str(ROOT / name))
-            ]
-            + ["-p", PROJECT]
-        )
+        self.command = command
+        self.compose = self.compose_command(COMPOSE_FILES)
         host, port = os.environ["SECUMAIL_SMTP_PUBLISH"].rsplit(":", 1)
         self.smtp_host, self.smtp_port = host, int(port)
         self.mode = os.environ.get("SECUMAIL_E2E_FILTER_MODE", "before-queue")
+
+    def compose_command(self, files: tuple[str, ...]) -> list[str]:
+        return [*self.command.split(), *(a for f in files for a in ("-f", str(ROOT / f))),
+                "-p", PROJECT]
+
+    def redeploy(self, files: tuple[str, ...]) -> None:
+        """The whole stack again from other compose files (networks made anew)."""
+        subprocess.run([*self.compose, "down"], check=True, capture_output=True)
+        self.compose = self.compose_command(files)
+        subprocess.run([*self.compose, "up", "-d"], check=True, capture_output=True)
+        self.wait_healthy(["postfix", "policy", "clamav", "spamd", "dkim"])
 
     def switch_mode(self, mode: str) -> None:
         """Run the stack in the other filter mode: the services it concerns are made anew
