@@ -26,6 +26,22 @@ from secumail.access import split_entries
 from secumail.netaddr import HostPort, IPAddress, Network, parse_host_port, parse_network
 
 ENV_PREFIX = "SECUMAIL_"
+# What compose itself reads, from .env (section 1 of .env.example): in secumail.env they
+# would do nothing, silently (compose hands the containers its own values).
+COMPOSE_VARIABLES = frozenset({
+    "SECUMAIL_SMTP_PUBLISH", "SECUMAIL_SMTP_PUBLISH6", "SECUMAIL_GATEWAY_PUBLISH",
+    "SECUMAIL_PROMETHEUS_PUBLISH", "SECUMAIL_EDGE_SUBNET", "SECUMAIL_EDGE_SUBNET6",
+    "SECUMAIL_MAIL_SUBNET", "SECUMAIL_FILTER_SUBNET", "SECUMAIL_SCANNERS_SUBNET",
+    "SECUMAIL_CLAMAV_REPLICAS", "SECUMAIL_SPAMD_REPLICAS", "SECUMAIL_DKIM_REPLICAS",
+    "COMPOSE_PROFILES", "COMPOSE_FILE", "SECUMAIL_ADMIN_TOKEN", "SECUMAIL_METRICS_TOKEN",
+})
+
+
+def misplaced_in_env_file(text: str) -> list[str]:
+    """The variables of an env file (secumail.env) that only compose reads, from .env."""
+    names = (line.split("=", 1)[0].strip() for line in text.splitlines()
+             if "=" in line and not line.lstrip().startswith("#"))
+    return sorted({name for name in names if name in COMPOSE_VARIABLES})
 
 CommaList = Annotated[list[str], NoDecode]
 _LOCAL_PART = re.compile(r"^([a-z0-9][a-z0-9._+-]{0,63})?$")  # empty: @domain catch-all

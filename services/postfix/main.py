@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from secumail.logs import log_event, setup_logging
 from secumail.netaddr import IPAddress
 from secumail.runtime import warn_misplaced_secrets
-from secumail.settings import Settings, load_settings
+from secumail.settings import Settings, load_settings, misplaced_in_env_file
 from services.postfix.render import MAILBOX_BASE, VMAIL_ID, render
 from services.postfix.supervisor import supervise
 
@@ -101,6 +101,22 @@ def check_subnets(settings: Settings, fib_trie: Path = Path("/proc/net/fib_trie"
         raise SystemExit(2)
 
 
+ENV_FILE = Path("/etc/secumail/secumail.env")  # compose mounts it, read-only
+
+
+def check_env_file(env_file: Path = ENV_FILE) -> None:
+    """Refuse to start on a secumail.env that sets what only compose reads (from .env):
+    compose would silently hand the containers other values than the admin wrote."""
+    if not env_file.exists():
+        return
+    misplaced = misplaced_in_env_file(env_file.read_text(errors="replace"))
+    for name in misplaced:
+        print(f"secumail: invalid setting {name} in secumail.env: compose reads it from .env "
+              "(next to compose.yaml) and ignores it here; move it there", file=sys.stderr)
+    if misplaced:
+        raise SystemExit(2)
+
+
 def prepare(settings: Settings) -> None:
     write_config(settings)
     if ensure_certificate(settings.tls_cert_file, settings.tls_key_file, settings.hostname):
@@ -118,6 +134,7 @@ def main() -> None:
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format)
     warn_misplaced_secrets("postfix")
+    check_env_file()
     check_subnets(settings)
     prepare(settings)
     sys.exit(supervise(settings, MAILBOX_BASE))

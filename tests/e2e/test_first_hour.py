@@ -110,3 +110,17 @@ def test_both_composes_read_the_files(command: list[str], tmp_path: Path) -> Non
             capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr
 
+
+
+def test_a_compose_setting_written_in_secumail_env_stops_postfix(stack: Stack,
+                                                                 tmp_path: Path) -> None:
+    """The admin of issue 16 set SECUMAIL_FILTER_SUBNET in secumail.env, where compose never
+    reads it: Postfix now refuses to start and says where it belongs."""
+    env_file = tmp_path / "secumail.env"
+    env_file.write_text("SECUMAIL_DOMAINS=example.org\nSECUMAIL_FILTER_SUBNET=10.9.0.0/24\n")
+    done = subprocess.run(
+        ["docker", "run", "--rm", "-v", f"{env_file}:/etc/secumail/secumail.env:ro",
+         "secumail/postfix"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "invalid setting SECUMAIL_FILTER_SUBNET in secumail.env: compose reads it from " \
+        ".env" in done.stderr, done.stderr

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from secumail.settings import ENV_PREFIX, Settings
+from secumail.settings import COMPOSE_VARIABLES, ENV_PREFIX, Settings, misplaced_in_env_file
 
 ROOT = Path(__file__).parents[2]
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -56,3 +56,15 @@ def test_documented_values_are_the_defaults() -> None:
     values = {k: v for k, v in (env | secumail_env).items() if k in fields}
     from_file = Settings(**{k.removeprefix(ENV_PREFIX).lower(): v for k, v in values.items()})
     assert from_file == Settings()
+
+
+def test_the_code_knows_what_only_compose_reads() -> None:
+    env, _ = sections()
+    assert set(env) == COMPOSE_VARIABLES
+
+
+def test_a_compose_variable_in_secumail_env_is_found() -> None:
+    text = "# SECUMAIL_FILTER_SUBNET=10.0.0.0/24 (a comment)\nSECUMAIL_DOMAINS=example.org\n" \
+           "SECUMAIL_FILTER_SUBNET=10.9.0.0/24\nSECUMAIL_CLAMAV_REPLICAS=3\n"
+    assert misplaced_in_env_file(text) == ["SECUMAIL_CLAMAV_REPLICAS", "SECUMAIL_FILTER_SUBNET"]
+    assert misplaced_in_env_file((ROOT / "secumail.env").read_text()) == []
