@@ -1,16 +1,18 @@
 """Every `console` block of README.md, run against the test stack: the README cannot drift.
 
 A block is a list of `$ command` lines, each followed by the lines it must print, in order
-(`...` stands for anything; `$NAME` for a variable's value). A command with nothing under it
-must succeed. Variables set by `$ NAME=value` lines carry over from block to block; the
-README's own values of the ones below are the admin's to change, so the test gives them its
-own. `docker compose` runs as the suite's compose command (its files and project)."""
+(`...` stands for anything; `$NAME` for a variable's value), within 30 s (it is run again
+until then). A command with nothing under it must succeed. Variables set by `$ NAME=value`
+lines carry over from block to block; the README's own values of the ones below are the
+admin's to change, so the test gives them its own. `docker compose` runs as the suite's
+compose command (its files and project)."""
 
 from __future__ import annotations
 
 import os
 import re
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,14 +93,22 @@ def test_every_readme_command_prints_what_the_readme_says(stack: Stack, tmp_path
                 continue
             command = step.command.replace("docker compose", compose)
             script = "".join(f"{k}={v!s}\n" for k, v in variables.items()) + command
-            done = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
-                                  timeout=300, cwd=tmp_path)
-            output = done.stdout + done.stderr
-            if not step.expected:
-                assert done.returncode == 0, f"$ {step.command}\n{output[-3000:]}"
-                continue
-            missing = unmatched(output, step.expected, variables)
-            assert missing is None, f"$ {step.command}\nexpected: {missing}\ngot:\n{output[-3000:]}"
+            # What a command shows may come a moment later (mail is delivered just after it
+            # is accepted): a command is run again, for up to 30 s, until it prints it.
+            deadline = time.monotonic() + 30
+            while True:
+                done = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                                      timeout=300, cwd=tmp_path)
+                output = done.stdout + done.stderr
+                if not step.expected:
+                    assert done.returncode == 0, f"$ {step.command}\n{output[-3000:]}"
+                    break
+                missing = unmatched(output, step.expected, variables)
+                if missing is None:
+                    break
+                assert time.monotonic() < deadline, \
+                    f"$ {step.command}\nexpected: {missing}\ngot:\n{output[-3000:]}"
+                time.sleep(2)
 
 
 @pytest.mark.parametrize(("output", "expected", "found"), [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import smtplib
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -42,5 +43,10 @@ def test_an_ipv6_client_is_seen_with_its_own_address(stack: Stack) -> None:
         code, reply = smtp.rcpt("alice@secumail.test")
     assert code == 450 and b"Greylisted" in reply, reply  # no rDNS: a bot's score
     assert f"connect from unknown[{address}]" in stack.logs("postfix")
-    decided = [line for line in stack.logs("policy").splitlines() if sender in line]
-    assert decided and all(f"client={address}" in line for line in decided), decided
+    # The services write their log lines in batches (secumail/logs.py): wait for this one.
+    deadline = time.monotonic() + 30
+    while not (decided := [line for line in stack.logs("policy").splitlines()
+                           if sender in line]):
+        assert time.monotonic() < deadline, "no policy decision logged for the IPv6 client"
+        time.sleep(1)
+    assert all(f"client={address}" in line for line in decided), decided
