@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -291,26 +292,19 @@ class Settings(BaseSettings):
                 raise ValueError(f"not a file extension or rule name: {item!r}")
         return [item.lower().lstrip(".") for item in items]
 
-    @field_validator("greylist_known_senders")
-    @classmethod
-    def _known_senders(cls, domains: list[str]) -> list[str]:
-        for domain in domains:
-            if not _DOMAIN.match(domain):
-                raise ValueError(f"bad sender domain {domain!r}")
-        return [d.lower() for d in domains]
-
     @field_validator("clamav_allowed_clients", "spamd_allowed_clients")
     @classmethod
     def _allowed_clients(cls, entries: list[str]) -> list[str]:
         split_entries(entries)  # raises ValueError naming the entry
         return entries
 
-    @field_validator("domains")
+    @field_validator("domains", "greylist_known_senders")
     @classmethod
-    def _domains(cls, domains: list[str]) -> list[str]:
+    def _domains(cls, domains: list[str], info: ValidationInfo) -> list[str]:
+        kind = "mail" if info.field_name == "domains" else "sender"
         for domain in domains:
             if not _DOMAIN.match(domain):
-                raise ValueError(f"bad mail domain {domain!r}")
+                raise ValueError(f"bad {kind} domain {domain!r}")
         return [d.lower() for d in domains]
 
     @field_validator("mailboxes")
