@@ -22,13 +22,20 @@ IDLE, GARBAGE, ENDLESS, HALF_CLOSED = int(sys.argv[4]), 20, 3, 20
 WAIT = float(sys.argv[5])  # seconds the service has to hang up on an offender
 
 
+KEPT_OPEN: list[str] = []  # what each connection the service did not drop had received
+
+
 def hung_up(sock: socket.socket) -> bool:
     """Whether the service closes the connection (whatever it answers first) in time."""
     sock.settimeout(WAIT)
+    received = b""
+    started = time.monotonic()
     try:
-        while sock.recv(65536):
-            pass
+        while chunk := sock.recv(65536):
+            received += chunk
     except TimeoutError:
+        KEPT_OPEN.append(f"open after {time.monotonic() - started:.1f} s, "
+                         f"{sock.getsockname()} got {received[-300:]!r}")
         return False
     except OSError:
         pass  # reset: hung up too
@@ -82,6 +89,8 @@ def main() -> None:
     report["probe seconds"] = round(time.monotonic() - started, 3)
     for sock in idle:
         sock.close()
+    if KEPT_OPEN:
+        report["kept open"] = KEPT_OPEN
     print(json.dumps(report))
 
 
