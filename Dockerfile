@@ -73,12 +73,14 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
   CMD ["secumail-probe", "smtp", "127.0.0.1:10026"]
 CMD ["secumail-spamd"]
 
-# ---- gateway (8080): health, metrics, chain probe, admin API. It shares the greylist,
-# quarantine and DKIM keys volumes with the services that own them, as the same user, the
-# scanners' socket volumes (probes) and Redis's password.
+# ---- gateway (8080): health, metrics, chain probe, admin API, message tracking. It shares
+# the greylist, quarantine and DKIM keys volumes with the services that own them, as the
+# same user, the scanners' socket volumes (probes) and Redis's password; the tracking
+# store is its own.
 FROM python AS gateway
 RUN install -d -o secumail -g secumail /var/lib/secumail/quarantine \
  && install -d -o secumail -g secumail -m 0700 /var/lib/secumail/dkim \
+      /var/lib/secumail/tracking \
  && install -d -m 1777 /run/clamav /run/spamd /run/secumail/redis
 USER secumail
 EXPOSE 8080

@@ -28,7 +28,9 @@ from gateway.context import Gateway, problem
 from gateway.health import HealthChecker, Hop, Namer, Resolver, chain_hops, reverse_name
 from gateway.http import HostCheck
 from gateway.quarantine import QuarantineAdmin, ReleaseSend, next_hops
-from gateway.routers import dkim, greylist, health, metrics, quarantine
+from gateway.routers import dkim, greylist, health, metrics, quarantine, tracking
+from gateway.scrape import Target, target_for
+from gateway.tracking import Collector, TrackingMetrics, TrackingStore
 from secumail import probes
 from secumail.logs import log_event
 from secumail.quarantine import Quarantine
@@ -38,6 +40,8 @@ from services.policy.stores import GreylistStore, open_store
 log = logging.getLogger("secumail.gateway")
 
 FIRST_PROBE_AFTER = 60.0  # seconds: let the stack come up before the first canary
+# Seconds between two looks for replicas to collect tracking events from (a health round).
+TRACKING_TARGETS_MAX_AGE = 30.0
 UNAUTHORIZED: dict[int | str, dict[str, Any]] = {401: problem("Missing or wrong bearer token")}
 
 
@@ -53,6 +57,7 @@ def create_app(
     canary_send: CanarySend | None = None,
     release_send: ReleaseSend | None = None,
     clock: Callable[[], float] = time.time,
+    tracking_store: TrackingStore | None = None,
 ) -> FastAPI:
     """The app; the keyword arguments replace what reaches the network (and the clock), for
     the tests."""
@@ -76,17 +81,33 @@ def create_app(
         requests=Counter("secumail_gateway_requests", "Gateway API requests by route and "
                          "status code", ["route", "code"], registry=registry),
     )
+    tracking_metrics = TrackingMetrics(registry)
+    if settings.tracking:
+        gateway.tracking = tracking_store or TrackingStore(
+            settings.tracking_db, settings.tracking_retention_days * 86400,
+            settings.tracking_max_events)
+
+    async def event_sources() -> list[Target]:
+        """Every replica that serves a metrics listener, as the health rounds found them."""
+        results = await gateway.checker.latest(max_age=TRACKING_TARGETS_MAX_AGE)
+        port = settings.metrics_listen.port
+        return [target_for(r.hop.service, replica.host, port, replica.name)
+                for r in results if r.hop.metrics for replica in r.replicas if replica.host]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        periodic = None
+        tasks = []
         if settings.probe_interval > 0:
-            periodic = asyncio.create_task(gateway.probe.every(
+            tasks.append(asyncio.create_task(gateway.probe.every(
                 settings.probe_interval, first=min(settings.probe_interval, FIRST_PROBE_AFTER)
-            ))
+            )))
+        if gateway.tracking is not None:
+            collector = Collector(gateway.tracking, client, event_sources,
+                                  tracking_metrics, settings.gateway_timeout)
+            tasks.append(asyncio.create_task(collector.every(settings.tracking_interval)))
         yield
-        if periodic is not None:
-            periodic.cancel()
+        for task in tasks:
+            task.cancel()
         await gateway.close()
 
     app = FastAPI(
@@ -113,7 +134,8 @@ def create_app(
     # The admin API exists only with an admin token.
     if settings.admin_token.get_secret_value():
         guard = token_guard(settings.admin_token, "AdminToken", "SECUMAIL_ADMIN_TOKEN")
-        for router in (health.run, greylist.router, quarantine.router, dkim.router):
+        for router in (health.run, greylist.router, quarantine.router, dkim.router,
+                       tracking.router):
             app.include_router(router, dependencies=[Depends(guard)], responses=UNAUTHORIZED)
     else:
         log_event(log, "admin API off: SECUMAIL_ADMIN_TOKEN is not set", logging.WARNING)

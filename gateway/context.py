@@ -18,6 +18,7 @@ from gateway.canary import ChainProbe
 from gateway.health import HealthChecker
 from gateway.models import Problem
 from gateway.quarantine import QuarantineAdmin
+from gateway.tracking import TrackingStore
 from secumail.logs import log_event
 from secumail.settings import Settings
 from services.policy.stores import GreylistStore
@@ -36,6 +37,7 @@ class Gateway:
     instance: str
     open_store: Callable[[], GreylistStore]
     requests: Counter
+    tracking: TrackingStore | None = None  # None: tracking is off
     _store: GreylistStore | None = field(default=None, repr=False)
 
     def store(self) -> GreylistStore:
@@ -47,6 +49,8 @@ class Gateway:
 
     async def close(self) -> None:
         await self.client.aclose()
+        if self.tracking is not None:
+            self.tracking.close()
         if self._store is not None:
             await self._store.close()
 

@@ -1,23 +1,76 @@
-"""Prometheus metrics: every service exposes its registry on SECUMAIL_METRICS_LISTEN.
+"""Prometheus metrics and tracking events: every service serves its registry and its recent
+events (secumail/tracking.py) on SECUMAIL_METRICS_LISTEN.
 
 Metric objects live next to the code that updates them; this module only serves them.
 Label values are always from small fixed sets (checks, actions, verdicts), never
 addresses or domains, so that series stay bounded.
+
+    GET /metrics               the exposition format
+    GET /events?after=SEQ      this process's events numbered above SEQ, as JSON
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import parse_qs
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
+from secumail import tracking
 from secumail.netaddr import HostPort
 
 log = logging.getLogger("secumail.metrics")
 
+StartResponse = Callable[..., Any]
+EVENTS_PER_ANSWER = 1000
 
-def start_metrics_listener(listen: HostPort) -> None:
-    """Serve /metrics from a background thread; port 0 turns the listener off."""
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scraped every few seconds: no access log."""
+
+
+def events_answer(events: tracking.EventLog, query: str) -> tuple[str, bytes]:
+    """The status and JSON body of `/events?after=SEQ` (SEQ defaults to 0: all held)."""
+    values = parse_qs(query).get("after", ["0"])
+    try:
+        after = int(values[0])
+    except ValueError:
+        return "400 Bad Request", b'{"detail": "after must be an integer"}'
+    return "200 OK", json.dumps(events.since(after, EVENTS_PER_ANSWER)).encode()
+
+
+def metrics_app(events: tracking.EventLog) -> Callable[[dict[str, Any], StartResponse],
+                                                        Iterable[bytes]]:
+    metrics = make_wsgi_app()
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/events":
+            status, body = events_answer(events, environ.get("QUERY_STRING", ""))
+            start_response(status, [("Content-Type", "application/json"),
+                                    ("Content-Length", str(len(body)))])
+            return [body]
+        return metrics(environ, start_response)  # type: ignore[no-any-return]
+
+    return app
+
+
+def start_metrics_listener(listen: HostPort, events: tracking.EventLog = tracking.EVENTS
+                           ) -> None:
+    """Serve /metrics and /events from a background thread; port 0 turns it off."""
     if listen.port == 0:
         return
-    start_http_server(listen.port, addr=listen.host)
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+
+    server = make_server(listen.host, listen.port, metrics_app(events), Server,
+                         handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()

@@ -23,12 +23,13 @@ from typing import Any, ClassVar, Literal
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from prometheus_client import Counter, Gauge, Histogram
 
+from secumail import tracking
 from secumail.access import AllowedClients
 from secumail.forwarded import HEADER as CLIENT_HEADER
 from secumail.forwarded import ForwardedClient
 from secumail.kept import KeptConnections
 from secumail.logs import log_event
-from secumail.message import header_block, normalize_newlines, split_headers
+from secumail.message import header_block, header_block_end, normalize_newlines, split_headers
 from secumail.netaddr import HostPort, Network, peer_name
 from secumail.protocols.smtp import (
     MAIL_PARAMETERS,
@@ -306,6 +307,23 @@ class RelaySMTP(_HooksListedOnce, SMTP):
         await self.push("250 2.0.0 Ok")
 
 
+def verdict_event(name: str, info: MessageInfo, message: bytes, verdict: Verdict, reply: str
+                  ) -> tracking.Event:
+    """The tracking event of one message through a filter: the verdict, and where the
+    message went (the next hop's queue id when it took it, "queued as ...")."""
+    final = reply.split("\r\n")[-1]
+    if verdict.action in ("quarantine", "drop") and final.startswith("2"):
+        outcome = "quarantined" if verdict.action == "quarantine" else "dropped"
+    else:
+        outcome = {"2": "passed", "4": "deferred"}.get(final[:1], "refused")
+    detail = f"{verdict.label}: {verdict.reason}" if verdict.reason else verdict.label
+    return tracking.event(
+        name, outcome, f"{detail}; {final[:200]}", client=info.client.get("ADDR", ""),
+        sender=info.mail_from, recipients=info.rcpt_tos, queue_id=info.client.get("IDENT", ""),
+        next_queue_id=tracking.queued_as(final),
+        message_id=tracking.message_id_of(message, header_block_end(message)))
+
+
 class RelayHandler(_HooksListedOnce):
     """aiosmtpd handler: lockstep relay to `next_hop`, with `inspect` deciding at DATA."""
 
@@ -423,6 +441,7 @@ class RelayHandler(_HooksListedOnce):
                 client=info.client.get("ADDR", ""), sender=info.mail_from,
                 recipients=",".join(info.rcpt_tos), size=len(message),
             )
+            tracking.record(verdict_event(self.name, info, message, verdict, reply))
             return reply
 
     async def handle_RSET(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import uvloop
 
+from secumail import tracking
 from secumail.logs import log_event, setup_logging
 from secumail.metrics import start_metrics_listener
 from secumail.netaddr import HostPort, peer_name
@@ -240,6 +241,7 @@ def run_service(name: str, settings: Settings, make_service: Callable[[], Servic
     """The body of every service's `main()`: logging, metrics listener, run until signalled."""
     setup_logging(settings.log_level, settings.log_format)
     warn_misplaced_secrets(name)
+    tracking.EVENTS.configure(settings.tracking_buffer, settings.tracking)
     start_metrics_listener(settings.metrics_listen)
     log_event(log, "starting", service=name, metrics=str(settings.metrics_listen))
 

@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     edge_subnet: Annotated[Network, NoDecode] = parse_network("172.29.124.0/24")
     mail_subnet: Annotated[Network, NoDecode] = parse_network("172.29.126.0/24")
     filter_subnet: Annotated[Network, NoDecode] = parse_network("172.29.125.0/24")
+    # Message tracking (secumail/tracking.py): each service keeps its last events in memory
+    # for the gateway to collect; off, nothing is recorded.
+    tracking: bool = True
+    tracking_buffer: int = Field(10_000, ge=100, le=1_000_000)
 
     # --- policy service (10023) --------------------------------------------------------
     policy_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:10023")
@@ -214,6 +218,11 @@ class Settings(BaseSettings):
     probe_sender: str = ""  # empty: the null sender <>
     probe_interval: float = Field(300.0, ge=0)
     probe_timeout: float = Field(120.0, gt=0)
+    # Where the gateway keeps the events it collects, how long, and how often it asks.
+    tracking_db: str = "/var/lib/secumail/tracking/tracking.db"
+    tracking_retention_days: float = Field(7.0, gt=0)
+    tracking_max_events: int = Field(2_000_000, ge=1000)
+    tracking_interval: float = Field(2.0, gt=0)
 
     @field_validator(
         "greylist_whitelist_clients", "greylist_whitelist_recipients", "dnsbl_zones",

@@ -26,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from secumail import tracking
 from secumail.dns import DnsTemporaryError
 from secumail.forwarded import HEADER as FORWARDED_NAME
 from secumail.forwarded import ForwardedClient
@@ -469,6 +470,20 @@ class MilterSession:
                     positions.append(position)
         return positions
 
+    def _event(self, outcome: Outcome) -> tracking.Event:
+        """The tracking event: signed or verified (with the results) and passed on, or
+        refused or deferred; the client is the real one (behind the filters too)."""
+        outcome_word = {"continue": "passed", "reject": "refused"}.get(outcome.action,
+                                                                       "deferred")
+        results = " ".join(f"{k}={v}" for k, v in outcome.fields.items() if k != "reason")
+        detail = "; ".join(part for part in (outcome.mode, results, outcome.reason) if part)
+        origin = self._origin().address
+        ids = self._header_values(b"message-id")
+        return tracking.event(
+            "dkim", outcome_word, detail, client=str(origin) if origin else "",
+            sender=self.sender, queue_id=self.queue_id,
+            message_id=tracking.message_id_value(_text(ids[0])) if ids else "")
+
     def _log(self, outcome: Outcome) -> None:
         failed = outcome.action != "continue" or "fail open" in outcome.reason
         level = logging.WARNING if failed else logging.INFO
@@ -478,6 +493,7 @@ class MilterSession:
             outcome.fields["origin"] = str(self.forwarded.address or "unknown")
         log_event(log, "message", level, mode=outcome.mode, action=outcome.action,
                   queue_id=self.queue_id, client=self.client, **outcome.fields)
+        tracking.record(self._event(outcome))
         if self.milter.on_outcome is not None:
             self.milter.on_outcome(outcome)
 

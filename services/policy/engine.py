@@ -24,7 +24,7 @@ from typing import Any
 import dns.asyncresolver
 import dns.resolver
 
-from secumail import spf
+from secumail import spf, tracking
 from secumail.dns import AddressLookup, AddressResolver, name_resolves
 from secumail.logs import log_event
 from secumail.netaddr import IPAddress, client_network, parse_ip
@@ -64,6 +64,22 @@ class Decision:
         if word.startswith("5") or word == "REJECT":
             return "reject"
         return {"DEFER_IF_PERMIT": "defer", "PREPEND": "prepend"}.get(word, "dunno")
+
+
+def decision_event(request: PolicyRequest, decision: Decision) -> tracking.Event:
+    """The tracking event of one answer: greylisted, deferred (a check unavailable),
+    refused, or passed (with what was prepended, X-Greylist's "not delayed" included)."""
+    kind = decision.kind
+    if kind in ("tempfail", "defer"):
+        outcome = "greylisted" if decision.check == "greylist" else "deferred"
+    else:
+        outcome = "refused" if kind == "reject" else "passed"
+    recipient = request.get("recipient", "")
+    return tracking.event(
+        "policy", outcome, f"{decision.check}: {decision.reason}" if decision.reason
+        else decision.check, client=request.get("client_address", ""),
+        sender=request.get("sender", ""), recipients=(recipient,) if recipient else (),
+        queue_id=request.get("queue_id", ""))
 
 
 DUNNO = Decision("DUNNO", "none", "no check objected")

@@ -10,12 +10,13 @@ import time
 from prometheus_client import Counter, Gauge, Histogram
 
 from secumail import dns as secumail_dns
+from secumail import tracking
 from secumail.logs import log_event
 from secumail.netaddr import peer_name
 from secumail.protocols.policy import PolicyDecoder, PolicyProtocolError, encode_action
 from secumail.runtime import ConnectionServer, IdleDeadline, send
 from secumail.settings import Settings
-from services.policy.engine import TEMPORARY_FAILURE, Decision, PolicyEngine
+from services.policy.engine import TEMPORARY_FAILURE, Decision, PolicyEngine, decision_event
 from services.policy.stores import GreylistStore, open_store
 
 log = logging.getLogger("secumail.policy")
@@ -173,6 +174,8 @@ class PolicyService:
             sender=request.get("sender", ""), recipient=request.get("recipient", ""),
             queue_id=request.get("queue_id", ""),
         )
+        if not probe:
+            tracking.record(decision_event(request, decision))
         return decision
 
     def _drop(self, peer: str, reason: str, detail: str) -> None:

@@ -24,11 +24,12 @@ import socket
 import struct
 import sys
 import time
+from urllib.parse import parse_qs
 
 from secumail.logs import log_event, setup_logging
 from secumail.netaddr import peer_name
 from secumail.settings import Settings, load_settings
-from services.postfix.exporter import TOKEN, ProbeMailbox, probe_maildir
+from services.postfix.exporter import AFTER, ASK_EVENTS, TOKEN, ProbeMailbox, probe_maildir
 
 log = logging.getLogger("secumail.postfix.agent")
 
@@ -46,8 +47,15 @@ class MetricsChannel:
         self.lock = asyncio.Lock()  # one question at a time on the one channel
 
     async def metrics(self) -> bytes:
+        return await self._ask(ASK)
+
+    async def events(self, after: int) -> bytes:
+        """The supervisor's tracking events numbered above `after`, as JSON."""
+        return await self._ask(ASK_EVENTS + AFTER.pack(after))
+
+    async def _ask(self, question: bytes) -> bytes:
         async with self.lock:
-            self.writer.write(ASK)
+            self.writer.write(question)
             (length,) = LENGTH.unpack(await self.reader.readexactly(LENGTH.size))
             return await self.reader.readexactly(length)
 
@@ -90,6 +98,12 @@ class Agent:
         method, path = (request_line[0], request_line[1]) if len(request_line) == 3 else ("", "")
         if method == "GET" and path.split("?")[0] == "/metrics":
             return "200 OK", await self.channel.metrics(), "text/plain; version=0.0.4"
+        if method == "GET" and path.split("?")[0] == "/events":
+            after = parse_qs(path.partition("?")[2]).get("after", ["0"])[0]
+            if not after.isdigit() or int(after) >= 2**64:
+                return "400 Bad Request", b'{"detail": "after must be a number"}', \
+                    "application/json"
+            return "200 OK", await self.channel.events(int(after)), "application/json"
         prefix, _, token = path.partition("/probe/")
         if prefix or not TOKEN.match(token) or method not in ("GET", "DELETE"):
             return "404 Not Found", b'{"detail": "not found"}', "application/json"

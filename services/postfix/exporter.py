@@ -16,6 +16,7 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +34,23 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from secumail import tracking
 from secumail.logs import log_event
 from secumail.netaddr import Network
 from secumail.settings import Settings
+from services.postfix.events import LINE, PostfixEvents
 
 log = logging.getLogger("secumail.postfix")
 
+ASK_EVENTS = b"e"
+AFTER = struct.Struct(">Q")
+EVENTS_PER_ANSWER = 1000
 QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 PROBE_HEADER = "X-SecuMail-Probe"
 TOKEN = re.compile(r"^[0-9a-f]{32}$")
 STALE_CANARY = 86400.0  # a canary nobody collected (the gateway restarted mid-probe)
 NOBODY = 65534
 
-# "Nov 28 01:15:55 mx postfix/smtp[2283]: 1363D21A85E: to=<...>, ..., status=sent (...)"
-# The process name may carry a service prefix (postfix/submission/smtpd): keep its last part.
-_LINE = re.compile(r"\s[\w.-]+(?:/[\w.-]+)*/(?P<daemon>[\w.-]+)\[\d+\]: (?P<text>.*)$")
 _STATUS = re.compile(r"^\w+: to=<.*?, relay=(?P<relay>[^,]*), .*?status=(?P<status>\w+)")
 _CLIENT = re.compile(r"^\w+: client=[^\[]*\[(?P<ip>[^\]]+)\]")
 _REJECT = re.compile(r"^(?:NOQUEUE|\w+): reject: \w+ from .*?: (?P<code>[45]\d\d) ")
@@ -81,7 +84,7 @@ class LogStats:
         )
 
     def feed(self, line: str) -> None:
-        found = _LINE.search(line)
+        found = LINE.search(line)
         if found is None:
             return
         daemon, text = found.group("daemon"), found.group("text")
@@ -221,9 +224,10 @@ class AgentKeeper:
 
     RESTART_AFTER = 1.0
 
-    def __init__(self, registry: CollectorRegistry, mailbox_base: str, user: int | None
-                 ) -> None:
+    def __init__(self, registry: CollectorRegistry, mailbox_base: str, user: int | None,
+                 events: tracking.EventLog = tracking.EVENTS) -> None:
         self.registry = registry
+        self.events = events
         self.mailbox_base = mailbox_base
         self.user = user
         self.child: subprocess.Popen[bytes] | None = None
@@ -255,10 +259,25 @@ class AgentKeeper:
                 time.sleep(self.RESTART_AFTER)
 
     def _answer(self, channel: socket.socket) -> None:
-        """Until the agent closes its end: one byte asks, the exposition answers."""
-        while channel.recv(1):
-            exposition = generate_latest(self.registry)
-            channel.sendall(struct.pack(">I", len(exposition)) + exposition)
+        """Until the agent closes its end: b"m" asks for the exposition; b"e" and an 8-byte
+        number for the tracking events numbered above it. A length, then the answer."""
+        while ask := channel.recv(1):
+            if ask == ASK_EVENTS:
+                (after,) = AFTER.unpack(_receive(channel, AFTER.size))
+                answer = json.dumps(self.events.since(after, EVENTS_PER_ANSWER)).encode()
+            else:
+                answer = generate_latest(self.registry)
+            channel.sendall(struct.pack(">I", len(answer)) + answer)
+
+
+def _receive(channel: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = channel.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("the agent closed the channel mid-question")
+        data += chunk
+    return data
 
 
 def agent_user(mailbox_base: str) -> int | None:
@@ -281,14 +300,22 @@ def probe_maildir(settings: Settings, mailbox_base: str) -> Path:
 
 def start_agent(settings: Settings, queue_dir: Path, mailbox_base: str,
                 running: threading.Event, user: int | None = None
-                ) -> tuple[LogStats, AgentKeeper | None]:
-    """Counters for the log stream, and the HTTP agent run as `user` (port 0: none), kept
-    by a thread of this process."""
+                ) -> tuple[Callable[[str], None], AgentKeeper | None]:
+    """What each log line feeds (the counters, the tracking events), and the HTTP agent
+    run as `user` (port 0: none), kept by a thread of this process."""
     registry = CollectorRegistry()
     stats = LogStats(registry, settings.content_filter_address.host, settings.filter_subnet)
     registry.register(QueueCollector(queue_dir, running))
+    tracking.EVENTS.configure(settings.tracking_buffer, settings.tracking)
+    events = PostfixEvents(settings.content_filter_address.host)
+
+    def feed(line: str) -> None:
+        stats.feed(line)
+        if (found := events.feed(line)) is not None:
+            tracking.record(found)
+
     if settings.metrics_listen.port == 0:
-        return stats, None
+        return feed, None
     keeper = AgentKeeper(registry, mailbox_base, user)
     threading.Thread(target=keeper.run, daemon=True, name="agent").start()
-    return stats, keeper
+    return feed, keeper

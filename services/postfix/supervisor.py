@@ -189,8 +189,8 @@ def supervise(settings: Settings, mailbox_base: str, queue_dir: Path = QUEUE_DIR
     the tests run a Postfix of their own.)"""
     running = threading.Event()
     user = agent_user(mailbox_base) if drop_agent else None
-    stats, agent = start_agent(settings, queue_dir, mailbox_base, running, user)
-    supervisor = Supervisor([*postfix, "start-fg"], [*postfix, "stop"], stats.feed,
+    feed, agent = start_agent(settings, queue_dir, mailbox_base, running, user)
+    supervisor = Supervisor([*postfix, "start-fg"], [*postfix, "stop"], feed,
                             running=running, before_stop=lambda: finish_deliveries(postfix))
     log_event(log, "starting postfix", metrics=str(settings.metrics_listen))
     try:

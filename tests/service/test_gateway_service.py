@@ -180,6 +180,7 @@ def stack(spamd: Spamd) -> Iterator[Stack]:
             quarantine_dir=str(quarantine), dkim_keys_dir=str(keys),
             spamd_next_hop=f"127.0.0.1:{sink.port}",  # where the spamd filter's mail goes
             greylist_store=f"sqlite://{greylist}", probe_interval="0", gateway_timeout="3",
+            tracking_db=str(greylist.parent / "tracking.db"), tracking_interval="0.5",
         )
         gateway = start("secumail-gateway", gateway_env, "SECUMAIL_GATEWAY_LISTEN")
         daemons.append(gateway)

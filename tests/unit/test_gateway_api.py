@@ -187,6 +187,7 @@ def make_gateway(tmp_path: Path) -> Iterator[Any]:
             # Scanners over TCP here, so that a name can fail to resolve (compose: sockets).
             "clamd_address": "clamd:3310", "spamassassin_address": "spamassassin:783",
             "gateway_hosts": ["testserver"],  # the name FastAPI's test client sends
+            "tracking": False,  # its collector would start health rounds of its own
             **overrides,
         }
         settings = Settings(**values)
@@ -458,6 +459,7 @@ ADMIN_ROUTES = [
     ("GET", "/admin/dkim/keys", None),
     ("POST", "/admin/dkim/keys", {"domain": "secumail.test", "key_type": "ed25519"}),
     ("POST", "/admin/dkim/keys/secumail.test/s1/activate", None),
+    ("GET", "/admin/tracking", None),
 ]
 
 
@@ -702,7 +704,7 @@ def test_openapi_documents_every_route_with_its_errors(gw: Gateway) -> None:
                                      "description": "SECUMAIL_ADMIN_TOKEN"}
     operations = [(path, method, op) for path, item in document["paths"].items()
                   for method, op in item.items()]
-    assert len(operations) == 19
+    assert len(operations) == 20
     for path, method, operation in operations:
         admin = path.startswith("/admin") or (path, method) == ("/probe", "post")
         assert ("401" in operation["responses"]) == admin, (path, method)
@@ -714,6 +716,7 @@ def test_openapi_documents_every_route_with_its_errors(gw: Gateway) -> None:
     assert "404" in document["paths"]["/admin/quarantine/{ident}"]["delete"]["responses"]
     assert "502" in document["paths"]["/admin/quarantine/{ident}/release"]["post"]["responses"]
     assert "503" in document["paths"]["/readyz"]["get"]["responses"]
+    assert "400" in document["paths"]["/admin/tracking"]["get"]["responses"]
 
 
 def test_no_token_ever_reaches_a_log_line(make_gateway: Any, caplog: pytest.LogCaptureFixture

@@ -29,7 +29,7 @@ def exported_names() -> set[str]:
     registries = [REGISTRY, CollectorRegistry()]
     LogStats(registries[1], "clamav", parse_network("10.0.0.0/8"))
     registries[1].register(QueueCollector(ROOT, threading.Event()))
-    app = create_app(Settings(probe_interval=0), hostname="test")
+    app = create_app(Settings(probe_interval=0, tracking_db=":memory:"), hostname="test")
     registries.append(app.state.gateway.registry)
     names = set(GATEWAY_SERIES)
     for registry in registries:

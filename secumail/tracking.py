@@ -1,0 +1,159 @@
+"""Message tracking: what each service decided about a message, as events.
+
+Every SecuMail service keeps its recent events in memory (`EventLog`, a bounded ring:
+recording one is a lock and an append, never I/O, so tracking can neither slow nor refuse
+mail) and serves them on its metrics listener at `/events?after=SEQ`. The gateway collects
+every replica's events into its own store (gateway/tracking.py) and answers the searches.
+So the services hold no credentials and open no connection for tracking: the filters,
+which read hostile content, stay on the one network they are on. An event the gateway did
+not collect before the ring moved past it is lost, and counted as lost by the gateway.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# What happened, in a word each service picks from (the detail says why):
+#   passed      a check or a filter let it go on          greylisted  policy said 4xx, retry
+#   refused     a 5xx to the sender (policy, a filter, Postfix, the milter)
+#   deferred    a 4xx that is not greylisting (a backend down, Postfix's own retries)
+#   accepted    Postfix queued it                         delivered   to a mailbox or a relay
+#   quarantined / dropped   a filter kept or discarded it  bounced / expired   Postfix gave up
+OUTCOMES = frozenset({
+    "passed", "greylisted", "refused", "deferred", "accepted", "delivered", "quarantined",
+    "dropped", "bounced", "expired",
+})
+MAX_FIELD = 512  # characters per text field: events are for finding mail, not copies of it
+MAX_RECIPIENTS = 50
+DEFAULT_CAPACITY = 10_000
+
+
+@dataclass(frozen=True)
+class Event:
+    service: str  # policy, clamav, spamd, dkim, postfix
+    outcome: str  # one of OUTCOMES
+    detail: str = ""  # the verdict, the check or the reply: why
+    client: str = ""  # the connecting client's IP address (after XFORWARD: the real one)
+    sender: str = ""
+    recipients: tuple[str, ...] = ()
+    queue_id: str = ""  # Postfix's id of the message as this hop saw it
+    next_queue_id: str = ""  # the id the next hop gave it ("queued as ...")
+    message_id: str = ""  # the Message-ID header, without its angle brackets
+    time: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["recipients"] = list(self.recipients)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Event:
+        """An event from its JSON form (what /events serves); ValueError when malformed."""
+        try:
+            recipients = data.get("recipients", [])
+            if not isinstance(recipients, list):
+                raise ValueError("recipients is not a list")
+            event = cls(
+                service=_text(data["service"]), outcome=_text(data["outcome"]),
+                detail=_text(data.get("detail", "")), client=_text(data.get("client", "")),
+                sender=_text(data.get("sender", "")),
+                recipients=tuple(_text(r) for r in recipients[:MAX_RECIPIENTS]),
+                queue_id=_text(data.get("queue_id", "")),
+                next_queue_id=_text(data.get("next_queue_id", "")),
+                message_id=_text(data.get("message_id", "")), time=float(data["time"]),
+            )
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"malformed event: {error}") from None
+        if event.outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {event.outcome!r}")
+        return event
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"not a string: {value!r}")
+    return value[:MAX_FIELD]
+
+
+def event(service: str, outcome: str, detail: str = "", *, client: str = "", sender: str = "",
+          recipients: tuple[str, ...] | list[str] = (), queue_id: str = "",
+          next_queue_id: str = "", message_id: str = "") -> Event:
+    """An event with its fields cut to size (a sender may write anything in a Message-ID)."""
+    assert outcome in OUTCOMES, outcome
+    return Event(service, outcome, detail[:MAX_FIELD], client[:MAX_FIELD], sender[:MAX_FIELD],
+                 tuple(r[:MAX_FIELD] for r in list(recipients)[:MAX_RECIPIENTS]),
+                 queue_id[:64], next_queue_id[:64], message_id[:MAX_FIELD])
+
+
+class EventLog:
+    """The last `capacity` events of this process, numbered from 1. `boot` tells one run of
+    the process from the next, whose numbers start again."""
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, enabled: bool = True) -> None:
+        self.boot = uuid.uuid4().hex
+        self.enabled = enabled
+        self._events: deque[tuple[int, Event]] = deque(maxlen=capacity)
+        self._last = 0
+        self._lock = threading.Lock()  # recorded on the event loop, served from a thread
+
+    def configure(self, capacity: int, enabled: bool) -> None:
+        with self._lock:
+            self._events = deque(self._events, maxlen=capacity)
+            self.enabled = enabled
+
+    def record(self, item: Event) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            self._last += 1
+            self._events.append((self._last, item))
+
+    def since(self, after: int, limit: int = 1000) -> dict[str, Any]:
+        """Events numbered above `after`, oldest first, at most `limit`. `first` is the
+        oldest number still held: a collector that asked for after+1 and sees a higher
+        `first` knows how many it missed."""
+        with self._lock:
+            first = self._events[0][0] if self._events else self._last + 1
+            if after >= self._last:
+                chosen: list[tuple[int, Event]] = []
+            else:
+                start = max(0, after + 1 - first)
+                chosen = [self._events[i] for i in
+                          range(start, min(len(self._events), start + limit))]
+        return {"boot": self.boot, "first": first, "last": self._last,
+                "events": [{"seq": seq, **item.to_dict()} for seq, item in chosen]}
+
+
+EVENTS = EventLog()  # this process's, as its metrics live in prometheus_client's registry
+
+
+def record(item: Event) -> None:
+    EVENTS.record(item)
+
+
+_QUEUED_AS = re.compile(r"\bqueued as ([0-9A-Za-z]{5,32})\b")
+_MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
+
+
+def queued_as(reply: str) -> str:
+    """The queue id in a next hop's "250 2.0.0 Ok: queued as 4XyZ..." reply, or ""."""
+    found = _QUEUED_AS.search(reply)
+    return found[1] if found else ""
+
+
+def message_id_of(message: bytes, header_end: int) -> str:
+    """The Message-ID of a message whose header block ends at `header_end`, unfolded and
+    without its angle brackets ("" when it has none)."""
+    found = _MESSAGE_ID.search(message, 0, header_end)
+    return message_id_value(found[1].decode("utf-8", "replace")) if found else ""
+
+
+def message_id_value(value: str) -> str:
+    """A Message-ID header's value as events keep it: unfolded, without angle brackets."""
+    return " ".join(value.split()).strip("<>")[:MAX_FIELD]

@@ -1,0 +1,124 @@
+"""Postfix's log lines as tracking events (secumail/tracking.py): what Postfix did with each
+message. Plain code, fed one line at a time by the supervisor, which reads the log anyway.
+
+    NOQUEUE: reject: RCPT from h[ip]: 450 4.7.1 <r>: ... Greylisted ...; from=<s> to=<r> ...
+                                                        -> greylisted / deferred / refused
+    NOQUEUE: proxy-reject: END-OF-MESSAGE: 554 5.7.1 ...; from=<s> to=<r> ...  -> refused
+    NOQUEUE: proxy-accept: END-OF-MESSAGE: 250 2.0.0 Ok: queued as Q; from=<s> to=<r> ...
+                                                        -> accepted (the filters took it)
+    Q: client=h[ip]   Q: message-id=<m>   (remembered for Q's later events)
+    Q: from=<s>, size=N, nrcpt=1 (queue active)         -> accepted (queued), once per Q
+    Q: to=<r>, relay=R, ..., status=sent (250 ... queued as Q2)   -> delivered, bounced,
+        deferred or expired; "passed" when R is the content filter (after-queue mode)
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from secumail import tracking
+
+# "Nov 28 01:15:55 mx postfix/smtp[2283]: 1363D21A85E: to=<...>, ..., status=sent (...)"
+# The process name may carry a service prefix (postfix/submission/smtpd): keep its last part.
+LINE = re.compile(
+    r"\s[\w.-]+(?:/[\w.-]+)*/(?P<daemon>[\w.-]+)\[(?P<pid>\d+)\]: (?P<text>.*)$")
+# An smtpd process serves one connection at a time: its lines without a client address
+# (proxy-accept, proxy-reject) are about the one it last logged "connect from".
+_CONNECT = re.compile(r"^connect from [^\[]*\[(?P<ip>[^\]]+)\]")
+_QUEUE_ID = r"(?P<qid>[0-9A-Za-z]{5,32})"
+_CLIENT = re.compile(rf"^{_QUEUE_ID}: client=[^\[]*\[(?P<ip>[^\]]+)\]")
+_MESSAGE_ID = re.compile(rf"^{_QUEUE_ID}: message-id=(?P<mid>.*)$")
+_QUEUED = re.compile(rf"^{_QUEUE_ID}: from=<(?P<sender>[^>]*)>, size=\d+, nrcpt=\d+")
+_STATUS = re.compile(
+    rf"^{_QUEUE_ID}: to=<(?P<to>[^>]*)>,(?: orig_to=<[^>]*>,)? relay=(?P<relay>[^,]*), "
+    r".*?status=(?P<status>\w+) \((?P<reply>.*)\)$")
+# An SMTP refusal: "<stage> from host[ip]: CODE ...; from=<s> to=<r> proto=... helo=<h>"
+_REJECT = re.compile(
+    rf"^(?:NOQUEUE|{_QUEUE_ID}): (?:milter-)?reject: \w+ from [^\[]*\[(?P<ip>[^\]]+)\]"
+    r"(?::\d+)?: (?P<reply>[45]\d\d .*?); from=<(?P<sender>[^>]*)>(?: to=<(?P<to>[^>]*)>)?")
+_PROXY = re.compile(
+    rf"^(?:NOQUEUE|{_QUEUE_ID}): proxy-(?P<kind>accept|reject): [\w-]+: (?P<reply>.*?); "
+    r"from=<(?P<sender>[^>]*)>(?: to=<(?P<to>[^>]*)>)?")
+STATUS_OUTCOMES = {"sent": "delivered", "bounced": "bounced", "deferred": "deferred",
+                   "expired": "expired"}
+REMEMBERED = 10_000  # queue ids whose client and Message-ID are kept for their later lines
+
+
+class PostfixEvents:
+    """Turns log lines into events. `filter_relay` is the content filter's name as Postfix's
+    smtp client logs it ("clamav["): a message handed to it has passed, not arrived."""
+
+    def __init__(self, filter_host: str, clock: Callable[[], float] = time.time) -> None:
+        self.filter_relay = f"{filter_host}["
+        self.clock = clock
+        self._known: OrderedDict[str, dict[str, str]] = OrderedDict()
+        self._connected: dict[str, str] = {}  # smtpd pid -> its client's address
+
+    def _about(self, queue_id: str) -> dict[str, str]:
+        about = self._known.get(queue_id)
+        if about is None:
+            about = self._known[queue_id] = {}
+            if len(self._known) > REMEMBERED:
+                self._known.popitem(last=False)
+        return about
+
+    def feed(self, line: str) -> tracking.Event | None:
+        found = LINE.search(line)
+        if found is None:
+            return None
+        text = found.group("text")
+        if connect := _CONNECT.match(text):
+            self._connected[found["pid"]] = connect["ip"]
+            if len(self._connected) > REMEMBERED:
+                self._connected.pop(next(iter(self._connected)))
+        elif client := _CLIENT.match(text):
+            self._about(client["qid"])["client"] = client["ip"]
+        elif mid := _MESSAGE_ID.match(text):
+            self._about(mid["qid"])["message_id"] = tracking.message_id_value(mid["mid"])
+        elif queued := _QUEUED.match(text):
+            about = self._about(queued["qid"])
+            if about.get("queued"):
+                return None  # back from the deferred queue: accepted once
+            about["queued"], about["sender"] = "1", queued["sender"]
+            return self._event("accepted", "queued", queued["qid"], sender=queued["sender"])
+        elif status := _STATUS.match(text):
+            to_filter = status["relay"].startswith(self.filter_relay)
+            outcome = STATUS_OUTCOMES.get(status["status"], "deferred")
+            if to_filter and outcome == "delivered":
+                outcome = "passed"
+            reply = status["reply"]
+            return self._event(outcome, f"relay={status['relay']}: {reply}", status["qid"],
+                               recipients=(status["to"],),
+                               next_queue_id=tracking.queued_as(reply) if to_filter else "")
+        elif reject := _REJECT.match(text):
+            reply = reject["reply"]
+            outcome = ("refused" if reply.startswith("5") else
+                       "greylisted" if "greylist" in reply.lower() else "deferred")
+            return self._event(outcome, reply, reject["qid"] or "", client=reject["ip"],
+                               sender=reject["sender"],
+                               recipients=(reject["to"],) if reject["to"] else ())
+        elif proxy := _PROXY.match(text):
+            reply = proxy["reply"]
+            accepted = proxy["kind"] == "accept" and reply.startswith("2")
+            outcome = "accepted" if accepted else (
+                "deferred" if reply.startswith("4") else "refused")
+            return self._event(outcome, f"the filters said: {reply}", proxy["qid"] or "",
+                               client=self._connected.get(found["pid"], ""),
+                               sender=proxy["sender"],
+                               recipients=(proxy["to"],) if proxy["to"] else (),
+                               next_queue_id=tracking.queued_as(reply) if accepted else "")
+        return None
+
+    def _event(self, outcome: str, detail: str, queue_id: str, *, client: str = "",
+               sender: str | None = None, recipients: tuple[str, ...] = (),
+               next_queue_id: str = "") -> tracking.Event:
+        about = self._known.get(queue_id, {}) if queue_id else {}
+        return tracking.Event(
+            "postfix", outcome, detail[:tracking.MAX_FIELD],
+            client=client or about.get("client", ""),
+            sender=sender if sender is not None else about.get("sender", ""),
+            recipients=recipients, queue_id=queue_id, next_queue_id=next_queue_id,
+            message_id=about.get("message_id", ""), time=self.clock())

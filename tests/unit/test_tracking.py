@@ -1,0 +1,314 @@
+"""Message tracking without sockets: the events each service records, Postfix's log lines as
+events, the ring the gateway collects from, the store, and messages rebuilt from events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from typing import Any
+
+import httpx2
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway.scrape import Target
+from gateway.tracking import (
+    Collector,
+    Search,
+    StoredEvent,
+    TrackingMetrics,
+    TrackingStore,
+    build_traces,
+)
+from secumail import tracking
+from secumail.metrics import events_answer
+from secumail.relay import MessageInfo, Verdict, verdict_event
+from secumail.tracking import Event, EventLog
+from services.policy.engine import Decision, decision_event
+from services.postfix.events import PostfixEvents
+
+# --- what the services record ------------------------------------------------------------
+
+
+def test_the_ring_numbers_events_and_says_how_many_it_no_longer_holds() -> None:
+    ring = EventLog(capacity=100)
+    for n in range(250):
+        ring.record(tracking.event("policy", "passed", f"n={n}"))
+    answer = ring.since(0, limit=10)
+    assert (answer["first"], answer["last"]) == (151, 250)  # 150 are gone
+    assert [e["seq"] for e in answer["events"]] == list(range(151, 161))
+    assert ring.since(245)["events"][0]["detail"] == "n=245"
+    assert ring.since(250)["events"] == [] and ring.since(10**9)["events"] == []
+    assert EventLog().boot != ring.boot  # a restarted process is told apart
+
+
+def test_a_disabled_ring_records_nothing() -> None:
+    ring = EventLog(enabled=False)
+    ring.record(tracking.event("policy", "passed"))
+    assert ring.since(0)["last"] == 0
+
+
+def test_events_answer_refuses_a_bad_cursor() -> None:
+    ring = EventLog()
+    ring.record(tracking.event("dkim", "passed"))
+    assert events_answer(ring, "after=x")[0].startswith("400")
+    status, body = events_answer(ring, "after=0")
+    assert status == "200 OK" and json.loads(body)["events"][0]["service"] == "dkim"
+
+
+def test_fields_are_cut_to_size_and_malformed_events_refused() -> None:
+    big = tracking.event("clamav", "refused", "x" * 10_000, message_id="m" * 10_000,
+                         recipients=[f"r{i}@x.test" for i in range(500)])
+    assert len(big.detail) == tracking.MAX_FIELD and len(big.recipients) == 50
+    assert Event.from_dict(big.to_dict()) == big
+    for bad in ({"service": "x"}, {**big.to_dict(), "outcome": "owned"},
+                {**big.to_dict(), "recipients": "a@b"}, {**big.to_dict(), "sender": 5}):
+        with pytest.raises(ValueError):
+            Event.from_dict(bad)
+
+
+def test_queue_ids_and_message_ids_are_read_from_replies_and_headers() -> None:
+    assert tracking.queued_as("250 2.0.0 Ok: queued as 4ABC12DEF3") == "4ABC12DEF3"
+    assert tracking.queued_as("250 2.0.0 Ok: quarantined as 123") == ""
+    message = b"Subject: x\r\nMessage-ID:\r\n <abc@mail.remote.test>\r\n\r\nMessage-ID: <no>\r\n"
+    assert tracking.message_id_of(message, message.index(b"\r\n\r\n") + 2) == \
+        "abc@mail.remote.test"
+    assert tracking.message_id_of(b"Subject: x\r\n\r\n", 13) == ""
+
+
+@pytest.mark.parametrize(("action", "check", "outcome"), [
+    ("DEFER_IF_PERMIT 4.7.1 Greylisted, see ...", "greylist", "greylisted"),
+    ("451 4.3.0 spf unavailable", "spf", "deferred"),
+    ("554 5.7.1 Service unavailable; client [192.0.2.9] blocked using rbl.test", "dnsbl",
+     "refused"),
+    ("550 5.7.23 SPF fail", "spf", "refused"),
+    ("PREPEND X-Greylist: not delayed", "greylist", "passed"),
+    ("DUNNO", "none", "passed"),
+])
+def test_each_policy_answer_is_one_event(action: str, check: str, outcome: str) -> None:
+    request = {"client_address": "192.0.2.9", "sender": "a@remote.test",
+               "recipient": "bob@secumail.test", "queue_id": ""}
+    found = decision_event(request, Decision(action, check, "why"))
+    assert (found.service, found.outcome, found.client, found.recipients) == (
+        "policy", outcome, "192.0.2.9", ("bob@secumail.test",))
+    assert found.detail == f"{check}: why"
+
+
+@pytest.mark.parametrize(("verdict", "reply", "outcome", "next_id"), [
+    (Verdict("deliver", "clean", ""), "250 2.0.0 Ok: queued as 4XYZ0001", "passed", "4XYZ0001"),
+    (Verdict("reject", "virus", "Eicar", reply="554 5.7.0 virus"), "554 5.7.0 virus",
+     "refused", ""),
+    (Verdict("quarantine", "spam", "score 9"), "250 2.0.0 Ok: quarantined as q1 (score 9)",
+     "quarantined", ""),
+    (Verdict("drop", "spam", "score 30"), "250 2.0.0 Ok: discarded", "dropped", ""),
+    (Verdict("deliver", "clean", ""), "451 4.4.1 next hop down", "deferred", ""),
+    (Verdict("quarantine", "virus", "x"), "451 4.3.0 Quarantine unavailable", "deferred", ""),
+])
+def test_each_filter_verdict_is_one_event(verdict: Verdict, reply: str, outcome: str,
+                                          next_id: str) -> None:
+    info = MessageInfo("a@remote.test", ("bob@secumail.test",),
+                       {"ADDR": "203.0.113.7", "IDENT": "4ABC"})
+    message = b"Message-Id: <m1@remote.test>\r\nSubject: s\r\n\r\nbody\r\n"
+    found = verdict_event("clamav", info, message, verdict, reply)
+    assert (found.outcome, found.next_queue_id, found.queue_id, found.client) == (
+        outcome, next_id, "4ABC", "203.0.113.7")
+    assert found.message_id == "m1@remote.test" and verdict.label in found.detail
+
+
+# --- Postfix's log ------------------------------------------------------------------------
+
+P = "Dec  2 06:00:00 mx postfix/"
+
+
+def feed(lines: list[str]) -> list[Event]:
+    events = PostfixEvents("clamav", clock=lambda: 1000.0)
+    return [e for line in lines if (e := events.feed(P + line)) is not None]
+
+
+def test_postfix_refusals_at_rcpt_are_events_with_the_client() -> None:
+    found = feed([
+        "smtpd[11]: NOQUEUE: reject: RCPT from unknown[203.0.113.20]: 554 5.7.1 "
+        "<carol@elsewhere.test>: Relay access denied; from=<alice@remote.test> "
+        "to=<carol@elsewhere.test> proto=ESMTP helo=<mail.remote.test>",
+        "smtpd[11]: NOQUEUE: reject: RCPT from unknown[203.0.113.21]: 450 4.7.1 "
+        "<dave@secumail.test>: Recipient address rejected: Greylisted, see x; "
+        "from=<bot@remote.test> to=<dave@secumail.test> proto=ESMTP helo=<x>",
+    ])
+    assert [(e.outcome, e.client, e.sender, e.recipients) for e in found] == [
+        ("refused", "203.0.113.20", "alice@remote.test", ("carol@elsewhere.test",)),
+        ("greylisted", "203.0.113.21", "bot@remote.test", ("dave@secumail.test",)),
+    ]
+    assert "Relay access denied" in found[0].detail
+
+
+def test_before_queue_a_message_is_accepted_queued_and_delivered() -> None:
+    found = feed([
+        "smtpd[12]: connect from unknown[203.0.113.5]",
+        "smtpd[12]: NOQUEUE: proxy-accept: END-OF-MESSAGE: 250 2.0.0 Ok: queued as 4QID2; "
+        "from=<alice@remote.test> to=<dave@secumail.test> proto=ESMTP helo=<mail.remote.test>",
+        "smtpd[13]: 4QID2: client=unknown[203.0.113.5]",
+        "cleanup[14]: 4QID2: message-id=<m1@remote.test>",
+        "qmgr[15]: 4QID2: from=<alice@remote.test>, size=900, nrcpt=1 (queue active)",
+        "virtual[16]: 4QID2: to=<dave@secumail.test>, relay=virtual, delay=0.1, "
+        "delays=0/0/0/0, dsn=2.0.0, status=sent (delivered to maildir)",
+        "qmgr[15]: 4QID2: from=<alice@remote.test>, size=900, nrcpt=1 (queue active)",
+        "smtpd[12]: NOQUEUE: proxy-reject: END-OF-MESSAGE: 554 5.7.0 virus found; "
+        "from=<alice@remote.test> to=<dave@secumail.test> proto=ESMTP helo=<x>",
+    ])
+    assert [(e.outcome, e.queue_id, e.next_queue_id) for e in found] == [
+        ("accepted", "", "4QID2"), ("accepted", "4QID2", ""), ("delivered", "4QID2", ""),
+        ("refused", "", ""),
+    ]
+    assert found[0].client == "203.0.113.5" == found[3].client  # from smtpd[12]'s connect
+    assert found[2].message_id == "m1@remote.test" and found[2].sender == "alice@remote.test"
+    assert found[2].recipients == ("dave@secumail.test",)
+
+
+def test_after_queue_the_hand_over_to_the_filters_is_a_pass() -> None:
+    found = feed([
+        "smtp[20]: 4QID1: to=<dave@secumail.test>, relay=clamav[172.29.125.4]:10025, "
+        "delay=1, delays=0/0/0/1, dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as 4QID9)",
+        "smtp[21]: 4QID3: to=<x@remote.test>, relay=none, delay=1, delays=0/0/1/0, "
+        "dsn=4.4.1, status=deferred (connect to remote.test[192.0.2.1]:25: timed out)",
+        "smtp[21]: 4QID4: to=<y@remote.test>, relay=mx.remote.test[192.0.2.2]:25, delay=1, "
+        "delays=0/0/0/1, dsn=5.1.1, status=bounced (host said: 550 5.1.1 no such user)",
+    ])
+    assert [(e.outcome, e.next_queue_id) for e in found] == [
+        ("passed", "4QID9"), ("deferred", ""), ("bounced", "")]
+
+
+# --- messages rebuilt from events -----------------------------------------------------------
+
+
+def stored(n: int, service: str, outcome: str, at: float, **fields: Any) -> StoredEvent:
+    base = {"client": "203.0.113.5", "sender": "alice@remote.test",
+            "recipients": ("dave@secumail.test",)}
+    return StoredEvent(replace(tracking.event(service, outcome, **{**base, **fields}), time=at),
+                       f"{service}-1", n)
+
+
+def greylisted_then_delivered() -> list[StoredEvent]:
+    return [
+        stored(1, "policy", "greylisted", 100.0),
+        stored(2, "postfix", "greylisted", 100.1),
+        stored(3, "policy", "passed", 400.0),
+        stored(4, "clamav", "passed", 400.2, next_queue_id="4Q2", message_id="m1@x"),
+        stored(5, "spamd", "passed", 400.3, next_queue_id="4Q2", message_id="m1@x"),
+        stored(6, "postfix", "accepted", 400.4, next_queue_id="4Q2"),
+        stored(7, "dkim", "passed", 400.35, queue_id="4Q2", message_id="m1@x"),
+        stored(8, "postfix", "delivered", 400.6, queue_id="4Q2", message_id="m1@x"),
+    ]
+
+
+def test_a_greylisted_message_and_its_delivery_are_one_path() -> None:
+    traces = build_traces(greylisted_then_delivered())
+    assert len(traces) == 1
+    assert [e.id for e in traces[0].events] == [1, 2, 3, 4, 5, 7, 6, 8]
+    assert traces[0].outcome == "delivered"
+    summary = traces[0].to_dict()
+    assert summary["queue_ids"] == ["4Q2"] and summary["message_id"] == "m1@x"
+
+
+def test_refusals_before_a_queue_id_stand_alone_or_with_their_own_retries() -> None:
+    events = [
+        stored(1, "policy", "greylisted", 100.0, client="192.0.2.9", sender="bot@x.test"),
+        stored(2, "policy", "greylisted", 200.0, client="192.0.2.9", sender="bot@x.test"),
+        stored(3, "postfix", "refused", 300.0, recipients=("carol@elsewhere.test",)),
+        *greylisted_then_delivered()[3:],
+    ]
+    traces = build_traces(events)
+    outcomes = sorted((t.outcome, len(t.events)) for t in traces)
+    assert outcomes == [("delivered", 5), ("greylisted", 2), ("refused", 1)]
+
+
+def test_the_store_finds_a_message_by_any_of_its_fields() -> None:
+    store = TrackingStore(":memory:", retention=86400, max_events=10_000, clock=lambda: 500.0)
+    store.add("boot1", 8, greylisted_then_delivered())
+    for search in (Search(recipient="DAVE@secumail.test"), Search(sender="alice@remote.test"),
+                   Search(client="203.0.113.5"), Search(message_id="<m1@x>"),
+                   Search(queue_id="4Q2")):
+        traces = store.search(search)
+        assert len(traces) == 1, search
+        assert traces[0].outcome == "delivered" and len(traces[0].events) == 8, search
+    assert store.search(Search(sender="nobody@remote.test")) == []
+    assert store.search(Search(queue_id="4Q2", until=300.0)) == []
+    assert store.cursor("boot1") == 8 and store.cursor("other") == 0
+
+
+def test_the_store_keeps_its_retention_and_its_count() -> None:
+    now = [1000.0]
+    store = TrackingStore(":memory:", retention=100, max_events=1000, clock=lambda: now[0])
+    store.add("b", 1500, [stored(0, "policy", "passed", 850.0 + i / 10) for i in range(1500)])
+    now[0] = 1000.0 + 40  # events before 940 are past the retention
+    assert store.prune() == 900 + 0 and store.count() == 600
+    store.add("b", 2700, [stored(0, "policy", "passed", 1040.0) for _ in range(1200)])
+    store.prune()
+    assert store.count() == 1000
+
+
+# --- the collector --------------------------------------------------------------------------
+
+
+class Replica:
+    """A replica's /events, as secumail.metrics serves it, over httpx2's mock transport."""
+
+    def __init__(self) -> None:
+        self.ring = EventLog(capacity=100)
+        self.asked: list[int] = []
+
+    def handle(self, request: httpx2.Request) -> httpx2.Response:
+        after = int(request.url.params["after"])
+        self.asked.append(after)
+        return httpx2.Response(200, json=self.ring.since(after, limit=30))
+
+
+def collect(store: TrackingStore, replica: Replica, metrics: TrackingMetrics) -> int:
+    async def run() -> int:
+        async with httpx2.AsyncClient(transport=httpx2.MockTransport(replica.handle)) as client:
+            async def targets() -> list[Target]:
+                return [Target("policy", "10.0.0.2:9100", "policy-1")]
+            return await Collector(store, client, targets, metrics, 1.0).collect()
+    return asyncio.run(run())
+
+
+def value(registry: CollectorRegistry, name: str) -> float:
+    return registry.get_sample_value(name, {"service": "policy"}) or 0.0
+
+
+def test_the_collector_stores_each_event_once_and_counts_what_it_missed() -> None:
+    registry = CollectorRegistry()
+    metrics = TrackingMetrics(registry)
+    store = TrackingStore(":memory:", retention=86400, max_events=10_000)
+    replica = Replica()
+    for n in range(70):
+        replica.ring.record(tracking.event("policy", "passed", f"n={n}"))
+    assert collect(store, replica, metrics) == 70  # three pages of 30
+    assert collect(store, replica, metrics) == 0  # a new collector (a restarted gateway)
+    for n in range(150):  # more than the ring holds before the next collection
+        replica.ring.record(tracking.event("policy", "passed", f"m={n}"))
+    assert collect(store, replica, metrics) == 100
+    assert store.count() == 170
+    assert value(registry, "secumail_tracking_events_lost_total") == 50
+    assert value(registry, "secumail_tracking_events_collected_total") == 170
+    replica.ring = EventLog(capacity=100)  # the replica restarted: numbers start again
+    replica.ring.record(tracking.event("policy", "refused", "again"))
+    assert collect(store, replica, metrics) == 1
+
+
+def test_a_replica_that_answers_junk_is_counted_and_the_others_go_on() -> None:
+    registry = CollectorRegistry()
+    store = TrackingStore(":memory:", retention=86400, max_events=10_000)
+
+    def handle(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, content=b"not json")
+
+    async def run() -> int:
+        async with httpx2.AsyncClient(transport=httpx2.MockTransport(handle)) as client:
+            async def targets() -> list[Target]:
+                return [Target("policy", "10.0.0.2:9100")]
+            return await Collector(store, client, targets, TrackingMetrics(registry),
+                                   1.0).collect()
+
+    assert asyncio.run(run()) == 0
+    assert value(registry, "secumail_tracking_collect_errors_total") == 1
