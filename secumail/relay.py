@@ -307,8 +307,8 @@ class RelaySMTP(_HooksListedOnce, SMTP):
         await self.push("250 2.0.0 Ok")
 
 
-def verdict_event(name: str, info: MessageInfo, message: bytes, verdict: Verdict, reply: str
-                  ) -> tracking.Event:
+def verdict_event(name: str, info: MessageInfo, message: bytes, verdict: Verdict, reply: str,
+                  received: float | None = None) -> tracking.Event:
     """The tracking event of one message through a filter: the verdict, and where the
     message went (the next hop's queue id when it took it, "queued as ...")."""
     final = reply.split("\r\n")[-1]
@@ -321,7 +321,7 @@ def verdict_event(name: str, info: MessageInfo, message: bytes, verdict: Verdict
         name, outcome, f"{detail}; {final[:200]}", client=info.client.get("ADDR", ""),
         sender=info.mail_from, recipients=info.rcpt_tos, queue_id=info.client.get("IDENT", ""),
         next_queue_id=tracking.queued_as(final),
-        message_id=tracking.message_id_of(message, header_block_end(message)))
+        message_id=tracking.message_id_of(message, header_block_end(message)), at=received)
 
 
 class RelayHandler(_HooksListedOnce):
@@ -411,6 +411,7 @@ class RelayHandler(_HooksListedOnce):
 
     async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
         transaction = server.transaction
+        received = time.time()
         with self.inflight.track():
             info = MessageInfo(
                 str(envelope.mail_from), tuple(envelope.rcpt_tos), dict(transaction.xforward)
@@ -441,7 +442,7 @@ class RelayHandler(_HooksListedOnce):
                 client=info.client.get("ADDR", ""), sender=info.mail_from,
                 recipients=",".join(info.rcpt_tos), size=len(message),
             )
-            tracking.record(verdict_event(self.name, info, message, verdict, reply))
+            tracking.record(verdict_event(self.name, info, message, verdict, reply, received))
             return reply
 
     async def handle_RSET(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:

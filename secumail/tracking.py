@@ -83,12 +83,15 @@ def _text(value: object) -> str:
 
 def event(service: str, outcome: str, detail: str = "", *, client: str = "", sender: str = "",
           recipients: tuple[str, ...] | list[str] = (), queue_id: str = "",
-          next_queue_id: str = "", message_id: str = "") -> Event:
-    """An event with its fields cut to size (a sender may write anything in a Message-ID)."""
+          next_queue_id: str = "", message_id: str = "", at: float | None = None) -> Event:
+    """An event with its fields cut to size (a sender may write anything in a Message-ID).
+    `at`: when the hop got the message, if not now (a filter answers after its next hop, but
+    a path reads in the order the hops got it)."""
     assert outcome in OUTCOMES, outcome
     return Event(service, outcome, detail[:MAX_FIELD], client[:MAX_FIELD], sender[:MAX_FIELD],
                  tuple(r[:MAX_FIELD] for r in list(recipients)[:MAX_RECIPIENTS]),
-                 queue_id[:64], next_queue_id[:64], message_id[:MAX_FIELD])
+                 queue_id[:64], next_queue_id[:64], message_id[:MAX_FIELD],
+                 time.time() if at is None else at)
 
 
 class EventLog:

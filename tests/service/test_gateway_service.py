@@ -9,6 +9,7 @@ replica's metrics listener at the replica's address and SECUMAIL_METRICS_LISTEN'
 
 from __future__ import annotations
 
+import email
 import json
 import smtplib
 import socket
@@ -20,6 +21,7 @@ import types
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +149,7 @@ def stack(spamd: Spamd) -> Iterator[Stack]:
              str(postfix.config_dir)],
             service_env(metrics_listen=metrics("postfix")), name="postfix-supervisor"))
         wait_for_port(postfix.port, timeout=20)
+        ports["postfix"] = postfix.port
         daemons.append(start("secumail-policy", service_env(
             policy_listen=f"{HOSTS['policy']}:{ports['policy']}", metrics_listen=metrics("policy"),
             greylist_store=f"sqlite://{greylist}", spf_enabled="false", greylist_delay="60",
@@ -404,3 +407,62 @@ def test_a_null_sender_message_is_released_with_a_null_sender(stack: Stack) -> N
     assert status == 200, report
     envelope_seen, _ = stack.sink.handler.messages[-1]
     assert envelope_seen.mail_from in ("", "<>")  # aiosmtpd's spelling of MAIL FROM:<>
+
+
+def tracked(stack: Stack, query: str, expected: int = 1, timeout: float = 30
+            ) -> list[dict[str, Any]]:
+    """The tracking search's messages once `expected` are there (the gateway collects every
+    0.5 s here)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, answer = stack.request("GET", f"/admin/tracking?{query}")
+        assert status == 200, answer
+        if len(answer["messages"]) >= expected or time.monotonic() > deadline:
+            return list(answer["messages"])
+        time.sleep(0.5)
+
+
+def test_tracking_finds_what_each_service_decided(stack: Stack) -> None:
+    """A greylisted request (policy), a virus kept and a clean message passed (both
+    filters), a relay attempt (Postfix's log, through its agent): each found by one search,
+    its path collected from the replicas' /events by the running gateway."""
+    marker = uuid.uuid4().hex[:10]
+    client = PolicyClient(stack.ports["policy"], host=HOSTS["policy"])
+    grey = f"grey.{marker}@remote.test"
+    assert client.ask(rcpt_request(client_address="192.0.2.30", sender=grey,
+                                   recipient="bob@secumail.test", instance="tr.1")
+                      ).startswith("DEFER_IF_PERMIT")
+    clean = mail.plain(subject=f"clean {marker}")
+    with smtplib.SMTP(HOSTS["clamav"], stack.ports["clamav"], timeout=60) as smtp:
+        smtp.sendmail(f"clean.{marker}@remote.test", ["bob@secumail.test"], clean)
+        smtp.sendmail(f"virus.{marker}@remote.test", ["bob@secumail.test"], mail.eicar())
+    with smtplib.SMTP("127.0.0.1", stack.ports["postfix"], timeout=30) as smtp:
+        smtp.ehlo("test-client.secumail.test")
+        assert smtp.docmd("XCLIENT", "ADDR=203.0.113.50 NAME=[UNAVAILABLE]")[0] == 220
+        smtp.ehlo("mail.remote.test")
+        assert smtp.mail(f"relay.{marker}@remote.test")[0] == 250
+        assert smtp.rcpt("carol@elsewhere.test")[0] in (454, 554)
+
+    [greylisted] = tracked(stack, f"sender={grey}")
+    assert greylisted["outcome"] == "greylisted" and greylisted["client"] == "192.0.2.30"
+    assert [e["service"] for e in greylisted["events"]] == ["policy"]
+
+    [passed] = tracked(stack, f"sender=clean.{marker}@remote.test", expected=1)
+    paths = [(e["service"], e["outcome"]) for e in passed["events"]]
+    assert paths == [("clamav", "passed"), ("spamd", "passed")], passed
+    message_id = str(email.message_from_bytes(clean)["Message-ID"]).strip("<>")
+    assert passed["message_id"] == message_id
+    assert tracked(stack, f"message_id={urllib.parse.quote(message_id)}")[0]["events"] == \
+        passed["events"]
+
+    [virus] = tracked(stack, f"sender=virus.{marker}@remote.test")
+    assert virus["outcome"] == "quarantined", virus
+    assert "virus" in virus["events"][0]["detail"]
+
+    [relay] = tracked(stack, f"sender=relay.{marker}@remote.test")
+    assert [(e["service"], e["client"]) for e in relay["events"]] == [
+        ("postfix", "203.0.113.50")]
+    assert "Relay access denied" in relay["events"][0]["detail"]
+    assert relay["recipients"] == ["carol@elsewhere.test"]
+    assert stack.request("GET", "/admin/tracking")[0] == 400  # no criterion
+    assert stack.request("GET", f"/admin/tracking?sender={grey}", token=None)[0] == 401
