@@ -28,7 +28,7 @@ from gateway.context import Gateway, problem
 from gateway.health import HealthChecker, Hop, Namer, Resolver, chain_hops, reverse_name
 from gateway.http import HostCheck
 from gateway.quarantine import QuarantineAdmin, ReleaseSend, next_hops
-from gateway.routers import dkim, greylist, health, metrics, quarantine, tracking
+from gateway.routers import console, dkim, greylist, health, metrics, quarantine, tracking
 from gateway.scrape import Target, target_for
 from gateway.tracking import Collector, TrackingMetrics, TrackingStore
 from secumail import probes
@@ -137,6 +137,7 @@ def create_app(
         for router in (health.run, greylist.router, quarantine.router, dkim.router,
                        tracking.router):
             app.include_router(router, dependencies=[Depends(guard)], responses=UNAUTHORIZED)
+        app.include_router(console.router)  # its own sign-in (a cookie), the same token
     else:
         log_event(log, "admin API off: SECUMAIL_ADMIN_TOKEN is not set", logging.WARNING)
 

@@ -43,3 +43,37 @@ def token_guard(token: SecretStr, scheme_name: str, description: str) -> Guard:
                                 headers={"WWW-Authenticate": "Bearer"})
 
     return guard
+
+
+class ConsoleSessions:
+    """The console's sign-in: a cookie `EXPIRY.MAC` (HMAC-SHA256 under the admin token, so
+    a new token ends every session) and, for each session, a CSRF token its forms carry.
+    Nothing is stored: a gateway restart keeps sessions, a token change ends them."""
+
+    COOKIE = "secumail_console"
+    LIFETIME = 8 * 3600
+
+    def __init__(self, token: SecretStr, secure_cookie: bool) -> None:
+        self._key = token.get_secret_value().encode()
+        self.secure_cookie = secure_cookie
+
+    def _mac(self, purpose: str, value: str) -> str:
+        return hmac.new(self._key, f"{purpose}:{value}".encode(), "sha256").hexdigest()
+
+    def token_matches(self, presented: str) -> bool:
+        return bool(self._key) and hmac.compare_digest(presented.encode(), self._key)
+
+    def new_session(self, now: float) -> str:
+        expires = str(int(now) + self.LIFETIME)
+        return f"{expires}.{self._mac('session', expires)}"
+
+    def valid(self, cookie: str | None, now: float) -> bool:
+        expires, _, mac = (cookie or "").partition(".")
+        return (expires.isdigit() and int(expires) > now
+                and hmac.compare_digest(mac.encode(), self._mac("session", expires).encode()))
+
+    def csrf(self, cookie: str) -> str:
+        return self._mac("csrf", cookie)
+
+    def csrf_matches(self, cookie: str, presented: str) -> bool:
+        return hmac.compare_digest(presented.encode(), self.csrf(cookie).encode())

@@ -24,6 +24,7 @@ from tests.support.scanners import TESTFILES, write_signatures
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "secumail-e2e"
 CLAMAV_REPLICAS = 3
+SPAMD_REPLICAS = 2  # every filter scaled: tracking follows a message across replicas
 # The stack as a site runs it, plus the tests' overlay (test_v6.py adds compose.ipv6.yaml).
 COMPOSE_FILES = ("compose.yaml", "tests/e2e/compose.test.yaml")
 IPV6_FILES = ("compose.yaml", "compose.ipv6.yaml", "tests/e2e/compose.test.yaml")
@@ -63,6 +64,7 @@ def e2e_dir() -> Iterator[Path]:
     # replicas as a setting (README: it persists across later `up -d`).
     os.environ["COMPOSE_PROFILES"] = "redis,prometheus"
     os.environ["SECUMAIL_CLAMAV_REPLICAS"] = str(CLAMAV_REPLICAS)
+    os.environ["SECUMAIL_SPAMD_REPLICAS"] = str(SPAMD_REPLICAS)
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
 

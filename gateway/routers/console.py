@@ -1,0 +1,356 @@
+"""The operator's console: message tracking, the quarantine, the greylist and each hop's
+health, as server-rendered pages over the admin API's own route functions (the same code
+answers a script and a person).
+
+Sign-in with the admin token sets a session cookie (HttpOnly, SameSite=Strict, Secure);
+every action is a POST form carrying the session's CSRF token. Without a session a page
+answers 401 with the sign-in form, and an action 403, having done nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs, quote, urlencode
+
+from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, RedirectResponse
+from pydantic import ValidationError
+
+from gateway.auth import ConsoleSessions
+from gateway.console_html import (
+    STYLE,
+    button_form,
+    csrf_field,
+    esc,
+    login_form,
+    page,
+    table,
+    when,
+)
+from gateway.context import Gateway, GatewayDep, get_store
+from gateway.models import ReleaseReport, WhitelistRequest
+from gateway.routers import greylist, health, quarantine, tracking
+from secumail.logs import log_event
+from services.policy.greylist import WhitelistKind
+
+log = logging.getLogger("secumail.gateway.console")
+
+router = APIRouter(prefix="/console", include_in_schema=False)
+MAX_FORM = 16_384
+HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store", "X-Frame-Options": "DENY",
+}
+SEARCH_FIELDS = (("sender", "Sender"), ("recipient", "Recipient"), ("client", "Client IP"),
+                 ("message_id", "Message-ID"), ("queue_id", "Queue id"))
+
+
+def sessions(gateway: Gateway) -> ConsoleSessions:
+    return ConsoleSessions(gateway.settings.admin_token, gateway.settings.console_secure_cookie)
+
+
+def html(body: str, status: int = 200) -> HTMLResponse:
+    return HTMLResponse(body, status_code=status, headers=HEADERS)
+
+
+def signed_in(request: Request, gateway: Gateway) -> str | None:
+    """The session's CSRF token when the request carries a valid session, else None."""
+    cookie = request.cookies.get(ConsoleSessions.COOKIE)
+    keeper = sessions(gateway)
+    return keeper.csrf(cookie) if cookie and keeper.valid(cookie, time.time()) else None
+
+
+async def form(request: Request) -> dict[str, str]:
+    body = await request.body()
+    if len(body) > MAX_FORM:
+        raise HTTPException(413, "form too large")
+    return {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
+
+
+def refusal(request: Request, gateway: Gateway, fields: dict[str, str]) -> HTMLResponse | None:
+    """403 for a POST without a valid session and its CSRF token; None when it may go on."""
+    cookie = request.cookies.get(ConsoleSessions.COOKIE, "")
+    keeper = sessions(gateway)
+    if keeper.valid(cookie, time.time()) and keeper.csrf_matches(cookie, fields.get("csrf", "")):
+        return None
+    log_event(log, "console action refused", logging.WARNING, path=request.url.path,
+              reason="no session or wrong CSRF token",
+              client=request.client.host if request.client else "?")
+    return html(page("Refused", "<p>This form is no longer valid: "
+                     '<a href="/console/login">sign in</a> again.</p>'), 403)
+
+
+Page = Callable[[Request, Gateway, str], Awaitable[HTMLResponse]]
+Action = Callable[[Request, Gateway, dict[str, str]], Awaitable[str]]
+
+
+def console_page(path: str) -> Callable[[Page], Page]:
+    """A GET page: the sign-in form (401) without a session."""
+    def register(view: Page) -> Page:
+        async def endpoint(request: Request, gateway: GatewayDep) -> HTMLResponse:
+            csrf = signed_in(request, gateway)
+            if csrf is None:
+                return html(login_form(), 401)
+            return await view(request, gateway, csrf)
+        router.add_api_route(path, endpoint, methods=["GET"], response_class=HTMLResponse)
+        return view
+    return register
+
+
+def console_action(path: str, back: str) -> Callable[[Action], Action]:
+    """A POST action: 403 without a session or with a wrong CSRF token; after it, back to
+    `back` (which may name the form's fields: "/console/quarantine") with its notice."""
+    def register(action: Action) -> Action:
+        async def endpoint(request: Request, gateway: GatewayDep) -> Response:
+            fields = await form(request)
+            if (refused := refusal(request, gateway, fields)) is not None:
+                return refused
+            try:
+                notice = await action(request, gateway, fields)
+            except HTTPException as error:
+                notice = f"{error.status_code}: {error.detail}"
+            except (RequestValidationError, ValidationError) as error:
+                notice = "; ".join(str(e.get("msg", "")) for e in error.errors())
+            return RedirectResponse(f"{back}?{urlencode({'notice': notice})}", 303,
+                                    headers=HEADERS)
+        router.add_api_route(path, endpoint, methods=["POST"])
+        return action
+    return register
+
+
+# --- sign-in ------------------------------------------------------------------------------
+
+
+@router.get("/style.css")
+async def style() -> Response:
+    return Response(STYLE, media_type="text/css", headers={"Cache-Control": "max-age=3600"})
+
+
+@router.get("")
+async def home() -> Response:
+    return RedirectResponse("/console/tracking", 303)
+
+
+@router.get("/login", response_class=HTMLResponse)
+async def login_page() -> HTMLResponse:
+    return html(login_form())
+
+
+@router.post("/login")
+async def login(request: Request, gateway: GatewayDep) -> Response:
+    fields = await form(request)
+    keeper = sessions(gateway)
+    client = request.client.host if request.client else "?"
+    if not keeper.token_matches(fields.get("token", "")):
+        log_event(log, "console sign-in failed", logging.WARNING, client=client)
+        return html(login_form("Wrong token."), 401)
+    log_event(log, "console sign-in", client=client)
+    response = RedirectResponse("/console/tracking", 303, headers=HEADERS)
+    response.set_cookie(ConsoleSessions.COOKIE, keeper.new_session(time.time()),
+                        max_age=ConsoleSessions.LIFETIME, path="/console", httponly=True,
+                        samesite="strict", secure=keeper.secure_cookie)
+    return response
+
+
+@router.post("/logout")
+async def logout(request: Request, gateway: GatewayDep) -> Response:
+    if (refused := refusal(request, gateway, await form(request))) is not None:
+        return refused
+    response = RedirectResponse("/console/login", 303, headers=HEADERS)
+    response.delete_cookie(ConsoleSessions.COOKIE, path="/console", httponly=True,
+                           samesite="strict", secure=sessions(gateway).secure_cookie)
+    return response
+
+
+def notice_of(request: Request) -> str:
+    return request.query_params.get("notice", "")[:500]
+
+
+# --- tracking -----------------------------------------------------------------------------
+
+
+def message_html(message: dict[str, Any]) -> str:
+    rows = [(esc(when(e["time"])), esc(e["service"]),
+             f'<span class="outcome {esc(e["outcome"])}">{esc(e["outcome"])}</span>',
+             f'<span class="detail">{esc(e["detail"])}</span>', esc(e["replica"]),
+             esc(" ".join(q for q in (e["queue_id"], e["next_queue_id"]) if q)))
+            for e in message["events"]]
+    recipients = ", ".join(message["recipients"]) or "?"
+    return (f'<section class="message"><p><span class="outcome {esc(message["outcome"])}">'
+            f'{esc(message["outcome"].upper())}</span> &lt;{esc(message["sender"])}&gt; '
+            f"&rarr; {esc(recipients)} <span class=muted>client {esc(message['client'] or '?')}"
+            f" &middot; {esc(when(message['first']))}"
+            + (f" &middot; &lt;{esc(message['message_id'])}&gt;" if message["message_id"] else "")
+            + "</span></p>"
+            + table(("Time", "Service", "Outcome", "Why", "Replica", "Queue ids"), rows, "")
+            + "</section>")
+
+
+@console_page("/tracking")
+async def tracking_page(request: Request, gateway: Gateway, csrf: str) -> HTMLResponse:
+    asked = {name: request.query_params.get(name, "")[:512] for name, _ in SEARCH_FIELDS}
+    fields = "".join(f'<label>{esc(label)}<input name="{name}" value="{esc(asked[name])}">'
+                     "</label>" for name, label in SEARCH_FIELDS)
+    body = (f'<form class="search" method="get" action="/console/tracking">{fields}'
+            '<button type="submit">Search</button></form>')
+    if any(asked.values()):
+        try:
+            found = await tracking.search(gateway, **asked, since=0.0, until=0.0, limit=50)
+        except HTTPException as error:
+            body += f'<p class="flash">{esc(error.detail)}</p>'
+        else:
+            messages = found["messages"]
+            body += f'<h2>{len(messages)} message{"s" if len(messages) != 1 else ""}</h2>'
+            body += "".join(message_html(m) for m in messages) or \
+                '<p class="muted">No message matches.</p>'
+    else:
+        body += '<p class="muted">Search by any of these: every message one of whose ' \
+                "events matches, with its path hop by hop.</p>"
+    return html(page("Where did my mail go?", body, "tracking", csrf, notice_of(request)))
+
+
+# --- quarantine ---------------------------------------------------------------------------
+
+
+@console_page("/quarantine")
+async def quarantine_page(request: Request, gateway: Gateway, csrf: str) -> HTMLResponse:
+    items = await quarantine.list_quarantine(gateway, filter=None, limit=200)
+    rows = [(esc(when(i.time)), esc(i.filter), f'<span class="outcome">{esc(i.verdict)}</span>',
+             f"<span class=detail>{esc(i.reason)}</span>", esc(i.mail_from or "<>"),
+             esc(", ".join(i.rcpt_tos)),
+             f'<a href="/console/quarantine/{quote(i.id)}">Open</a>') for i in items]
+    body = table(("Kept", "Filter", "Verdict", "Why", "Sender", "Recipients", ""), rows,
+                 "The quarantine is empty.")
+    return html(page("Quarantine", body, "quarantine", csrf, notice_of(request)))
+
+
+@console_page("/quarantine/{ident}")
+async def quarantine_item_page(request: Request, gateway: Gateway, csrf: str) -> HTMLResponse:
+    ident = request.path_params["ident"]
+    try:
+        detail = await quarantine.show_quarantine(ident, gateway)
+    except HTTPException:
+        return html(page("Quarantine", '<p class="flash">No such quarantined message.</p>',
+                         "quarantine", csrf), 404)
+    facts = table(("", ""), [
+        ("Kept by", esc(f"the {detail.filter} filter, {when(detail.time)}")),
+        ("Verdict", esc(f"{detail.verdict}: {detail.reason}")),
+        ("Sender", esc(detail.mail_from or "<>")), ("Recipients", esc(", ".join(detail.rcpt_tos))),
+        ("Client", esc(detail.client.get("ADDR", "?"))), ("Size", esc(f"{detail.size} bytes")),
+    ], "")
+    headers = table(("Header", "Value"), [(esc(n), f"<span class=detail>{esc(v)}</span>")
+                                          for n, v in detail.headers], "No header.")
+    actions = (button_form(f"/console/quarantine/{quote(ident)}/release", "Release", csrf)
+               + button_form(f"/console/quarantine/{quote(ident)}/delete", "Delete", csrf))
+    return html(page(f"Quarantined message {ident}", facts + actions + "<h2>Headers</h2>"
+                     + headers, "quarantine", csrf, notice_of(request)))
+
+
+@console_action("/quarantine/{ident}/release", "/console/quarantine")
+async def release(request: Request, gateway: Gateway, fields: dict[str, str]) -> str:
+    ident = request.path_params["ident"]
+    answer = await quarantine.release_quarantine(ident, gateway)
+    if isinstance(answer, ReleaseReport):
+        return f"Released {ident} to {answer.next_hop}: {answer.reply}"
+    return f"Not released: the next hop refused it ({bytes(answer.body).decode()[:300]})"
+
+
+@console_action("/quarantine/{ident}/delete", "/console/quarantine")
+async def delete(request: Request, gateway: Gateway, fields: dict[str, str]) -> str:
+    ident = request.path_params["ident"]
+    await quarantine.delete_quarantine(ident, gateway)
+    return f"Deleted {ident}."
+
+
+# --- greylist -----------------------------------------------------------------------------
+
+
+@console_page("/greylist")
+async def greylist_page(request: Request, gateway: Gateway, csrf: str) -> HTMLResponse:
+    match = request.query_params.get("match", "")[:320]
+    try:
+        store = await get_store(gateway)
+        entries = await greylist.list_entries(store, limit=200, match=match.lower())
+        listed = await greylist.get_whitelist(gateway, store)
+    except HTTPException as error:
+        return html(page("Greylist", f'<p class="flash">{esc(error.detail)}</p>', "greylist",
+                         csrf), 503)
+    rows = [(esc(e.network), esc(e.sender or "<>"), esc(e.recipient), esc(when(e.first_seen)),
+             esc(when(e.last_seen)), "passed" if e.passed else "waiting") for e in entries]
+    white = [(esc(w.kind), esc(w.value), esc(w.source),
+              button_form("/console/greylist/whitelist/remove", "Remove", csrf,
+                          {"kind": w.kind, "value": w.value}) if w.source == "admin" else "")
+             for w in listed.entries]
+    body = (f'<form class="search" method="get" action="/console/greylist"><label>Entries '
+            f'containing<input name="match" value="{esc(match)}"></label>'
+            '<button type="submit">Filter</button></form>'
+            + table(("Network", "Sender", "Recipient", "First seen", "Last seen", "State"),
+                    rows, "No greylist entry.")
+            + "<h2>Whitelist</h2>"
+            + f'<form class="inline" method="post" action="/console/greylist/whitelist">'
+            f'{csrf_field(csrf)}<label>Kind<select name="kind"><option value="client">'
+            'client (IP or network)</option><option value="recipient">recipient</option>'
+            '</select></label><label>Value<input name="value" required></label>'
+            '<button type="submit">Add</button></form>'
+            + table(("Kind", "Value", "From", ""), white, "Nothing whitelisted."))
+    return html(page("Greylist", body, "greylist", csrf, notice_of(request)))
+
+
+def kind_of(fields: dict[str, str]) -> WhitelistKind | None:
+    kind = fields.get("kind")
+    return "client" if kind == "client" else "recipient" if kind == "recipient" else None
+
+
+@console_action("/greylist/whitelist", "/console/greylist")
+async def whitelist_add(request: Request, gateway: Gateway, fields: dict[str, str]) -> str:
+    kind = kind_of(fields)
+    if kind is None:
+        return "Choose client or recipient."
+    store = await get_store(gateway)
+    item = await greylist.add_whitelist(
+        WhitelistRequest(kind=kind, value=fields.get("value", "")[:320]), store)
+    value = getattr(item, "value", fields.get("value", ""))
+    return f"Whitelisted {kind} {value}."
+
+
+@console_action("/greylist/whitelist/remove", "/console/greylist")
+async def whitelist_remove(request: Request, gateway: Gateway, fields: dict[str, str]) -> str:
+    kind, value = kind_of(fields), fields.get("value", "")
+    if kind is None:
+        return "Choose client or recipient."
+    store = await get_store(gateway)
+    await greylist.delete_whitelist(kind, value, store)
+    return f"Removed {kind} {value} from the whitelist."
+
+
+# --- health -------------------------------------------------------------------------------
+
+
+@console_page("/health")
+async def health_page(request: Request, gateway: Gateway, csrf: str) -> HTMLResponse:
+    report = await health.health(gateway)
+    rows = []
+    for service in report.services:
+        for replica in service.replicas or []:
+            rows.append((esc(service.service), esc(replica.name or replica.instance),
+                         f'<span class="outcome {esc(replica.status)}">{esc(replica.status)}'
+                         "</span>", esc(f"{(replica.latency_seconds or 0) * 1000:.1f} ms"),
+                         f"<span class=detail>{esc(replica.last_error or '')}</span>"))
+        if not service.replicas:
+            rows.append((esc(service.service), "", '<span class="outcome failing">failing'
+                         "</span>", "", f"<span class=detail>{esc(service.error or '')}</span>"))
+    probe = report.probe
+    canary = (f"<p>Last canary: {'came through' if probe.ok else 'failed'}"
+              f" <span class=muted>{esc(probe.error or '')}</span></p>") if probe else ""
+    body = (f'<p>The chain is <span class="outcome {esc(report.status)}">{esc(report.status)}'
+            f"</span> <span class=muted>checked {esc(when(report.checked_at))}</span></p>"
+            + canary + table(("Service", "Replica", "Status", "Probe", "Last error"), rows,
+                             "No hop."))
+    return html(page("Health", body, "health", csrf))
+

@@ -1,0 +1,135 @@
+"""The operator's console without a browser (FastAPI's test client): sign-in, the cookie's
+flags, CSRF, what a request without a session gets, and escaping of what mail wrote."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from gateway.auth import ConsoleSessions
+from tests.unit.test_gateway_api import (  # noqa: F401 (fixtures)
+    ADMIN,
+    Gateway,
+    make_gateway,
+    quarantined,
+    state,
+)
+
+PAGES = ["/console/tracking", "/console/tracking?sender=a@remote.test", "/console/quarantine",
+         "/console/quarantine/{id}", "/console/greylist", "/console/health"]
+ACTIONS = [("/console/quarantine/{id}/release", {}), ("/console/quarantine/{id}/delete", {}),
+           ("/console/greylist/whitelist", {"kind": "client", "value": "192.0.2.9"}),
+           ("/console/greylist/whitelist/remove", {"kind": "recipient", "value": "abuse@"}),
+           ("/console/logout", {})]
+
+
+@pytest.fixture
+def console(make_gateway: Any) -> Gateway:  # noqa: F811
+    gateway: Gateway = make_gateway(console_secure_cookie=False)  # the test client: http
+    return gateway
+
+
+def sign_in(gateway: Gateway) -> str:
+    """Signs the test client in; the CSRF token its forms carry."""
+    response = gateway.client.client.post("/console/login", data={"token": ADMIN},
+                                          follow_redirects=False)
+    assert response.status_code == 303, response.text
+    page = gateway.client.client.get("/console/quarantine")
+    assert page.status_code == 200
+    return re.findall(r'name="csrf" value="([0-9a-f]{64})"', page.text)[0]
+
+
+def test_the_cookie_is_httponly_samesite_and_secure(make_gateway: Any) -> None:  # noqa: F811
+    gateway = make_gateway()
+    response = gateway.client.client.post("/console/login", data={"token": ADMIN},
+                                          follow_redirects=False)
+    cookie = response.headers["set-cookie"].lower()
+    for flag in ("httponly", "samesite=strict", "secure", "path=/console", "max-age=28800"):
+        assert flag in cookie, cookie
+    assert ADMIN.lower() not in cookie  # the token itself never leaves in a cookie
+
+
+def test_a_wrong_token_signs_nobody_in(console: Gateway) -> None:
+    response = console.client.client.post("/console/login", data={"token": ADMIN[:-1] + "x"})
+    assert response.status_code == 401 and "Wrong token" in response.text
+    assert "set-cookie" not in response.headers
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_pages_without_a_session_show_only_the_sign_in_form(console: Gateway, path: str
+                                                            ) -> None:
+    ident = quarantined(console.settings)
+    for cookie in ("", "9999999999.forged", f"{10**10}." + "0" * 64):
+        console.client.client.cookies.clear()
+        if cookie:
+            console.client.client.cookies.set(ConsoleSessions.COOKIE, cookie, path="/console")
+        response = console.client.client.get(path.replace("{id}", ident))
+        assert response.status_code == 401, (path, cookie)
+        assert 'action="/console/login"' in response.text and ident not in response.text
+
+
+@pytest.mark.parametrize(("path", "fields"), ACTIONS)
+@pytest.mark.parametrize("credentials", ["none", "session without csrf", "csrf of another"])
+def test_actions_without_a_session_and_its_csrf_token_change_nothing(
+        console: Gateway, path: str, fields: dict[str, str], credentials: str) -> None:
+    ident = quarantined(console.settings)
+    console.store.db.execute("INSERT INTO whitelist VALUES ('recipient', 'abuse@', 1)")
+    before = state(console)
+    data = dict(fields)
+    if credentials != "none":
+        sign_in(console)
+        if credentials == "csrf of another":
+            data["csrf"] = ConsoleSessions(console.settings.admin_token, False).csrf("1.x")
+    response = console.client.client.post(path.replace("{id}", ident), data=data,
+                                          follow_redirects=False)
+    assert response.status_code == 403, (path, credentials, response.text)
+    assert state(console) == before
+
+
+def test_signed_in_an_admin_releases_deletes_and_whitelists(console: Gateway) -> None:
+    csrf = sign_in(console)
+    client = console.client.client
+    kept, other = quarantined(console.settings), quarantined(console.settings, "spamd")
+    page = client.get(f"/console/quarantine/{kept}")
+    assert "virus Eicar-Test-Signature" in page.text and "Subject" in page.text
+    response = client.post(f"/console/quarantine/{kept}/release", data={"csrf": csrf})
+    assert response.status_code == 200 and "Released" in response.text  # after the redirect
+    assert len(console.world.released) == 1
+    client.post(f"/console/quarantine/{other}/delete", data={"csrf": csrf})
+    assert kept not in client.get("/console/quarantine").text
+    assert other not in client.get("/console/quarantine").text
+    client.post("/console/greylist/whitelist", data={"csrf": csrf, "kind": "client",
+                                                       "value": "192.0.2.0/24"})
+    assert console.store.db.execute("SELECT value FROM whitelist").fetchall() == [
+        ("192.0.2.0/24",)]
+    assert "192.0.2.0/24" in client.get("/console/greylist").text
+    client.post("/console/greylist/whitelist/remove", data={"csrf": csrf, "kind": "client",
+                                                              "value": "192.0.2.0/24"})
+    assert console.store.db.execute("SELECT value FROM whitelist").fetchall() == []
+    assert "Health" in client.get("/console/health").text
+    client.post("/console/logout", data={"csrf": csrf})
+    assert client.get("/console/quarantine").status_code == 401
+
+
+def test_what_mail_wrote_is_shown_escaped(console: Gateway) -> None:
+    sign_in(console)
+    from secumail.quarantine import Quarantine
+    from tests.unit.test_gateway_api import Envelope
+    hostile = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
+    ident = Quarantine(console.settings.quarantine_dir).store(
+        "clamav", Envelope(mail_from=f"a{hostile}@remote.test"),
+        f"Subject: {hostile}\r\n\r\nbody\r\n".encode(), "virus", hostile)
+    for path in ("/console/quarantine", f"/console/quarantine/{ident}"):
+        text = console.client.client.get(path).text
+        assert "<script>" not in text and "<img" not in text, path
+        assert "&lt;script&gt;" in text
+    response = console.client.client.get("/console/quarantine")
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+
+
+def test_tracking_off_says_so_on_the_page(console: Gateway) -> None:
+    sign_in(console)
+    text = console.client.client.get("/console/tracking?sender=a@remote.test").text
+    assert "tracking is off" in text  # the test gateway runs without tracking
