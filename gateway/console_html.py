@@ -21,6 +21,7 @@ header strong { margin-right: auto; }
 header a, header button { font: inherit; }
 nav { display: flex; flex-wrap: wrap; gap: .2rem .9rem; }
 main { padding: 1rem; max-width: 80rem; }
+main p, .detail { overflow-wrap: anywhere; }
 h1 { font-size: 1.3rem; margin: 0 0 .8rem; }
 h2 { font-size: 1.05rem; margin: 1.4rem 0 .5rem; }
 form.search, form.inline { display: flex; flex-wrap: wrap; gap: .5rem; align-items: end;
@@ -30,6 +31,7 @@ input, select, button { font: inherit; padding: .35rem .5rem; min-height: 2.2rem
 input { min-width: 12rem; max-width: 100%; }
 .wrap { overflow-x: auto; }
 table { border-collapse: collapse; width: 100%; }
+th { white-space: nowrap; }
 th, td { text-align: left; padding: .35rem .5rem; border-bottom: 1px solid var(--line);
   vertical-align: top; }
 td.detail { min-width: 16rem; word-break: break-word; }
