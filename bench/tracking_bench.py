@@ -1,0 +1,155 @@
+"""Message tracking's cost (issue 18), tracking on against off in the same run: a filter hop
+and the policy service, each with a collector asking its /events every 2 s as the gateway
+does, and the gateway's store taking events.
+
+  1. one filter hop: smtp-source -> clamav filter (stand-in clamd) -> smtp-sink, msg/s
+  2. the policy service, plain greylisting (the policy benchmark's stream), requests/s
+  3. the gateway's SQLite store: events stored per second, bytes per event on disk
+
+Rounds alternated, medians (this machine drifts by 10-20% from one minute to the next).
+
+    sudo .venv/bin/python bench/tracking_bench.py [--messages 5000] [--requests 40000]
+                                                  [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.filter_bench import smtp_sink, smtp_source, stand_in_scanners  # noqa: E402
+from bench.policy_bench import PLAIN, make_stream, measure, start_secumail  # noqa: E402
+from gateway.tracking import StoredEvent, TrackingStore  # noqa: E402
+from secumail import tracking  # noqa: E402
+from secumail.protocols.policy import encode_request  # noqa: E402
+from tests.support.processes import free_port, service_env, start_service  # noqa: E402
+
+INTERVAL = 2.0  # SECUMAIL_TRACKING_INTERVAL's default
+
+
+def collect_forever(metrics: str) -> None:
+    """What the gateway's collector asks of one replica: every event, every 2 s."""
+    after, boot = 0, ""
+    while True:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{metrics}/events?after={after}",
+                                            timeout=5) as response:
+                    answer = json.loads(response.read())
+            except OSError:
+                break
+            if answer["boot"] != boot:
+                boot, after = answer["boot"], 0
+            if not answer["events"]:
+                break
+            after = answer["events"][-1]["seq"]
+        time.sleep(INTERVAL)
+
+
+def collector(metrics: str) -> multiprocessing.Process:
+    process = multiprocessing.Process(target=collect_forever, args=(metrics,), daemon=True)
+    process.start()
+    return process
+
+
+def filter_round(clamd_port: int, sink_port: int, on: bool, messages: int) -> float:
+    port, metrics = free_port(), f"127.0.0.1:{free_port()}"
+    hop = start_service("secumail-clamav", service_env(
+        clamav_listen=f"127.0.0.1:{port}", clamav_next_hop=f"127.0.0.1:{sink_port}",
+        clamd_address=f"127.0.0.1:{clamd_port}", log_level="WARNING", metrics_listen=metrics,
+        tracking="true" if on else "false"), "SECUMAIL_CLAMAV_LISTEN")
+    watcher = collector(metrics) if on else None
+    try:
+        smtp_source(port, 300, 20, 2048)  # warm up
+        return messages / smtp_source(port, messages, 20, 2048)
+    finally:
+        if watcher is not None:
+            watcher.terminate()
+        hop.stop()
+
+
+def policy_round(stream: list[bytes], on: bool) -> float:
+    workdir = Path(tempfile.mkdtemp(prefix="secumail-tracking-bench-"))
+    metrics = f"127.0.0.1:{free_port()}"
+    proc, port = start_secumail(workdir, {**PLAIN, "SECUMAIL_METRICS_LISTEN": metrics,
+                                          "SECUMAIL_TRACKING": "true" if on else "false"})
+    watcher = collector(metrics) if on else None
+    try:
+        return measure("policy", port, proc.pid, stream, 20).rate
+    finally:
+        if watcher is not None:
+            watcher.terminate()
+        proc.terminate()
+        proc.wait(30)
+
+
+def store_rate(count: int) -> tuple[float, float]:
+    """Events stored per second in pages of 1,000 (one collection), and bytes per event."""
+    path = Path(tempfile.mkdtemp(prefix="secumail-tracking-store-")) / "tracking.db"
+    store = TrackingStore(str(path), retention=86400, max_events=10 * count)
+    events = [StoredEvent(tracking.event(
+        "clamav", "passed", "clean; 250 2.0.0 Ok: queued as 4F2A21C0A5B",
+        client=f"203.0.113.{n % 250}", sender=f"sender{n}@remote.example",
+        recipients=(f"user{n % 100}@example.org",), next_queue_id=f"4F2A{n:07X}",
+        message_id=f"{n}.abcdef@remote.example"), "secumail-clamav-1") for n in range(count)]
+    started = time.perf_counter()
+    for page in range(0, count, 1000):
+        store.add("bench", page + 1000, events[page:page + 1000])
+    rate = count / (time.perf_counter() - started)
+    store.close()
+    size = sum(f.stat().st_size for f in path.parent.iterdir())
+    return rate, size / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--requests", type=int, default=40000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if os.getuid() != 0:
+        raise SystemExit("run as root: smtp-sink runs as the postfix user")
+    sink, sink_port = smtp_sink()
+    stand_ins, clamd_port, _ = stand_in_scanners()
+    stream = [encode_request(r) for r in make_stream(args.requests)]
+    rates: dict[str, list[float]] = {name: [] for name in
+                                     ("filter on", "filter off", "policy on", "policy off")}
+    try:
+        for _ in range(args.rounds):
+            for on in (True, False):
+                state = "on" if on else "off"
+                rates[f"filter {state}"].append(
+                    filter_round(clamd_port, sink_port, on, args.messages))
+                rates[f"policy {state}"].append(policy_round(stream, on))
+    finally:
+        stand_ins.stop()
+        sink.terminate()
+    stored, size = store_rate(100_000)
+    median = statistics.median
+    print(f"tracking benchmark: {args.messages} messages of 2 KB over 20 sessions, "
+          f"{args.requests} policy requests over 20 connections, median of {args.rounds} rounds")
+    for what, unit in (("filter", "msg/s"), ("policy", "req/s")):
+        on, off = median(rates[f"{what} on"]), median(rates[f"{what} off"])
+        rounds = ", ".join(f"{a:.0f}/{b:.0f}" for a, b in
+                           zip(rates[f"{what} on"], rates[f"{what} off"], strict=True))
+        label = "one filter hop" if what == "filter" else "policy service"
+        print(f"{label + ', tracking on':<40}{on:>9.0f} {unit}")
+        print(f"{label + ', tracking off':<40}{off:>9.0f} {unit}")
+        print(f"{'  ratio on/off':<40}{on / off:>9.3f}x  (rounds on/off: {rounds})")
+    print(f"{'gateway store, events stored':<40}{stored:>9.0f} events/s  "
+          f"({size:.0f} bytes per event on disk)")
+
+
+if __name__ == "__main__":
+    main()
