@@ -34,6 +34,9 @@ log = logging.getLogger("secumail.gateway.tracking")
 # to the message the same client sent from the same sender to the same recipients next,
 # within this many seconds (a greylisted client retries within hours).
 ATTACH_WINDOW = 24 * 3600.0
+# ... or the message it came just after: Postfix logs a before-queue refusal by the filters
+# once they answered, after the filters' own events (dated when they got the message).
+AFTER_SLACK = 120.0
 # Outcomes that say where a message ended, over those that say it moved on.
 PAGES_PER_ROUND = 20  # /events answers 1,000 at most: 20,000 per replica per round
 SEARCH_LIMIT = 500
@@ -164,9 +167,12 @@ def build_traces(stored: Iterable[StoredEvent]) -> list[Trace]:
         recipients = {r.lower() for r in event.recipients}
         best, best_gap = None, ATTACH_WINDOW
         for number, members in enumerate(linked):
-            gap = ordered[members[0]].event.time - event.time
+            start = ordered[members[0]].event.time
+            end = max(ordered[i].event.time for i in members)
+            gap = start - event.time if event.time < start else max(0.0, event.time - end)
             clients, senders, group_recipients = facts[number]
-            if (0 <= gap <= best_gap and event.sender.lower() in senders
+            if (event.time <= end + AFTER_SLACK and gap <= best_gap
+                    and event.sender.lower() in senders
                     and (not event.client or event.client in clients)
                     and recipients <= group_recipients):
                 best, best_gap = number, gap

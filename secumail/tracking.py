@@ -90,8 +90,18 @@ def event(service: str, outcome: str, detail: str = "", *, client: str = "", sen
     assert outcome in OUTCOMES, outcome
     return Event(service, outcome, detail[:MAX_FIELD], client[:MAX_FIELD], sender[:MAX_FIELD],
                  tuple(r[:MAX_FIELD] for r in list(recipients)[:MAX_RECIPIENTS]),
-                 queue_id[:64], next_queue_id[:64], message_id[:MAX_FIELD],
-                 time.time() if at is None else at)
+                 queue_id_value(queue_id), queue_id_value(next_queue_id),
+                 message_id[:MAX_FIELD], time.time() if at is None else at)
+
+
+_QUEUE_ID = re.compile(r"^[0-9A-Za-z]{5,32}$")
+
+
+def queue_id_value(text: str) -> str:
+    """A Postfix queue id, or "" for what stands in for none: before the queue, Postfix's
+    XFORWARD says IDENT=NOQUEUE (or [UNAVAILABLE]) for every message, which must not make
+    them one message."""
+    return text if _QUEUE_ID.match(text) and text != "NOQUEUE" else ""
 
 
 class EventLog:

@@ -106,3 +106,21 @@ def test_an_spf_fail_is_found_by_its_client(gateway: Gateway, stack: Stack) -> N
     [found] = track(gateway, ended("refused"), client="203.0.113.83", since=str(since))
     assert path(found) == [("policy", "refused"), ("postfix", "refused")], path(found)
     assert "spf" in found["events"][0]["detail"].lower()
+
+
+@pytest.mark.parametrize("path", ["/console/tracking?sender=a%40remote.test",
+                                  "/console/quarantine", "/console/quarantine/x",
+                                  "/console/greylist", "/console/health"])
+def test_the_console_shows_nothing_without_a_session(gateway: Gateway, path: str) -> None:
+    for token in (None, "e2e-admin-token-0123456789"):  # a bearer token is no session
+        status, body = gateway.request("GET", path, token=token)
+        assert status == 401 and 'action="/console/login"' in body, (path, status)
+
+
+@pytest.mark.parametrize("path", ["/console/quarantine/x/release", "/console/quarantine/x/delete",
+                                  "/console/greylist/whitelist",
+                                  "/console/greylist/whitelist/remove", "/console/logout"])
+def test_the_console_refuses_every_action_without_a_session(gateway: Gateway, path: str
+                                                            ) -> None:
+    status, _ = gateway.request("POST", path, token=None)
+    assert status == 403, (path, status)

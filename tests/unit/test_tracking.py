@@ -108,11 +108,11 @@ def test_each_policy_answer_is_one_event(action: str, check: str, outcome: str) 
 def test_each_filter_verdict_is_one_event(verdict: Verdict, reply: str, outcome: str,
                                           next_id: str) -> None:
     info = MessageInfo("a@remote.test", ("bob@secumail.test",),
-                       {"ADDR": "203.0.113.7", "IDENT": "4ABC"})
+                       {"ADDR": "203.0.113.7", "IDENT": "4ABC12"})
     message = b"Message-Id: <m1@remote.test>\r\nSubject: s\r\n\r\nbody\r\n"
     found = verdict_event("clamav", info, message, verdict, reply)
     assert (found.outcome, found.next_queue_id, found.queue_id, found.client) == (
-        outcome, next_id, "4ABC", "203.0.113.7")
+        outcome, next_id, "4ABC12", "203.0.113.7")
     assert found.message_id == "m1@remote.test" and verdict.label in found.detail
 
 
@@ -193,11 +193,11 @@ def greylisted_then_delivered() -> list[StoredEvent]:
         stored(1, "policy", "greylisted", 100.0),
         stored(2, "postfix", "greylisted", 100.1),
         stored(3, "policy", "passed", 400.0),
-        stored(4, "clamav", "passed", 400.2, next_queue_id="4Q2", message_id="m1@x"),
-        stored(5, "spamd", "passed", 400.3, next_queue_id="4Q2", message_id="m1@x"),
-        stored(6, "postfix", "accepted", 400.4, next_queue_id="4Q2"),
-        stored(7, "dkim", "passed", 400.35, queue_id="4Q2", message_id="m1@x"),
-        stored(8, "postfix", "delivered", 400.6, queue_id="4Q2", message_id="m1@x"),
+        stored(4, "clamav", "passed", 400.2, next_queue_id="4Q2AB7", message_id="m1@x"),
+        stored(5, "spamd", "passed", 400.3, next_queue_id="4Q2AB7", message_id="m1@x"),
+        stored(6, "postfix", "accepted", 400.4, next_queue_id="4Q2AB7"),
+        stored(7, "dkim", "passed", 400.35, queue_id="4Q2AB7", message_id="m1@x"),
+        stored(8, "postfix", "delivered", 400.6, queue_id="4Q2AB7", message_id="m1@x"),
     ]
 
 
@@ -207,7 +207,7 @@ def test_a_greylisted_message_and_its_delivery_are_one_path() -> None:
     assert [e.id for e in traces[0].events] == [1, 2, 3, 4, 5, 7, 6, 8]
     assert traces[0].outcome == "delivered"
     summary = traces[0].to_dict()
-    assert summary["queue_ids"] == ["4Q2"] and summary["message_id"] == "m1@x"
+    assert summary["queue_ids"] == ["4Q2AB7"] and summary["message_id"] == "m1@x"
 
 
 def test_refusals_before_a_queue_id_stand_alone_or_with_their_own_retries() -> None:
@@ -227,12 +227,12 @@ def test_the_store_finds_a_message_by_any_of_its_fields() -> None:
     store.add("boot1", 8, greylisted_then_delivered())
     for search in (Search(recipient="DAVE@secumail.test"), Search(sender="alice@remote.test"),
                    Search(client="203.0.113.5"), Search(message_id="<m1@x>"),
-                   Search(queue_id="4Q2")):
+                   Search(queue_id="4Q2AB7")):
         traces = store.search(search)
         assert len(traces) == 1, search
         assert traces[0].outcome == "delivered" and len(traces[0].events) == 8, search
     assert store.search(Search(sender="nobody@remote.test")) == []
-    assert store.search(Search(queue_id="4Q2", until=300.0)) == []
+    assert store.search(Search(queue_id="4Q2AB7", until=300.0)) == []
     assert store.cursor("boot1") == 8 and store.cursor("other") == 0
 
 
@@ -312,3 +312,33 @@ def test_a_replica_that_answers_junk_is_counted_and_the_others_go_on() -> None:
 
     assert asyncio.run(run()) == 0
     assert value(registry, "secumail_tracking_collect_errors_total") == 1
+
+
+def test_what_stands_in_for_no_queue_id_links_nothing() -> None:
+    """Before the queue Postfix's XFORWARD says IDENT=NOQUEUE for every message: two
+    unrelated messages must not become one (the compose suite caught it)."""
+    info = MessageInfo("a@remote.test", ("bob@secumail.test",), {"ADDR": "203.0.113.7",
+                                                                  "IDENT": "NOQUEUE"})
+    found = [verdict_event("clamav", replace(info, mail_from=f"s{n}@remote.test"),
+                           f"Message-ID: <{n}@x>\r\n\r\n".encode(),
+                           Verdict("reject", "virus", "x", reply="554 5.7.0 virus"),
+                           "554 5.7.0 virus") for n in range(2)]
+    assert [e.queue_id for e in found] == ["", ""]
+    for ident in ("[UNAVAILABLE]", "NOQUEUE", "x" * 40, "4ab"):
+        assert tracking.event("clamav", "passed", queue_id=ident).queue_id == ""
+    traces = build_traces([StoredEvent(e, "clamav-1", n + 1) for n, e in enumerate(found)])
+    assert len(traces) == 2
+
+
+def test_a_refusal_by_the_filters_is_one_path_with_postfixs_word_on_it() -> None:
+    """Before the queue: the policy's pass at RCPT, the filter's verdict (dated when it got
+    the message), then Postfix's proxy-reject, logged once the filters answered."""
+    events = [
+        stored(1, "policy", "passed", 100.0),
+        stored(2, "clamav", "refused", 100.2, message_id="v1@x"),
+        stored(3, "postfix", "refused", 101.5),
+        stored(4, "postfix", "refused", 100.0 + 3600, recipients=("other@secumail.test",)),
+    ]
+    traces = build_traces(events)
+    assert sorted(len(t.events) for t in traces) == [1, 3]
+    assert [e.id for e in max(traces, key=lambda t: len(t.events)).events] == [1, 2, 3]
