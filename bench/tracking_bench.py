@@ -23,12 +23,14 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.filter_bench import smtp_sink, smtp_source, stand_in_scanners  # noqa: E402
+from bench.filter_bench import cpu_seconds, smtp_sink, smtp_source, stand_in_scanners  # noqa: E402
 from bench.policy_bench import PLAIN, make_stream, measure, start_secumail  # noqa: E402
 from gateway.tracking import StoredEvent, TrackingStore  # noqa: E402
 from secumail import tracking  # noqa: E402
@@ -53,7 +55,7 @@ def collect_forever(metrics: str) -> None:
                 boot, after = answer["boot"], 0
             if not answer["events"]:
                 break
-            after = answer["events"][-1]["seq"]
+            after = answer["events"][-1][0]
         time.sleep(INTERVAL)
 
 
@@ -63,7 +65,25 @@ def collector(metrics: str) -> multiprocessing.Process:
     return process
 
 
-def filter_round(clamd_port: int, sink_port: int, on: bool, messages: int) -> float:
+@dataclass
+class Round:
+    rate: float  # messages or requests per second
+    cpu_us: float  # the service's CPU per message or request, microseconds
+    collector_us: float  # the collector's (the gateway's part), per message or request
+
+
+def measured(pid: int, watcher: multiprocessing.Process | None, count: int,
+             run: Callable[[], float]) -> Round:
+    """`run` (it returns the rate) with the service's and the collector's CPU counted."""
+    before = cpu_seconds(pid)
+    collector_before = cpu_seconds(watcher.pid) if watcher and watcher.pid else 0.0
+    rate = run()
+    time.sleep(INTERVAL + 0.5)  # the collector's last collection of this run
+    collector = (cpu_seconds(watcher.pid) - collector_before) if watcher and watcher.pid else 0
+    return Round(rate, (cpu_seconds(pid) - before) * 1e6 / count, collector * 1e6 / count)
+
+
+def filter_round(clamd_port: int, sink_port: int, on: bool, messages: int) -> Round:
     port, metrics = free_port(), f"127.0.0.1:{free_port()}"
     hop = start_service("secumail-clamav", service_env(
         clamav_listen=f"127.0.0.1:{port}", clamav_next_hop=f"127.0.0.1:{sink_port}",
@@ -72,21 +92,23 @@ def filter_round(clamd_port: int, sink_port: int, on: bool, messages: int) -> fl
     watcher = collector(metrics) if on else None
     try:
         smtp_source(port, 300, 20, 2048)  # warm up
-        return messages / smtp_source(port, messages, 20, 2048)
+        return measured(hop.proc.pid, watcher, messages,
+                        lambda: messages / smtp_source(port, messages, 20, 2048))
     finally:
         if watcher is not None:
             watcher.terminate()
         hop.stop()
 
 
-def policy_round(stream: list[bytes], on: bool) -> float:
+def policy_round(stream: list[bytes], on: bool) -> Round:
     workdir = Path(tempfile.mkdtemp(prefix="secumail-tracking-bench-"))
     metrics = f"127.0.0.1:{free_port()}"
     proc, port = start_secumail(workdir, {**PLAIN, "SECUMAIL_METRICS_LISTEN": metrics,
                                           "SECUMAIL_TRACKING": "true" if on else "false"})
     watcher = collector(metrics) if on else None
     try:
-        return measure("policy", port, proc.pid, stream, 20).rate
+        return measured(proc.pid, watcher, len(stream) + 500,  # with measure()'s warm-up
+                        lambda: measure("policy", port, proc.pid, stream, 20).rate)
     finally:
         if watcher is not None:
             watcher.terminate()
@@ -123,15 +145,17 @@ def main() -> None:
     sink, sink_port = smtp_sink()
     stand_ins, clamd_port, _ = stand_in_scanners()
     stream = [encode_request(r) for r in make_stream(args.requests)]
-    rates: dict[str, list[float]] = {name: [] for name in
-                                     ("filter on", "filter off", "policy on", "policy off")}
+    rounds: dict[str, list[Round]] = {name: [] for name in
+                                      ("filter on", "filter off", "policy on", "policy off")}
     try:
-        for _ in range(args.rounds):
-            for on in (True, False):
+        for number in range(args.rounds):
+            # On first in even rounds, off first in odd ones: the machine's drift within a
+            # round (10-20% here) then favours neither.
+            for on in ((True, False) if number % 2 == 0 else (False, True)):
                 state = "on" if on else "off"
-                rates[f"filter {state}"].append(
+                rounds[f"filter {state}"].append(
                     filter_round(clamd_port, sink_port, on, args.messages))
-                rates[f"policy {state}"].append(policy_round(stream, on))
+                rounds[f"policy {state}"].append(policy_round(stream, on))
     finally:
         stand_ins.stop()
         sink.terminate()
@@ -140,14 +164,20 @@ def main() -> None:
     print(f"tracking benchmark: {args.messages} messages of 2 KB over 20 sessions, "
           f"{args.requests} policy requests over 20 connections, median of {args.rounds} rounds")
     for what, unit in (("filter", "msg/s"), ("policy", "req/s")):
-        on, off = median(rates[f"{what} on"]), median(rates[f"{what} off"])
-        rounds = ", ".join(f"{a:.0f}/{b:.0f}" for a, b in
-                           zip(rates[f"{what} on"], rates[f"{what} off"], strict=True))
+        on, off = rounds[f"{what} on"], rounds[f"{what} off"]
         label = "one filter hop" if what == "filter" else "policy service"
-        print(f"{label + ', tracking on':<40}{on:>9.0f} {unit}")
-        print(f"{label + ', tracking off':<40}{off:>9.0f} {unit}")
-        print(f"{'  ratio on/off':<40}{on / off:>9.3f}x  (rounds on/off: {rounds})")
-    print(f"{'gateway store, events stored':<40}{stored:>9.0f} events/s  "
+        for state, found in (("on", on), ("off", off)):
+            print(f"{label + ', tracking ' + state:<36}{median(r.rate for r in found):>9.0f} "
+                  f"{unit}  CPU {median(r.cpu_us for r in found):6.1f} us each"
+                  + (f", collector {median(r.collector_us for r in found):.1f} us"
+                     if state == "on" else ""))
+        rate = median(r.rate for r in on) / median(r.rate for r in off)
+        cpu = median(r.cpu_us for r in on) / median(r.cpu_us for r in off)
+        print(f"{'  ratio on/off':<36}{rate:>9.3f}x {unit}, {cpu:.3f}x CPU  (rounds on/off: "
+              + ", ".join(f"{a.rate:.0f}/{b.rate:.0f}" for a, b in zip(on, off, strict=True))
+              + "; CPU us: " + ", ".join(f"{a.cpu_us:.0f}/{b.cpu_us:.0f}"
+                                        for a, b in zip(on, off, strict=True)) + ")")
+    print(f"{'gateway store, events stored':<36}{stored:>9.0f} events/s  "
           f"({size:.0f} bytes per event on disk)")
 
 

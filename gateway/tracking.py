@@ -38,7 +38,7 @@ ATTACH_WINDOW = 24 * 3600.0
 # once they answered, after the filters' own events (dated when they got the message).
 AFTER_SLACK = 120.0
 # Outcomes that say where a message ended, over those that say it moved on.
-PAGES_PER_ROUND = 20  # /events answers 1,000 at most: 20,000 per replica per round
+PAGES_PER_ROUND = 10  # /events answers 5,000 at most: 50,000 per replica per round
 SEARCH_LIMIT = 500
 
 SCHEMA = """
@@ -393,9 +393,9 @@ class Collector:
             top = after
             for item in raw:
                 try:
-                    seq = int(item["seq"])
-                    event = Event.from_dict(item)
-                except (ValueError, KeyError, TypeError):
+                    seq, row = int(item[0]), item[1]
+                    event = Event.from_row(row)
+                except (ValueError, KeyError, TypeError, IndexError):
                     continue  # one malformed event does not stop the others
                 if seq > after:
                     top = max(top, seq)

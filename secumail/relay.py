@@ -442,7 +442,9 @@ class RelayHandler(_HooksListedOnce):
                 client=info.client.get("ADDR", ""), sender=info.mail_from,
                 recipients=",".join(info.rcpt_tos), size=len(message),
             )
-            tracking.record(verdict_event(self.name, info, message, verdict, reply, received))
+            if tracking.EVENTS.enabled:
+                tracking.record(verdict_event(self.name, info, message, verdict, reply,
+                                              received))
             return reply
 
     async def handle_RSET(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:

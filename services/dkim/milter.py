@@ -493,7 +493,8 @@ class MilterSession:
             outcome.fields["origin"] = str(self.forwarded.address or "unknown")
         log_event(log, "message", level, mode=outcome.mode, action=outcome.action,
                   queue_id=self.queue_id, client=self.client, **outcome.fields)
-        tracking.record(self._event(outcome))
+        if tracking.EVENTS.enabled:
+            tracking.record(self._event(outcome))
         if self.milter.on_outcome is not None:
             self.milter.on_outcome(outcome)
 

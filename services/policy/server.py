@@ -174,7 +174,7 @@ class PolicyService:
             sender=request.get("sender", ""), recipient=request.get("recipient", ""),
             queue_id=request.get("queue_id", ""),
         )
-        if not probe:
+        if not probe and tracking.EVENTS.enabled:
             tracking.record(decision_event(request, decision))
         return decision
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import ipaddress
-import json
 import logging
 import os
 import re
@@ -44,7 +43,6 @@ log = logging.getLogger("secumail.postfix")
 
 ASK_EVENTS = b"e"
 AFTER = struct.Struct(">Q")
-EVENTS_PER_ANSWER = 1000
 QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 PROBE_HEADER = "X-SecuMail-Probe"
 TOKEN = re.compile(r"^[0-9a-f]{32}$")
@@ -264,7 +262,7 @@ class AgentKeeper:
         while ask := channel.recv(1):
             if ask == ASK_EVENTS:
                 (after,) = AFTER.unpack(_receive(channel, AFTER.size))
-                answer = json.dumps(self.events.since(after, EVENTS_PER_ANSWER)).encode()
+                answer = self.events.since(after)
             else:
                 answer = generate_latest(self.registry)
             channel.sendall(struct.pack(">I", len(answer)) + answer)
@@ -311,7 +309,7 @@ def start_agent(settings: Settings, queue_dir: Path, mailbox_base: str,
 
     def feed(line: str) -> None:
         stats.feed(line)
-        if (found := events.feed(line)) is not None:
+        if tracking.EVENTS.enabled and (found := events.feed(line)) is not None:
             tracking.record(found)
 
     if settings.metrics_listen.port == 0:
