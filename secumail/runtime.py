@@ -242,7 +242,7 @@ def run_service(name: str, settings: Settings, make_service: Callable[[], Servic
     setup_logging(settings.log_level, settings.log_format)
     warn_misplaced_secrets(name)
     tracking.EVENTS.configure(settings.tracking_buffer, settings.tracking)
-    start_metrics_listener(settings.metrics_listen)
+    start_metrics_listener(settings.metrics_listen, settings.tracking_readers)
     log_event(log, "starting", service=name, metrics=str(settings.metrics_listen))
 
     async def main() -> None:

@@ -100,6 +100,8 @@ class Settings(BaseSettings):
     # for the gateway to collect; off, nothing is recorded.
     tracking: bool = True
     tracking_buffer: int = Field(10_000, ge=100, le=1_000_000)
+    # Who may read them (/events, which holds addresses): the gateway; loopback always.
+    tracking_readers: CommaList = ["gateway"]
 
     # --- policy service (10023) --------------------------------------------------------
     policy_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:10023")
@@ -231,6 +233,7 @@ class Settings(BaseSettings):
         "greylist_whitelist_clients", "greylist_whitelist_recipients", "dnsbl_zones",
         "greylist_dnswl_zones", "greylist_known_senders", "attachment_block", "attachment_allow",
         "domains", "rbl_zones", "mailboxes", "clamav_allowed_clients", "spamd_allowed_clients",
+        "tracking_readers",
         "gateway_hosts", mode="before",
     )
     @classmethod
@@ -304,7 +307,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"not a file extension or rule name: {item!r}")
         return [item.lower().lstrip(".") for item in items]
 
-    @field_validator("clamav_allowed_clients", "spamd_allowed_clients")
+    @field_validator("clamav_allowed_clients", "spamd_allowed_clients", "tracking_readers")
     @classmethod
     def _allowed_clients(cls, entries: list[str]) -> list[str]:
         split_entries(entries)  # raises ValueError naming the entry

@@ -26,6 +26,7 @@ import sys
 import time
 from urllib.parse import parse_qs
 
+from secumail.access import AllowedClients
 from secumail.logs import log_event, setup_logging
 from secumail.netaddr import peer_name
 from secumail.settings import Settings, load_settings
@@ -66,6 +67,7 @@ class Agent:
         self.settings = settings
         self.channel = channel
         self.mailbox = mailbox
+        self.readers = AllowedClients(settings.tracking_readers)
         self.connections = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -79,7 +81,9 @@ class Agent:
         try:
             async with asyncio.timeout(self.settings.request_timeout):
                 head = await reader.readuntil(b"\r\n\r\n")
-                status, body, content_type = await self.answer(head)
+                peername = writer.get_extra_info("peername")
+                status, body, content_type = await self.answer(
+                    head, peername[0] if isinstance(peername, tuple) else "")
                 writer.write(
                     f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
@@ -93,12 +97,17 @@ class Agent:
             self.connections -= 1
             writer.close()
 
-    async def answer(self, head: bytes) -> tuple[str, bytes, str]:
+    async def answer(self, head: bytes, peer: str = "") -> tuple[str, bytes, str]:
         request_line = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
         method, path = (request_line[0], request_line[1]) if len(request_line) == 3 else ("", "")
         if method == "GET" and path.split("?")[0] == "/metrics":
             return "200 OK", await self.channel.metrics(), "text/plain; version=0.0.4"
         if method == "GET" and path.split("?")[0] == "/events":
+            if not await self.readers.allows(peer):
+                log_event(log, "events refused", logging.WARNING, peer=peer,
+                          readers=str(self.readers))
+                return "403 Forbidden", b'{"detail": "only SECUMAIL_TRACKING_READERS may ' \
+                    b'read events"}', "application/json"
             after = parse_qs(path.partition("?")[2]).get("after", ["0"])[0]
             if not after.isdigit() or int(after) >= 2**64:
                 return "400 Bad Request", b'{"detail": "after must be a number"}', \

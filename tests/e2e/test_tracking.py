@@ -124,3 +124,16 @@ def test_the_console_refuses_every_action_without_a_session(gateway: Gateway, pa
                                                             ) -> None:
     status, _ = gateway.request("POST", path, token=None)
     assert status == 403, (path, status)
+
+
+def test_only_the_gateway_reads_a_services_events(gateway: Gateway, stack: Stack) -> None:
+    """Another container on the policy service's network (the test sink) is refused its
+    events, which hold addresses; the gateway collects them (the tests above)."""
+    script = ("import urllib.request, urllib.error\n"
+              "try:\n"
+              "    urllib.request.urlopen('http://policy:9100/events', timeout=10)\n"
+              "    print('read')\n"
+              "except urllib.error.HTTPError as error:\n"
+              "    print(error.code)\n")
+    result = stack.exec("sink", "/opt/secumail/bin/python", "-c", script)
+    assert result.stdout.strip() == "403", (result.stdout, result.stderr)

@@ -350,3 +350,19 @@ def test_a_refusal_by_the_filters_is_one_path_with_postfixs_word_on_it() -> None
     traces = build_traces(events)
     assert sorted(len(t.events) for t in traces) == [1, 3]
     assert [e.id for e in max(traces, key=lambda t: len(t.events)).events] == [1, 2, 3]
+
+
+def test_only_the_readers_may_read_a_services_events() -> None:
+    """/events holds addresses: the gateway reads it, the other hosts on the network not."""
+    from secumail.metrics import Readers, metrics_app
+
+    ring = EventLog()
+    ring.record(tracking.event("policy", "greylisted", sender="a@remote.test"))
+    app = metrics_app(ring, Readers(["192.0.2.10"]))
+    for peer, expected in (("192.0.2.10", "200 OK"), ("127.0.0.1", "200 OK"),
+                           ("192.0.2.11", "403 Forbidden"), ("", "403 Forbidden")):
+        statuses: list[str] = []
+        environ = {"PATH_INFO": "/events", "QUERY_STRING": "after=0", "REMOTE_ADDR": peer}
+        body = b"".join(app(environ, lambda status, headers, seen=statuses: seen.append(status)))
+        assert statuses == [expected], peer
+        assert (b"a@remote.test" in body) == (expected == "200 OK"), peer
