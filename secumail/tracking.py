@@ -106,6 +106,10 @@ def queue_id_value(text: str) -> str:
     return text if text and _QUEUE_ID.match(text) and text != "NOQUEUE" else ""
 
 
+# The events hold strings, numbers and tuples of them only: no cycle to look for.
+_ENCODE = json.JSONEncoder(check_circular=False, separators=(",", ":")).encode
+
+
 class EventLog:
     """The last `capacity` events of this process, numbered from 1. `boot` tells one run of
     the process from the next, whose numbers start again. Recording is a lock and an
@@ -141,8 +145,8 @@ class EventLog:
             start = max(0, after + 1 - first)
             chosen = ([] if after >= last else
                       list(itertools.islice(self._events, start, start + limit)))
-        return json.dumps({"boot": self.boot, "first": first, "last": last,
-                           "fields": FIELDS, "events": chosen}).encode()
+        return _ENCODE({"boot": self.boot, "first": first, "last": last,
+                        "fields": FIELDS, "events": chosen}).encode()
 
 
 EVENTS = EventLog()  # this process's, as its metrics live in prometheus_client's registry
