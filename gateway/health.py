@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from secumail import probes
 from secumail.chain import chain
@@ -157,7 +158,8 @@ class HealthChecker:
             state.answer = await hop.probe(instance, self.timeout)
         except Exception as error:  # whatever a replica does to a probe, it is that replica's
             state.status, state.answer = "failing", None
-            state.last_error, state.last_error_at = _describe(error), self.clock()
+            state.last_error = _describe(error) + await asyncio.to_thread(status_note, instance)
+            state.last_error_at = self.clock()
         else:
             state.status, state.last_ok_at = "ok", self.clock()
         state.latency_seconds = time.perf_counter() - started
@@ -172,6 +174,18 @@ class HealthChecker:
         name = await self.namer(ip)
         self._names[ip] = (name, self.clock())
         return name
+
+
+def status_note(instance: str) -> str:
+    """For a daemon on a unix socket: what it wrote in `status` beside its socket while it
+    cannot serve (clamd waiting for signatures says why there), or nothing."""
+    if not instance.startswith("/"):
+        return ""
+    try:
+        text = (Path(instance).parent / "status").read_text(errors="replace")[:500].strip()
+    except OSError:
+        return ""
+    return f" ({text})" if text else ""
 
 
 def _describe(error: BaseException) -> str:

@@ -124,3 +124,34 @@ def test_a_compose_setting_written_in_secumail_env_stops_postfix(stack: Stack,
     assert done.returncode == 2
     assert "invalid setting SECUMAIL_FILTER_SUBNET in secumail.env: compose reads it from " \
         ".env" in done.stderr, done.stderr
+
+
+def test_clamd_without_signatures_says_why_every_minute_and_keeps_running(stack: Stack
+                                                                         ) -> None:
+    """No route to any mirror (the container has no network at all), an empty signature
+    folder: clamd's container says why, again and again, in its log and beside its socket
+    for the gateway's health, instead of exiting into a silent restart loop."""
+    name = f"secumail-e2e-nosignatures-{uuid.uuid4().hex[:8]}"
+    mirror = "http://192.0.2.1/clamav"  # TEST-NET: nothing there, and no network anyway
+    subprocess.run(["docker", "run", "-d", "--name", name, "--network", "none",
+                    "-e", "CLAMAV_RETRY=2", "-e", f"SECUMAIL_CLAMAV_MIRROR={mirror}",
+                    "secumail/clamd"], check=True, capture_output=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True)
+            said = (logs.stdout + logs.stderr).count("no ClamAV signatures: freshclam could "
+                                                   f"not download them from {mirror}")
+            if said >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert said >= 2, logs.stdout[-2000:] + logs.stderr[-2000:]
+        assert f"signatures from the private mirror {mirror}" in logs.stderr
+        state = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}} "
+                                "{{.RestartCount}}", name], capture_output=True, text=True)
+        assert state.stdout.split() == ["true", "0"], state.stdout
+        status = subprocess.run(["docker", "exec", name, "cat", "/run/clamav/status"],
+                                capture_output=True, text=True)
+        assert "SECUMAIL_CLAMAV_MIRROR" in status.stdout, status
+    finally:
+        subprocess.run(["docker", "rm", "-f", "-v", name], capture_output=True)

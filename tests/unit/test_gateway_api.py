@@ -287,6 +287,25 @@ def test_health_lists_every_replica_and_keeps_the_last_error(gw: Gateway) -> Non
     assert recovered["last_ok_at"] >= recovered["last_error_at"]
 
 
+def test_health_names_why_clamd_cannot_serve(make_gateway: Any, tmp_path: Path) -> None:
+    """clamd's container, waiting for signatures it cannot download, writes why beside its
+    socket (services/clamav/clamd-entrypoint.sh): /health and /readyz say it."""
+    socket_path = tmp_path / "run-clamav" / "clamd.sock"
+    socket_path.parent.mkdir()
+    world = World()
+    world.replicas[str(socket_path)] = [str(socket_path)]
+    world.failing[str(socket_path)] = "[Errno 2] No such file or directory"
+    gateway = make_gateway(world, clamd_address=str(socket_path))
+    why = "no ClamAV signatures: freshclam could not download them from ClamAV's mirror"
+    (socket_path.parent / "status").write_text(why + "\n")
+    gateway.world.offset += 1.1
+    [failing] = gateway.client.get("/readyz").json()["failing"]
+    assert failing["service"] == "clamd" and why in failing["error"], failing
+    clamd = next(s for s in gateway.client.get("/health").json()["services"]
+                 if s["service"] == "clamd")
+    assert why in clamd["replicas"][0]["last_error"]
+
+
 def test_a_scaled_down_replica_leaves_health(gw: Gateway) -> None:
     assert len(gw.client.get("/health").json()["services"][3]["replicas"]) == 3
     gw.world.replicas["clamav:10025"] = REPLICAS["clamav:10025"][:1]
