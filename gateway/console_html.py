@@ -38,6 +38,8 @@ td.detail { min-width: 16rem; word-break: break-word; }
 .outcome { font-weight: 600; white-space: nowrap; }
 .delivered, .passed, .accepted, .ok { color: var(--ok); }
 .refused, .bounced, .expired, .failing, .dropped { color: var(--bad); }
+.actions { display: flex; flex-wrap: wrap; gap: .5rem; margin: .8rem 0; }
+.actions form.inline { margin: 0; }
 .message { border: 1px solid var(--line); border-radius: .4rem; padding: .6rem .8rem;
   margin-bottom: 1rem; }
 .flash { padding: .5rem .8rem; border: 1px solid var(--line); border-radius: .4rem; }
@@ -73,14 +75,14 @@ def button_form(action: str, label: str, csrf: str, fields: dict[str, str] | Non
 
 
 def table(headings: Iterable[str], rows: Iterable[Iterable[str]], empty: str) -> str:
-    """Cells are HTML already (escape what they show)."""
+    """Cells are HTML already (escape what they show). No headings: no header row."""
     body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>"
                    for row in rows)
     if not body:
         return f'<p class="muted">{esc(empty)}</p>'
     head = "".join(f"<th>{esc(h)}</th>" for h in headings)
-    return f'<div class="wrap"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>' \
-           '</table></div>'
+    thead = f"<thead><tr>{head}</tr></thead>" if head else ""
+    return f'<div class="wrap"><table>{thead}<tbody>{body}</tbody></table></div>'
 
 
 def page(title: str, body: str, current: str = "", csrf: str = "", flash: str = "") -> str:

@@ -238,7 +238,7 @@ async def quarantine_item_page(request: Request, gateway: Gateway, csrf: str) ->
     except HTTPException:
         return html(page("Quarantine", '<p class="flash">No such quarantined message.</p>',
                          "quarantine", csrf), 404)
-    facts = table(("", ""), [
+    facts = table((), [
         ("Kept by", esc(f"the {detail.filter} filter, {when(detail.time)}")),
         ("Verdict", esc(f"{detail.verdict}: {detail.reason}")),
         ("Sender", esc(detail.mail_from or "<>")), ("Recipients", esc(", ".join(detail.rcpt_tos))),
@@ -246,8 +246,10 @@ async def quarantine_item_page(request: Request, gateway: Gateway, csrf: str) ->
     ], "")
     headers = table(("Header", "Value"), [(esc(n), f"<span class=detail>{esc(v)}</span>")
                                           for n, v in detail.headers], "No header.")
-    actions = (button_form(f"/console/quarantine/{quote(ident)}/release", "Release", csrf)
-               + button_form(f"/console/quarantine/{quote(ident)}/delete", "Delete", csrf))
+    actions = ('<div class="actions">'
+               + button_form(f"/console/quarantine/{quote(ident)}/release", "Release", csrf)
+               + button_form(f"/console/quarantine/{quote(ident)}/delete", "Delete", csrf)
+               + "</div>")
     return html(page(f"Quarantined message {ident}", facts + actions + "<h2>Headers</h2>"
                      + headers, "quarantine", csrf, notice_of(request)))
 
