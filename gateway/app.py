@@ -29,7 +29,7 @@ from gateway.health import HealthChecker, Hop, Namer, Resolver, chain_hops, reve
 from gateway.http import HostCheck
 from gateway.quarantine import QuarantineAdmin, ReleaseSend, next_hops
 from gateway.routers import console, dkim, greylist, health, metrics, quarantine, tracking
-from gateway.scrape import Target, target_for
+from gateway.scrape import Target, replica_targets
 from gateway.tracking import Collector, TrackingMetrics, TrackingStore
 from secumail import probes
 from secumail.logs import log_event
@@ -90,9 +90,7 @@ def create_app(
     async def event_sources() -> list[Target]:
         """Every replica that serves a metrics listener, as the health rounds found them."""
         results = await gateway.checker.latest(max_age=TRACKING_TARGETS_MAX_AGE)
-        port = settings.metrics_listen.port
-        return [target_for(r.hop.service, replica.host, port, replica.name)
-                for r in results if r.hop.metrics for replica in r.replicas if replica.host]
+        return replica_targets(results, settings.metrics_listen.port)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

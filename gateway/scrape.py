@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
+from gateway.health import HopResult
 from secumail.logs import log_event
 from secumail.netaddr import HostPort
 
@@ -58,6 +59,13 @@ class Scrape:
 def target_for(service: str, host: str, metrics_port: int, container: str | None = None
                ) -> Target:
     return Target(service, str(HostPort(host, metrics_port)), container or "")
+
+
+def replica_targets(results: Iterable[HopResult], metrics_port: int) -> list[Target]:
+    """Every replica a health round found that serves a metrics listener (on
+    SECUMAIL_METRICS_LISTEN's port): what /metrics scrapes and tracking collects from."""
+    return [target_for(r.hop.service, replica.host, metrics_port, replica.name)
+            for r in results if r.hop.metrics for replica in r.replicas if replica.host]
 
 
 def relabel(families: Iterable[Metric], labels: dict[str, str]) -> list[Metric]:

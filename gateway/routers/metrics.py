@@ -14,8 +14,8 @@ from gateway.scrape import (
     merge,
     own_families,
     render,
+    replica_targets,
     scrape_all,
-    target_for,
     up_family,
 )
 
@@ -57,9 +57,7 @@ def hop_families(results: list[HopResult]) -> list[Metric]:
 )
 async def metrics(gateway: GatewayDep) -> Response:
     results = await gateway.checker.latest(max_age=METRICS_MAX_AGE)
-    port = gateway.settings.metrics_listen.port
-    targets = [target_for(r.hop.service, replica.host, port, replica.name)
-               for r in results if r.hop.metrics for replica in r.replicas if replica.host]
+    targets = replica_targets(results, gateway.settings.metrics_listen.port)
     scrapes = await scrape_all(gateway.client, targets, gateway.settings.gateway_timeout)
     families = merge([
         own_families(gateway.registry, gateway.instance),
