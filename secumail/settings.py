@@ -27,6 +27,9 @@ from secumail.access import split_entries
 from secumail.netaddr import HostPort, IPAddress, Network, parse_host_port, parse_network
 
 ENV_PREFIX = "SECUMAIL_"
+# Docker Swarm hands secrets to a container as files here: any setting may come from one,
+# named as its variable in lower case (secumail_admin_token), when no variable sets it.
+SECRETS_DIR = "/run/secrets"
 # What compose itself reads, from .env (section 1 of .env.example): in secumail.env they
 # would do nothing, silently (compose hands the containers its own values).
 COMPOSE_VARIABLES = frozenset({
@@ -70,8 +73,9 @@ DEFAULT_SIGNAL_WEIGHTS = ("no-rdns=2, rdns-mismatch=1, dynamic-rdns=2, helo-ip=1
 class Settings(BaseSettings):
     """The whole stack's settings. A service reads only the fields it needs."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True,
-                                      populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, populate_by_name=True,
+        secrets_dir=SECRETS_DIR if os.path.isdir(SECRETS_DIR) else None)
 
     # --- shared by every service -------------------------------------------------------
     hostname: str = Field("mail.example.org", min_length=1)
@@ -115,7 +119,8 @@ class Settings(BaseSettings):
 
     greylist_enabled: bool = True
     greylist_store: str = "sqlite:///var/lib/secumail/greylist.sqlite"
-    # Redis's password, when the store URL holds none: compose's Redis writes it here.
+    # Redis's password, when the store URL holds none: compose's Redis writes it here (on
+    # Docker Swarm, a secret: /run/secrets/secumail_redis_password).
     redis_password_file: str = "/run/secumail/redis/password"
     greylist_delay: int = Field(300, ge=0)
     greylist_retry_window: int = Field(2 * 86400, gt=0)

@@ -2,8 +2,9 @@
 # Redis for shared greylisting state, with a password: the one in the redis-auth volume
 # (/run/secumail/redis/password), made at first start when the admin has put none there.
 # The policy and gateway containers read it from the same volume; no other container has it.
+# On Docker Swarm it is a secret instead (REDIS_PASSWORD_FILE=/run/secrets/...).
 set -eu
-file=/run/secumail/redis/password
+file=${REDIS_PASSWORD_FILE:-/run/secumail/redis/password}
 if [ ! -s "$file" ]; then
     umask 022
     head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$file.new"

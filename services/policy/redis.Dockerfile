@@ -10,5 +10,5 @@ COPY services/policy/redis-entrypoint.sh /usr/local/bin/redis-entrypoint
 USER redis
 EXPOSE 6379
 HEALTHCHECK --interval=10s --timeout=5s \
-  CMD ["sh", "-c", "REDISCLI_AUTH=$(cat /run/secumail/redis/password) redis-cli ping | grep -q PONG"]
+  CMD ["sh", "-c", "REDISCLI_AUTH=$(cat ${REDIS_PASSWORD_FILE:-/run/secumail/redis/password}) redis-cli ping | grep -q PONG"]
 CMD ["redis-entrypoint"]
