@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +83,17 @@ def test_the_gateways_secrets_found_elsewhere_are_named() -> None:
     assert misplaced_secrets({"SECUMAIL_ADMIN_TOKEN": "x" * 20, "SECUMAIL_METRICS_TOKEN": "",
                               "SECUMAIL_HOSTNAME": "mx"}) == ["SECUMAIL_ADMIN_TOKEN"]
     assert misplaced_secrets({}) == []
+
+
+def test_a_setting_may_come_from_a_docker_secret(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Docker Swarm mounts secrets as files in /run/secrets, named as the variable in lower
+    case; a variable set in the environment still wins."""
+    (tmp_path / "secumail_admin_token").write_text("a-token-from-a-secret-0123456789\n")
+    (tmp_path / "secumail_hostname").write_text("mx.from-a-secret.test")
+    monkeypatch.delenv("SECUMAIL_ADMIN_TOKEN", raising=False)
+    settings = Settings(_secrets_dir=tmp_path)  # type: ignore[call-arg]
+    assert settings.admin_token.get_secret_value() == "a-token-from-a-secret-0123456789"
+    assert settings.hostname == "mx.from-a-secret.test"
+    monkeypatch.setenv("SECUMAIL_HOSTNAME", "mx.from-the-environment.test")
+    assert Settings(_secrets_dir=tmp_path).hostname == "mx.from-the-environment.test"  # type: ignore[call-arg]
