@@ -60,6 +60,11 @@ BACKEND_ERRORS = Counter(
 NEXT_HOP_ERRORS = Counter(
     "secumail_filter_next_hop_errors", "Next hop unreachable or broken off", ["filter"]
 )
+UNACKNOWLEDGED = Counter(
+    "secumail_filter_unacknowledged",
+    "Messages the next hop had (final dot sent) when the client left before our reply: the "
+    "client sends them again, a duplicate if the next hop kept them (RFC 1047)", ["filter"],
+)
 CONNECTIONS = Gauge("secumail_filter_connections", "Open SMTP connections", ["filter"])
 BACKSCATTER_AVOIDED = Counter(
     "secumail_filter_backscatter_avoided",
@@ -129,6 +134,9 @@ class _Transaction:
     downstream: SmtpClient | None = None
     reused: bool = False  # the downstream served a transaction before: it may be closed now
     xforward: dict[str, str] = field(default_factory=dict)
+    # The message being handed to the next hop, while it is: what a log line names if the
+    # client leaves meanwhile.
+    relaying: bytes = b""
 
 
 class _HooksListedOnce:
@@ -278,6 +286,17 @@ class RelaySMTP(_HooksListedOnce, SMTP):
             downstream = self.transaction.downstream
             if downstream is not None:
                 self.transaction.downstream = None
+                if downstream.delivered_unanswered:
+                    # Too late to take it back: Postfix queues what ended with a dot (a
+                    # SecuMail filter still scanning it does not: its client, we, left).
+                    UNACKNOWLEDGED.labels(self.relay.name).inc()
+                    log_event(log, "client left after the next hop had the message: if it "
+                              "keeps it, the client's retry is a duplicate", logging.WARNING,
+                              filter=self.relay.name,
+                              message_id=tracking.message_id_of(
+                                  self.transaction.relaying,
+                                  header_block_end(self.transaction.relaying)),
+                              peer=peer_name(self.session.peer if self.session else None))
                 self.relay.release(downstream)
             super().connection_lost(error)
 
@@ -434,7 +453,9 @@ class RelayHandler(_HooksListedOnce):
                 verdict = refusal_after_queue(verdict, client, self.mynetworks)
                 if verdict is not refused:
                     BACKSCATTER_AVOIDED.labels(self.name).inc()
+            transaction.relaying = message  # kept if the client leaves meanwhile
             reply = await self._act(transaction, info, message, verdict, client)
+            transaction.relaying = b""
             MESSAGES.labels(self.name, verdict.label).inc()
             log_event(
                 log, "message", filter=self.name, verdict=verdict.label, action=verdict.action,

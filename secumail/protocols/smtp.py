@@ -243,6 +243,9 @@ class SmtpClient:
         self.opened = 0.0  # time.monotonic() of the connection, for reuse limits
         self.in_transaction = False  # MAIL accepted, and neither end of DATA nor RSET since
         self._awaiting_reply = False  # sent something whose reply is not read yet
+        # The final dot is sent and its reply not read: the next hop has the message (it
+        # queues what ended with a dot, whether or not its reply is read).
+        self.delivered_unanswered = False
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._decoder = ReplyDecoder()
@@ -341,13 +344,14 @@ class SmtpClient:
             return reply
         pieces: list[bytes | memoryview] = [message] if isinstance(message, bytes) else message
         try:
-            [reply] = await self._exchange(dot_stuffed(pieces), 1)
+            [reply] = await self._exchange(dot_stuffed(pieces), 1, final_dot=True)
         except SmtpUnavailable as error:
             raise SmtpUnavailable(f"end of data: {error}") from None
         self.in_transaction = False  # whatever the code, the end-of-data reply ends it
         return reply
 
-    async def _exchange(self, data: bytes | Iterable[bytes], replies: int) -> list[SmtpReply]:
+    async def _exchange(self, data: bytes | Iterable[bytes], replies: int,
+                        final_dot: bool = False) -> list[SmtpReply]:
         """Send `data` (or its pieces, one after the other), read `replies` replies within
         the timeout; any trouble closes the connection and raises SmtpUnavailable saying
         what it was."""
@@ -358,8 +362,9 @@ class SmtpClient:
             self._awaiting_reply = True
             for piece in [data] if isinstance(data, bytes) else data:
                 await send(self._writer, piece)
+            self.delivered_unanswered = final_dot
             read = [await self._read_reply() for _ in range(replies)]
-            self._awaiting_reply = False
+            self._awaiting_reply = self.delivered_unanswered = False
             return read
         except (OSError, SmtpUnavailable) as error:
             # The deadline closes the connection: the read then ends as if the peer had.

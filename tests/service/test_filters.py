@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import smtplib
 import socket
+import time
 
 import pytest
 
@@ -198,6 +199,32 @@ def raw_session(port: int, payload: bytes) -> bytes:
         while chunk := sock.recv(65536):
             answers += chunk
     return answers
+
+
+def test_a_client_gone_after_the_final_dot_is_logged_as_a_duplicate_to_come(
+    chain: StartChain, sink: SmtpSink
+) -> None:
+    """RFC 1047: once its final dot has reached the next hop, the message is the next hop's
+    whatever our client does. A client that leaves before our reply (killed, timed out) will
+    send it again: nothing can take the first copy back, so the filter says so (a warning
+    naming the Message-ID, a metric), and such a duplicate has an explanation. The sink
+    answers a slow... recipient 3 s after storing the message."""
+    filters = chain()
+    with socket.create_connection(("127.0.0.1", filters.port), timeout=60) as sock:
+        sock.sendall(b"EHLO mx.secumail.test\r\nMAIL FROM:<alice@secumail.test>\r\n"
+                     b"RCPT TO:<slow@secumail.test>\r\nDATA\r\n")
+        answers = b""
+        while b"\r\n354 " not in answers:
+            answers += sock.recv(4096)
+        sock.sendall(b"Subject: gone\r\nMessage-ID: <gone.1@secumail.test>\r\n\r\nbody\r\n"
+                     b".\r\n")
+        [message] = sink.wait_for(1)  # each filter has passed the dot on
+    assert message["Subject"] == "gone"
+    for daemon in (filters.clamav, filters.spamd):
+        assert daemon.logged("client left after the next hop had the message"), daemon.output()
+        assert daemon.logged("message_id=gone.1@secumail.test"), daemon.output()[-1500:]
+    time.sleep(3.5)  # the sink's late 250 goes nowhere; the message stays one message
+    assert len(sink.handler.messages) == 1
 
 
 @pytest.mark.parametrize("smuggled", [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r\n.\r"])
