@@ -134,9 +134,11 @@ class _Transaction:
     downstream: SmtpClient | None = None
     reused: bool = False  # the downstream served a transaction before: it may be closed now
     xforward: dict[str, str] = field(default_factory=dict)
-    # The message being handed to the next hop, while it is: what a log line names if the
-    # client leaves meanwhile.
+    # The message being handed to the next hop, while it is, and the one we last said 250
+    # for until the client sends anything more: what a log line names if the client leaves
+    # meanwhile.
     relaying: bytes = b""
+    answered: str | None = None  # its Message-ID
 
 
 class _HooksListedOnce:
@@ -276,6 +278,7 @@ class RelaySMTP(_HooksListedOnce, SMTP):
             self.transport.write(b"500 5.5.2 Line too long, closing connection\r\n")  # type: ignore[attr-defined]
             self.transport.close()
             return
+        self.transaction.answered = None  # the client is still there after our reply
         super().data_received(data)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -289,16 +292,24 @@ class RelaySMTP(_HooksListedOnce, SMTP):
                 if downstream.delivered_unanswered:
                     # Too late to take it back: Postfix queues what ended with a dot (a
                     # SecuMail filter still scanning it does not: its client, we, left).
-                    UNACKNOWLEDGED.labels(self.relay.name).inc()
-                    log_event(log, "client left after the next hop had the message: if it "
-                              "keeps it, the client's retry is a duplicate", logging.WARNING,
-                              filter=self.relay.name,
-                              message_id=tracking.message_id_of(
-                                  self.transaction.relaying,
-                                  header_block_end(self.transaction.relaying)),
-                              peer=peer_name(self.session.peer if self.session else None))
+                    relaying = self.transaction.relaying
+                    self._duplicate_to_come(
+                        tracking.message_id_of(relaying, header_block_end(relaying)),
+                        "client left after the next hop had the message: if it keeps it, "
+                        "the client's retry is a duplicate")
                 self.relay.release(downstream)
+            if isinstance(error, ConnectionResetError) and self.transaction.answered is not None:
+                # A reset, not an end: the client's socket closed with data unread, and all
+                # we had sent since its last command was our 250 (a client killed just then).
+                self._duplicate_to_come(self.transaction.answered, "client reset the "
+                                        "connection without reading our 250: its retry is a "
+                                        "duplicate")
             super().connection_lost(error)
+
+    def _duplicate_to_come(self, message_id: str, what: str) -> None:
+        UNACKNOWLEDGED.labels(self.relay.name).inc()
+        log_event(log, what, logging.WARNING, filter=self.relay.name, message_id=message_id,
+                  peer=peer_name(self.session.peer if self.session else None))
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd parses MAIL and RCPT addresses with `email`'s header parser, a tenth of
@@ -456,6 +467,8 @@ class RelayHandler(_HooksListedOnce):
             transaction.relaying = message  # kept if the client leaves meanwhile
             reply = await self._act(transaction, info, message, verdict, client)
             transaction.relaying = b""
+            transaction.answered = tracking.message_id_of(message, header_block_end(message)) \
+                if reply.startswith("250") else None
             MESSAGES.labels(self.name, verdict.label).inc()
             log_event(
                 log, "message", filter=self.name, verdict=verdict.label, action=verdict.action,

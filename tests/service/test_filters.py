@@ -227,6 +227,34 @@ def test_a_client_gone_after_the_final_dot_is_logged_as_a_duplicate_to_come(
     assert len(sink.handler.messages) == 1
 
 
+def test_a_client_killed_before_reading_our_250_is_logged_as_a_duplicate_to_come(
+    chain: StartChain, sink: SmtpSink
+) -> None:
+    """A client killed with our 250 unread in its socket resets the connection (its kernel
+    had data no one read): the message is delivered, the client's retry will be a
+    duplicate. A client that read the 250 and then left is no such case."""
+    filters = chain()
+    for subject, reads_the_reply in (("unread", False), ("read", True)):
+        sock = socket.create_connection(("127.0.0.1", filters.port), timeout=60)
+        sock.sendall(b"EHLO mx.secumail.test\r\nMAIL FROM:<alice@secumail.test>\r\n"
+                     b"RCPT TO:<bob@secumail.test>\r\nDATA\r\n")
+        answers = b""
+        while b"\r\n354 " not in answers:
+            answers += sock.recv(4096)
+        sock.sendall(f"Subject: {subject}\r\nMessage-ID: <{subject}.2@secumail.test>\r\n"
+                     "\r\nbody\r\n.\r\n".encode())
+        sink.wait_for(1 if subject == "unread" else 2)
+        time.sleep(0.5)  # the 250 is in the client's socket by now
+        if reads_the_reply:
+            assert b"250 " in sock.recv(4096)
+        sock.close()
+    assert filters.clamav.logged("client reset the connection without reading our 250"), \
+        filters.clamav.output()
+    assert filters.clamav.logged("message_id=unread.2@secumail.test")
+    time.sleep(1)
+    assert "read.2@secumail.test" not in filters.clamav.output().replace("unread.2", "")
+
+
 @pytest.mark.parametrize("smuggled", [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r\n.\r"])
 def test_smuggled_end_of_data_never_makes_two_messages(
     chain: StartChain, sink: SmtpSink, smuggled: bytes
