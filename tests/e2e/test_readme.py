@@ -1,64 +1,17 @@
-"""Every `console` block of README.md, run against the test stack: the README cannot drift.
-
-A block is a list of `$ command` lines, each followed by the lines it must print, in order
-(`...` stands for anything; `$NAME` for a variable's value), within 30 s (it is run again
-until then). A command with nothing under it must succeed. Variables set by `$ NAME=value`
-lines carry over from block to block; the README's own values of the ones below are the
-admin's to change, so the test gives them its own. `docker compose` runs as the suite's
-compose command (its files and project)."""
+"""Every `console` block of README.md, run against the test stack: the README cannot drift
+(tests/e2e/readme.py says how a block reads). `docker compose` runs as the suite's compose
+command (its files and project)."""
 
 from __future__ import annotations
 
 import os
 import re
-import subprocess
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import ROOT, Stack
-
-README = ROOT / "README.md"
-BLOCK = re.compile(r"^```console\n(.*?)^```", re.S | re.M)
-ASSIGNMENT = re.compile(r"([A-Z]+)=(\S+)(?:\s+#.*)?$")
-
-
-@dataclass
-class Step:
-    command: str
-    expected: list[str] = field(default_factory=list)
-
-
-def blocks(text: str) -> list[list[Step]]:
-    parsed = []
-    for body in BLOCK.findall(text):
-        steps: list[Step] = []
-        for line in body.splitlines():
-            if line.startswith("$ "):
-                steps.append(Step(line[2:]))
-            elif line.strip():
-                assert steps, f"output before any command: {line!r}"
-                steps[-1].expected.append(line)
-        parsed.append(steps)
-    return parsed
-
-
-def pattern(line: str, variables: dict[str, str]) -> re.Pattern[str]:
-    for name in sorted(variables, key=len, reverse=True):  # $TOKEN before $TO
-        line = line.replace(f"${name}", variables[name])
-    return re.compile(".*".join(re.escape(part) for part in line.split("...")))
-
-
-def unmatched(output: str, expected: list[str], variables: dict[str, str]) -> str | None:
-    """The first expected line not found in the output (in order), or None."""
-    lines = iter(output.splitlines())
-    for wanted in expected:
-        regex = pattern(wanted, variables)
-        if not any(regex.fullmatch(line.rstrip()) for line in lines):
-            return wanted
-    return None
+from tests.e2e.conftest import Stack
+from tests.e2e.readme import README, blocks, run_blocks, unmatched
 
 
 def test_readme_blocks_are_found_and_well_formed() -> None:
@@ -82,33 +35,8 @@ def test_every_readme_command_prints_what_the_readme_says(stack: Stack, tmp_path
         "TOKEN": "e2e-admin-token-0123456789",
     }
     compose = " ".join(stack.compose)
-    variables: dict[str, str] = {}
-    for steps in blocks(README.read_text()):
-        for step in steps:
-            if assigned := ASSIGNMENT.fullmatch(step.command.split("  ")[0].strip()) \
-                    or re.fullmatch(r"([A-Z]+)=(\$\(.*\))", step.command):
-                name = assigned.group(1)
-                assert name in ours, f"a README variable the test does not know: {name}"
-                variables[name] = ours[name]
-                continue
-            command = step.command.replace("docker compose", compose)
-            script = "".join(f"{k}={v!s}\n" for k, v in variables.items()) + command
-            # What a command shows may come a moment later (mail is delivered just after it
-            # is accepted): a command is run again, for up to 30 s, until it prints it.
-            deadline = time.monotonic() + 30
-            while True:
-                done = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
-                                      timeout=300, cwd=tmp_path)
-                output = done.stdout + done.stderr
-                if not step.expected:
-                    assert done.returncode == 0, f"$ {step.command}\n{output[-3000:]}"
-                    break
-                missing = unmatched(output, step.expected, variables)
-                if missing is None:
-                    break
-                assert time.monotonic() < deadline, \
-                    f"$ {step.command}\nexpected: {missing}\ngot:\n{output[-3000:]}"
-                time.sleep(2)
+    run_blocks(blocks(README.read_text()), ours, tmp_path,
+               rewrite=lambda command: command.replace("docker compose", compose))
 
 
 @pytest.mark.parametrize(("output", "expected", "found"), [
