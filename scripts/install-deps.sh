@@ -9,7 +9,8 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 DEBIAN_PACKAGES=(postfix redis-server postgrey swaks clamav-daemon clamav-testfiles spamd
-    miltertest opendkim opendkim-tools prometheus libarchive13 chromium chromium-driver)
+    miltertest opendkim opendkim-tools prometheus libarchive13 chromium chromium-driver
+    docker-registry iproute2 openssl)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
