@@ -29,6 +29,7 @@ from secumail.forwarded import HEADER as CLIENT_HEADER
 from secumail.forwarded import ForwardedClient
 from secumail.kept import KeptConnections
 from secumail.logs import log_event
+from secumail.lostacks import LostAcks, message_key
 from secumail.message import header_block, header_block_end, normalize_newlines, split_headers
 from secumail.netaddr import HostPort, Network, peer_name
 from secumail.protocols.smtp import (
@@ -138,7 +139,25 @@ class _Transaction:
     # for until the client sends anything more: what a log line names if the client leaves
     # meanwhile.
     relaying: bytes = b""
-    answered: str | None = None  # its Message-ID
+    answered: Answered | None = None
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A message and what the next hop said to it."""
+
+    message: bytes
+    sender: str
+    recipients: tuple[str, ...]
+    reply: str = ""
+
+    @property
+    def message_id(self) -> str:
+        return tracking.message_id_of(self.message, header_block_end(self.message))
+
+    @property
+    def key(self) -> str:
+        return message_key(self.message_id, self.sender, self.recipients, self.message)
 
 
 class _HooksListedOnce:
@@ -289,27 +308,20 @@ class RelaySMTP(_HooksListedOnce, SMTP):
             downstream = self.transaction.downstream
             if downstream is not None:
                 self.transaction.downstream = None
-                if downstream.delivered_unanswered:
-                    # Too late to take it back: Postfix queues what ended with a dot (a
-                    # SecuMail filter still scanning it does not: its client, we, left).
-                    relaying = self.transaction.relaying
-                    self._duplicate_to_come(
-                        tracking.message_id_of(relaying, header_block_end(relaying)),
-                        "client left after the next hop had the message: if it keeps it, "
-                        "the client's retry is a duplicate")
-                self.relay.release(downstream)
+                if downstream.delivered_unanswered and self.envelope is not None:
+                    # Our client left while the next hop's answer to the final dot was on
+                    # its way: too late to take the message back, so read what it says.
+                    self.relay.settle(downstream, Answered(
+                        self.transaction.relaying, str(self.envelope.mail_from),
+                        tuple(self.envelope.rcpt_tos)))
+                else:
+                    self.relay.release(downstream)
             if isinstance(error, ConnectionResetError) and self.transaction.answered is not None:
                 # A reset, not an end: the client's socket closed with data unread, and all
                 # we had sent since its last command was our 250 (a client killed just then).
-                self._duplicate_to_come(self.transaction.answered, "client reset the "
-                                        "connection without reading our 250: its retry is a "
-                                        "duplicate")
+                self.relay.lost_ack(self.transaction.answered, "client reset the connection "
+                                    "without reading our 250")
             super().connection_lost(error)
-
-    def _duplicate_to_come(self, message_id: str, what: str) -> None:
-        UNACKNOWLEDGED.labels(self.relay.name).inc()
-        log_event(log, what, logging.WARNING, filter=self.relay.name, message_id=message_id,
-                  peer=peer_name(self.session.peer if self.session else None))
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd parses MAIL and RCPT addresses with `email`'s header parser, a tenth of
@@ -375,6 +387,8 @@ class RelayHandler(_HooksListedOnce):
         self.hostname = hostname
         self.timeout = timeout
         self.quarantine = quarantine
+        # Shared with every replica of both filters (the quarantine volume).
+        self.lost_acks = LostAcks(quarantine.directory / "lost-acks")
         self.max_connections = max_connections
         self.connections = 0
         self.draining = False
@@ -451,7 +465,8 @@ class RelayHandler(_HooksListedOnce):
             message = normalize_newlines(content if isinstance(content, bytes) else b"")
             started = time.perf_counter()
             try:
-                verdict = await self.inspect(info, message)
+                verdict = self._delivered_before(info, message) or \
+                    await self.inspect(info, message)
             except Exception:
                 # A bug in a scanner's glue: keep the mail in Postfix's queue, and cancel the
                 # next hop's open transaction like any other non-delivery (via _act).
@@ -467,7 +482,7 @@ class RelayHandler(_HooksListedOnce):
             transaction.relaying = message  # kept if the client leaves meanwhile
             reply = await self._act(transaction, info, message, verdict, client)
             transaction.relaying = b""
-            transaction.answered = tracking.message_id_of(message, header_block_end(message)) \
+            transaction.answered = Answered(message, info.mail_from, info.rcpt_tos, reply) \
                 if reply.startswith("250") else None
             MESSAGES.labels(self.name, verdict.label).inc()
             log_event(
@@ -498,6 +513,22 @@ class RelayHandler(_HooksListedOnce):
 
     # --- helpers -------------------------------------------------------------------------
 
+    def _delivered_before(self, info: MessageInfo, message: bytes) -> Verdict | None:
+        """The retry of a message delivered once already whose 250 its client never heard
+        (secumail/lostacks.py): answered 250, not passed on again."""
+        try:
+            if not self.lost_acks.pending():
+                return None
+            earlier = self.lost_acks.take(Answered(message, info.mail_from, info.rcpt_tos).key)
+        except OSError as error:  # never a reason to refuse mail: scan and pass it on
+            log_event(log, "lost-acks unreadable", logging.ERROR, filter=self.name,
+                      error=str(error))
+            return None
+        if earlier is None:
+            return None
+        return Verdict("drop", "duplicate", f"delivered before ({earlier[:100]}); the client "
+                       "had not heard so")
+
     async def _downstream(self, transaction: _Transaction) -> SmtpClient | str:
         """The next-hop connection of this session: its own, a kept one, or a new one."""
         client = transaction.downstream
@@ -521,6 +552,33 @@ class RelayHandler(_HooksListedOnce):
             return TEMPFAIL_NEXT_HOP if reply.code >= 500 else str(reply)
         transaction.downstream = client
         return client
+
+    def settle(self, client: SmtpClient, message: Answered) -> None:
+        """The next hop's late answer to a message whose client left: a 250 means delivered
+        with nobody told, whose retry must not be delivered again."""
+        async def read() -> None:
+            reply = await client.late_reply()
+            if reply is not None and reply.ok:
+                self.lost_ack(replace(message, reply=str(reply)),
+                              "client left while the next hop's 250 was on its way")
+            else:
+                log_event(log, "client left before the next hop answered", logging.WARNING,
+                          filter=self.name, message_id=message.message_id,
+                          reply=str(reply)[:120] if reply else "none: it may have the message")
+        self.closing.add(asyncio.ensure_future(read()))
+        self.closing = {task for task in self.closing if not task.done()}
+
+    def lost_ack(self, message: Answered, what: str) -> None:
+        UNACKNOWLEDGED.labels(self.name).inc()
+        try:
+            self.lost_acks.record(message.key, message.reply)
+        except OSError as error:
+            log_event(log, f"{what}: its retry will be a duplicate (not recorded: {error})",
+                      logging.ERROR, filter=self.name, message_id=message.message_id)
+            return
+        log_event(log, f"{what}: its retry will be answered 250 and not delivered again",
+                  logging.WARNING, filter=self.name, message_id=message.message_id,
+                  reply=message.reply[:120])
 
     def release(self, client: SmtpClient) -> None:
         """Keep a next-hop connection whose transaction is over for the next session."""

@@ -350,6 +350,18 @@ class SmtpClient:
         self.in_transaction = False  # whatever the code, the end-of-data reply ends it
         return reply
 
+    async def late_reply(self) -> SmtpReply | None:
+        """The end-of-data reply a cancelled data() left to come (its caller's client left):
+        read within the timeout, then the connection is closed. None if none came."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                reply: SmtpReply | None = await self._read_reply()
+        except (OSError, SmtpUnavailable, TimeoutError):
+            reply = None
+        finally:
+            await self.close()
+        return reply
+
     async def _exchange(self, data: bytes | Iterable[bytes], replies: int,
                         final_dot: bool = False) -> list[SmtpReply]:
         """Send `data` (or its pieces, one after the other), read `replies` replies within
