@@ -4,8 +4,9 @@ namespace of its own goes through the whole chain and is seen with its own addre
 scaled stack loses and doubles nothing while a clamav task is killed and spamd is updated.
 
 The compose suite's stack may be running meanwhile: this one has its own ports, subnets and
-DNS server (on the host's end of docker_gwbridge), and a swarm this module started is left
-again at the end. Needs root (a network namespace, and DNS on port 53 for Postfix)."""
+DNS server (on the host's end of docker_gwbridge), and a swarm this session started is left
+again at its very end (swarm_node). Needs root (a network namespace, and DNS on port 53 for
+Postfix)."""
 
 from __future__ import annotations
 
@@ -195,8 +196,21 @@ def send(server: str, *args: str) -> subprocess.CompletedProcess[str]:
                check=False)
 
 
+@pytest.fixture(scope="session")
+def swarm_node() -> Iterator[bool]:
+    """Whether this session makes the machine a swarm node (the README's `docker swarm
+    init`, run by `swarm`); if so it leaves the swarm again at the very end, once the compose
+    suite's stack is down: on Docker 20.10, `docker swarm leave` takes Docker's name
+    resolution from the containers already running on bridge networks."""
+    started = shutil.which("docker") is not None and subprocess.run(
+        ["docker", "info"], capture_output=True).returncode == 0 and swarm_state() != "active"
+    yield started
+    if started and swarm_state() == "active":
+        run("docker", "swarm", "leave", "--force", check=False)
+
+
 @pytest.fixture(scope="module")
-def swarm() -> Iterator[Swarm]:
+def swarm(swarm_node: bool) -> Iterator[Swarm]:
     if shutil.which("docker") is None or \
             subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
         pytest.skip("no Docker engine here (bash scripts/install-docker.sh provides one)")
@@ -218,8 +232,8 @@ def swarm() -> Iterator[Swarm]:
         env.pop(name, None)
     env.update(SUBNETS, SECUMAIL_SMTP_PUBLISH=str(smtp_port),
                SECUMAIL_GATEWAY_PUBLISH=str(gateway_port), SECUMAIL_E2E_DIR=str(directory))
-    started_swarm = swarm_state() != "active"
-    if not started_swarm:
+    started_swarm = swarm_node and swarm_state() != "active"
+    if swarm_state() == "active":
         remove_stack()  # what an earlier run left
     swarm_blocks = blocks(README.read_text(), SWARM_BLOCK)
     first = block_with(swarm_blocks, "docker swarm init")
@@ -255,8 +269,6 @@ def swarm() -> Iterator[Swarm]:
                 remove_stack()
                 if dns is not None:
                     dns.stop()
-                if started_swarm:
-                    run("docker", "swarm", "leave", "--force", check=False)
                 (ROOT / "secumail-stack.yaml").unlink(missing_ok=True)
                 shutil.rmtree(directory, ignore_errors=True)
 

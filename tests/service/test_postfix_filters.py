@@ -53,15 +53,6 @@ def submit(port: int, message: bytes, remote: str | None = None, **options: str)
         smtp.sendmail("alice@secumail.test", ["bob@secumail.test"], message, mail_options)
 
 
-def wait_for_log(postfix: PostfixInstance, text: str, timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    while text not in postfix.log():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{text!r} not in the Postfix log:\n{postfix.log()[-3000:]}")
-        time.sleep(0.2)
-    return postfix.log()
-
-
 def test_clean_mail_through_the_whole_chain(postfix_chain: StartPostfix, sink: SmtpSink) -> None:
     postfix, _ = postfix_chain()
     submit(postfix.port, mail.plain(), remote="203.0.113.7")
@@ -76,7 +67,7 @@ def test_clean_mail_through_the_whole_chain(postfix_chain: StartPostfix, sink: S
 def test_virus_is_refused_and_bounced_not_lost(postfix_chain: StartPostfix, sink: SmtpSink) -> None:
     postfix, _ = postfix_chain(virus_action="reject")
     submit(postfix.port, mail.eicar(), ret="HDRS")
-    log = wait_for_log(postfix, "status=bounced")
+    log = postfix.wait_for_log("status=bounced")
     assert "554 5.7.0 Message refused: virus found (Eicar-Test-Signature" in log
     [bounce] = sink.wait_for(1)  # the DSN went back to the sender
     assert "MAILER-DAEMON@mx.secumail.test" in bounce["From"]
@@ -87,7 +78,7 @@ def test_virus_is_refused_and_bounced_not_lost(postfix_chain: StartPostfix, sink
 def test_spam_is_refused_and_bounced(postfix_chain: StartPostfix, sink: SmtpSink) -> None:
     postfix, _ = postfix_chain()
     submit(postfix.port, mail.gtube(), ret="HDRS")
-    log = wait_for_log(postfix, "status=bounced")
+    log = postfix.wait_for_log("status=bounced")
     assert "554 5.7.1 Message refused as spam" in log
     assert postfix.queue_ids() == []
 
@@ -98,7 +89,7 @@ def test_clamd_down_defers_then_delivers_when_back(
     clamd = Clamd()
     postfix, _ = postfix_chain(clamd_address=clamd.address)
     submit(postfix.port, mail.plain(subject="held back"))
-    log = wait_for_log(postfix, "status=deferred")
+    log = postfix.wait_for_log("status=deferred")
     assert "451 4.7.1 Virus scanner unavailable" in log
     assert len(postfix.queue_ids()) == 1
     assert sink.handler.messages == []
@@ -130,7 +121,7 @@ def test_before_queue_clean_mail_is_queued_once_with_both_headers(
     assert message["X-AV-Checked"].startswith("ClamAV using SecuMail")
     assert message["X-Spam-Flag"] == "NO"
     assert "X-SecuMail-Client" in message  # no milter here to remove it: see below
-    log = wait_for_log(postfix, "status=sent")
+    log = postfix.wait_for_log("status=sent")
     # The proxying smtpd queues nothing (NOQUEUE); 10027 queues the message once.
     assert "NOQUEUE: client=mail.remote.test[203.0.113.7]" in log
     assert "proxy-accept: END-OF-MESSAGE: 250 2.0.0 Ok: queued as " in log
@@ -191,7 +182,7 @@ def test_after_queue_spam_from_a_stranger_is_kept_not_bounced(
         assert smtp.docmd("XCLIENT", "ADDR=203.0.113.7 NAME=mail.remote.test")[0] == 220
         smtp.ehlo("mail.remote.test")
         smtp.sendmail("victim@secumail.test", ["bob@secumail.test"], mail.gtube())
-    log = wait_for_log(postfix, "status=sent")
+    log = postfix.wait_for_log("status=sent")
     assert "quarantined as" in log and "bounced" not in log
     time.sleep(1)
     assert sink.handler.messages == []  # nothing went to the victim (nor to bob)

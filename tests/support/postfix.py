@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from secumail.settings import Settings
@@ -84,6 +85,15 @@ class PostfixInstance:
 
     def log(self) -> str:
         return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
+
+    def wait_for_log(self, text: str, timeout: float = 30) -> str:
+        """The log once it holds `text` (Postfix writes its log a moment after it answers)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in the Postfix log:\n{self.log()[-3000:]}")
+            time.sleep(0.2)
+        return self.log()
 
     def queue_ids(self) -> list[str]:
         result = subprocess.run(
