@@ -5,7 +5,7 @@ scaled stack loses and doubles nothing while a clamav task is killed and spamd i
 
 The compose suite's stack may be running meanwhile: this one has its own ports, subnets and
 DNS server (on the host's end of docker_gwbridge), and a swarm this session started is left
-again at its very end (swarm_node). Needs root (a network namespace, and DNS on port 53 for
+again at its end (swarm_node). Needs root (a network namespace, and DNS on port 53 for
 Postfix)."""
 
 from __future__ import annotations
@@ -199,9 +199,10 @@ def send(server: str, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="session")
 def swarm_node() -> Iterator[bool]:
     """Whether this session makes the machine a swarm node (the README's `docker swarm
-    init`, run by `swarm`); if so it leaves the swarm again at the very end, once the compose
-    suite's stack is down: on Docker 20.10, `docker swarm leave` takes Docker's name
-    resolution from the containers already running on bridge networks."""
+    init`, run by `swarm`); if so it leaves the swarm again at the session's end, when no
+    test needs the compose suite's stack any more (only its `down` is left): on Docker
+    20.10, `docker swarm leave` takes Docker's name resolution from the containers already
+    running on bridge networks."""
     started = shutil.which("docker") is not None and subprocess.run(
         ["docker", "info"], capture_output=True).returncode == 0 and swarm_state() != "active"
     yield started
