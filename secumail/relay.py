@@ -63,8 +63,9 @@ NEXT_HOP_ERRORS = Counter(
 )
 UNACKNOWLEDGED = Counter(
     "secumail_filter_unacknowledged",
-    "Messages the next hop had (final dot sent) when the client left before our reply: the "
-    "client sends them again, a duplicate if the next hop kept them (RFC 1047)", ["filter"],
+    "Messages the next hop accepted when the client left before hearing so (RFC 1047): "
+    "recorded, so that the client's retry is answered without being delivered again",
+    ["filter"],
 )
 CONNECTIONS = Gauge("secumail_filter_connections", "Open SMTP connections", ["filter"])
 BACKSCATTER_AVOIDED = Counter(
@@ -136,8 +137,8 @@ class _Transaction:
     reused: bool = False  # the downstream served a transaction before: it may be closed now
     xforward: dict[str, str] = field(default_factory=dict)
     # The message being handed to the next hop, while it is, and the one we last said 250
-    # for until the client sends anything more: what a log line names if the client leaves
-    # meanwhile.
+    # for until the client sends anything more: what is recorded (lost-acks) if the client
+    # leaves meanwhile.
     relaying: bytes = b""
     answered: Answered | None = None
 
