@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from secumail.protocols.policy import encode_request  # noqa: E402
-from tests.support.dnsserver import LoopbackDNS  # noqa: E402
+from tests.support.dnsserver import ReplayingDNS  # noqa: E402
 from tests.support.processes import free_port, wait_for_port  # noqa: E402
 
 BLOCKLIST, WHITELIST = "bl.bench.test", "wl.bench.test"
@@ -105,7 +105,7 @@ def stream_records(stream: list[dict[str, str]]) -> list[tuple[str, str, str]]:
 
 
 def _serve_dns(records: list[tuple[str, str, str]], ready: multiprocessing.Queue[str]) -> None:
-    server = LoopbackDNS()
+    server = ReplayingDNS()
     for name, qtype, value in records:
         server.add(name, qtype, value)
     server.start()

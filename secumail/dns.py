@@ -8,16 +8,15 @@ Empty means the system resolver (/etc/resolv.conf).
 from __future__ import annotations
 
 import asyncio
-import random
+import os
 import socket
 import struct
 import time
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import dns.asyncresolver
 import dns.exception
-import dns.name
 import dns.nameserver
 import dns.resolver
 
@@ -56,18 +55,17 @@ def make_async_resolver(servers: list[HostPort], timeout: float) -> dns.asyncres
 
 async def name_resolves(resolver: AddressLookup, name: str) -> bool:
     """Whether `name` has an A or AAAA record. A name DNS cannot even carry (bad syntax, a
-    single label) does not resolve; a DNS failure raises (the caller fails open or closed)."""
+    single label, not ASCII) does not resolve; a DNS failure raises (the caller fails open or
+    closed)."""
     name = name.strip().rstrip(".")
     if "." not in name:
         return False
-    try:
-        query = dns.name.from_text(name)
-    except dns.exception.DNSException:
-        return False
     for rdtype in ("A", "AAAA"):
         try:
-            answer = await resolver.resolve(query, rdtype, raise_on_no_answer=False)
+            answer = await resolver.resolve(name, rdtype, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN:
+            return False
+        except NotADnsName:
             return False
         if len(answer):
             return True
@@ -86,17 +84,54 @@ MAX_NEGATIVE_TTL = 300
 MAX_TTL = 3600
 
 
+Key = TypeVar("Key")
+Value = TypeVar("Value")
+
+
+class TtlCache(Generic[Key, Value]):
+    """The last `size` entries put, each until its TTL ends; the least recently used one is
+    dropped first. `get` gives `missing` for an entry absent or expired."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[Key, tuple[float, Value]] = OrderedDict()
+
+    def get(self, key: Key, missing: Any = None) -> Any:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] < time.monotonic():
+            return missing
+        self._entries.move_to_end(key)
+        return entry[1]
+
+    def put(self, key: Key, value: Value, ttl: float) -> None:
+        self._entries[key] = (time.monotonic() + ttl, value)
+        self._entries.move_to_end(key)
+        if len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
+class NotADnsName(dns.exception.DNSException):
+    """A name DNS cannot carry (a label too long or empty, not ASCII): refused unasked."""
+
+
+# An answer: its addresses (empty: the name has no such record), or None for NXDOMAIN.
+Answer = list[Address] | None
+
+
 class AddressResolver:
     """A and AAAA lookups over UDP, answers (and NXDOMAIN) cached for their TTL.
 
     The policy service asks a DNSBL, a DNSWL and a HELO name for nearly every new client,
     thousands a second: dnspython spends about half a millisecond of CPU on each query (a
     socket, a message object, its rdata), which made those lookups most of the service's
-    work. This asks the same questions with one prebuilt packet over a kept socket, replaced
-    every SOCKET_USES queries (a new random source port: with the random query ID and the
-    question checked in the answer, an off-path forger has to guess both). Called as
-    dnspython's resolver is (`resolve(name, "A", raise_on_no_answer=False)`, NXDOMAIN and
-    Timeout raised), so the code and the tests' fakes serve with either.
+    work. This asks the same questions with one prebuilt packet over a kept non-blocking
+    socket, read by an event-loop reader callback: no task, transport or coroutine per
+    query, one timer. A socket is replaced every SOCKET_USES queries (a new random source
+    port: with the random query ID and the question checked in the answer, an off-path
+    forger has to guess both). `lookup` gives the answer as a future (done already when
+    cached); `resolve` is called as dnspython's resolver is (`resolve(name, "A",
+    raise_on_no_answer=False)`, NXDOMAIN and Timeout raised), so that code and the tests'
+    fakes serve with either.
     """
 
     SOCKET_USES = 64
@@ -104,70 +139,216 @@ class AddressResolver:
 
     def __init__(self, servers: list[HostPort], timeout: float) -> None:
         if servers:
-            self.servers = [(s.host, s.port) for s in servers]
+            named = [(s.host, s.port) for s in servers]
         else:  # the system's resolvers, as dnspython reads /etc/resolv.conf
-            self.servers = [(str(n), 53) for n in dns.resolver.Resolver().nameservers]
+            named = [(str(n), 53) for n in dns.resolver.Resolver().nameservers]
+        # Addresses once, here: a socket is opened from a callback, where nothing may block.
+        self.servers = [_server_address(host, port) for host, port in named]
         self.timeout = timeout
-        self._cache: OrderedDict[tuple[str, int], tuple[float, list[Address] | None]] = \
-            OrderedDict()
-        self._endpoints: dict[tuple[str, int], _Endpoint] = {}
-        self._opening = asyncio.Lock()
+        self._cache: TtlCache[tuple[str, int], Answer] = TtlCache(self.CACHE_SIZE)
+        self._sockets: dict[tuple[int, tuple[Any, ...]], _Socket] = {}
+        self.closed = False
 
     async def resolve(self, qname: object, rdtype: str = "A",
                       raise_on_no_answer: bool = True) -> list[Address]:
-        name = str(qname).rstrip(".").lower()
-        qtype = _TYPES[rdtype]
-        key = (name, qtype)
-        now = time.monotonic()
-        cached = self._cache.get(key)
-        if cached is None or cached[0] < now:
-            answer, ttl = await self._ask(name, qtype)
-            cached = (now + ttl, answer)
-            self._cache[key] = cached
-            if len(self._cache) > self.CACHE_SIZE:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
-        if cached[1] is None:
+        answer = await self.lookup(str(qname), rdtype)
+        if answer is None:
             raise dns.resolver.NXDOMAIN()  # type: ignore[no-untyped-call]
-        if not cached[1] and raise_on_no_answer:
+        if not answer and raise_on_no_answer:
             raise dns.resolver.NoAnswer()  # type: ignore[no-untyped-call]
-        return cached[1]
+        return answer
 
-    async def _ask(self, name: str, qtype: int) -> tuple[list[Address] | None, float]:
-        question = _question(name, qtype)  # raises a DNSException for a name DNS cannot carry
-        deadline = time.monotonic() + self.timeout
-        attempt = 0
-        while (left := deadline - time.monotonic()) > 0:
-            server = self.servers[attempt % len(self.servers)]
-            attempt += 1
-            endpoint = await self._endpoint(server)
-            try:
-                reply = await endpoint.ask(question, min(left, 2.0))
-            except TimeoutError:
-                continue
-            if reply is not None:
-                return reply
-        raise dns.exception.Timeout()  # type: ignore[no-untyped-call]
+    def lookup(self, qname: str, rdtype: str = "A") -> asyncio.Future[Answer]:
+        """The answer to one question, as a future: done at once when cached; else it ends
+        with the answer, or dns.exception.Timeout when no server answered in time.
+        NotADnsName (raised here) for a name DNS cannot carry."""
+        name = qname.rstrip(".").lower()
+        key = (name, _TYPES[rdtype])
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        cached = self._cache.get(key, _NOT_CACHED)
+        if cached is not _NOT_CACHED:
+            future.set_result(cached)
+            return future
+        _Query(self, key, _question(name, key[1]), future).send()
+        return future
 
-    async def _endpoint(self, server: tuple[str, int]) -> _Endpoint:
-        endpoint = self._endpoints.get(server)
-        if endpoint is not None and endpoint.uses < self.SOCKET_USES and not endpoint.closed:
-            return endpoint
-        async with self._opening:  # one new socket, however many queries wait for it
-            endpoint = self._endpoints.get(server)
-            if endpoint is None or endpoint.uses >= self.SOCKET_USES or endpoint.closed:
-                if endpoint is not None:
-                    endpoint.retire()
-                loop = asyncio.get_running_loop()
-                _, endpoint = await loop.create_datagram_endpoint(_Endpoint, remote_addr=server)
-                self._endpoints[server] = endpoint
-            return endpoint
+    def remember(self, key: tuple[str, int], answer: Answer, ttl: float) -> None:
+        self._cache.put(key, answer, ttl)
+
+    def socket_for(self, attempt: int) -> _Socket:
+        """The socket to the server of this attempt (servers taken in turn)."""
+        server = self.servers[attempt % len(self.servers)]
+        kept = self._sockets.get(server)
+        if kept is None or kept.uses >= self.SOCKET_USES or kept.closed:
+            if kept is not None:
+                kept.retire()
+            kept = self._sockets[server] = _Socket(server)
+        return kept
 
     def close(self) -> None:
-        for endpoint in self._endpoints.values():
-            endpoint.retire()
-        self._endpoints.clear()
+        """Every socket closed; the queries still on their way end as timeouts."""
+        self.closed = True
+        for kept in self._sockets.values():
+            kept.retire(now=True)
+        self._sockets.clear()
+
+
+_NOT_CACHED = object()
+
+
+def _server_address(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
+    """(family, sockaddr) of a DNS server: an address as it is, a name resolved once."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    return family, sockaddr
+
+
+class _Query:
+    """One question on its way: sent to a server, asked again of the next one after a
+    malformed or refused reply or a 2 s silence, until the lookup's time is up."""
+
+    __slots__ = ("attempt", "deadline", "future", "key", "qid", "question", "resolver",
+                 "socket", "timer")
+    ROUND_PAUSE = 0.25
+
+    def __init__(self, resolver: AddressResolver, key: tuple[str, int], question: bytes,
+                 future: asyncio.Future[Answer]) -> None:
+        self.resolver, self.key, self.question, self.future = resolver, key, question, future
+        self.deadline = time.monotonic() + resolver.timeout
+        self.attempt = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.socket: _Socket | None = None
+        self.qid = 0
+
+    def send(self) -> None:
+        left = self.deadline - time.monotonic()
+        if self.future.done():
+            return  # cancelled: nobody waits any more
+        if left <= 0 or self.resolver.closed:
+            self.future.set_exception(dns.exception.Timeout())  # type: ignore[no-untyped-call]
+            return
+        try:
+            self.socket = self.resolver.socket_for(self.attempt)
+        except OSError as error:  # no socket to be had (out of file descriptors)
+            self.future.set_exception(error)
+            return
+        self.attempt += 1
+        self.qid = self.socket.send(self)
+        self.timer = asyncio.get_running_loop().call_later(min(left, 2.0), self.unanswered)
+
+    def unanswered(self) -> None:
+        """No reply in 2 s: ask the next server now."""
+        self._forget()
+        self.send()
+
+    def refused(self) -> None:
+        """A reply that is no answer (SERVFAIL, REFUSED, malformed) or an ICMP error: the
+        next server now; after every server refused, a pause before the next round (a
+        refusing server would be asked in a busy loop until the deadline)."""
+        self._forget()
+        if self.attempt % len(self.resolver.servers):
+            self.send()
+        else:
+            left = self.deadline - time.monotonic()
+            self.timer = asyncio.get_running_loop().call_later(
+                max(0.0, min(left, self.ROUND_PAUSE)), self.send)
+
+    def answered(self, reply: tuple[Answer, float]) -> None:
+        self._forget()
+        answer, ttl = reply
+        self.resolver.remember(self.key, answer, ttl)
+        if not self.future.done():  # it may have been cancelled meanwhile
+            self.future.set_result(answer)
+
+    def _forget(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.socket is not None:
+            self.socket.release(self.qid)
+            self.socket = None
+
+
+class _Socket:
+    """One connected UDP socket to one server; replies matched to queries by ID and
+    question, read by a reader callback on the running loop."""
+
+    def __init__(self, server: tuple[int, tuple[Any, ...]]) -> None:
+        family, address = server
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sock.connect(address)  # replies from elsewhere never reach it
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(self.sock.fileno(), self._readable)
+        self.pending: dict[int, _Query] = {}
+        self.uses = 0
+        self.closed = False
+        self.retired = False
+        self._ids = b""  # random query IDs, read from the OS a socket's worth at a time
+
+    def send(self, query: _Query) -> int:
+        self.uses += 1
+        while True:
+            if not self._ids:
+                self._ids = os.urandom(2 * (AddressResolver.SOCKET_USES + 8))
+            qid = int.from_bytes(self._ids[:2], "big")
+            self._ids = self._ids[2:]
+            if qid not in self.pending:
+                break
+        self.pending[qid] = query
+        try:
+            self.sock.send(struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + query.question)
+        except OSError:  # ECONNREFUSED: an ICMP error for an earlier query
+            self.loop.call_soon(query.refused)
+        return qid
+
+    def release(self, qid: int) -> None:
+        self.pending.pop(qid, None)
+        if self.retired and not self.pending:
+            self._close()
+
+    def retire(self, now: bool = False) -> None:
+        """No new queries; closed once the last pending one is answered or times out."""
+        self.retired = True
+        if now or not self.pending:
+            self._close()
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
+    def _readable(self) -> None:
+        while not self.closed:
+            try:
+                data = self.sock.recv(4096)
+            except BlockingIOError:
+                return
+            except OSError:  # ICMP unreachable: no server there; ask the next one
+                for query in list(self.pending.values()):
+                    query.refused()
+                return
+            self._received(data)
+
+    def _received(self, data: bytes) -> None:
+        if len(data) < 12:
+            return
+        qid, flags = struct.unpack_from("!HH", data)
+        query = self.pending.get(qid)
+        if query is None or not flags & 0x8000:
+            return
+        question = query.question
+        # The question must come back as asked (the name's case aside): else not our answer.
+        if data[12:12 + len(question)].lower() != question.lower():
+            return
+        try:
+            reply = _read_reply(data, question)
+        except (IndexError, struct.error):
+            reply = None  # a malformed reply: ask again
+        if reply is None:
+            query.refused()
+        else:
+            query.answered(reply)
 
 
 def _question(name: str, qtype: int) -> bytes:
@@ -177,8 +358,7 @@ def _question(name: str, qtype: int) -> bytes:
     except UnicodeError:
         labels = []
     if not labels or any(not 0 < len(label) < 64 for label in labels) or len(name) > 253:
-        raise dns.name.BadLabelType(  # type: ignore[no-untyped-call]
-            f"not a DNS name: {name[:80]!r}")
+        raise NotADnsName(f"not a DNS name: {name[:80]!r}")  # type: ignore[no-untyped-call]
     return b"".join(bytes([len(label)]) + label for label in labels) + b"\0" + \
         struct.pack("!HH", qtype, 1)
 
@@ -229,72 +409,11 @@ def _read_reply(data: bytes, question: bytes) -> tuple[list[Address] | None, flo
     return (None if rcode == 3 else []), negative
 
 
-class _Endpoint(asyncio.DatagramProtocol):
-    """One UDP socket to one server; replies matched to questions by ID and question."""
+class AddressLookup(Protocol):
+    """What the policy service's list and name lookups ask of a resolver: AddressResolver,
+    or the unit tests' fake."""
 
-    def __init__(self) -> None:
-        self.transport: asyncio.DatagramTransport | None = None
-        self.pending: dict[int, tuple[bytes, asyncio.Future[tuple[list[Address] | None,
-                                                                  float] | None]]] = {}
-        self.uses = 0
-        self.closed = False
-        self.retired = False
+    def lookup(self, qname: str, rdtype: str = "A") -> asyncio.Future[Answer]: ...
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        for _, future in self.pending.values():
-            if not future.done():
-                future.set_exception(TimeoutError())
-
-    def error_received(self, exc: Exception) -> None:  # ICMP unreachable: no server there
-        for _, future in self.pending.values():
-            if not future.done():
-                future.set_result(None)
-
-    def retire(self) -> None:
-        self.retired = True
-        if not self.pending and self.transport is not None:
-            self.transport.close()
-
-    async def ask(self, question: bytes, timeout: float
-                  ) -> tuple[list[Address] | None, float] | None:
-        assert self.transport is not None
-        self.uses += 1
-        while (qid := _random.getrandbits(16)) in self.pending:
-            pass
-        future: asyncio.Future[tuple[list[Address] | None, float] | None] = \
-            asyncio.get_running_loop().create_future()
-        self.pending[qid] = (question, future)
-        try:
-            self.transport.sendto(struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + question)
-            return await asyncio.wait_for(future, timeout)
-        finally:
-            del self.pending[qid]
-            if self.retired and not self.pending and self.transport is not None:
-                self.transport.close()
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        if len(data) < 12:
-            return
-        qid, flags = struct.unpack_from("!HH", data)
-        waiting = self.pending.get(qid)
-        if waiting is None or not flags & 0x8000:
-            return
-        question, future = waiting
-        # The question must come back as asked (the name's case aside): else not our answer.
-        if data[12:12 + len(question)].lower() != question.lower() or future.done():
-            return
-        try:
-            future.set_result(_read_reply(data, question))
-        except (IndexError, struct.error):
-            future.set_result(None)  # a malformed reply: ask again
-
-
-_random = random.SystemRandom()
-
-
-# What the policy service's list and name lookups accept: the lean resolver, or dnspython's.
-AddressLookup = AddressResolver | dns.asyncresolver.Resolver
+    async def resolve(self, qname: object, rdtype: str = "A",
+                      raise_on_no_answer: bool = True) -> list[Address]: ...

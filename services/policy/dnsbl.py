@@ -3,10 +3,7 @@ rejects) and DNSWL zones (selective greylisting's whitelist signal)."""
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-
-import dns.resolver
 
 from secumail.dns import AddressLookup
 
@@ -18,13 +15,16 @@ def dnsbl_query_name(client_address: str, zone: str) -> str:
     return f"{reversed_name}.{zone}"
 
 
+_LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
+
+
 def is_listing(addresses: list[str]) -> bool:
     """A listing answers 127.0.0.0/8; 127.255.255.0/24 (DNSBLs) and 127.0.0.255 (DNSWL) say
     the query itself was refused (over quota, public resolver): no listing."""
     for text in addresses:
         ip = ipaddress.ip_address(text)
         refused = text.startswith("127.255.255.") or text == "127.0.0.255"
-        if ip in ipaddress.ip_network("127.0.0.0/8") and not refused:
+        if ip in _LOOPBACK and not refused:
             return True
     return False
 
@@ -38,19 +38,37 @@ def dnsbl_verdict(
     return score >= threshold, score, zones
 
 
-async def lookup_zone(resolver: AddressLookup, client_address: str, zone: str) -> bool:
-    try:
-        answer = await resolver.resolve(
-            dnsbl_query_name(client_address, zone), "A", raise_on_no_answer=False
-        )
-    except dns.resolver.NXDOMAIN:
-        return False
-    return is_listing([r.address for r in answer])
+class ListQueries:
+    """The questions to DNS lists about one client, all sent on creation (no task: each
+    answer is a future the resolver ends); `listed` awaits them. A DNS failure of any zone
+    raises there (the engine decides what then)."""
+
+    def __init__(self, resolver: AddressLookup, client_address: str, zones: list[str]) -> None:
+        reversed_name = dnsbl_query_name(client_address, "").rstrip(".")
+        self.asked = [(zone, resolver.lookup(f"{reversed_name}.{zone}")) for zone in zones]
+
+    async def listed(self) -> dict[str, bool]:
+        try:
+            listed = {}
+            for zone, answer in self.asked:
+                addresses = await answer  # None: NXDOMAIN, not listed
+                listed[zone] = bool(addresses) and is_listing([r.address for r in addresses or ()])
+            return listed
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """The answers nobody will read: the pending cancelled, failures marked retrieved
+        (else asyncio logs them as never retrieved)."""
+        for _, answer in self.asked:
+            if not answer.done():
+                answer.cancel()
+            elif not answer.cancelled():
+                answer.exception()
 
 
 async def lookup_all(
     resolver: AddressLookup, client_address: str, zones: list[str]
 ) -> dict[str, bool]:
-    """Ask every zone at once; a DNS failure of any zone raises (the engine decides what then)."""
-    results = await asyncio.gather(*(lookup_zone(resolver, client_address, z) for z in zones))
-    return dict(zip(zones, results, strict=True))
+    """Ask every zone at once, and wait for their answers."""
+    return await ListQueries(resolver, client_address, zones).listed()

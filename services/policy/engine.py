@@ -26,7 +26,7 @@ import dns.asyncresolver
 import dns.resolver
 
 from secumail import spf, tracking
-from secumail.dns import AddressLookup, AddressResolver, name_resolves
+from secumail.dns import AddressLookup, AddressResolver, TtlCache, name_resolves
 from secumail.logs import log_event
 from secumail.netaddr import IPAddress, client_network, parse_ip
 from secumail.protocols.policy import PolicyRequest
@@ -89,21 +89,38 @@ DUNNO = Decision("DUNNO", "none", "no check objected")
 
 class _Lookups:
     """The DNS questions of one request, asked at once; each check awaits the answer it
-    needs. Those no check awaited (a DNSBL rejection came first) are cancelled."""
+    needs. Those no check awaited (a DNSBL rejection came first) are cancelled. DNS lists
+    are asked without a task (their answers are futures the resolver ends), and an answer
+    known already (a cached HELO) is kept as it is."""
 
     def __init__(self) -> None:
         self._tasks: dict[str, asyncio.Future[Any]] = {}
+        self._lists: dict[str, dnsbl.ListQueries] = {}
+        self._known: dict[str, Any] = {}
 
     def ask(self, name: str, question: Coroutine[Any, Any, Any]) -> None:
         self._tasks[name] = asyncio.ensure_future(question)
 
+    def ask_lists(self, name: str, queries: dnsbl.ListQueries) -> None:
+        self._lists[name] = queries
+
+    def know(self, name: str, answer: Any) -> None:
+        self._known[name] = answer
+
     def asked(self, name: str) -> bool:
-        return name in self._tasks
+        return name in self._tasks or name in self._lists or name in self._known
 
     async def answer(self, name: str) -> Any:
+        if name in self._known:
+            return self._known[name]
+        queries = self._lists.get(name)
+        if queries is not None:
+            return await queries.listed()
         return await self._tasks[name]
 
     async def close(self) -> None:
+        for queries in self._lists.values():
+            queries.cancel()
         if not self._tasks:
             return
         for task in self._tasks.values():
@@ -122,6 +139,7 @@ class _Transaction:
 
 class PolicyEngine:
     TRANSACTIONS_KEPT = 10000
+    HELO_TTL = 300.0
     # Whitelist entries added at run time (the gateway's admin API) are read back from the
     # store this often, not once per request.
     WHITELIST_REFRESH = 5.0
@@ -153,9 +171,14 @@ class PolicyEngine:
         self._runtime_whitelists = split_whitelists([])
         self._runtime_loaded = float("-inf")
         self.dnsbl_weights = dict(settings.weighted_dnsbl_zones)
+        self._dnsbl_zones = list(self.dnsbl_weights)
         self.selective = settings.greylist_mode == "selective"
         self.signal_weights = settings.signal_weights
         self.dnswl_weights = dict(settings.weighted_dnswl_zones)
+        self._dnswl_zones = list(self.dnswl_weights)
+        # Whether a HELO name resolves, for the helo-unresolved signal: a sending MTA says
+        # the same HELO in every session, so it is asked once per HELO_TTL.
+        self._helo_names: TtlCache[str, bool] = TtlCache(10000)
         self.known_senders = frozenset(settings.greylist_known_senders)
         # Metrics: the signals found for one scored client, and whether it was greylisted.
         self.on_score: Callable[[list[tuple[str, float]], bool], None] = lambda found, grey: None
@@ -206,18 +229,27 @@ class PolicyEngine:
     def _ask_dns(self, request: PolicyRequest, ip: IPAddress) -> _Lookups:
         lookups = _Lookups()
         if self.dnsbl_weights:
-            lookups.ask("dnsbl", dnsbl.lookup_all(self.async_resolver, str(ip),
-                                                  list(self.dnsbl_weights)))
+            lookups.ask_lists("dnsbl", dnsbl.ListQueries(self.async_resolver, str(ip),
+                                                         self._dnsbl_zones))
         if self.settings.spf_enabled:
             lookups.ask("spf", self._spf_outcome(request))
         if self.settings.greylist_enabled and self.selective:
             helo = request.get("helo_name", "")
             if self.signal_weights.get("helo-unresolved") and not signals.is_address_literal(helo):
-                lookups.ask("helo", name_resolves(self.async_resolver, helo))
+                resolves = self._helo_names.get(helo.lower())
+                if resolves is None:
+                    lookups.ask("helo", self._helo_resolves(helo))
+                else:
+                    lookups.know("helo", resolves)
             if self.dnswl_weights and self.signal_weights.get("dnswl"):
-                lookups.ask("dnswl", dnsbl.lookup_all(self.async_resolver, str(ip),
-                                                      list(self.dnswl_weights)))
+                lookups.ask_lists("dnswl", dnsbl.ListQueries(self.async_resolver, str(ip),
+                                                             self._dnswl_zones))
         return lookups
+
+    async def _helo_resolves(self, helo: str) -> bool:
+        resolves = await name_resolves(self.async_resolver, helo)
+        self._helo_names.put(helo.lower(), resolves, self.HELO_TTL)
+        return resolves
 
     def _failure(self, check: str, error: Exception) -> Decision | None:
         """A broken store or DNS: defer the mail, or skip the check when failing open."""

@@ -25,6 +25,7 @@ answers): no I/O here.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -49,9 +50,15 @@ def looks_dynamic(name: str, address: IPAddress) -> bool:
     return bool(_DYNAMIC.search(name))
 
 
+_ADDRESS_ENDS = tuple("0123456789]")
+
+
 def is_address_literal(helo: str) -> bool:
     """`[192.0.2.1]`, `192.0.2.1`, `[IPv6:2001:db8::1]`: a HELO that names no host."""
-    text = helo.strip().removeprefix("[").removesuffix("]").lower().removeprefix("ipv6:")
+    text = helo.strip()
+    if ":" not in text and not text.endswith(_ADDRESS_ENDS):
+        return False  # mx.example.net: not worth parsing (a failed parse costs microseconds)
+    text = text.removeprefix("[").removesuffix("]").lower().removeprefix("ipv6:")
     return parse_ip(text) is not None
 
 
@@ -73,7 +80,12 @@ class ClientFacts:
 
 
 def _known(domain: str, known: frozenset[str]) -> bool:
-    return any(domain == k or domain.endswith("." + k) for k in known)
+    return domain in known or domain.endswith(_subdomain_suffixes(known))
+
+
+@functools.lru_cache(maxsize=8)
+def _subdomain_suffixes(known: frozenset[str]) -> tuple[str, ...]:
+    return tuple("." + k for k in known)
 
 
 def signals(facts: ClientFacts, weights: dict[str, float]) -> list[tuple[str, float]]:

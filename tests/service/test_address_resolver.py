@@ -7,6 +7,7 @@ import asyncio
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import dns.exception
@@ -110,4 +111,79 @@ async def test_names_dns_cannot_carry_are_refused_before_asking(dns_server: Loop
         with pytest.raises(dns.exception.DNSException):
             await resolver.resolve(name, "A")
     assert dns_server.resolver.queries == []
+    resolver.close()
+
+
+@pytest.fixture
+def refusing_server() -> Iterator[tuple[tuple[str, int], list[float]]]:
+    """Answers every query REFUSED (as a resolver does to a client it does not serve); the
+    times it was asked are listed."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.2)
+    stop = threading.Event()
+    asked: list[float] = []
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                query, client = sock.recvfrom(512)
+            except TimeoutError:
+                continue
+            asked.append(time.monotonic())
+            qid = struct.unpack_from("!H", query)[0]
+            sock.sendto(struct.pack("!HHHHHH", qid, 0x8185, 1, 0, 0, 0) + query[12:], client)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield sock.getsockname(), asked
+    stop.set()
+    thread.join()
+    sock.close()
+
+
+async def test_a_refusing_server_is_asked_a_few_times_not_in_a_busy_loop(
+    refusing_server: tuple[tuple[str, int], list[float]],
+) -> None:
+    (host, port), asked = refusing_server
+    resolver = AddressResolver([parse_host_port(f"{host}:{port}")], 1.0)
+    started = time.monotonic()
+    with pytest.raises(dns.exception.Timeout):
+        await resolver.resolve("2.0.0.127.bl.test", "A")
+    assert time.monotonic() - started >= 0.9  # the whole lookup time, then a timeout
+    assert 2 <= len(asked) <= 8, f"asked {len(asked)} times in 1 s"
+    resolver.close()
+
+
+async def test_the_next_server_answers_when_the_first_refuses(
+    refusing_server: tuple[tuple[str, int], list[float]], dns_server: LoopbackDNS
+) -> None:
+    (host, port), asked = refusing_server
+    dns_server.add("2.0.0.127.bl.test", "A", "127.0.0.2")
+    resolver = AddressResolver([parse_host_port(f"{host}:{port}"),
+                                parse_host_port(dns_server.spec)], 5.0)
+    answer = await asyncio.wait_for(resolver.resolve("2.0.0.127.bl.test", "A"), 1.0)
+    assert [r.address for r in answer] == ["127.0.0.2"] and len(asked) == 1
+    resolver.close()
+
+
+async def test_no_server_listening_is_a_timeout_and_later_lookups_still_work(
+    dns_server: LoopbackDNS,
+) -> None:
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    nobody = closed.getsockname()
+    closed.close()  # its port answers with ICMP port unreachable
+    resolver = AddressResolver([parse_host_port(f"{nobody[0]}:{nobody[1]}")], 0.6)
+    with pytest.raises(dns.exception.Timeout):
+        await resolver.resolve("a.test", "A")
+    resolver.close()
+    dns_server.add("a.test", "A", "192.0.2.7")
+    dns_server.make_slow("slow.test")
+    resolver = resolver_for(dns_server)
+    waiting = resolver.lookup("x.slow.test")
+    await asyncio.sleep(0.05)
+    waiting.cancel()  # the engine cancels the answers no check needs
+    answer = await resolver.resolve("a.test", "A")
+    assert [r.address for r in answer] == ["192.0.2.7"]
     resolver.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import dns.exception
@@ -38,6 +39,17 @@ class FakeResolver:
 class FakeAsyncResolver(FakeResolver):
     async def resolve(self, name: str, qtype: str, **kwargs: object) -> list[Any]:  # type: ignore[override]
         return FakeResolver.resolve(self, name, qtype, **kwargs)
+
+    def lookup(self, name: str, qtype: str = "A") -> asyncio.Future[list[Any] | None]:
+        """As AddressResolver's: the answer as a future, None for NXDOMAIN."""
+        future: asyncio.Future[list[Any] | None] = asyncio.get_running_loop().create_future()
+        try:
+            future.set_result(FakeResolver.resolve(self, name, qtype))
+        except dns.resolver.NXDOMAIN:
+            future.set_result(None)
+        except dns.exception.DNSException as error:
+            future.set_exception(error)
+        return future
 
 
 class FakeClock:
