@@ -13,7 +13,7 @@ import socket
 import struct
 import time
 from collections import OrderedDict
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar, overload
 
 import dns.asyncresolver
 import dns.exception
@@ -86,6 +86,7 @@ MAX_TTL = 3600
 
 Key = TypeVar("Key")
 Value = TypeVar("Value")
+Missing = TypeVar("Missing")
 
 
 class TtlCache(Generic[Key, Value]):
@@ -95,6 +96,12 @@ class TtlCache(Generic[Key, Value]):
     def __init__(self, size: int) -> None:
         self.size = size
         self._entries: OrderedDict[Key, tuple[float, Value]] = OrderedDict()
+
+    @overload
+    def get(self, key: Key) -> Value | None: ...
+
+    @overload
+    def get(self, key: Key, missing: Missing) -> Value | Missing: ...
 
     def get(self, key: Key, missing: Any = None) -> Any:
         entry = self._entries.get(key)
@@ -166,7 +173,7 @@ class AddressResolver:
         key = (name, _TYPES[rdtype])
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         cached = self._cache.get(key, _NOT_CACHED)
-        if cached is not _NOT_CACHED:
+        if not isinstance(cached, _NotCached):
             future.set_result(cached)
             return future
         _Query(self, key, _question(name, key[1]), future).send()
@@ -193,7 +200,11 @@ class AddressResolver:
         self._sockets.clear()
 
 
-_NOT_CACHED = object()
+class _NotCached:
+    pass
+
+
+_NOT_CACHED = _NotCached()
 
 
 def _server_address(host: str, port: int) -> tuple[int, tuple[Any, ...]]:

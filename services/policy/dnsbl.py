@@ -6,13 +6,13 @@ from __future__ import annotations
 import ipaddress
 
 from secumail.dns import AddressLookup
+from secumail.netaddr import IPAddress
 
 
-def dnsbl_query_name(client_address: str, zone: str) -> str:
-    """`1.2.3.4` in `zone` -> `4.3.2.1.zone`; IPv6 as reversed nibbles (RFC 5782)."""
-    ip = ipaddress.ip_address(client_address)
-    reversed_name = ip.reverse_pointer.rsplit(".", 2)[0]  # drop in-addr.arpa / ip6.arpa
-    return f"{reversed_name}.{zone}"
+def reversed_address(ip: IPAddress) -> str:
+    """`1.2.3.4` -> `4.3.2.1`, the name a DNS list is asked under (`4.3.2.1.zone`); IPv6
+    as reversed nibbles (RFC 5782)."""
+    return ip.reverse_pointer.rsplit(".", 2)[0]  # drop in-addr.arpa / ip6.arpa
 
 
 _LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
@@ -43,8 +43,8 @@ class ListQueries:
     answer is a future the resolver ends); `listed` awaits them. A DNS failure of any zone
     raises there (the engine decides what then)."""
 
-    def __init__(self, resolver: AddressLookup, client_address: str, zones: list[str]) -> None:
-        reversed_name = dnsbl_query_name(client_address, "").rstrip(".")
+    def __init__(self, resolver: AddressLookup, reversed_name: str, zones: list[str]) -> None:
+        """`reversed_name`: the client's address as `reversed_address` writes it."""
         self.asked = [(zone, resolver.lookup(f"{reversed_name}.{zone}")) for zone in zones]
 
     async def listed(self) -> dict[str, bool]:
@@ -71,4 +71,5 @@ async def lookup_all(
     resolver: AddressLookup, client_address: str, zones: list[str]
 ) -> dict[str, bool]:
     """Ask every zone at once, and wait for their answers."""
-    return await ListQueries(resolver, client_address, zones).listed()
+    reversed_name = reversed_address(ipaddress.ip_address(client_address))
+    return await ListQueries(resolver, reversed_name, zones).listed()

@@ -228,8 +228,9 @@ class PolicyEngine:
 
     def _ask_dns(self, request: PolicyRequest, ip: IPAddress) -> _Lookups:
         lookups = _Lookups()
+        reversed_name = dnsbl.reversed_address(ip)
         if self.dnsbl_weights:
-            lookups.ask_lists("dnsbl", dnsbl.ListQueries(self.async_resolver, str(ip),
+            lookups.ask_lists("dnsbl", dnsbl.ListQueries(self.async_resolver, reversed_name,
                                                          self._dnsbl_zones))
         if self.settings.spf_enabled:
             lookups.ask("spf", self._spf_outcome(request))
@@ -242,8 +243,8 @@ class PolicyEngine:
                 else:
                     lookups.know("helo", resolves)
             if self.dnswl_weights and self.signal_weights.get("dnswl"):
-                lookups.ask_lists("dnswl", dnsbl.ListQueries(self.async_resolver, str(ip),
-                                                             self._dnswl_zones))
+                lookups.ask_lists("dnswl", dnsbl.ListQueries(
+                    self.async_resolver, reversed_name, self._dnswl_zones))
         return lookups
 
     async def _helo_resolves(self, helo: str) -> bool:

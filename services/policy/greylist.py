@@ -7,6 +7,7 @@ someone else's job (stores.py); nothing here does I/O or reads the clock.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, replace
 from email.utils import formatdate
@@ -118,7 +119,13 @@ def greylist_header(delayed: float | None, hostname: str, now: float, why: str =
     None: selective greylisting let the client through at once; `why`: its score."""
     what = "not delayed" if delayed is None else f"delayed {int(delayed)} seconds"
     because = f", {why}" if why else ""
-    return f"X-Greylist: {what} by SecuMail at {hostname}{because}; {formatdate(now, usegmt=True)}"
+    return f"X-Greylist: {what} by SecuMail at {hostname}{because}; {_date(int(now))}"
+
+
+@functools.lru_cache(maxsize=2)
+def _date(second: int) -> str:
+    """RFC 5322's date of this second: worked out once a second, not once a request."""
+    return formatdate(second, usegmt=True)
 
 
 class ClientWhitelist:

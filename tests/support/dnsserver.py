@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from dnslib import QTYPE, RCODE, RR, DNSError, DNSRecord
+from dnslib import QTYPE, RCODE, RR, SOA, DNSError, DNSRecord
 from dnslib.server import BaseResolver, DNSServer
 
 
@@ -78,7 +78,8 @@ class ReplayingDNS(LoopbackDNS):
     query's ID, from one thread. For benchmarks: dnslib's server starts a thread and parses
     and packs a message for every query (about 0.3 ms of CPU here), which made the test's
     DNS server, not the service measured, the busiest process of the policy benchmark.
-    Records must all be added before `start`; `queries` is not kept."""
+    Negative answers carry an SOA (RFC 2308), as a real zone's do, so that clients may
+    keep them. Records must all be added before `start`; `queries` is not kept."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.resolver = ZoneResolver()
@@ -106,11 +107,22 @@ class ReplayingDNS(LoopbackDNS):
             reply = replies.get(query[2:])
             if reply is None:
                 try:
-                    packed = self.resolver.resolve(DNSRecord.parse(query), None).pack()
+                    packed = self._negative_with_soa(self.resolver.resolve(
+                        DNSRecord.parse(query), None)).pack()
                 except Exception:
                     continue  # not a DNS query: no answer, as dnslib's server does
                 reply = replies[query[2:]] = packed[2:]
             send(query[:2] + reply, peer)
+
+    @staticmethod
+    def _negative_with_soa(reply: DNSRecord) -> DNSRecord:
+        """NXDOMAIN and no-such-record answers with their zone's SOA, as a real zone's
+        are (RFC 2308): how long a resolver may keep them (60 s here)."""
+        if not reply.rr:
+            zone = ".".join(str(reply.q.qname).rstrip(".").split(".")[-2:]) + "."
+            reply.add_auth(RR(zone, QTYPE.SOA, ttl=60, rdata=SOA(
+                f"ns.{zone}", f"hostmaster.{zone}", (1, 3600, 600, 86400, 60))))
+        return reply
 
     def stop(self) -> None:
         self._stopped.set()
