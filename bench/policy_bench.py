@@ -232,6 +232,12 @@ def run_rounds(
                 shutil.rmtree(workdir, ignore_errors=True)
     for name, by_round in results.items():
         print(f"  {name} req/s by round: " + ", ".join(f"{r.rate:.0f}" for r in by_round))
+    first, *others = results.values()
+    for other in others:  # each round's pair, run a minute apart: the drift between rounds
+        ratios = [b.rate / a.rate for a, b in zip(first, other, strict=True)]  # cancels out
+        print(f"  {other[0].name} / {first[0].name} by round: "
+              + ", ".join(f"{r:.2f}" for r in ratios)
+              + f" (median {statistics.median(ratios):.2f})")
     return [median_result(by_round) for by_round in results.values()]
 
 

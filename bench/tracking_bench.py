@@ -173,6 +173,12 @@ def main() -> None:
                      if state == "on" else ""))
         rate = median(r.rate for r in on) / median(r.rate for r in off)
         cpu = median(r.cpu_us for r in on) / median(r.cpu_us for r in off)
+        # Each round's on and off ran back to back: their ratio is what the machine's drift
+        # from one minute to the next (10-20% here) least disturbs.
+        paired = median(a.rate / b.rate for a, b in zip(on, off, strict=True))
+        paired_cpu = median(a.cpu_us / b.cpu_us for a, b in zip(on, off, strict=True))
+        print(f"{'  ratio on/off, paired by round':<36}{paired:>9.3f}x {unit}, "
+              f"{paired_cpu:.3f}x CPU (medians of each round's ratio)")
         print(f"{'  ratio on/off':<36}{rate:>9.3f}x {unit}, {cpu:.3f}x CPU  (rounds on/off: "
               + ", ".join(f"{a.rate:.0f}/{b.rate:.0f}" for a, b in zip(on, off, strict=True))
               + "; CPU us: " + ", ".join(f"{a.cpu_us:.0f}/{b.cpu_us:.0f}"

@@ -90,10 +90,18 @@ def event(service: str, outcome: str, detail: str = "", *, client: str = "", sen
     `at`: when the hop got the message, if not now (a filter answers after its next hop, but
     a path reads in the order the hops got it)."""
     assert outcome in OUTCOMES, outcome
-    return Event(service, outcome, detail[:MAX_FIELD], client[:MAX_FIELD], sender[:MAX_FIELD],
-                 tuple([r[:MAX_FIELD] for r in recipients[:MAX_RECIPIENTS]]),
-                 queue_id_value(queue_id), queue_id_value(next_queue_id),
-                 message_id[:MAX_FIELD], time.time() if at is None else at)
+    # Made for every policy answer and every message: the tuple is built directly (a named
+    # tuple's constructor is a Python call more), one recipient without a comprehension.
+    return _new_event(Event, (
+        service, outcome, detail[:MAX_FIELD], client[:MAX_FIELD], sender[:MAX_FIELD],
+        (recipients[0][:MAX_FIELD],) if len(recipients) == 1
+        else tuple([r[:MAX_FIELD] for r in recipients[:MAX_RECIPIENTS]]),
+        queue_id_value(queue_id) if queue_id else "",
+        queue_id_value(next_queue_id) if next_queue_id else "",
+        message_id[:MAX_FIELD], time.time() if at is None else at))
+
+
+_new_event = tuple.__new__
 
 
 _QUEUE_ID = re.compile(r"^[0-9A-Za-z]{5,32}$")
