@@ -20,6 +20,8 @@ import uuid
 from collections import deque
 from typing import Any, NamedTuple
 
+import orjson
+
 # What happened, in a word each service picks from (the detail says why):
 #   passed      a check or a filter let it go on          greylisted  policy said 4xx, retry
 #   refused     a 5xx to the sender (policy, a filter, Postfix, the milter)
@@ -114,8 +116,16 @@ def queue_id_value(text: str) -> str:
     return text if text and _QUEUE_ID.match(text) and text != "NOQUEUE" else ""
 
 
-# The events hold strings, numbers and tuples of them only: no cycle to look for.
-_ENCODE = json.JSONEncoder(check_circular=False, separators=(",", ":")).encode
+def _encode(answer: dict[str, Any]) -> bytes:
+    """orjson: 0.1 us an event against the standard json module's 1.7 (measured here on
+    policy events), at every collection of every replica. An Event, a named tuple, is
+    written as the array of its fields. orjson refuses a string that is not valid Unicode (a
+    lone surrogate, from bytes decoded with surrogateescape): such a page is written by the
+    json module, which escapes it, so that one event cannot stop a replica's collection."""
+    try:
+        return orjson.dumps(answer, default=tuple)
+    except orjson.JSONEncodeError:
+        return json.dumps(answer, separators=(",", ":")).encode()
 
 
 class EventLog:
@@ -153,8 +163,8 @@ class EventLog:
             start = max(0, after + 1 - first)
             chosen = ([] if after >= last else
                       list(itertools.islice(self._events, start, start + limit)))
-        return _ENCODE({"boot": self.boot, "first": first, "last": last,
-                        "fields": FIELDS, "events": chosen}).encode()
+        return _encode({"boot": self.boot, "first": first, "last": last,
+                        "fields": FIELDS, "events": chosen})
 
 
 EVENTS = EventLog()  # this process's, as its metrics live in prometheus_client's registry

@@ -54,6 +54,15 @@ def test_a_disabled_ring_records_nothing() -> None:
     assert since(ring, 0)["last"] == 0
 
 
+def test_a_string_that_is_not_unicode_does_not_stop_the_collection() -> None:
+    ring = EventLog()
+    ring.record(tracking.event("clamav", "passed", sender="caf\udce9@example.org"))  # 8-bit
+    ring.record(tracking.event("clamav", "passed", sender="na\u00efve@example.org"))
+    senders = [Event.from_row(row).sender for _, row in since(ring, 0)["events"]]
+    assert senders == ["caf\udce9@example.org", "na\u00efve@example.org"]
+    assert since(ring, 1)["events"][0][1][4] == "na\u00efve@example.org"  # orjson's page
+
+
 def test_events_answer_refuses_a_bad_cursor() -> None:
     ring = EventLog()
     ring.record(tracking.event("dkim", "passed"))
