@@ -63,9 +63,7 @@ async def name_resolves(resolver: AddressLookup, name: str) -> bool:
     for rdtype in ("A", "AAAA"):
         try:
             answer = await resolver.resolve(name, rdtype, raise_on_no_answer=False)
-        except dns.resolver.NXDOMAIN:
-            return False
-        except NotADnsName:
+        except (dns.resolver.NXDOMAIN, NotADnsName):
             return False
         if len(answer):
             return True

@@ -97,8 +97,7 @@ class _KeptOnly:
 def _pyspf_lookup(resolver: dns.resolver.Resolver, name: str, qtype: str,
                   timeout: float) -> tuple[list[Any], float]:
     """One lookup as pyspf's DNSLookup answers it, asked of `resolver`, and how long the
-    answer may be kept (0: not at all, as NXDOMAIN here, which dnspython keeps itself when
-    the zone's SOA says for how long)."""
+    answer may be kept (0: not at all; an NXDOMAIN for as long as its zone's SOA says)."""
     results: list[Any] = []
     try:
         answer = resolver.resolve(name, qtype, lifetime=timeout, raise_on_no_answer=False)
@@ -152,8 +151,9 @@ def check_spf(
     client_address: str, sender: str, helo: str, receiver: str, timeout: float,
     lookups: SpfLookups | _KeptOnly,
 ) -> SpfOutcome:
-    """Blocking: run it in a thread. An empty sender checks the HELO identity (RFC 7208 2.4).
-    Every lookup goes to `lookups`."""
+    """Blocking with SpfLookups (run it in a thread); on the event loop with _KeptOnly, which
+    never blocks. An empty sender checks the HELO identity (RFC 7208 2.4). Every lookup
+    goes to `lookups`."""
     query = pyspf.query(i=client_address, s=sender, h=helo, receiver=receiver, querytime=timeout)
     _check.lookups = lookups
     try:

@@ -66,10 +66,3 @@ class ListQueries:
             elif not answer.cancelled():
                 answer.exception()
 
-
-async def lookup_all(
-    resolver: AddressLookup, client_address: str, zones: list[str]
-) -> dict[str, bool]:
-    """Ask every zone at once, and wait for their answers."""
-    reversed_name = reversed_address(ipaddress.ip_address(client_address))
-    return await ListQueries(resolver, reversed_name, zones).listed()

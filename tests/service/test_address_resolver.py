@@ -4,11 +4,12 @@ tests' DNS server, and a hostile one that answers first with forged replies."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import dns.exception
 import dns.resolver
@@ -63,10 +64,10 @@ async def test_many_queries_at_once_over_fresh_sockets(dns_server: LoopbackDNS) 
     resolver.close()
 
 
-@pytest.fixture
-def forging_server() -> Iterator[tuple[str, int]]:
-    """Answers each query three times: a reply with another ID, one with another question
-    (both forged: 127.0.0.2, "listed"), then the true one (NXDOMAIN)."""
+@contextlib.contextmanager
+def udp_server(replies: Callable[[bytes], list[bytes]]) -> Iterator[tuple[str, int]]:
+    """A hand-written DNS server on loopback: each query gets the datagrams `replies` makes
+    of it, in order."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     sock.settimeout(0.2)
@@ -78,23 +79,37 @@ def forging_server() -> Iterator[tuple[str, int]]:
                 query, client = sock.recvfrom(512)
             except TimeoutError:
                 continue
-            qid = struct.unpack_from("!H", query)[0]
-            question = query[12:]
-            listed = (b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4)
-                      + socket.inet_aton("127.0.0.2"))
-            forged_id = struct.pack("!HHHHHH", qid ^ 1, 0x8180, 1, 1, 0, 0) + question + listed
-            other = b"\x01x" + question
-            forged_question = struct.pack("!HHHHHH", qid, 0x8180, 1, 1, 0, 0) + other + listed
-            true = struct.pack("!HHHHHH", qid, 0x8183, 1, 0, 0, 0) + question
-            for reply in (forged_id, forged_question, true):
+            for reply in replies(query):
                 sock.sendto(reply, client)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    yield sock.getsockname()
-    stop.set()
-    thread.join()
-    sock.close()
+    try:
+        yield sock.getsockname()
+    finally:
+        stop.set()
+        thread.join()
+        sock.close()
+
+
+@pytest.fixture
+def forging_server() -> Iterator[tuple[str, int]]:
+    """Answers each query three times: a reply with another ID, one with another question
+    (both forged: 127.0.0.2, "listed"), then the true one (NXDOMAIN)."""
+
+    def replies(query: bytes) -> list[bytes]:
+        qid = struct.unpack_from("!H", query)[0]
+        question = query[12:]
+        listed = (b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4)
+                  + socket.inet_aton("127.0.0.2"))
+        forged_id = struct.pack("!HHHHHH", qid ^ 1, 0x8180, 1, 1, 0, 0) + question + listed
+        other = b"\x01x" + question
+        forged_question = struct.pack("!HHHHHH", qid, 0x8180, 1, 1, 0, 0) + other + listed
+        true = struct.pack("!HHHHHH", qid, 0x8183, 1, 0, 0, 0) + question
+        return [forged_id, forged_question, true]
+
+    with udp_server(replies) as address:
+        yield address
 
 
 async def test_forged_replies_are_not_taken(forging_server: tuple[str, int]) -> None:
@@ -118,28 +133,15 @@ async def test_names_dns_cannot_carry_are_refused_before_asking(dns_server: Loop
 def refusing_server() -> Iterator[tuple[tuple[str, int], list[float]]]:
     """Answers every query REFUSED (as a resolver does to a client it does not serve); the
     times it was asked are listed."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(0.2)
-    stop = threading.Event()
     asked: list[float] = []
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                query, client = sock.recvfrom(512)
-            except TimeoutError:
-                continue
-            asked.append(time.monotonic())
-            qid = struct.unpack_from("!H", query)[0]
-            sock.sendto(struct.pack("!HHHHHH", qid, 0x8185, 1, 0, 0, 0) + query[12:], client)
+    def replies(query: bytes) -> list[bytes]:
+        asked.append(time.monotonic())
+        qid = struct.unpack_from("!H", query)[0]
+        return [struct.pack("!HHHHHH", qid, 0x8185, 1, 0, 0, 0) + query[12:]]
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield sock.getsockname(), asked
-    stop.set()
-    thread.join()
-    sock.close()
+    with udp_server(replies) as address:
+        yield address, asked
 
 
 async def test_a_refusing_server_is_asked_a_few_times_not_in_a_busy_loop(
