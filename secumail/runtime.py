@@ -242,11 +242,16 @@ def run_service(name: str, settings: Settings, make_service: Callable[[], Servic
     setup_logging(settings.log_level, settings.log_format)
     warn_misplaced_secrets(name)
     tracking.EVENTS.configure(settings.tracking_buffer, settings.tracking)
-    start_metrics_listener(settings.metrics_listen, settings.tracking_readers)
     log_event(log, "starting", service=name, metrics=str(settings.metrics_listen))
 
     async def main() -> None:
-        await serve_until_signalled(make_service(), settings.drain_timeout)
+        metrics = await start_metrics_listener(
+            settings.metrics_listen, settings.tracking_readers, settings.request_timeout)
+        try:
+            await serve_until_signalled(make_service(), settings.drain_timeout)
+        finally:
+            if metrics is not None:
+                metrics.close()  # after the drain: it is watched while the service drains
 
     # uvloop: the event loop in C; the services spend much of their time in socket I/O.
     uvloop.run(main())

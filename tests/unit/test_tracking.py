@@ -22,7 +22,8 @@ from gateway.tracking import (
     build_traces,
 )
 from secumail import tracking
-from secumail.metrics import events_answer
+from secumail.metrics import BAD_CURSOR, MetricsAnswers
+from secumail.protocols.http import Request
 from secumail.relay import MessageInfo, Verdict, verdict_event
 from secumail.tracking import Event, EventLog
 from services.policy.engine import Decision, decision_event
@@ -66,8 +67,10 @@ def test_a_string_that_is_not_unicode_does_not_stop_the_collection() -> None:
 def test_events_answer_refuses_a_bad_cursor() -> None:
     ring = EventLog()
     ring.record(tracking.event("dkim", "passed"))
-    assert events_answer(ring, "after=x")[0].startswith("400")
-    status, body = events_answer(ring, "after=0")
+    answers = MetricsAnswers(ring, [])
+    for bad in ("after=x", "after=-1", f"after={2**64}"):
+        assert asyncio.run(answers(Request("GET", "/events", bad, "127.0.0.1"))) == BAD_CURSOR
+    status, body, _ = asyncio.run(answers(Request("GET", "/events", "after=0", "127.0.0.1")))
     answer = json.loads(body)
     [[seq, row]] = answer["events"]
     assert status == "200 OK" and row[answer["fields"].index("service")] == "dkim" and seq == 1
@@ -363,15 +366,11 @@ def test_a_refusal_by_the_filters_is_one_path_with_postfixs_word_on_it() -> None
 
 def test_only_the_readers_may_read_a_services_events() -> None:
     """/events holds addresses: the gateway reads it, the other hosts on the network not."""
-    from secumail.metrics import Readers, metrics_app
-
     ring = EventLog()
     ring.record(tracking.event("policy", "greylisted", sender="a@remote.test"))
-    app = metrics_app(ring, Readers(["192.0.2.10"]))
+    answers = MetricsAnswers(ring, ["192.0.2.10"])
     for peer, expected in (("192.0.2.10", "200 OK"), ("127.0.0.1", "200 OK"),
                            ("192.0.2.11", "403 Forbidden"), ("", "403 Forbidden")):
-        statuses: list[str] = []
-        environ = {"PATH_INFO": "/events", "QUERY_STRING": "after=0", "REMOTE_ADDR": peer}
-        body = b"".join(app(environ, lambda status, headers, seen=statuses: seen.append(status)))
-        assert statuses == [expected], peer
+        status, body, _ = asyncio.run(answers(Request("GET", "/events", "after=0", peer)))
+        assert status == expected, peer
         assert (b"a@remote.test" in body) == (expected == "200 OK"), peer
