@@ -3,9 +3,9 @@
 
 One request per connection, answered with `Connection: close`: a request head not read
 whole within `timeout` is dropped, one over MAX_REQUEST_HEAD is dropped, and connections
-over `max_connections` are closed at once. No thread: a thread serving beside a busy event
-loop hands the GIL back and forth with it at every system call, which cost the policy
-service 5-10% of its requests per second while the gateway collected its events.
+over `max_connections` are closed at once. No thread: the listener it replaced (wsgiref,
+a thread per connection) kept an idle connection, and its thread, for ever, and a thread
+beside a busy event loop takes the GIL from it at each of its own system calls.
 """
 
 from __future__ import annotations
