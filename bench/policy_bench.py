@@ -121,8 +121,10 @@ def start_dns(records: list[tuple[str, str, str]]) -> tuple[multiprocessing.Proc
     return process, ready.get(timeout=60)
 
 
-async def replay(port: int, stream: list[bytes], connections: int) -> tuple[float, list[float]]:
-    """Send the stream over `connections` sockets; each socket waits for each answer."""
+async def replay(port: int, stream: list[bytes], connections: int,
+                 answered: list[float] | None = None) -> tuple[float, list[float]]:
+    """Send the stream over `connections` sockets; each socket waits for each answer.
+    `answered`, if given, gets the time.perf_counter() at which each answer came."""
     latencies: list[float] = []
     shares = [stream[i::connections] for i in range(connections)]
 
@@ -132,7 +134,10 @@ async def replay(port: int, stream: list[bytes], connections: int) -> tuple[floa
             started = time.perf_counter()
             writer.write(request)
             answer = await reader.readuntil(b"\n\n")
-            latencies.append(time.perf_counter() - started)
+            now = time.perf_counter()
+            latencies.append(now - started)
+            if answered is not None:
+                answered.append(now)
             if not answer.startswith(b"action="):
                 raise RuntimeError(f"bad answer {answer!r}")
         writer.close()
