@@ -76,12 +76,16 @@ def decision_event(request: PolicyRequest, decision: Decision) -> tracking.Event
         outcome = "greylisted" if decision.check == "greylist" else "deferred"
     else:
         outcome = "refused" if kind == "reject" else "passed"
-    recipient = request.get("recipient", "")
-    return tracking.event(
-        "policy", outcome, f"{decision.check}: {decision.reason}" if decision.reason
-        else decision.check, client=request.get("client_address", ""),
-        sender=request.get("sender", ""), recipients=(recipient,) if recipient else (),
-        queue_id=request.get("queue_id", ""))
+    # Made at every answer: built as a tuple here, tracking.event's keywords and checks
+    # were 2% of the service's rate (bench/tracking_bench.py --side-by-side).
+    get, cut = request.get, tracking.MAX_FIELD
+    recipient, queue_id = get("recipient", ""), get("queue_id", "")
+    return tracking.new_event((
+        "policy", outcome, (f"{decision.check}: {decision.reason}" if decision.reason
+                            else decision.check)[:cut],
+        get("client_address", "")[:cut], get("sender", "")[:cut],
+        (recipient[:cut],) if recipient else (),
+        tracking.queue_id_value(queue_id) if queue_id else "", "", "", time.time()))
 
 
 DUNNO = Decision("DUNNO", "none", "no check objected")
