@@ -165,17 +165,19 @@ class PolicyService:
         _decisions(decision.check, decision.kind).inc()
         # Health probes ask at the VRFY stage (our Postfix never does: VRFY is off): a line
         # every 10 s per prober would bury the decisions.
-        probe = request.get("protocol_state") == "VRFY"
+        get = request.get  # each field read once, for the log line and the tracking event
+        state, client, sender = get("protocol_state", ""), get("client_address", ""), get(
+            "sender", "")
+        recipient, queue_id = get("recipient", ""), get("queue_id", "")
+        probe = state == "VRFY"
         log_event(
             log, "decision", logging.DEBUG if probe else logging.INFO,
-            action=decision.action, check=decision.check,
-            reason=decision.reason, state=request.get("protocol_state", ""),
-            client=request.get("client_address", ""), helo=request.get("helo_name", ""),
-            sender=request.get("sender", ""), recipient=request.get("recipient", ""),
-            queue_id=request.get("queue_id", ""),
+            action=decision.action, check=decision.check, reason=decision.reason, state=state,
+            client=client, helo=get("helo_name", ""), sender=sender, recipient=recipient,
+            queue_id=queue_id,
         )
         if not probe and tracking.EVENTS.enabled:
-            tracking.record(decision_event(request, decision))
+            tracking.record(decision_event(decision, client, sender, recipient, queue_id))
         return decision
 
     def _drop(self, peer: str, reason: str, detail: str) -> None:

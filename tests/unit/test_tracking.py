@@ -142,18 +142,16 @@ def test_queue_ids_and_message_ids_are_read_from_replies_and_headers() -> None:
     ("DUNNO", "none", "passed"),
 ])
 def test_each_policy_answer_is_one_event(action: str, check: str, outcome: str) -> None:
-    request = {"client_address": "192.0.2.9", "sender": "a@remote.test",
-               "recipient": "bob@secumail.test", "queue_id": ""}
-    found = decision_event(request, Decision(action, check, "why"))
+    found = decision_event(Decision(action, check, "why"), "192.0.2.9", "a@remote.test",
+                           "bob@secumail.test", "")
     assert (found.service, found.outcome, found.client, found.recipients) == (
         "policy", outcome, "192.0.2.9", ("bob@secumail.test",))
     assert found.detail == f"{check}: why"
 
 
 def test_a_policy_event_is_cut_to_size() -> None:
-    request = {"client_address": "192.0.2.9", "sender": "s" * 3000, "recipient": "r" * 3000,
-               "queue_id": "NOQUEUE"}
-    found = decision_event(request, Decision("DUNNO", "none", "w" * 3000))
+    found = decision_event(Decision("DUNNO", "none", "w" * 3000), "192.0.2.9", "s" * 3000,
+                           "r" * 3000, "NOQUEUE")
     assert (len(found.sender), len(found.recipients[0]), len(found.detail)) == (512, 512, 512)
     assert found.queue_id == "" and found.time > 0
     assert Event.from_row(json.loads(json.dumps(found))) == found
