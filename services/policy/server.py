@@ -166,9 +166,8 @@ class PolicyService:
         # Health probes ask at the VRFY stage (our Postfix never does: VRFY is off): a line
         # every 10 s per prober would bury the decisions.
         get = request.get  # each field read once, for the log line and the tracking event
-        state, client, sender = get("protocol_state", ""), get("client_address", ""), get(
-            "sender", "")
-        recipient, queue_id = get("recipient", ""), get("queue_id", "")
+        state, client = get("protocol_state", ""), get("client_address", "")
+        sender, recipient, queue_id = get("sender", ""), get("recipient", ""), get("queue_id", "")
         probe = state == "VRFY"
         log_event(
             log, "decision", logging.DEBUG if probe else logging.INFO,
