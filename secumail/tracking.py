@@ -180,8 +180,7 @@ class EventLog:
 EVENTS = EventLog()  # this process's, as its metrics live in prometheus_client's registry
 
 
-def record(item: Event) -> None:
-    EVENTS.record(item)
+record = EVENTS.record  # bound once: a Python call less at every policy answer
 
 
 _QUEUED_AS = re.compile(r"\bqueued as ([0-9A-Za-z]{5,32})\b")
