@@ -135,8 +135,8 @@ class EventLog:
     the process from the next, whose numbers start again.
 
     Recording is an append and two counts, no lock and no object more per event (the
-    policy service records at every answer: a lock or a (number, event) pair each cost it
-    about 1% of its rate). Numbers are implied: the newest event held is number `recorded`.
+    policy service records at every answer, where each object and call shows in its rate:
+    bench/README.md). Numbers are implied: the newest event held is number `recorded`.
     One thread of a process records (the event loop; in the Postfix container, the thread
     reading the log); `since` may run in another (the Postfix agent's): it copies the ring
     in one C call, so under the GIL never during an append, and the counts read before
