@@ -82,14 +82,17 @@ class AllowedClients:
         return ip in self._addresses
 
     async def _refresh(self) -> None:
-        """Resolve every name once, however many connections are waiting for it."""
-        if self._resolving is None:
-            self._resolving = asyncio.ensure_future(self._resolve_names())
-        try:
-            await asyncio.shield(self._resolving)
-        finally:
-            if self._resolving.done():
-                self._resolving = None
+        """Resolve every name once, however many connections are waiting for it. Each waits
+        on its own reference, and the lookup is forgotten when it ends: when its first waiter
+        forgot it, the others failed, and a filter left those clients without a greeting."""
+        resolving = self._resolving
+        if resolving is None:
+            resolving = self._resolving = asyncio.ensure_future(self._resolve_names())
+            resolving.add_done_callback(self._forget)
+        await asyncio.shield(resolving)
+
+    def _forget(self, _: asyncio.Future[None]) -> None:
+        self._resolving = None
 
     async def _resolve_names(self) -> None:
         found: set[IPAddress] = set()

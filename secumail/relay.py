@@ -204,7 +204,15 @@ class RelaySMTP(_HooksListedOnce, SMTP):
         assert self.session is not None and self.transport is not None
         peer = self.session.peer
         address = peer[0] if isinstance(peer, tuple) else ""
-        if not await self.relay.clients.allows(address):
+        try:
+            allowed = await self.relay.clients.allows(address)
+        except Exception as error:  # a bug here must not leave the client without an answer
+            log.error("filter %s: checking client %s failed", self.relay.name, address,
+                      exc_info=error)
+            await self.push("421 4.3.0 Internal error, please try again later")
+            self.transport.close()
+            return
+        if not allowed:
             log_event(log, "client refused", logging.WARNING, filter=self.relay.name,
                       peer=address or "?", allowed=str(self.relay.clients))
             await self.push(f"554 5.7.1 {self.hostname} Access denied: this {self.relay.name} "

@@ -172,9 +172,10 @@ def test_junk_on_port_25_is_dropped_and_others_still_served(stack: Stack) -> Non
 # Of SecuMail's own services, the first round takes the process to its high-water mark
 # (the buffers of 143 connections at once, the allocator's arenas), which varies with timing
 # (22 MiB once in CI, 1-3 MiB here); a leak shows as growth round after round.
-# A minute to hang up: they do at once, but one of a round's 20 garbage connections was open
-# after 30 s once in CI (spamd's filter, on a loaded machine; junk.py now reports what such
-# a connection had received); the idle timeout an offender would otherwise get is 300 s.
+# A minute to hang up: they do at once (the idle timeout an offender would otherwise get is
+# 300 s). Twice in CI some of a round's garbage connections to spamd's filter were open after
+# 30 s, then 60 s: those that came while the filter resolved its allowed clients' names got
+# no greeting at all (fixed in secumail/access.py; tests/service/test_filters.py).
 LISTENERS = [
     ("postfix", 25, "smtp", 40, 75, 1),
     ("policy", 10023, "policy", 100, 60, 4),
@@ -251,10 +252,11 @@ def test_junk_on_every_port_is_dropped_and_memory_stays_bounded(
     rss = [rss_kib(target, service)]
     for _ in range(rounds):
         report = junk_round(stack, target, port, probe, idle, wait)
-        assert report["garbage dropped"] == 20, report
-        assert report["endless lines dropped"] == 3, report
-        assert report["half-closed dropped"] == 20, report
-        assert report["probe with idle connections open"] == "ok", report
+        expected = {"garbage dropped": 20, "endless lines dropped": 3,
+                    "half-closed dropped": 20, "probe with idle connections open": "ok"}
+        # On failure, what the service said meanwhile: the report alone did not tell why.
+        found = {key: report[key] for key in expected}
+        assert found == expected, (report, stack.logs(service)[-8000:])
         time.sleep(2)  # the idle connections just closed
         rss.append(rss_kib(target, service))
     print(f"{service}:{port} junk: {report}; RSS after each round {rss} KiB")

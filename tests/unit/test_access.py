@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from secumail.access import AllowedClients, split_entries
@@ -59,3 +61,30 @@ def test_entries_split_into_networks_and_names() -> None:
     networks, names = split_entries(["10.0.0.0/8", "[2001:db8::]/32", "Postfix.", "clamav"])
     assert [str(n) for n in networks] == ["10.0.0.0/8", "2001:db8::/32"]
     assert names == ["postfix", "clamav"]
+
+
+async def test_connections_waiting_for_the_same_lookup_all_get_its_answer() -> None:
+    """Every connection that came while the names were being resolved waits for that one
+    lookup; the first to go on cleared it, and the others then failed (AttributeError on
+    None): a filter left them without a greeting until its 300 s idle timeout (seen in CI:
+    7 of 20 junk connections to the spamd filter open after 60 s)."""
+    names = Names()
+    release = asyncio.Event()
+
+    async def slow(name: str) -> list[str]:
+        await release.wait()
+        return await names.resolve(name)
+
+    clients = AllowedClients(["postfix"], slow, clock=lambda: names.now)
+    waiting = [asyncio.ensure_future(clients.allows(address))
+               for address in ("172.29.125.2", "172.29.125.2", "172.29.125.9", "172.29.125.2")]
+    await asyncio.sleep(0)
+    release.set()
+    assert await asyncio.gather(*waiting) == [True, True, False, True]
+    names.now += AllowedClients.REFRESH  # and the next lookup is made, once
+    release.clear()
+    waiting = [asyncio.ensure_future(clients.allows("172.29.125.2")) for _ in range(3)]
+    await asyncio.sleep(0)
+    release.set()
+    assert await asyncio.gather(*waiting) == [True, True, True]
+    assert names.asked == 2
