@@ -108,6 +108,14 @@ def event(service: str, outcome: str, detail: str = "", *, client: str = "", sen
 new_event: Callable[[tuple[Any, ...]], Event] = functools.partial(tuple.__new__, Event)
 
 
+# What a recorder answering thousands of times a second records instead of its Event: the
+# function that makes the Event from this tuple, then the values it needs, taken as they are
+# at the answer. The Event is made when events are served (EventLog.since), every 2 s in one
+# pass, so that an answer spends no call, string or tuple more on tracking than this one
+# (the policy service's rate with tracking on, side by side with off: 0.949x -> 0.959x).
+Pending = tuple[Any, ...]  # (make, *values): make(pending) -> Event
+
+
 _QUEUE_ID = re.compile(r"^[0-9A-Za-z]{5,32}$")
 
 
@@ -141,12 +149,13 @@ class EventLog:
     reading the log); `since` may run in another (the Postfix agent's): it copies the ring
     in one C call, so under the GIL never during an append, and the counts read before
     and after the copy tell whether an event was being recorded meanwhile (then it copies
-    again). The JSON is written when events are served, in one call per answer."""
+    again). Pending records are made into events, and the JSON written, when events are
+    served, in one pass and one call per answer."""
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY, enabled: bool = True) -> None:
         self.boot = uuid.uuid4().hex
         self.enabled = enabled
-        self._events: deque[Event] = deque(maxlen=capacity)
+        self._events: deque[Event | Pending] = deque(maxlen=capacity)
         self._started = self._recorded = 0
 
     def configure(self, capacity: int, enabled: bool) -> None:
@@ -154,7 +163,7 @@ class EventLog:
         self._events = deque(self._events, maxlen=capacity)
         self.enabled = enabled
 
-    def record(self, item: Event) -> None:
+    def record(self, item: Event | Pending) -> None:
         if self.enabled:
             self._started += 1
             self._events.append(item)
@@ -173,6 +182,7 @@ class EventLog:
         first = last - len(held) + 1
         start = max(0, after + 1 - first)
         chosen = [] if after >= last else held[start:start + limit]
+        chosen = [item if type(item) is Event else item[0](item) for item in chosen]
         return _encode({"boot": self.boot, "first": first, "last": last, "fields": FIELDS,
                         "events": list(zip(itertools.count(first + start), chosen))})
 

@@ -175,8 +175,9 @@ class PolicyService:
             client=client, helo=get("helo_name", ""), sender=sender, recipient=recipient,
             queue_id=queue_id,
         )
-        if not probe and tracking.EVENTS.enabled:
-            tracking.record(decision_event(decision, client, sender, recipient, queue_id))
+        if not probe and tracking.EVENTS.enabled:  # decision_event's values, in its order
+            tracking.record((decision_event, decision.check, decision.reason, decision.kind,
+                             client, sender, recipient, queue_id, time.time()))
         return decision
 
     def _drop(self, peer: str, reason: str, detail: str) -> None:

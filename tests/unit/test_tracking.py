@@ -27,9 +27,13 @@ from secumail import tracking
 from secumail.metrics import BAD_CURSOR, MetricsAnswers
 from secumail.protocols.http import Request
 from secumail.relay import MessageInfo, Verdict, verdict_event
+from secumail.settings import Settings
 from secumail.tracking import Event, EventLog
-from services.policy.engine import Decision, decision_event
+from services.policy.engine import Decision
+from services.policy.server import PolicyService
+from services.policy.stores import SqliteStore
 from services.postfix.events import PostfixEvents
+from tests.support.policy_client import rcpt_request
 
 # --- what the services record ------------------------------------------------------------
 
@@ -142,19 +146,35 @@ def test_queue_ids_and_message_ids_are_read_from_replies_and_headers() -> None:
     ("DUNNO", "none", "passed"),
 ])
 def test_each_policy_answer_is_one_event(action: str, check: str, outcome: str) -> None:
-    found = decision_event(Decision(action, check, "why"), "192.0.2.9", "a@remote.test",
-                           "bob@secumail.test", "")
+    found = answered(Decision(action, check, "why"), rcpt_request(client_address="192.0.2.9"))
     assert (found.service, found.outcome, found.client, found.recipients) == (
         "policy", outcome, "192.0.2.9", ("bob@secumail.test",))
     assert found.detail == f"{check}: why"
 
 
 def test_a_policy_event_is_cut_to_size() -> None:
-    found = decision_event(Decision("DUNNO", "none", "w" * 3000), "192.0.2.9", "s" * 3000,
-                           "r" * 3000, "NOQUEUE")
+    found = answered(Decision("DUNNO", "none", "w" * 3000), rcpt_request(
+        sender="s" * 3000, recipient="r" * 3000, queue_id="NOQUEUE"))
     assert (len(found.sender), len(found.recipients[0]), len(found.detail)) == (512, 512, 512)
     assert found.queue_id == "" and found.time > 0
     assert Event.from_row(json.loads(json.dumps(found))) == found
+
+
+def answered(decision: Decision, request: dict[str, str]) -> Event:
+    """The event the policy service serves for one answer it gave: what its answer recorded
+    (tracking.Pending), made into an event by tracking.EVENTS.since as the collector reads."""
+    service = PolicyService(Settings(hostname="mx.secumail.test"), store=SqliteStore(":memory:"))
+
+    async def decide(_: dict[str, str]) -> Decision:
+        return decision
+
+    service.engine.evaluate = decide  # type: ignore[method-assign]
+    before = tracking.EVENTS.since(0)
+    asyncio.run(service.answer(request))
+    service.engine.close()
+    answer = json.loads(tracking.EVENTS.since(json.loads(before)["last"]))
+    [(_, row)] = answer["events"]
+    return Event.from_row(row)
 
 
 @pytest.mark.parametrize(("verdict", "reply", "outcome", "next_id"), [
