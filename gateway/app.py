@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from gateway.auth import token_guard
+from gateway.auth import WrongTokens, client_of, token_guard
 from gateway.canary import CanarySend, ChainProbe, ProbeMetrics
 from gateway.context import Gateway, problem
 from gateway.health import HealthChecker, Hop, Namer, Resolver, chain_hops, reverse_name
@@ -80,6 +80,8 @@ def create_app(
                                                 settings.redis_password_file)),
         requests=Counter("secumail_gateway_requests", "Gateway API requests by route and "
                          "status code", ["route", "code"], registry=registry),
+        wrong_tokens=WrongTokens(settings.gateway_wrong_tokens,
+                                 settings.gateway_wrong_token_window),
     )
     tracking_metrics = TrackingMetrics(registry)
     if settings.tracking:
@@ -125,13 +127,15 @@ def create_app(
     # Health and metrics: open, or guarded by the metrics token when one is set.
     guarded: dict[str, Any] = {}
     if settings.metrics_token.get_secret_value():
-        guard = token_guard(settings.metrics_token, "MetricsToken", "SECUMAIL_METRICS_TOKEN")
+        guard = token_guard(settings.metrics_token, "MetricsToken", "SECUMAIL_METRICS_TOKEN",
+                            gateway.wrong_tokens)
         guarded = {"dependencies": [Depends(guard)], "responses": UNAUTHORIZED}
     app.include_router(health.router, **guarded)
     app.include_router(metrics.router, **guarded)
     # The admin API exists only with an admin token.
     if settings.admin_token.get_secret_value():
-        guard = token_guard(settings.admin_token, "AdminToken", "SECUMAIL_ADMIN_TOKEN")
+        guard = token_guard(settings.admin_token, "AdminToken", "SECUMAIL_ADMIN_TOKEN",
+                            gateway.wrong_tokens)
         for router in (health.run, greylist.router, quarantine.router, dkim.router,
                        tracking.router):
             app.include_router(router, dependencies=[Depends(guard)], responses=UNAUTHORIZED)
@@ -153,7 +157,7 @@ def create_app(
             log_event(log, "request", method=request.method, path=request.url.path,
                       status=response.status_code,
                       ms=round((time.perf_counter() - started) * 1000, 1),
-                      client=request.client.host if request.client else "?")
+                      client=client_of(request))
         return response
 
     return app

@@ -9,6 +9,7 @@ Tokens are compared in constant time and never logged.
 # annotations, which refer to a local `bearer`.
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 from urllib.parse import unquote_plus
@@ -24,7 +25,50 @@ log = logging.getLogger("secumail.gateway")
 Guard = Callable[[Request, HTTPAuthorizationCredentials | None], Awaitable[None]]
 
 
-def token_guard(token: SecretStr, scheme_name: str, description: str) -> Guard:
+class WrongTokens:
+    """Wrong tokens each client address presented lately: past `limit` within `window`
+    seconds, the client is refused (429) whatever it presents, until its oldest counted
+    failure is `window` old. One count for the API's bearer tokens and the console's
+    sign-in, so that guessing through one does not go on through the other. At most
+    MAX_CLIENTS addresses are counted (the oldest forgotten): memory stays bounded
+    whatever the number of addresses guessing. Behind a proxy every client has the
+    proxy's address: a guesser then locks out everyone, for `window` seconds."""
+
+    MAX_CLIENTS = 10_000
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit, self.window = limit, window
+        self._failures: dict[str, list[float]] = {}
+
+    def wait(self, client: str, now: float) -> float:
+        """Seconds before `client` may present a token again (0: now)."""
+        recent = [t for t in self._failures.get(client, ()) if t > now - self.window]
+        if recent:
+            self._failures[client] = recent
+        else:
+            self._failures.pop(client, None)
+        return recent[0] + self.window - now if len(recent) >= self.limit else 0.0
+
+    def failed(self, client: str, now: float) -> None:
+        self._failures.setdefault(client, []).append(now)
+        del self._failures[client][:-self.limit]  # no more than the limit needs
+        if len(self._failures) > self.MAX_CLIENTS:
+            del self._failures[next(iter(self._failures))]
+
+
+def client_of(request: Request) -> str:
+    return request.client.host if request.client else "?"
+
+
+def too_many_wrong_tokens(client: str, wait: float, path: str) -> dict[str, str]:
+    """Logs the 429 a guesser gets, and gives its Retry-After header."""
+    log_event(log, "unauthorized", logging.WARNING, path=path, client=client,
+              reason="too many wrong tokens", retry_after=f"{wait:.0f}")
+    return {"Retry-After": f"{max(1, round(wait))}"}
+
+
+def token_guard(token: SecretStr, scheme_name: str, description: str,
+                wrong_tokens: WrongTokens) -> Guard:
     """A FastAPI dependency that lets a request through only with `token`."""
     expected = token.get_secret_value().encode()
     bearer = HTTPBearer(auto_error=False, scheme_name=scheme_name, description=description)
@@ -33,12 +77,19 @@ def token_guard(token: SecretStr, scheme_name: str, description: str) -> Guard:
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
     ) -> None:
+        client, now = client_of(request), time.monotonic()
+        if wait := wrong_tokens.wait(client, now):
+            raise HTTPException(429, f"too many wrong tokens: try again in {wait:.0f} s",
+                                too_many_wrong_tokens(client, wait, request.url.path))
         in_url = expected in unquote_plus(request.url.query).encode()
         presented = credentials.credentials.encode() if credentials else b""
-        if in_url or not hmac.compare_digest(presented, expected):
-            reason = "token in the URL" if in_url else "missing" if not presented else "wrong"
+        wrong = bool(presented) and not hmac.compare_digest(presented, expected)
+        if in_url or wrong or not presented:
+            reason = "token in the URL" if in_url else "wrong" if wrong else "missing"
+            if wrong:  # a guess; a request with no token (a page opened) is not one
+                wrong_tokens.failed(client, now)
             log_event(log, "unauthorized", logging.WARNING, path=request.url.path,
-                      client=request.client.host if request.client else "?", reason=reason)
+                      client=client, reason=reason)
             raise HTTPException(401, "missing or wrong bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})
 

@@ -14,6 +14,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CollectorRegistry, Counter
 
+from gateway.auth import WrongTokens
 from gateway.canary import ChainProbe
 from gateway.health import HealthChecker
 from gateway.models import Problem
@@ -37,6 +38,7 @@ class Gateway:
     instance: str
     open_store: Callable[[], GreylistStore]
     requests: Counter
+    wrong_tokens: WrongTokens
     tracking: TrackingStore | None = None  # None: tracking is off
     _store: GreylistStore | None = field(default=None, repr=False)
 

@@ -217,6 +217,9 @@ class Settings(BaseSettings):
     # Secrets: SecretStr keeps them out of repr(), logs and error messages.
     admin_token: SecretStr = SecretStr("")  # empty: no admin API
     metrics_token: SecretStr = SecretStr("")  # empty: health and metrics open
+    # Wrong tokens (API or console) a client may present in the window before it gets 429.
+    gateway_wrong_tokens: int = Field(10, ge=1)
+    gateway_wrong_token_window: float = Field(300.0, gt=0)
     postfix_address: Annotated[HostPort, NoDecode] = parse_host_port("postfix:25")
     gateway_timeout: float = Field(5.0, gt=0)
     gateway_request_timeout: float = Field(10.0, gt=0)

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import ValidationError
 
-from gateway.auth import ConsoleSessions
+from gateway.auth import ConsoleSessions, client_of, too_many_wrong_tokens
 from gateway.console_html import (
     STYLE,
     button_form,
@@ -55,8 +55,8 @@ def sessions(gateway: Gateway) -> ConsoleSessions:
     return ConsoleSessions(gateway.settings.admin_token, gateway.settings.console_secure_cookie)
 
 
-def html(body: str, status: int = 200) -> HTMLResponse:
-    return HTMLResponse(body, status_code=status, headers=HEADERS)
+def html(body: str, status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
+    return HTMLResponse(body, status_code=status, headers={**HEADERS, **(headers or {})})
 
 
 def signed_in(request: Request, gateway: Gateway) -> str | None:
@@ -81,7 +81,7 @@ def refusal(request: Request, gateway: Gateway, fields: dict[str, str]) -> HTMLR
         return None
     log_event(log, "console action refused", logging.WARNING, path=request.url.path,
               reason="no session or wrong CSRF token",
-              client=request.client.host if request.client else "?")
+              client=client_of(request))
     return html(page("Refused", "<p>This form is no longer valid: "
                      '<a href="/console/login">sign in</a> again.</p>'), 403)
 
@@ -146,8 +146,12 @@ async def login_page() -> HTMLResponse:
 async def login(request: Request, gateway: GatewayDep) -> Response:
     fields = await form(request)
     keeper = sessions(gateway)
-    client = request.client.host if request.client else "?"
+    client, now = client_of(request), time.monotonic()
+    if wait := gateway.wrong_tokens.wait(client, now):
+        return html(login_form(f"Too many wrong tokens: try again in {wait:.0f} s."), 429,
+                    too_many_wrong_tokens(client, wait, request.url.path))
     if not keeper.token_matches(fields.get("token", "")):
+        gateway.wrong_tokens.failed(client, now)
         log_event(log, "console sign-in failed", logging.WARNING, client=client)
         return html(login_form("Wrong token."), 401)
     log_event(log, "console sign-in", client=client)

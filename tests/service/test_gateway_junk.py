@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import socket
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 
@@ -136,3 +137,47 @@ def test_every_request_of_a_kept_connection_has_a_deadline(gateway: tuple[Daemon
         assert closed
     assert daemon.logged("no complete request within 1 s")
     assert healthz(port) == 200
+
+
+ADMIN = "admin-token-for-the-guessing-test"
+
+
+def answer(port: int, path: str, token: str = "", form: dict[str, str] | None = None
+           ) -> tuple[int, dict[str, str]]:
+    """Status and headers of a GET with a bearer token, or of a form POSTed to `path`."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    if form is None:
+        connection.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+    else:
+        connection.request("POST", path, urllib.parse.urlencode(form),
+                           {"Content-Type": "application/x-www-form-urlencoded"})
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    return response.status, dict(response.headers)
+
+
+def test_a_client_guessing_the_token_is_refused_for_a_while_even_with_the_right_one() -> None:
+    """Wrong tokens through the API and the console's sign-in count together: past
+    SECUMAIL_GATEWAY_WRONG_TOKENS (3 here) in the window (3 s), 429 with Retry-After, the
+    right token included; after the window, the right token works again."""
+    port = free_port()
+    daemon = start_service("secumail-gateway", service_env(
+        gateway_listen=f"127.0.0.1:{port}", probe_interval="0", admin_token=ADMIN,
+        gateway_wrong_tokens="3", gateway_wrong_token_window="3", console_secure_cookie="false",
+        greylist_store="sqlite:///nonexistent/greylist.sqlite"), "SECUMAIL_GATEWAY_LISTEN")
+    try:
+        assert answer(port, "/admin/quarantine", ADMIN)[0] == 200
+        assert answer(port, "/admin/quarantine", "guess-number-one-000")[0] == 401
+        assert answer(port, "/console/login", form={"token": "guess-number-two-000"})[0] == 401
+        assert answer(port, "/admin/quarantine", "guess-number-three-0")[0] == 401
+        status, headers = answer(port, "/admin/quarantine", ADMIN)
+        assert status == 429 and 1 <= int(headers["retry-after"]) <= 3, (status, headers)
+        assert answer(port, "/console/login", form={"token": ADMIN})[0] == 429
+        assert daemon.logged("too many wrong tokens")
+        assert healthz(port) == 200  # what needs no token is still served
+        time.sleep(3)
+        assert answer(port, "/admin/quarantine", ADMIN)[0] == 200
+        assert answer(port, "/console/login", form={"token": ADMIN})[0] == 303
+    finally:
+        daemon.stop()

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.auth import ConsoleSessions
+from gateway.auth import ConsoleSessions, WrongTokens
 from tests.unit.test_gateway_api import (  # noqa: F401 (fixtures)
     ADMIN,
     Gateway,
@@ -133,3 +133,36 @@ def test_tracking_off_says_so_on_the_page(console: Gateway) -> None:
     sign_in(console)
     text = console.client.client.get("/console/tracking?sender=a@remote.test").text
     assert "tracking is off" in text  # the test gateway runs without tracking
+
+
+def test_wrong_tokens_are_counted_per_client_within_the_window() -> None:
+    wrong = WrongTokens(limit=3, window=60)
+    for now in (0, 10, 20):
+        assert wrong.wait("192.0.2.9", now) == 0
+        wrong.failed("192.0.2.9", now)
+    assert wrong.wait("192.0.2.9", 30) == 30  # until the first failure is 60 s old
+    assert wrong.wait("192.0.2.10", 30) == 0  # another client
+    assert wrong.wait("192.0.2.9", 60) == 0  # two failures left in the window
+    wrong.failed("192.0.2.9", 61)
+    assert wrong.wait("192.0.2.9", 62) == 8
+
+
+def test_the_wrong_tokens_of_many_addresses_take_bounded_memory() -> None:
+    wrong = WrongTokens(limit=3, window=60)
+    for n in range(WrongTokens.MAX_CLIENTS + 500):
+        for _ in range(5):
+            wrong.failed(f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}", 1.0)
+    assert len(wrong._failures) == WrongTokens.MAX_CLIENTS
+    assert max(map(len, wrong._failures.values())) == 3
+
+
+def test_a_console_guesser_is_refused_even_with_the_right_token(make_gateway: Any) -> None:  # noqa: F811
+    gateway = make_gateway(console_secure_cookie=False, gateway_wrong_tokens=2)
+    for _ in range(2):
+        assert gateway.client.client.post("/console/login",
+                                          data={"token": "x" * 20}).status_code == 401
+    response = gateway.client.client.post("/console/login", data={"token": ADMIN})
+    assert response.status_code == 429 and "Too many wrong tokens" in response.text
+    assert "set-cookie" not in response.headers and int(response.headers["retry-after"]) > 0
+    assert gateway.client.client.get("/admin/quarantine", headers={
+        "Authorization": f"Bearer {ADMIN}"}).status_code == 429  # the API counts them too
