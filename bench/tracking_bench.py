@@ -43,7 +43,7 @@ from bench.policy_bench import PLAIN, make_stream, measure, replay, start_secuma
 from gateway.tracking import StoredEvent, TrackingStore  # noqa: E402
 from secumail import tracking  # noqa: E402
 from secumail.protocols.policy import encode_request  # noqa: E402
-from tests.support.processes import free_port, service_env, start_service  # noqa: E402
+from tests.support.processes import free_port, scrape, service_env, start_service  # noqa: E402
 
 INTERVAL = 2.0  # SECUMAIL_TRACKING_INTERVAL's default
 
@@ -97,12 +97,9 @@ def measured(pid: int, watcher: multiprocessing.Process | None, count: int,
 
 
 def filter_round(clamd_port: int, sink_port: int, on: bool, messages: int) -> Round:
-    port, metrics = free_port(), f"127.0.0.1:{free_port()}"
-    hop = start_service("secumail-clamav", service_env(
-        clamav_listen=f"127.0.0.1:{port}", clamav_next_hop=f"127.0.0.1:{sink_port}",
-        clamd_address=f"127.0.0.1:{clamd_port}", log_level="WARNING", metrics_listen=metrics,
-        tracking="true" if on else "false"), "SECUMAIL_CLAMAV_LISTEN")
-    watcher = collector(metrics) if on else None
+    hop = filter_hop(clamd_port, sink_port, on)
+    port = int(hop.env["SECUMAIL_CLAMAV_LISTEN"].rsplit(":", 1)[1])
+    watcher = collector(f"127.0.0.1:{hop.metrics_port}") if on else None
     try:
         smtp_source(port, 300, 20, 2048)  # warm up
         return measured(hop.proc.pid, watcher, messages,
@@ -196,6 +193,64 @@ def side_by_side_round(stream: list[bytes], on_first: bool) -> SideBySide:
     return SideBySide(rates[True], rates[False], (shares[True], shares[False]))
 
 
+def filter_hop(clamd_port: int, sink_port: int, on: bool) -> Any:
+    """One clamav filter hop to the sink, tracking on or off, with its metrics listener."""
+    port, metrics = free_port(), f"127.0.0.1:{free_port()}"
+    return start_service("secumail-clamav", service_env(
+        clamav_listen=f"127.0.0.1:{port}", clamav_next_hop=f"127.0.0.1:{sink_port}",
+        clamd_address=f"127.0.0.1:{clamd_port}", log_level="WARNING", metrics_listen=metrics,
+        tracking="true" if on else "false"), "SECUMAIL_CLAMAV_LISTEN")
+
+
+def messages_relayed(metrics_port: int) -> float:
+    """secumail_filter_messages_total, every verdict: the hop's messages so far."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in scrape(metrics_port).splitlines()
+               if line.startswith("secumail_filter_messages_total{"))
+
+
+def filter_side_by_side_round(clamd_port: int, sink_port: int, on_first: bool,
+                              seconds: float) -> SideBySide:
+    """The filter hop as side_by_side_round measures the policy service: both hops on one
+    core, their smtp-sources, the sink, the stand-in clamd and the collector on the other.
+    The rates are each hop's messages counted (its metrics) over `seconds` while both
+    sources are sending, from 3 s after they started."""
+    hops = {on: filter_hop(clamd_port, sink_port, on)
+            for on in ((True, False) if on_first else (False, True))}
+    for hop in hops.values():
+        os.sched_setaffinity(hop.proc.pid, {SERVICE_CORE})
+    watcher = collector(f"127.0.0.1:{hops[True].metrics_port}")
+    os.sched_setaffinity(watcher.pid or 0, {CLIENT_CORE})
+    sources = []
+    try:
+        for hop in hops.values():
+            smtp_source(int(hop.env["SECUMAIL_CLAMAV_LISTEN"].rsplit(":", 1)[1]), 300, 20, 2048)
+        for hop in hops.values():
+            sources.append(subprocess.Popen(
+                ["taskset", "-c", str(CLIENT_CORE), "smtp-source", "-s", "20", "-m", "10000000",
+                 "-l", "2048", "-f", "bench@secumail.test", "-t", "sink@secumail.test",
+                 hop.env["SECUMAIL_CLAMAV_LISTEN"]], stdout=subprocess.DEVNULL))
+        time.sleep(3)
+        before = {on: (messages_relayed(hop.metrics_port), cpu_seconds(hop.proc.pid))
+                  for on, hop in hops.items()}
+        started = time.perf_counter()
+        time.sleep(seconds)
+        after = {on: (messages_relayed(hop.metrics_port), cpu_seconds(hop.proc.pid))
+                 for on, hop in hops.items()}
+        window = time.perf_counter() - started
+        if any(source.poll() is not None for source in sources):
+            raise RuntimeError("an smtp-source ended before the window did")
+    finally:
+        for source in sources:
+            source.kill()
+            source.wait()
+        watcher.terminate()
+        for hop in hops.values():
+            hop.stop()
+    rates = {on: (after[on][0] - before[on][0]) / window for on in hops}
+    shares = {on: (after[on][1] - before[on][1]) / window for on in hops}
+    return SideBySide(rates[True], rates[False], (shares[True], shares[False]))
+
+
 def store_rate(count: int) -> tuple[float, float]:
     """Events stored per second in pages of 1,000 (one collection), and bytes per event."""
     path = Path(tempfile.mkdtemp(prefix="secumail-tracking-store-")) / "tracking.db"
@@ -220,7 +275,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40000)
     parser.add_argument("--rounds", type=int, default=3, help="one after the other (0: none)")
     parser.add_argument("--side-by-side", type=int, default=6, metavar="ROUNDS",
-                        help="the policy service on and off at once (0: none)")
+                        help="each service on and off at once (0: none)")
+    parser.add_argument("--window", type=float, default=15.0,
+                        help="seconds a side-by-side round of the filter hop counts")
     args = parser.parse_args()
     if os.getuid() != 0:
         raise SystemExit("run as root: smtp-sink runs as the postfix user")
@@ -238,6 +295,11 @@ def main() -> None:
                 rounds[f"filter {state}"].append(
                     filter_round(clamd_port, sink_port, tracking_on, args.messages))
                 rounds[f"policy {state}"].append(policy_round(stream, tracking_on))
+        for pid in (sink.pid, stand_ins.proc.pid):
+            os.sched_setaffinity(pid, {CLIENT_CORE})
+        filter_side_by_side = [filter_side_by_side_round(clamd_port, sink_port, n % 2 == 0,
+                                                         args.window)
+                               for n in range(args.side_by_side)]
     finally:
         stand_ins.stop()
         sink.terminate()
@@ -266,15 +328,18 @@ def main() -> None:
               + ", ".join(f"{a.rate:.0f}/{b.rate:.0f}" for a, b in zip(on, off, strict=True))
               + "; CPU us: " + ", ".join(f"{a.cpu_us:.0f}/{b.cpu_us:.0f}"
                                         for a, b in zip(on, off, strict=True)) + ")")
-    if side_by_side:
-        print(f"policy service, tracking on and off at once on one core, {args.side_by_side} "
-              "rounds (on/off, each the median of each round's):")
-        print(f"{'  requests/s on, off':<36}{median(r.on for r in side_by_side):>9.0f} "
-              f"{median(r.off for r in side_by_side):.0f} req/s  ratio "
-              f"{median(r.on / r.off for r in side_by_side):.3f}x  (rounds: "
-              + ", ".join(f"{r.on / r.off:.3f}" for r in side_by_side) + ")")
+    for label, unit, pairs in (("one filter hop", "msg/s", filter_side_by_side),
+                               ("policy service", "req/s", side_by_side)):
+        if not pairs:
+            continue
+        print(f"{label}, tracking on and off at once on one core, {len(pairs)} rounds "
+              "(on/off, each the median of each round's):")
+        print(f"{'  ' + unit + ' on, off':<36}{median(r.on for r in pairs):>9.0f} "
+              f"{median(r.off for r in pairs):.0f} {unit}  ratio "
+              f"{median(r.on / r.off for r in pairs):.3f}x  (rounds: "
+              + ", ".join(f"{r.on / r.off:.3f}" for r in pairs) + ")")
         print(f"{'  CPU each had, in cores':<36}" + ", ".join(
-            f"{r.shares[0]:.2f}/{r.shares[1]:.2f}" for r in side_by_side))
+            f"{r.shares[0]:.2f}/{r.shares[1]:.2f}" for r in pairs))
     print(f"{'gateway store, events stored':<36}{stored:>9.0f} events/s  "
           f"({size:.0f} bytes per event on disk)")
 
