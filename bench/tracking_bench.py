@@ -8,12 +8,13 @@ does, and the gateway's store taking events.
 
 Rounds alternated, medians. One after the other, the same service's rate here varies by up to
 2x from one minute to the next (the host's other tenants), far more than the 5% to measure; so
-the policy service is also measured side by side (--side-by-side): tracking on and off running
-at once on one core, each given half of it by the kernel, their clients and the collector on
-the other core. That ratio held within 2% from round to round.
+both are also measured side by side (--side-by-side): tracking on and off running at once on
+one core, each given half of it by the kernel, their clients, the collector (and for the
+filter the sink and the stand-in clamd) on the other core. That ratio held within 2% (policy)
+and 3% (filter) from round to round.
 
     sudo .venv/bin/python bench/tracking_bench.py [--messages 5000] [--requests 40000]
-                                                  [--rounds 3] [--side-by-side 6]
+                                                  [--rounds 3] [--side-by-side 6] [--window 15]
 """
 
 from __future__ import annotations
