@@ -29,19 +29,30 @@ LINE = re.compile(
 # (proxy-accept, proxy-reject) are about the one it last logged "connect from".
 _CONNECT = re.compile(r"^connect from [^\[]*\[(?P<ip>[^\]]+)\]")
 _QUEUE_ID = r"(?P<qid>[0-9A-Za-z]{5,32})"
-_CLIENT = re.compile(rf"^{_QUEUE_ID}: client=[^\[]*\[(?P<ip>[^\]]+)\]")
+CLIENT = re.compile(rf"^{_QUEUE_ID}: client=[^\[]*\[(?P<ip>[^\]]+)\]")
 _MESSAGE_ID = re.compile(rf"^{_QUEUE_ID}: message-id=(?P<mid>.*)$")
 _QUEUED = re.compile(rf"^{_QUEUE_ID}: from=<(?P<sender>[^>]*)>, size=\d+, nrcpt=\d+")
-_STATUS = re.compile(
+STATUS = re.compile(
     rf"^{_QUEUE_ID}: to=<(?P<to>[^>]*)>,(?: orig_to=<[^>]*>,)? relay=(?P<relay>[^,]*), "
     r".*?status=(?P<status>\w+) \((?P<reply>.*)\)$")
 # An SMTP refusal: "<stage> from host[ip]: CODE ...; from=<s> to=<r> proto=... helo=<h>"
-_REJECT = re.compile(
+REJECT = re.compile(
     rf"^(?:NOQUEUE|{_QUEUE_ID}): (?:milter-)?reject: \w+ from [^\[]*\[(?P<ip>[^\]]+)\]"
     r"(?::\d+)?: (?P<reply>[45]\d\d .*?); from=<(?P<sender>[^>]*)>(?: to=<(?P<to>[^>]*)>)?")
-_PROXY = re.compile(
+PROXY = re.compile(
     rf"^(?:NOQUEUE|{_QUEUE_ID}): proxy-(?P<kind>accept|reject): [\w-]+: (?P<reply>.*?); "
     r"from=<(?P<sender>[^>]*)>(?: to=<(?P<to>[^>]*)>)?")
+
+
+def refusal_code(text: str) -> str | None:
+    """The reply code of an smtpd refusal (reject, milter-reject, proxy-reject), or None:
+    the Postfix exporter's count of refusals reads the lines the events are made from."""
+    found = REJECT.match(text) or PROXY.match(text)
+    if found is None or found.groupdict().get("kind") == "accept":
+        return None
+    return str(found["reply"][:3])
+
+
 STATUS_OUTCOMES = {"sent": "delivered", "bounced": "bounced", "deferred": "deferred",
                    "expired": "expired"}
 REMEMBERED = 10_000  # queue ids whose client and Message-ID are kept for their later lines
@@ -74,7 +85,7 @@ class PostfixEvents:
             self._connected[found["pid"]] = connect["ip"]
             if len(self._connected) > REMEMBERED:
                 self._connected.pop(next(iter(self._connected)))
-        elif client := _CLIENT.match(text):
+        elif client := CLIENT.match(text):
             self._about(client["qid"])["client"] = client["ip"]
         elif mid := _MESSAGE_ID.match(text):
             self._about(mid["qid"])["message_id"] = tracking.message_id_value(mid["mid"])
@@ -84,7 +95,7 @@ class PostfixEvents:
                 return None  # back from the deferred queue: accepted once
             about["queued"], about["sender"] = "1", queued["sender"]
             return self._event("accepted", "queued", queued["qid"], sender=queued["sender"])
-        elif status := _STATUS.match(text):
+        elif status := STATUS.match(text):
             to_filter = status["relay"].startswith(self.filter_relay)
             outcome = STATUS_OUTCOMES.get(status["status"], "deferred")
             if to_filter and outcome == "delivered":
@@ -93,14 +104,14 @@ class PostfixEvents:
             return self._event(outcome, f"relay={status['relay']}: {reply}", status["qid"],
                                recipients=(status["to"],),
                                next_queue_id=tracking.queued_as(reply) if to_filter else "")
-        elif reject := _REJECT.match(text):
+        elif reject := REJECT.match(text):
             reply = reject["reply"]
             outcome = ("refused" if reply.startswith("5") else
                        "greylisted" if "greylist" in reply.lower() else "deferred")
             return self._event(outcome, reply, reject["qid"] or "", client=reject["ip"],
                                sender=reject["sender"],
                                recipients=(reject["to"],) if reject["to"] else ())
-        elif proxy := _PROXY.match(text):
+        elif proxy := PROXY.match(text):
             reply = proxy["reply"]
             accepted = proxy["kind"] == "accept" and reply.startswith("2")
             outcome = "accepted" if accepted else (

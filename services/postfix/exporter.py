@@ -37,7 +37,7 @@ from secumail import tracking
 from secumail.logs import log_event
 from secumail.netaddr import Network
 from secumail.settings import Settings
-from services.postfix.events import LINE, PostfixEvents
+from services.postfix.events import CLIENT, LINE, STATUS, PostfixEvents, refusal_code
 
 log = logging.getLogger("secumail.postfix")
 
@@ -49,11 +49,6 @@ TOKEN = re.compile(r"^[0-9a-f]{32}$")
 STALE_CANARY = 86400.0  # a canary nobody collected (the gateway restarted mid-probe)
 NOBODY = 65534
 
-_STATUS = re.compile(r"^\w+: to=<.*?, relay=(?P<relay>[^,]*), .*?status=(?P<status>\w+)")
-_CLIENT = re.compile(r"^\w+: client=[^\[]*\[(?P<ip>[^\]]+)\]")
-_REJECT = re.compile(r"^(?:NOQUEUE|\w+): reject: \w+ from .*?: (?P<code>[45]\d\d) ")
-# Before-queue mode: a refusal by the filters, passed to the client by the proxying smtpd.
-_PROXY_REJECT = re.compile(r"^(?:NOQUEUE|\w+): proxy-reject: [\w-]+: (?P<code>[45]\d\d) ")
 
 
 class LogStats:
@@ -87,13 +82,13 @@ class LogStats:
             return
         daemon, text = found.group("daemon"), found.group("text")
         if daemon in ("smtpd", "postscreen"):
-            if client := _CLIENT.match(text):
+            if client := CLIENT.match(text):
                 self.received.labels(self._source(client.group("ip"))).inc()
-            elif reject := _REJECT.match(text) or _PROXY_REJECT.match(text):
-                self.rejects.labels(reject.group("code")).inc()
+            elif code := refusal_code(text):  # before-queue, the filters' too (proxy-reject)
+                self.rejects.labels(code).inc()
         elif daemon == "pickup" and " uid=" in text:
             self.received.labels("local").inc()
-        elif status := _STATUS.match(text):
+        elif status := STATUS.match(text):
             # A refused connection says relay=none, then "(connect to clamav[...]: ...)".
             to_filter = status.group("relay").startswith(self.filter_relay) or (
                 f"connect to {self.filter_relay}" in text
