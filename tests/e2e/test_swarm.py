@@ -58,6 +58,18 @@ def swarm_state() -> str:
     return run("docker", "info", "--format", "{{.Swarm.LocalNodeState}}").stdout.strip()
 
 
+def gateway_bridge() -> str:
+    """`docker network inspect docker_gwbridge`. The engine makes that network a moment
+    after `docker swarm init` returns, the first time this machine joins a swarm (seen in
+    CI on a new machine: not found yet)."""
+    deadline = time.monotonic() + 60
+    while (found := run("docker", "network", "inspect", "docker_gwbridge", check=False)
+           ).returncode != 0:
+        assert time.monotonic() < deadline, f"no docker_gwbridge after 60 s: {found.stderr}"
+        time.sleep(0.5)
+    return found.stdout
+
+
 def tasks(service: str, ended_too: bool = False) -> list[str]:
     """The running containers of one of the stack's services (or every one it had)."""
     return run("docker", "ps", "-aq" if ended_too else "-q", "--filter",
@@ -249,7 +261,7 @@ def swarm(swarm_node: bool) -> Iterator[Swarm]:
     dns = None
     try:
         variables = run_blocks([first[:2]], ours, ROOT, rewrite, env)  # init, labels
-        gwbridge = json.loads(run("docker", "network", "inspect", "docker_gwbridge").stdout)
+        gwbridge = json.loads(gateway_bridge())
         bridge_ip = gwbridge[0]["IPAM"]["Config"][0]["Gateway"]
         dns = client_dns(bridge_ip)
         env["SECUMAIL_SWARM_DNS"] = bridge_ip
