@@ -98,8 +98,7 @@ def measured(pid: int, watcher: multiprocessing.Process | None, count: int,
 
 
 def filter_round(clamd_port: int, sink_port: int, on: bool, messages: int) -> Round:
-    hop = filter_hop(clamd_port, sink_port, on)
-    port = int(hop.env["SECUMAIL_CLAMAV_LISTEN"].rsplit(":", 1)[1])
+    hop, port = filter_hop(clamd_port, sink_port, on)
     watcher = collector(f"127.0.0.1:{hop.metrics_port}") if on else None
     try:
         smtp_source(port, 300, 20, 2048)  # warm up
@@ -194,13 +193,14 @@ def side_by_side_round(stream: list[bytes], on_first: bool) -> SideBySide:
     return SideBySide(rates[True], rates[False], (shares[True], shares[False]))
 
 
-def filter_hop(clamd_port: int, sink_port: int, on: bool) -> Any:
-    """One clamav filter hop to the sink, tracking on or off, with its metrics listener."""
+def filter_hop(clamd_port: int, sink_port: int, on: bool) -> tuple[Any, int]:
+    """One clamav filter hop to the sink, tracking on or off, with its metrics listener;
+    and the port it listens on."""
     port, metrics = free_port(), f"127.0.0.1:{free_port()}"
     return start_service("secumail-clamav", service_env(
         clamav_listen=f"127.0.0.1:{port}", clamav_next_hop=f"127.0.0.1:{sink_port}",
         clamd_address=f"127.0.0.1:{clamd_port}", log_level="WARNING", metrics_listen=metrics,
-        tracking="true" if on else "false"), "SECUMAIL_CLAMAV_LISTEN")
+        tracking="true" if on else "false"), "SECUMAIL_CLAMAV_LISTEN"), port
 
 
 def messages_relayed(metrics_port: int) -> float:
@@ -215,21 +215,22 @@ def filter_side_by_side_round(clamd_port: int, sink_port: int, on_first: bool,
     core, their smtp-sources, the sink, the stand-in clamd and the collector on the other.
     The rates are each hop's messages counted (its metrics) over `seconds` while both
     sources are sending, from 3 s after they started."""
-    hops = {on: filter_hop(clamd_port, sink_port, on)
-            for on in ((True, False) if on_first else (False, True))}
+    started_hops = {on: filter_hop(clamd_port, sink_port, on)
+                    for on in ((True, False) if on_first else (False, True))}
+    hops = {on: hop for on, (hop, _) in started_hops.items()}
     for hop in hops.values():
         os.sched_setaffinity(hop.proc.pid, {SERVICE_CORE})
     watcher = collector(f"127.0.0.1:{hops[True].metrics_port}")
     os.sched_setaffinity(watcher.pid or 0, {CLIENT_CORE})
     sources = []
     try:
-        for hop in hops.values():
-            smtp_source(int(hop.env["SECUMAIL_CLAMAV_LISTEN"].rsplit(":", 1)[1]), 300, 20, 2048)
-        for hop in hops.values():
+        for _, port in started_hops.values():
+            smtp_source(port, 300, 20, 2048)  # warm up
+        for _, port in started_hops.values():
             sources.append(subprocess.Popen(
                 ["taskset", "-c", str(CLIENT_CORE), "smtp-source", "-s", "20", "-m", "10000000",
                  "-l", "2048", "-f", "bench@secumail.test", "-t", "sink@secumail.test",
-                 hop.env["SECUMAIL_CLAMAV_LISTEN"]], stdout=subprocess.DEVNULL))
+                 f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL))
         time.sleep(3)
         before = {on: (messages_relayed(hop.metrics_port), cpu_seconds(hop.proc.pid))
                   for on, hop in hops.items()}

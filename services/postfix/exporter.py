@@ -50,7 +50,6 @@ STALE_CANARY = 86400.0  # a canary nobody collected (the gateway restarted mid-p
 NOBODY = 65534
 
 
-
 class LogStats:
     """Counters fed with Postfix's log lines. Label values come from small sets: daemon
     names, delivery statuses, SMTP reply codes."""
