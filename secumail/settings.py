@@ -183,8 +183,10 @@ class Settings(BaseSettings):
     attachment_block: CommaList = []  # extensions refused on top of the default list
     attachment_allow: CommaList = []  # extensions or rule names let through
     attachment_max_depth: int = Field(3, ge=1, le=20)  # archives inside archives
-    attachment_max_expanded: int = Field(100 * 1024 * 1024, ge=1024)  # bytes, all archives
+    attachment_max_expanded: int = Field(100 * 1024 * 1024, ge=1024)  # bytes read in all
     attachment_max_parts: int = Field(1000, ge=10)  # MIME parts; archive members
+    attachment_max_member: int = Field(16 * 1024 * 1024, ge=64 * 1024)  # held at once
+    attachment_max_seconds: float = Field(10.0, gt=0, le=600)  # CPU seconds a message
 
     spamd_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:10026")
     spamd_next_hop: Annotated[HostPort, NoDecode] = parse_host_port("postfix:10027")

@@ -30,9 +30,11 @@ from secumail.mime import MimeTooComplex, Part, decode_body, transfer_encoding, 
 from services.clamav.archives import (
     HEAD,
     OLE_MAGIC,
+    ZIP_TAIL,
     ArchiveTrouble,
     Budget,
-    is_archive,
+    BudgetSpent,
+    claims_archive,
     members,
 )
 
@@ -66,16 +68,22 @@ class AttachmentPolicy:
     blocked: frozenset[str]  # extensions, lower case, no dot
     allowed_rules: frozenset[str]
     max_depth: int  # archives inside archives
-    max_expanded: int  # bytes expanded from a message's archives, in all
+    max_expanded: int  # bytes read from a message's parts and archives, in all
     max_parts: int  # MIME parts of a message; members of its archives
+    max_member: int = 16 * 2**20  # bytes of archive members held at once to look inside
+    max_seconds: float = 10.0  # CPU seconds to check one message
 
     @classmethod
     def from_lists(cls, block: list[str], allow: list[str], max_depth: int,
-                   max_expanded: int, max_parts: int) -> AttachmentPolicy:
+                   max_expanded: int, max_parts: int, max_member: int = 16 * 2**20,
+                   max_seconds: float = 10.0) -> AttachmentPolicy:
         allowed = {item.lower().lstrip(".") for item in allow}
         blocked = (DEFAULT_BLOCKED | {item.lower().lstrip(".") for item in block}) - allowed
         return cls(frozenset(blocked), frozenset(allowed & set(RULES)), max_depth,
-                   max_expanded, max_parts)
+                   max_expanded, max_parts, max_member, max_seconds)
+
+    def budget(self) -> Budget:
+        return Budget(self.max_expanded, self.max_parts, self.max_member, self.max_seconds)
 
 
 @dataclass(frozen=True)
@@ -109,7 +117,7 @@ def name_rule(name: str, blocked: frozenset[str]) -> str | None:
     return "blocked-extension"
 
 
-def content_rule(head: bytes) -> str | None:
+def content_rule(head: bytes | bytearray) -> str | None:
     """The rule a file's first bytes break, if any (`head` whole for OLE files)."""
     if head.startswith(_EXECUTABLE_MAGIC):
         return "executable-content"
@@ -121,16 +129,23 @@ def content_rule(head: bytes) -> str | None:
 
 
 def check(message: bytes, policy: AttachmentPolicy) -> list[Finding]:
-    """Every rule the message's attachments break, that the policy does not allow."""
+    """Every rule the message's attachments break, that the policy does not allow. A
+    message that costs more than its budget is one finding for the message as a whole
+    (refused or quarantined, never stripped: what follows was not checked)."""
     findings: list[Finding] = []
-    budget = Budget(policy.max_expanded, policy.max_parts)
+    budget = policy.budget()
     try:
         parts = list(walk(message, policy.max_parts))
     except MimeTooComplex as error:
         return _allowed([Finding("mime-too-complex", str(error), None)], policy)
-    for part in parts:
-        findings.extend(_check_part(message, part, policy, budget))
-    return _allowed(findings, policy)
+    try:
+        for part in parts:
+            findings.extend(_check_part(message, part, policy, budget))
+    except BudgetSpent as spent:
+        findings.append(Finding(spent.rule, str(spent), None))
+    # One name read two ways is one finding.
+    unique = {(f.rule, f.path, f.part and f.part.start): f for f in findings}
+    return _allowed(list(unique.values()), policy)
 
 
 def _allowed(findings: list[Finding], policy: AttachmentPolicy) -> list[Finding]:
@@ -139,11 +154,11 @@ def _allowed(findings: list[Finding], policy: AttachmentPolicy) -> list[Finding]
 
 def _check_part(message: bytes, part: Part, policy: AttachmentPolicy,
                 budget: Budget) -> list[Finding]:
-    name = part.filename
-    findings = []
-    if name and (rule := name_rule(name, policy.blocked)):
-        findings.append(Finding(rule, name, part))
-    if part.content_type.startswith("text/") and not name:
+    names = part.filenames
+    label = part.filename or (names[0] if names else part.content_type)
+    findings = [Finding(rule, name, part) for name in names
+                if (rule := name_rule(name, policy.blocked))]
+    if part.content_type.startswith("text/") and not names:
         # Old clients put files in the text itself (uuencode): their names are checked, in
         # the message itself when the text is not encoded (no copy of a big body).
         if transfer_encoding(part):
@@ -154,32 +169,45 @@ def _check_part(message: bytes, part: Part, policy: AttachmentPolicy,
             encoded_name = found.group(1).decode("latin-1").strip()
             if rule := name_rule(encoded_name, policy.blocked):
                 findings.append(Finding(rule, encoded_name, part))
-        return findings
-    head = decode_body(message, part, HEAD)
-    if is_archive(head) or head.startswith(OLE_MAGIC):
-        head = decode_body(message, part)  # the whole file: archives and OLE are read in full
-    findings.extend(_check_file(head, name or part.content_type, part, policy, budget, 0))
+    # Every part's content, whatever its type and name say: a program, or an archive
+    # libarchive can open (what a user's archive tool would open).
+    if transfer_encoding(part):
+        data, start, end = decode_body(message, part), 0, None
+    else:  # read in place: a big text is not copied
+        data, start, end = message, part.body_start, part.end
+    budget.charge((end or len(data)) - start, label)
+    findings.extend(_check_file(data, label, names, part, policy, budget, 0, start, end))
     return findings
 
 
-def _check_file(data: bytes, path: str, part: Part, policy: AttachmentPolicy,
-                budget: Budget, depth: int) -> list[Finding]:
-    if rule := content_rule(data):
-        return [Finding(rule, path, part)]
-    if not is_archive(data):
-        return []
-    if depth >= policy.max_depth:
-        return [Finding("archive-bomb", f"{path}: archives nested deeper than "
-                        f"{policy.max_depth}", part)]
+def _check_file(data: bytes | bytearray, path: str, names: tuple[str, ...], part: Part,
+                policy: AttachmentPolicy, budget: Budget, depth: int, start: int = 0,
+                end: int | None = None) -> list[Finding]:
+    """The rules `data[start:end]` breaks: by its content, and inside it if it opens as an
+    archive."""
+    end = len(data) if end is None else end
+    head = data[start:min(end, start + HEAD)]
+    if rule := content_rule(data[start:end] if head.startswith(OLE_MAGIC) else head):
+        return [Finding(rule, path, part)]  # OLE files are read whole: macros hide anywhere
     findings = []
+    claimed = claims_archive(head, data[max(start, end - ZIP_TAIL):end], names)
     try:
-        for member in members(data, budget):
+        for member in members(data, budget, claimed, path, start, end):
+            if depth >= policy.max_depth:
+                raise ArchiveTrouble("archive-bomb",
+                                     f"archives nested deeper than {policy.max_depth}")
             inner = f"{path} > {member.name}"
             if member.name.lower().endswith("vbaproject.bin"):  # OOXML with macros
                 findings.append(Finding("office-macro", path, part))
             elif rule := name_rule(member.name, policy.blocked):
                 findings.append(Finding(rule, inner, part))
-            findings.extend(_check_file(member.head, inner, part, policy, budget, depth + 1))
+            if member.whole:
+                findings.extend(_check_file(member.content, inner, (member.name,), part,
+                                            policy, budget, depth + 1))
+            elif rule := content_rule(member.content):
+                findings.append(Finding(rule, inner, part))
+    except BudgetSpent:
+        raise
     except ArchiveTrouble as trouble:
         findings.append(Finding(trouble.rule, f"{path}: {trouble}", part))
     return findings

@@ -28,7 +28,8 @@ ATTACHMENT_FINDINGS = Counter(
 def attachment_policy(settings: Settings) -> attachments.AttachmentPolicy:
     return attachments.AttachmentPolicy.from_lists(
         settings.attachment_block, settings.attachment_allow, settings.attachment_max_depth,
-        settings.attachment_max_expanded, settings.attachment_max_parts)
+        settings.attachment_max_expanded, settings.attachment_max_parts,
+        settings.attachment_max_member, settings.attachment_max_seconds)
 
 
 def make_filter(settings: Settings) -> FilterService:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import smtplib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,5 +71,46 @@ def test_a_big_message_costs_a_small_multiple_of_its_size(
         print(f"clamav filter, 10 MB of {shape}: peak RSS {before} KiB before, "
               f"+{added} KiB ({added * 1024 / SIZE:.2f}x the message)")
         assert added * 1024 <= 3 * SIZE, (shape, before, added)
+    finally:
+        daemon.stop()
+
+
+def test_four_archive_bombs_at_once_stay_small_and_the_next_mail_passes(
+    clamd: Clamd, smtp_sink: int, tmp_path: Path
+) -> None:
+    """Issue 30: four messages of a few hundred bytes (bzip2 streams expanding to 200 MiB
+    behind ARJ's magic) took the filter to about 750 MiB. Target: under 300 MiB."""
+    bomb = mail.with_part("Content-Type: application/octet-stream\n"
+                          "Content-Disposition: attachment; filename=data.bz2",
+                          mail.bzip2_bomb())
+    port = free_port()
+    daemon = start_service("secumail-clamav", service_env(
+        clamav_listen=f"127.0.0.1:{port}", clamav_next_hop=f"127.0.0.1:{smtp_sink}",
+        clamd_address=clamd.address, quarantine_dir=str(tmp_path / "q"),
+    ), "SECUMAIL_CLAMAV_LISTEN")
+    answers: list[tuple[int, bytes]] = []
+
+    def send_bomb() -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=300) as smtp:
+            try:
+                smtp.sendmail("alice@secumail.test", ["bob@secumail.test"], bomb)
+                answers.append((250, b""))
+            except smtplib.SMTPDataError as error:
+                answers.append((error.smtp_code, error.smtp_error))
+
+    try:
+        senders = [threading.Thread(target=send_bomb) for _ in range(4)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        peak = peak_kib(daemon.proc.pid)
+        print(f"clamav filter, 4 archive bombs at once: peak RSS {peak} KiB; {answers}")
+        assert [code for code, _ in answers] == [554] * 4, answers
+        assert all(b"archive-bomb" in text for _, text in answers), answers
+        assert peak < 300 * 1024, peak
+        with smtplib.SMTP("127.0.0.1", port, timeout=120) as smtp:
+            assert smtp.sendmail("alice@secumail.test", ["bob@secumail.test"],
+                                 mail.plain()) == {}
     finally:
         daemon.stop()

@@ -455,6 +455,32 @@ def test_dangerous_attachments_are_refused_or_stripped_and_say_which_rule(
     assert b"MZ" not in delivered.as_bytes()
 
 
+def test_ways_around_the_attachment_rules_are_closed(chain: StartChain, sink: SmtpSink) -> None:
+    """Issue 30: each of these carried a program through the real filter before the fix."""
+    program = [("invoice.pdf.exe", mail.PROGRAM)]
+    attacks = {
+        "zip after junk": mail.attaching([("scan.dat", b"junk" * 500 + mail.zipped(program))]),
+        "v7 tar": mail.attaching([("scan.dat", mail.zipped(program, "v7tar"))]),
+        "cpio": mail.attaching([("scan.dat", mail.zipped(program, "cpio_newc"))]),
+        "tar.zst": mail.attaching([("scan.dat", mail.zipped(program, "ustar",
+                                                           filter_name="zstd"))]),
+        "unquoted encoded word": mail.with_part(
+            "Content-Type: text/plain\nContent-Disposition: attachment; "
+            "filename==?utf-8?Q?setup=2Eexe?=", b"harmless"),
+        "name beside filename": mail.with_part(
+            "Content-Type: application/pdf; name=setup.exe\n"
+            "Content-Disposition: attachment; filename=report.pdf", b"%PDF-1.4"),
+    }
+    filters = chain(attachment_action="reject")
+    for attack, message in attacks.items():
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            filters.send(message)
+        assert refused.value.smtp_code == 554, attack
+        assert b"attachment not allowed" in refused.value.smtp_error, attack
+    filters.send(mail.plain())
+    assert len(sink.wait_for(1)) == 1
+
+
 def test_a_virus_is_named_a_virus_even_with_a_banned_name(
     chain: StartChain, sink: SmtpSink
 ) -> None:

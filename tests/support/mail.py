@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import bz2
+import functools
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
@@ -67,8 +70,10 @@ PROGRAM = b"MZ\x90\x00\x03\x00\x00\x00" + b"\x00" * 120 + b"PE\x00\x00"
 
 
 def zipped(files: list[tuple[str, bytes]], archive_format: str = "zip",
-           options: str = "", passphrase: str | None = None) -> bytes:
-    """An archive (zip, 7zip, ustar...) holding the files, made by libarchive."""
+           options: str = "", passphrase: str | None = None,
+           filter_name: str | None = None) -> bytes:
+    """An archive (zip, 7zip, ustar, v7tar, cpio_newc...) holding the files, made by
+    libarchive, compressed by `filter_name` (zstd, gzip...) if given."""
     import libarchive
 
     chunks: list[bytes] = []
@@ -77,8 +82,8 @@ def zipped(files: list[tuple[str, bytes]], archive_format: str = "zip",
         chunks.append(bytes(data))
         return len(data)
 
-    with libarchive.custom_writer(write, archive_format, options=options,
-                                  passphrase=passphrase) as archive:
+    with libarchive.custom_writer(write, archive_format, filter_name=filter_name,
+                                  options=options, passphrase=passphrase) as archive:
         for name, content in files:
             archive.add_file_from_memory(name, len(content), content)
     return b"".join(chunks)
@@ -100,3 +105,24 @@ def rar4(name: str, content: bytes, encrypted: bool = False) -> bytes:
                          0x5A000000, 20, 0x30, len(encoded), 0x20) + encoded
     return (b"Rar!\x1a\x07\x00" + block(0x73, 0, b"\x00" * 6) + block(0x74, flags, header)
             + content + bytes.fromhex("c43d7b00400700"))
+
+
+@functools.cache
+def bzip2_bomb(size: int = 200 * 2**20) -> bytes:
+    """A few hundred bytes of bzip2 that expand to `size` bytes starting with ARJ's magic
+    (issue 30: the filter read such a stream whole, never charging its bytes)."""
+    return bz2.compress(b"\x60\xea" + bytes(size), 9)
+
+
+def with_part(headers: str, body: bytes) -> bytes:
+    """A message with a text part, then one part with exactly these header lines (CRLF
+    added) and this body (encoded in base64 unless the headers say otherwise)."""
+    if "content-transfer-encoding" not in headers.lower():
+        headers += "\nContent-Transfer-Encoding: base64"
+        body = base64.encodebytes(body)
+    part = headers.replace("\n", "\r\n").encode("utf-8") + b"\r\n\r\n" + \
+        body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return (b"From: alice@secumail.test\r\nTo: bob@secumail.test\r\nSubject: a part\r\n"
+            b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=XX\r\n\r\n"
+            b"--XX\r\nContent-Type: text/plain\r\n\r\nSee the attachment.\r\n"
+            b"--XX\r\n" + part + b"\r\n--XX--\r\n")

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import base64
 import email
+import os
 import tracemalloc
 from email import policy as email_policy
 
 import pytest
 
 from secumail.mime import decode_body, walk
+from services.clamav.archives import HEAD, Budget
 from services.clamav.attachments import (
     AttachmentPolicy,
     Finding,
@@ -20,7 +22,15 @@ from services.clamav.attachments import (
     strip,
 )
 from services.clamav.verdict import attachment_verdict
-from tests.support.mail import PROGRAM, attaching, rar4, with_attachment, zipped
+from tests.support.mail import (
+    PROGRAM,
+    attaching,
+    bzip2_bomb,
+    rar4,
+    with_attachment,
+    with_part,
+    zipped,
+)
 
 POLICY = AttachmentPolicy.from_lists([], [], max_depth=3, max_expanded=10 * 2**20,
                                      max_parts=1000)
@@ -265,3 +275,105 @@ def test_decode_body_limit() -> None:
     [_, part] = list(walk(message))
     assert decode_body(message, part, 1000) == b"\x01" * 1000
     assert decode_body(message, part) == b"\x01" * 100000
+
+
+# --- issue 30: ways around the rules, each one walked through before the fix -------------------
+
+DEFAULTS = AttachmentPolicy.from_lists([], [], max_depth=3, max_expanded=100 * 2**20,
+                                       max_parts=1000)
+EXE = [("invoice.pdf.exe", PROGRAM)]
+
+
+def test_a_compressed_stream_is_charged_for_every_byte_it_expands_to() -> None:
+    """190 bytes of bzip2 expanding to 200 MiB that start with ARJ's magic: read whole,
+    uncharged (about 215 MiB for one message) before; now the budget stops it, and the
+    room to hold members bounds the memory."""
+    message = with_part("Content-Type: application/octet-stream\n"
+                        "Content-Disposition: attachment; filename=data.bz2", bzip2_bomb())
+    [found] = within(40 * 2**20, rules, message, DEFAULTS)
+    assert found.startswith("archive-bomb: data.bz2 > data: ")
+
+
+def test_many_parts_share_one_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each part got the budget again: a 1,000-part message was minutes of CPU."""
+    bomb = base64.encodebytes(bzip2_bomb(20 * 2**20))
+    parts = b"".join(b"--b\r\nContent-Type: application/x-bzip2\r\n"
+                     b"Content-Transfer-Encoding: base64\r\n\r\n" + bomb for _ in range(200))
+    message = (b"From: a@secumail.test\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+               + parts + b"--b--\r\n")
+    charged: list[int] = []
+    charge = Budget.charge
+    monkeypatch.setattr(Budget, "charge", lambda self, size, where: (
+        charged.append(size), charge(self, size, where))[1])
+    found = check(message, DEFAULTS)
+    assert found[-1].rule == "archive-bomb" and found[-1].part is None  # never stripped
+    assert "expands past the limit" in found[-1].path
+    assert sum(charged) <= DEFAULTS.max_expanded + 2 * HEAD
+
+
+def test_the_checking_thread_has_a_cpu_budget() -> None:
+    policy = AttachmentPolicy.from_lists([], [], 3, 10 * 2**30, 1000, max_seconds=0.05)
+    found = check(attaching([("a.bz2", bzip2_bomb())]), policy)
+    assert [f.rule for f in found] == ["archive-bomb"]
+    assert "more than 0.05 CPU seconds to check" in found[0].path
+
+
+@pytest.mark.parametrize("archive", [
+    b"junk bytes, then a zip\x00" * 100 + zipped(EXE),
+    zipped(EXE, "v7tar"),
+    zipped(EXE, "cpio_newc"),
+    zipped(EXE, "cpio_odc"),
+    zipped(EXE, "ustar", filter_name="zstd"),
+    zipped(EXE, "ustar", filter_name="xz"),
+], ids=["zip-after-junk", "v7-tar", "cpio-newc", "cpio-odc", "tar.zst", "tar.xz"])
+def test_an_archive_is_found_by_libarchive_not_by_its_first_bytes(archive: bytes) -> None:
+    """Each carried invoice.pdf.exe through: none started with a magic the filter knew."""
+    found = rules(attaching([("invoice.dat", archive)]))
+    assert "double-extension: invoice.dat > invoice.pdf.exe" in found
+
+
+def test_an_archive_declared_as_text_without_a_name_is_looked_into() -> None:
+    message = with_part("Content-Type: text/plain", b"junk first\r\n" + zipped(EXE))
+    assert rules(message) == ["double-extension: text/plain > invoice.pdf.exe",
+                              "executable-content: text/plain > invoice.pdf.exe"]
+
+
+def test_an_archive_hidden_after_junk_inside_an_archive_is_looked_into() -> None:
+    inner = b"junk" * 1000 + zipped(EXE)
+    found = rules(attaching([("outer.zip", zipped([("inner.bin", inner)]))]))
+    assert "double-extension: outer.zip > inner.bin > invoice.pdf.exe" in found
+
+
+def test_an_archive_too_big_to_hold_is_refused_not_skipped() -> None:
+    policy = AttachmentPolicy.from_lists([], [], 3, 100 * 2**20, 1000, max_member=2**20)
+    inner = zipped([("big.bin", os.urandom(2 * 2 ** 20)), *EXE], "zip",
+                   options="zip:compression=store")
+    [found] = rules(attaching([("outer.zip", zipped([("inner.bin", inner)]))]), policy)
+    assert found == "archive-bomb: outer.zip: inner.bin: an archive too big to look into"
+
+
+def test_a_file_that_only_resembles_an_archive_passes() -> None:
+    """Detection is libarchive's: binary that no archive tool opens is not refused."""
+    assert rules(attaching([("photo.jpg", b"\xff\xd8\xff\xe0" + bytes(range(256)) * 40),
+                            ("notes.txt", b"PK is not a zip\r\n" * 50)])) == []
+
+
+@pytest.mark.parametrize("headers", [
+    # Unquoted encoded word on a text part: the content check was skipped entirely.
+    "Content-Type: text/plain\nContent-Disposition: attachment; "
+    "filename==?utf-8?Q?setup=2Eexe?=",
+    "Content-Type: application/pdf\nContent-Disposition: attachment; "
+    "filename=\"report.pdf\"; filename*=utf-8''setup%2Eexe",
+    "Content-Type: application/pdf; name=\"setup.exe\"\n"
+    "Content-Disposition: attachment; filename=\"report.pdf\"",
+    "Content-Type: application/pdf\nContent-Disposition: attachment; filename=report.pdf\n"
+    "Content-Disposition: attachment; filename=setup.exe",
+    "Content-Type: application/pdf\nContent-Disposition: attachment; "
+    "filename*0=\"set\"; filename*2=\"up.exe\"",
+    "Content-Type: application/pdf\nContent-Disposition: attachment; "
+    "filename=\"setup.exe\x00.pdf\"",
+], ids=["encoded-word-unquoted", "filename-star", "name-beside-filename",
+        "two-dispositions", "continuation-gap", "nul"])
+def test_every_name_a_part_has_is_checked(headers: str) -> None:
+    found = rules(with_part(headers + "\nContent-Transfer-Encoding: 7bit", b"harmless\r\n"))
+    assert any(f.startswith("blocked-extension: set") for f in found), found
