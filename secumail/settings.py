@@ -211,6 +211,11 @@ class Settings(BaseSettings):
     dkim_idle_timeout: float = Field(600.0, gt=0)
     authserv_id: str = ""  # empty: the hostname
     dmarc_reject: bool = False
+    # Mail from outside (not mynetworks, not authenticated) whose header From is one of our
+    # domains: refused unless signed with our key (services/dkim/own_domain.py).
+    own_domain_from_outside: Literal["reject", "accept"] = "reject"
+    own_domain_allowed_senders: CommaList = []  # addresses, or domains: may all the same
+    own_domain_allowed_networks: Annotated[list[Network], NoDecode] = []  # the same
 
     # --- gateway (8080): health, metrics, chain probe, admin API ---------------------------
     gateway_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:8080")
@@ -244,7 +249,7 @@ class Settings(BaseSettings):
         "greylist_whitelist_clients", "greylist_whitelist_recipients", "dnsbl_zones",
         "greylist_dnswl_zones", "greylist_known_senders", "attachment_block", "attachment_allow",
         "domains", "rbl_zones", "mailboxes", "clamav_allowed_clients", "spamd_allowed_clients",
-        "tracking_readers",
+        "tracking_readers", "own_domain_allowed_senders",
         "gateway_hosts", mode="before",
     )
     @classmethod
@@ -282,7 +287,8 @@ class Settings(BaseSettings):
                     raise ValueError(f"{name}={subnet} and {other}={other_subnet} overlap")
         return self
 
-    @field_validator("mynetworks", "xclient_hosts", mode="before")
+    @field_validator("mynetworks", "xclient_hosts", "own_domain_allowed_networks",
+                     mode="before")
     @classmethod
     def _networks(cls, value: object) -> object:
         items = _split_commas(value)

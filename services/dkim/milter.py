@@ -35,7 +35,7 @@ from secumail.message import check_header_value
 from secumail.netaddr import IPAddress, parse_ip
 from secumail.protocols import milter as mc
 from secumail.settings import Settings
-from services.dkim import auth_results, dmarc, signature
+from services.dkim import auth_results, dmarc, own_domain, signature
 from services.dkim.canonical import RELAXED, BodyHasher, header_value_crlf
 from services.dkim.keys import KeyStore, SigningKey
 
@@ -59,6 +59,7 @@ TOO_BIG = (f"552 5.6.0 Message header block too large (over {MAX_HEADERS} fields
            f"{MAX_HEADER_BYTES} bytes)")
 
 AUTH_RESULTS = b"Authentication-Results"
+WARNING_HEADER = own_domain.WARNING_HEADER.encode()
 FORWARDED_HEADER = FORWARDED_NAME.encode()
 FORWARDED = FORWARDED_HEADER.lower()
 _SIGN_BODY = (RELAXED, "sha256", None)
@@ -92,6 +93,8 @@ class DkimMilter:
         self.spf_check = spf_check if settings.spf_enabled else None
         self.clock = clock
         self.authserv_id = settings.authserv_id or settings.hostname or socket.gethostname()
+        self.allowed_outsiders = own_domain.AllowedOutsiders.from_lists(
+            settings.own_domain_allowed_senders, settings.own_domain_allowed_networks)
         self.on_outcome: Callable[[Outcome], None] | None = None
 
     def session(self, peer: str = "?") -> MilterSession:
@@ -277,7 +280,7 @@ class MilterSession:
             reply, outcome = self._failure(self.mode, f"internal error: {error!r}")
         if outcome.action == "continue":
             # Whatever else happened, no Authentication-Results of ours but our own leaves,
-            # and no X-SecuMail-Client (it was for this milter only).
+            # no X-SecuMail-Client (it was for this milter only), no warning of ours but ours.
             forged = self._forged_auth_results()
             if forged:
                 outcome.fields["removed_forged_auth_results"] = len(forged)
@@ -286,6 +289,10 @@ class MilterSession:
             forwarded = len(self._header_values(FORWARDED))
             removals += [mc.encode_change_header(index, FORWARDED_HEADER, b"")
                          for index in range(forwarded, 0, -1)]
+            if self.mode == "verify":  # our warning is ours only (signed mail keeps its own)
+                warnings = len(self._header_values(WARNING_HEADER.lower()))
+                removals += [mc.encode_change_header(index, WARNING_HEADER, b"")
+                             for index in range(warnings, 0, -1)]
             reply = b"".join(removals) + reply
         outcome.seconds = time.perf_counter() - started
         outcome.fields["ms"] = round(outcome.seconds * 1000, 2)
@@ -368,6 +375,11 @@ class MilterSession:
                     "permerror", reason, info.domain, info.identity, info.selector,
                     info.algorithm, info.b_prefix))
         outcome_dmarc = self._dmarc(from_domain, dmarc_answer, reports, spf)
+        if forged := self._own_domain_forged(from_domain, reports):
+            reply = mc.encode_reply_code(f"550 5.7.1 Message refused: {forged}")
+            return reply, Outcome("verify", "reject", forged, {
+                "dkim": ",".join(f"{r.result}:{r.domain or '?'}" for r in reports) or "none",
+                "from_domain": from_domain})
 
         dkim_temporary = any(r.result == "temperror" for r in reports)
         undecided = outcome_dmarc.result == "temperror" or (
@@ -397,7 +409,25 @@ class MilterSession:
                                                outcome_dmarc)
         header = mc.encode_insert_header(
             0, *self._header_bytes(AUTH_RESULTS, value.encode("utf-8")))
+        claimed = own_domain.display_name_claim(
+            [_text(v) for v in self._header_values(b"from")], self.settings.domains)
+        if claimed:
+            outcome.fields["display_name_claims"] = claimed
+            text = own_domain.warning(claimed, from_domain)
+            header += mc.encode_insert_header(
+                0, *self._header_bytes(WARNING_HEADER, text.encode("utf-8")))
         return header + mc.CONTINUE, outcome
+
+    def _own_domain_forged(self, from_domain: str,
+                           reports: list[auth_results.DkimReport]) -> str | None:
+        """Why this mail from outside may not carry our own domain in its From, if so."""
+        if self.settings.own_domain_from_outside != "reject":
+            return None
+        our_keys = {(key.domain.lower(), key.selector.lower())
+                    for found in self.milter.keys.domains.values() for key in found.keys}
+        return own_domain.forgery(from_domain, self.settings.domains, reports, our_keys,
+                                  self.milter.allowed_outsiders, self.sender,
+                                  self._origin().address)
 
     def _check(self, parsed: signature.ParsedSignature, answer: object,
                hashes: dict[tuple[str, str, int | None], tuple[bytes, int]],

@@ -343,3 +343,24 @@ def test_text_appended_after_an_l_limited_signature_is_no_dmarc_pass(
         refused = refused_data(chain, "bounce@elsewhere.test", appended)
         assert refused.smtp_code == 550
         assert chain.dkim_daemon.logged("dkim=policy:remote.test")
+
+
+def test_our_own_domain_from_outside_is_refused_in_the_session_unless_signed_by_us(
+    tmp_path: Path, dns_server: LoopbackDNS
+) -> None:
+    """Issue 30: `From: CEO <ceo@secumail.test>` from a client on the Internet was delivered
+    as if the CEO wrote it (the envelope check covers MAIL FROM only)."""
+    for chain in start_chain(tmp_path, dns_server, domains="secumail.test"):
+        ceo = OUTBOUND.replace(b"Alice <alice@secumail.test>", b"CEO <ceo@secumail.test>")
+        refusal = refused_data(chain, "billing@elsewhere.test", ceo)
+        assert refusal.smtp_code == 550
+        assert refusal.smtp_error == (b"5.7.1 Message refused: From secumail.test: your own "
+                                      b"domain from outside, not signed with its key")
+        assert chain.dkim_daemon.logged("action=reject")
+        # Our own mail, signed on its way out, coming back through a forwarder: delivered.
+        send(chain.postfix.port, "alice@secumail.test", "bob@remote.test", OUTBOUND)
+        _, signed = delivered(chain, 1)
+        send(chain.postfix.port, "fwd@remote.test", "bob@secumail.test", signed,
+             client=REMOTE_CLIENT)
+        message, _ = delivered(chain, 2)
+        assert "dkim=pass" in message["Authentication-Results"]

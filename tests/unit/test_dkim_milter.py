@@ -51,6 +51,7 @@ class Harness:
         self.dns = FakeDns()
         self.spf = FakeSpf()
         self.keys_dir = tmp_path / "keys"
+        overrides.setdefault("domains", ["secumail.test"])  # example.org is elsewhere here
         self.settings = Settings(hostname=HOST, dkim_keys_dir=str(self.keys_dir),
                                  **overrides)  # type: ignore[arg-type]
         self.outcomes: list[Outcome] = []
@@ -418,3 +419,77 @@ def test_sender_text_quoted_in_results_cannot_start_a_header(harness: Harness) -
     value = authentication_results(replies)
     assert "dkim=permerror" in value
     assert "\r" not in value and "\nBcc" not in value
+
+
+# --- issue 30: our own domain in the From of mail from outside (CEO fraud) ----------------------
+
+CEO = MESSAGE.replace(b"Alice <alice@example.org>", b"CEO <ceo@secumail.test>")
+
+
+def reply_text(replies: list[mc.Reply]) -> str:
+    [refusal] = [r for r in replies if r.code == "y"]
+    return refusal.data.rstrip(b"\0").decode()
+
+
+@pytest.mark.parametrize("dmarc_record", [None, "v=DMARC1; p=none", "v=DMARC1; p=reject"])
+def test_our_domain_from_outside_is_refused_whatever_its_dmarc_record(
+    harness: Harness, dmarc_record: str | None
+) -> None:
+    """It was delivered as if the CEO wrote it (p=reject too: SECUMAIL_DMARC_REJECT is off)."""
+    if dmarc_record:
+        harness.dns.records["_dmarc.secumail.test"] = [dmarc_record]
+    for message in (CEO, CEO.replace(b"ceo@secumail.test", b"ceo@hr.Secumail.test")):
+        replies, _ = harness.send(message)
+        assert reply_text(replies).startswith("550 5.7.1 Message refused: From ")
+        assert "your own domain from outside, not signed with its key" in reply_text(replies)
+    assert harness.outcomes[-1].action == "reject"
+
+
+def test_our_own_signed_mail_coming_back_passes(harness: Harness) -> None:
+    harness.add_key("secumail.test", "s1")
+    replies, _ = harness.send(CEO, client="127.0.0.1")  # signed on its way out
+    signed = apply(CEO, replies)
+    replies, _ = harness.send(signed)  # back from a forwarder
+    assert "dkim=pass" in authentication_results(replies)
+    assert [r.code for r in replies] == ["i", "c"]
+
+
+def test_a_signature_of_another_domain_or_key_does_not_make_it_ours(harness: Harness) -> None:
+    other = signed_elsewhere(harness, "evil.test")  # From example.org, signed d=evil.test
+    forged = other.replace(b"alice@example.org", b"ceo@secumail.test")
+    replies, _ = harness.send(forged)
+    assert "your own domain from outside" in reply_text(replies)
+    # Our domain's name, a key that is not one of ours (published by someone, not active here).
+    harness.add_key("secumail.test", "old")
+    replies, _ = harness.send(CEO, client="127.0.0.1")
+    signed = apply(CEO, replies)
+    (harness.keys_dir / "secumail.test" / "active").unlink()
+    harness.milter.keys.refresh(force=True)
+    replies, _ = harness.send(signed)
+    assert "your own domain from outside" in reply_text(replies)
+
+
+def test_mynetworks_authenticated_allowed_or_accepting_sites_are_not_refused(
+    tmp_path: Path
+) -> None:
+    harness = Harness(tmp_path / "a")
+    assert [r.code for r in harness.send(CEO, client="127.0.0.1")[0]] == ["c"]  # no key
+    assert [r.code for r in harness.send(CEO, auth="alice")[0]] == ["c"]
+    allowed = Harness(tmp_path / "b", own_domain_allowed_networks="203.0.113.0/24")
+    assert [r.code for r in allowed.send(CEO)[0]] == ["i", "c"]
+    assert [r.code for r in allowed.send(CEO, client="198.51.100.1")[0]] == ["y"]
+    accepting = Harness(tmp_path / "c", own_domain_from_outside="accept")
+    assert [r.code for r in accepting.send(CEO)[0]] == ["i", "c"]
+
+
+def test_a_display_name_showing_our_address_is_tagged(harness: Harness) -> None:
+    forged_tag = b"X-SecuMail-Warning: nothing to see\r\n"
+    message = forged_tag + MESSAGE.replace(
+        b"Alice <alice@example.org>", b'"ceo@secumail.test" <x@example.org>')
+    replies, _ = harness.send(message)
+    delivered = apply(message, replies)
+    assert delivered.count(b"X-SecuMail-Warning:") == 1
+    assert (b"X-SecuMail-Warning: the sender's name shows ceo@secumail.test, an address of "
+            b"this site, but the mail comes from example.org outside it") in delivered
+    replies, _ = harness.send(forged_tag + MESSAGE)  # a plain name: no warning, the forged gone
+    assert b"X-SecuMail-Warning" not in apply(forged_tag + MESSAGE, replies)
