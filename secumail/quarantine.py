@@ -14,6 +14,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -76,19 +77,84 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
+@dataclass(frozen=True)
+class QuarantineLimits:
+    """What the quarantine may hold in all (every filter's and replica's, one volume)."""
+
+    max_bytes: int
+    max_messages: int
+    max_age: float  # seconds: older messages are deleted when the next one is stored
+
+
+class QuarantineFull(Exception):
+    """Storing this message would take the quarantine past its limits."""
+
+
 class Quarantine:
-    def __init__(self, directory: str) -> None:
+    # How long a replica trusts its count of what the volume holds before counting again
+    # (other replicas store meanwhile): a full count reads every file's size.
+    RECOUNT_SECONDS = 10.0
+
+    def __init__(self, directory: str, limits: QuarantineLimits | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.directory = Path(directory)
+        self.limits = limits
+        self.clock = clock
+        self._usage: tuple[int, int] | None = None  # messages, bytes
+        self._counted = float("-inf")
+
+    def usage(self) -> tuple[int, int]:
+        """Messages and bytes held (their .eml files), old messages deleted on the way."""
+        # Ids start with their UTC time: an id before this one is older than max_age.
+        cutoff = "" if self.limits is None else time.strftime(
+            "%Y%m%dT%H%M%S", time.gmtime(self.clock() - self.limits.max_age))
+        messages = size = 0
+        for folder in self._folders():
+            for entry in os.scandir(folder):
+                if not entry.name.endswith(".eml"):
+                    continue
+                if entry.name[:15] < cutoff:
+                    Path(entry.path).unlink(missing_ok=True)
+                    Path(entry.path).with_suffix(".json").unlink(missing_ok=True)
+                    continue
+                try:
+                    size += entry.stat().st_size
+                except FileNotFoundError:
+                    continue  # released or deleted meanwhile
+                messages += 1
+        return messages, size
+
+    def _folders(self) -> list[Path]:
+        try:
+            return [Path(e.path) for e in os.scandir(self.directory)
+                    if e.is_dir() and FILTER_NAME.match(e.name) and e.name != "lost-acks"]
+        except FileNotFoundError:
+            return []
+
+    def _make_room(self, size: int) -> None:
+        assert self.limits is not None
+        now = self.clock()
+        if self._usage is None or now - self._counted >= self.RECOUNT_SECONDS:
+            self._usage, self._counted = self.usage(), now
+        messages, held = self._usage
+        if messages + 1 > self.limits.max_messages or held + size > self.limits.max_bytes:
+            raise QuarantineFull(f"{messages} messages, {held} bytes held (limits "
+                                 f"{self.limits.max_messages}, {self.limits.max_bytes})")
+        self._usage = (messages + 1, held + size)
 
     def store(self, filter_name: str, envelope: Envelope, message: bytes, verdict: str,
               reason: str) -> str:
+        """The new message's id; QuarantineFull when the limits leave no room for it."""
+        if self.limits is not None:
+            self._make_room(len(message))
         folder = self.directory / filter_name
         folder.mkdir(parents=True, exist_ok=True)
-        ident = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:12]
+        now = self.clock()
+        ident = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + "-" + uuid.uuid4().hex[:12]
         record = QuarantineRecord(
             id=ident, filter=filter_name, verdict=verdict, reason=reason,
             mail_from=envelope.mail_from, rcpt_tos=tuple(envelope.rcpt_tos),
-            client=dict(envelope.client), size=len(message), time=time.time(),
+            client=dict(envelope.client), size=len(message), time=now,
         )
         _write_atomically(folder / f"{ident}.eml", message)
         _write_atomically(folder / f"{ident}.json", record.to_json())

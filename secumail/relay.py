@@ -42,7 +42,7 @@ from secumail.protocols.smtp import (
     SmtpUnavailable,
     parameter_problem,
 )
-from secumail.quarantine import Quarantine
+from secumail.quarantine import Quarantine, QuarantineFull
 from secumail.runtime import InFlight
 from secumail.settings import Settings
 
@@ -68,6 +68,12 @@ UNACKNOWLEDGED = Counter(
     ["filter"],
 )
 CONNECTIONS = Gauge("secumail_filter_connections", "Open SMTP connections", ["filter"])
+QUARANTINE_FULL = Counter(
+    "secumail_filter_quarantine_full",
+    "Messages not quarantined for want of room (SECUMAIL_QUARANTINE_MAX_*): refused 452 "
+    "before queue, dropped after queue",
+    ["filter"],
+)
 BACKSCATTER_AVOIDED = Counter(
     "secumail_filter_backscatter_avoided",
     "Refusals turned into quarantine after queueing: a bounce would go to a forged sender",
@@ -528,7 +534,10 @@ class RelayHandler(_HooksListedOnce):
         try:
             if not self.lost_acks.pending():
                 return None
-            earlier = self.lost_acks.take(Answered(message, info.mail_from, info.rcpt_tos).key)
+            answered = Answered(message, info.mail_from, info.rcpt_tos)
+            if not answered.message_id:  # two such messages may well be two (see lost_ack)
+                return None
+            earlier = self.lost_acks.take(answered.key)
         except OSError as error:  # never a reason to refuse mail: scan and pass it on
             log_event(log, "lost-acks unreadable", logging.ERROR, filter=self.name,
                       error=str(error))
@@ -579,6 +588,12 @@ class RelayHandler(_HooksListedOnce):
 
     def lost_ack(self, message: Answered, what: str) -> None:
         UNACKNOWLEDGED.labels(self.name).inc()
+        if not message.message_id:
+            # Without a Message-ID, the same envelope and body a day apart may be two
+            # messages (a daily cron report): the retry is delivered again, never discarded.
+            log_event(log, f"{what}: no Message-ID, its retry will be delivered again",
+                      logging.WARNING, filter=self.name, reply=message.reply[:120])
+            return
         try:
             self.lost_acks.record(message.key, message.reply)
         except OSError as error:
@@ -639,6 +654,15 @@ class RelayHandler(_HooksListedOnce):
                 ident = await asyncio.to_thread(
                     self.quarantine.store, self.name, info, message, verdict.label, verdict.reason
                 )
+            except QuarantineFull as full:
+                QUARANTINE_FULL.labels(self.name).inc()
+                log_event(log, "quarantine full", logging.WARNING, filter=self.name,
+                          held=str(full), verdict=verdict.label)
+                if self.before_queue:  # the client keeps it and retries
+                    return "452 4.3.1 Quarantine full, please try again later"
+                # After queue a 4xx would hold it in Postfix's queue for days, and a
+                # bounce would go to a sender nobody vouches for: dropped, counted.
+                return f"250 2.0.0 Ok: discarded, quarantine full ({verdict.reason})"
             except OSError as error:
                 log_event(log, "quarantine failed", logging.ERROR, error=str(error))
                 return "451 4.3.0 Quarantine unavailable, please try again later"
@@ -704,7 +728,8 @@ def filter_service(
     inspector differ."""
     handler = RelayHandler(
         name, next_hop, inspect, settings.hostname, settings.relay_timeout,
-        Quarantine(settings.quarantine_dir), settings.filter_max_connections,
+        Quarantine(settings.quarantine_dir, settings.quarantine_limits),
+        settings.filter_max_connections,
         AllowedClients(allowed_clients), settings.filter_mode == "before-queue",
         settings.trusted_networks,
     )

@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from secumail.access import split_entries
 from secumail.netaddr import HostPort, IPAddress, Network, parse_host_port, parse_network
+from secumail.quarantine import QuarantineLimits
 
 ENV_PREFIX = "SECUMAIL_"
 # Docker Swarm hands secrets to a container as files here: any setting may come from one,
@@ -168,6 +169,9 @@ class Settings(BaseSettings):
     relay_timeout: float = Field(120.0, gt=0)
     filter_max_connections: int = Field(200, ge=1)
     quarantine_dir: str = "/var/lib/secumail/quarantine"
+    quarantine_max_bytes: int = Field(2 * 1024**3, ge=1024 * 1024)
+    quarantine_max_messages: int = Field(20000, ge=1)
+    quarantine_max_age_days: float = Field(30.0, gt=0)
 
     clamav_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:10025")
     clamav_next_hop: Annotated[HostPort, NoDecode] = parse_host_port("spamd:10026")
@@ -406,6 +410,11 @@ class Settings(BaseSettings):
         """mynetworks, plus the Docker host when SECUMAIL_TRUST_DOCKER_HOST says so."""
         host = self.docker_host_addresses if self.trust_docker_host else []
         return [*self.mynetworks, *host]
+
+    @property
+    def quarantine_limits(self) -> QuarantineLimits:
+        return QuarantineLimits(self.quarantine_max_bytes, self.quarantine_max_messages,
+                                self.quarantine_max_age_days * 86400)
 
     def in_mynetworks(self, ip: IPAddress | None) -> bool:
         return ip is not None and any(ip in net for net in self.trusted_networks)

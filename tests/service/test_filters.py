@@ -66,6 +66,26 @@ def test_eicar_drop_quarantine_and_pass(chain: StartChain, sink: SmtpSink) -> No
     assert message["X-Virus-Infected"].startswith("Eicar-Test-Signature")
 
 
+def test_a_full_quarantine_is_a_452_before_queue_and_a_counted_drop_after(
+    chain: StartChain, sink: SmtpSink
+) -> None:
+    """Issue 30: each quarantined message filled the volume without bound."""
+    kept = chain(virus_action="quarantine", quarantine_max_messages="2")
+    for _ in range(2):
+        assert b"quarantined as " in data_reply(kept.port, mail.eicar())[1]
+    code, reply = data_reply(kept.port, mail.eicar())
+    assert (code, reply) == (452, b"4.3.1 Quarantine full, please try again later")
+    assert kept.clamav.logged("quarantine full")
+    after = chain(virus_action="quarantine", quarantine_max_messages="2",
+                  filter_mode="after-queue")
+    code, reply = data_reply(after.port, mail.eicar())
+    assert code == 250 and reply.startswith(b"2.0.0 Ok: discarded, quarantine full"), reply
+    assert ('secumail_filter_quarantine_full_total{filter="clamav"} 1.0'
+            in scrape(after.clamav.metrics_port))
+    assert len(list((kept.quarantine / "clamav").glob("*.eml"))) == 2
+    assert sink.handler.messages == []
+
+
 def data_reply(port: int, message: bytes) -> tuple[int, bytes]:
     """The answer to the end of DATA, whatever it is."""
     with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
@@ -203,12 +223,12 @@ def raw_session(port: int, payload: bytes) -> bytes:
 
 
 def first_try_then_retry(filters: Chain, sink: SmtpSink, subject: str, recipient: str,
-                         reads_the_reply: bool, wait: float) -> bytes:
+                         reads_the_reply: bool, wait: float, message_id: bool = True) -> bytes:
     """A client sends a message and vanishes `wait` s after its final dot, our reply unread
     (or read); then the same message comes again, as a client that never heard 250 resends
     it. The message, as sent."""
-    message = (f"Subject: {subject}\r\nMessage-ID: <{subject}@secumail.test>\r\n\r\n"
-               "body\r\n").encode()
+    identity = f"Message-ID: <{subject}@secumail.test>\r\n" if message_id else ""
+    message = f"Subject: {subject}\r\n{identity}\r\nbody\r\n".encode()
     sock = socket.create_connection(("127.0.0.1", filters.port), timeout=60)
     sock.sendall(b"EHLO mx.secumail.test\r\nMAIL FROM:<alice@secumail.test>\r\n"
                  b"RCPT TO:<" + recipient.encode() + b">\r\nDATA\r\n")
@@ -249,6 +269,23 @@ def test_a_retry_after_a_lost_250_is_answered_and_not_delivered_again(
         time.sleep(1)
         assert [m["Subject"] for m in sink.wait_for(count)].count(subject) == 1
     assert "message_id=read-250@secumail.test" not in filters.clamav.output()
+
+
+def test_a_message_without_message_id_is_never_discarded_as_a_duplicate(
+    chain: StartChain, sink: SmtpSink
+) -> None:
+    """Issue 30: two messages without Message-ID, same envelope and body, within a day (a
+    daily report) were one: the second was discarded after a lost 250 of the first."""
+    filters = chain()
+    message = first_try_then_retry(filters, sink, "daily-report", "bob@secumail.test",
+                                   False, 1.0, message_id=False)
+    sink.wait_for(1)
+    assert filters.clamav.logged("no Message-ID, its retry will be delivered again",
+                                 timeout=10), filters.clamav.output()[-2000:]
+    with smtplib.SMTP("127.0.0.1", filters.port, timeout=60) as smtp:
+        smtp.sendmail("alice@secumail.test", ["bob@secumail.test"], message)
+    assert [m["Subject"] for m in sink.wait_for(2)] == ["daily-report", "daily-report"]
+    assert not filters.clamav.logged("verdict=duplicate")
 
 
 @pytest.mark.parametrize("smuggled", [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r\n.\r"])
