@@ -77,7 +77,8 @@ def create_app(
         instance=hostname or socket.gethostname(),
         open_store=store or (lambda: open_store(settings.greylist_store,
                                                 settings.greylist_max_age,
-                                                settings.redis_password_file)),
+                                                settings.redis_password_file,
+                                                settings.greylist_retry_window)),
         requests=Counter("secumail_gateway_requests", "Gateway API requests by route and "
                          "status code", ["route", "code"], registry=registry),
         wrong_tokens=WrongTokens(settings.gateway_wrong_tokens,

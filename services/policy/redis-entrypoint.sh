@@ -12,8 +12,13 @@ if [ ! -s "$file" ]; then
     echo "redis: made a password in $file"
 fi
 # The password goes in a config file only this user reads, not on the command line.
+# Memory is bounded (REDIS_MAXMEMORY, 256mb): when full, Redis evicts the keys closest to
+# their expiry first (volatile-ttl): never-passed greylist triplets (they last their retry
+# window) before passed ones and the auto-whitelist (max_age), and never a key without an
+# expiry (the admin's whitelist). If only those are left, writes fail and the policy
+# service defers (451): mail waits, nothing is lost.
 umask 077
 config=$(mktemp)
-printf 'bind 0.0.0.0\nprotected-mode yes\ndir /var/lib/redis\nappendonly yes\nrequirepass %s\n' \
-    "$(cat "$file")" > "$config"
+printf 'bind 0.0.0.0\nprotected-mode yes\ndir %s\nappendonly yes\nmaxmemory %s\nmaxmemory-policy volatile-ttl\nrequirepass %s\n' \
+    "${REDIS_DIR:-/var/lib/redis}" "${REDIS_MAXMEMORY:-256mb}" "$(cat "$file")" > "$config"
 exec redis-server "$config"

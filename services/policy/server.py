@@ -75,7 +75,8 @@ class PolicyService:
     def __init__(self, settings: Settings, store: GreylistStore | None = None) -> None:
         self.settings = settings
         self.store = store or open_store(settings.greylist_store, settings.greylist_max_age,
-                                         settings.redis_password_file)
+                                         settings.redis_password_file,
+                                         settings.greylist_retry_window)
         self.engine = PolicyEngine(
             settings, self.store,
             secumail_dns.make_resolver(settings.dns_servers, settings.dns_timeout),
@@ -100,11 +101,10 @@ class PolicyService:
         await self.store.close()
 
     async def _maintain(self) -> None:
-        """Expire old triplets and publish the store size, once a minute."""
+        """Expire triplets that no longer count and publish the store size, once a minute."""
         while True:
             try:
-                cutoff = time.time() - self.settings.greylist_max_age
-                removed = await self.store.purge(cutoff)
+                removed = await self.store.purge(time.time())
                 GREYLIST_ENTRIES.set(await self.store.count())
                 if removed:
                     log_event(log, "expired greylist entries", removed=removed)

@@ -41,7 +41,9 @@ class GreylistStore(Protocol):
         store may count passes of the same network at once."""
         ...
 
-    async def purge(self, older_than: float) -> int: ...
+    async def purge(self, now: float) -> int:
+        """Forget what no longer counts (see `lifetime`): the number of triplets removed."""
+        ...
 
     async def count(self) -> int: ...
 
@@ -69,8 +71,10 @@ class SqliteStore:
 
     COMMIT_INTERVAL = 0.1
 
-    def __init__(self, path: str, max_age: int = GreylistConfig.max_age) -> None:
+    def __init__(self, path: str, max_age: int = GreylistConfig.max_age,
+                 retry_window: int = GreylistConfig.retry_window) -> None:
         self.max_age = max_age
+        self.retry_window = retry_window
         self._commit_timer: asyncio.TimerHandle | None = None
         if path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -140,10 +144,12 @@ class SqliteStore:
             (network, record.passes, record.last_seen),
         )
 
-    async def purge(self, older_than: float) -> int:
+    async def purge(self, now: float) -> int:
         self._commit()
-        removed = self.db.execute("DELETE FROM triplets WHERE last_seen < ?", (older_than,))
-        self.db.execute("DELETE FROM clients WHERE last_seen < ?", (older_than,))
+        removed = self.db.execute(
+            "DELETE FROM triplets WHERE last_seen < ? OR (passed = 0 AND first_seen < ?)",
+            (now - self.max_age, now - self.retry_window))
+        self.db.execute("DELETE FROM clients WHERE last_seen < ?", (now - self.max_age,))
         return removed.rowcount
 
     async def count(self) -> int:
@@ -219,7 +225,8 @@ class RedisStore:
     """
 
     def __init__(self, url: str, max_age: int, timeout: float = 2.0,
-                 password_file: str = "") -> None:
+                 password_file: str = "",
+                 retry_window: int = GreylistConfig.retry_window) -> None:
         # A password in the URL wins; else the password file's, if there is one.
         credentials = PasswordFile(password_file) if password_file and not urlparse(
             url).password else None
@@ -228,6 +235,7 @@ class RedisStore:
             credential_provider=credentials,
         )
         self.max_age = max_age
+        self.retry_window = retry_window
         self._count_pass = self.redis.register_script(self.COUNT_PASS)
 
     async def lookup(self, network: str, key: str) -> tuple[ClientRecord | None, Triplet | None]:
@@ -247,14 +255,14 @@ class RedisStore:
         }
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(name, mapping=mapping)
-            pipe.expire(name, self.max_age)
+            pipe.expireat(name, int(lifetime(entry, self.max_age, self.retry_window)) + 1)
             await pipe.execute()
 
     async def count_pass(self, network: str, now: float) -> None:
         await self._count_pass(keys=[self.PREFIX + "c:" + network],
                                args=[repr(now), AWL_COUNT_INTERVAL, self.max_age])
 
-    async def purge(self, older_than: float) -> int:
+    async def purge(self, now: float) -> int:
         return 0  # keys carry their own expiry
 
     async def count(self) -> int:
@@ -305,12 +313,23 @@ def _triplet(fields: dict[str, str]) -> Triplet:
     return Triplet(float(fields["first"]), float(fields["last"]), fields["passed"] == "1")
 
 
-def open_store(url: str, max_age: int, redis_password_file: str = "") -> GreylistStore:
+def lifetime(entry: Triplet, max_age: int, retry_window: int) -> float:
+    """Until when a triplet counts: a passed one max_age after it was last seen; one never
+    passed until its retry window closes (a retry after it starts over, check_triplet):
+    keeping it longer only lets a flood of one-off senders fill the store."""
+    if entry.passed:
+        return entry.last_seen + max_age
+    return entry.first_seen + retry_window
+
+
+def open_store(url: str, max_age: int, redis_password_file: str = "",
+               retry_window: int = GreylistConfig.retry_window) -> GreylistStore:
     """`sqlite:///abs/path`, `sqlite://:memory:` or `redis://host:port/db`."""
     if url.startswith(("redis://", "rediss://")):
-        return RedisStore(url, max_age, password_file=redis_password_file)
+        return RedisStore(url, max_age, password_file=redis_password_file,
+                          retry_window=retry_window)
     parsed = urlparse(url)
     path = parsed.netloc + parsed.path if parsed.netloc == ":memory:" else parsed.path
     if not path:
         raise ValueError(f"no path in greylist store URL {url!r}")
-    return SqliteStore(path, max_age)
+    return SqliteStore(path, max_age, retry_window)

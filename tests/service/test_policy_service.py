@@ -214,6 +214,20 @@ def test_redis_store_is_shared_by_replicas(policy: StartPolicy, redis_url: str) 
     assert PolicyClient(port_b).ask(rcpt_request()).startswith("PREPEND X-Greylist: delayed 1")
 
 
+def test_a_never_passed_triplet_lasts_only_its_retry_window_in_redis(
+    policy: StartPolicy, redis_url: str
+) -> None:
+    """Issue 30: every one-off sender's triplet was kept 35 days (SECUMAIL_GREYLIST_MAX_AGE),
+    though a retry after the retry window starts over: Redis filled with them."""
+    import redis
+
+    _, port = policy(redis_url, greylist_retry_window="3600", spf_enabled="false")
+    assert PolicyClient(port).ask(rcpt_request()).startswith("DEFER_IF_PERMIT")
+    client = redis.Redis.from_url(redis_url)
+    [key] = client.keys("secumail:greylist:t:*")
+    assert 3500 < client.ttl(key) <= 3601
+
+
 def test_unreachable_redis_defers_and_the_service_stays_up(policy: StartPolicy) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
     daemon, port = policy(dead, spf_enabled="false")

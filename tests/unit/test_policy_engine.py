@@ -9,7 +9,7 @@ import pytest
 
 from secumail.settings import Settings
 from services.policy.engine import TEMPORARY_FAILURE, PolicyEngine
-from services.policy.greylist import ClientRecord
+from services.policy.greylist import ClientRecord, Triplet
 from services.policy.stores import SqliteStore
 from tests.support.fakes import FakeAsyncResolver, FakeClock, FakeResolver
 from tests.support.policy_client import rcpt_request
@@ -231,6 +231,20 @@ async def test_sqlite_store_counts_passes_and_starts_over_after_max_age() -> Non
     await store.count_pass("192.0.2.0/24", 17211.0)
     assert (await store.lookup("192.0.2.0/24", "-"))[0] == ClientRecord(1, 17211.0)
     assert (await store.lookup("192.0.3.0/24", "-"))[0] is None
+    await store.close()
+
+
+async def test_a_never_passed_triplet_is_purged_when_its_retry_window_closes() -> None:
+    """Issue 30: kept max_age (35 days) like a passed one, though a retry after the window
+    starts over anyway."""
+    store = SqliteStore(":memory:", max_age=10000, retry_window=100)
+    await store.put("one-off", Triplet(0.0, 0.0))
+    await store.put("retried", Triplet(0.0, 50.0))
+    await store.put("passed", Triplet(0.0, 50.0, passed=True))
+    assert await store.purge(99.0) == 0
+    assert await store.purge(101.0) == 2
+    assert (await store.lookup("-", "passed"))[1] == Triplet(0.0, 50.0, True)
+    assert await store.purge(10051.0) == 1
     await store.close()
 
 
