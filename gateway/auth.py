@@ -1,8 +1,10 @@
 """Bearer tokens: one for the admin API, one (optional) for health and metrics.
 
-Only `Authorization: Bearer <token>` counts. A request that carries the token in its URL
-is refused even with a good header: URLs end up in proxies' and browsers' histories.
-Tokens are compared in constant time and never logged.
+Only `Authorization: Bearer <token>` counts. A request that carries a token in its URL
+(a parameter named as tokens are: `token`, `access_token`...) is refused even with a good
+header: URLs end up in proxies' and browsers' histories; a wrong one there counts as a
+guess. Tokens are compared in constant time, whole (never searched for inside a URL, whose
+time would tell a guesser how much matched), and never logged.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the guard's real
@@ -12,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated
-from urllib.parse import unquote_plus
+from urllib.parse import parse_qsl
 
 from fastapi import HTTPException, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -23,6 +25,9 @@ from secumail.logs import log_event
 log = logging.getLogger("secumail.gateway")
 
 Guard = Callable[[Request, HTTPAuthorizationCredentials | None], Awaitable[None]]
+# Query parameters that carry a token, as clients and tools name them.
+URL_TOKEN_NAMES = frozenset({"token", "access_token", "bearer", "api_key", "apikey", "key",
+                             "auth", "authorization", "admin_token", "metrics_token"})
 
 
 class WrongTokens:
@@ -81,9 +86,11 @@ def token_guard(token: SecretStr, scheme_name: str, description: str,
         if wait := wrong_tokens.wait(client, now):
             raise HTTPException(429, f"too many wrong tokens: try again in {wait:.0f} s",
                                 too_many_wrong_tokens(client, wait, request.url.path))
-        in_url = expected in unquote_plus(request.url.query).encode()
+        in_url = [value.encode() for name, value in parse_qsl(request.url.query)[:100]
+                  if name.lower() in URL_TOKEN_NAMES]
         presented = credentials.credentials.encode() if credentials else b""
-        wrong = bool(presented) and not hmac.compare_digest(presented, expected)
+        wrong = (bool(presented) and not hmac.compare_digest(presented, expected)) or any(
+            not hmac.compare_digest(value, expected) for value in in_url)
         if in_url or wrong or not presented:
             reason = "token in the URL" if in_url else "wrong" if wrong else "missing"
             if wrong:  # a guess; a request with no token (a page opened) is not one

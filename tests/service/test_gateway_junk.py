@@ -181,3 +181,20 @@ def test_a_client_guessing_the_token_is_refused_for_a_while_even_with_the_right_
         assert answer(port, "/console/login", form={"token": ADMIN})[0] == 303
     finally:
         daemon.stop()
+
+
+def test_tokens_guessed_in_the_url_count_as_guesses() -> None:
+    """Issue 30: the token was searched for in the query string (a substring scan, whose
+    time tells a guesser how much matched), and a guess there was never counted."""
+    port = free_port()
+    daemon = start_service("secumail-gateway", service_env(
+        gateway_listen=f"127.0.0.1:{port}", probe_interval="0", admin_token=ADMIN,
+        gateway_wrong_tokens="3", gateway_wrong_token_window="30",
+        greylist_store="sqlite:///nonexistent/greylist.sqlite"), "SECUMAIL_GATEWAY_LISTEN")
+    try:
+        for guess in ("guess-number-one-000", "guess-number-two-000", "guess-number-three-0"):
+            assert answer(port, f"/admin/quarantine?access_token={guess}")[0] == 401
+        assert answer(port, "/admin/quarantine", ADMIN)[0] == 429
+        assert daemon.logged("too many wrong tokens")
+    finally:
+        daemon.stop()
