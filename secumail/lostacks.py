@@ -21,7 +21,11 @@ from pathlib import Path
 from secumail.message import header_block_end
 
 SUFFIX = ".delivered"  # not .json: the quarantine's own files are <filter>/<id>.json
+AWAITED = ".awaited"  # the next hop has not answered yet (see LostAcks.await_answer)
 TTL = 86400.0  # a client retries within seconds (before-queue) or hours (Postfix's queue)
+AWAITED_TTL = 600.0  # longer than any next hop takes to answer (SECUMAIL_RELAY_TIMEOUT)
+# What `take` says of a message whose first copy's fate is not known yet.
+STILL_AWAITED = "awaited"
 
 
 def message_key(message_id: str, sender: str, recipients: tuple[str, ...] | list[str],
@@ -47,6 +51,18 @@ class LostAcks:
         temporary = path.with_suffix(".tmp")
         temporary.write_text(reply[:200])
         os.replace(temporary, path)  # whole or absent, for a replica reading it meanwhile
+        self.forget(key)
+
+    def await_answer(self, key: str) -> None:
+        """The client left while the next hop's answer was on its way: until that answer
+        is read (then `record` or `forget`), a retry must wait, or it would race the first
+        copy and be delivered beside it."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / (key + AWAITED)).write_text("")
+
+    def forget(self, key: str) -> None:
+        """The next hop did not take the first copy: its retry is a message like any."""
+        (self.directory / (key + AWAITED)).unlink(missing_ok=True)
 
     def pending(self) -> bool:
         """Whether any message waits for its retry (one directory read, usually empty);
@@ -57,10 +73,11 @@ class LostAcks:
             return False
         now, found = time.time(), False
         for entry in entries:
-            if not entry.name.endswith(SUFFIX):
+            if not entry.name.endswith((SUFFIX, AWAITED)):
                 continue
+            ttl = self.ttl if entry.name.endswith(SUFFIX) else AWAITED_TTL
             try:
-                if now - entry.stat().st_mtime > self.ttl:
+                if now - entry.stat().st_mtime > ttl:
                     os.unlink(entry.path)
                 else:
                     found = True
@@ -69,7 +86,14 @@ class LostAcks:
         return found
 
     def take(self, key: str) -> str | None:
-        """The reply recorded for this message, removed (once, across replicas), or None."""
+        """The reply recorded for this message, removed (once, across replicas); or
+        STILL_AWAITED while its first copy's answer is awaited (kept); or None."""
+        awaited = self.directory / (key + AWAITED)
+        try:
+            if time.time() - awaited.stat().st_mtime <= AWAITED_TTL:
+                return STILL_AWAITED
+        except FileNotFoundError:
+            pass
         path = self.directory / (key + SUFFIX)
         claimed = path.with_suffix(f".{os.getpid()}.taken")
         try:

@@ -29,7 +29,7 @@ from secumail.forwarded import HEADER as CLIENT_HEADER
 from secumail.forwarded import ForwardedClient
 from secumail.kept import KeptConnections
 from secumail.logs import log_event
-from secumail.lostacks import LostAcks, message_key
+from secumail.lostacks import STILL_AWAITED, LostAcks, message_key
 from secumail.message import header_block, header_block_end, normalize_newlines, split_headers
 from secumail.netaddr import HostPort, Network, peer_name
 from secumail.protocols.smtp import (
@@ -544,6 +544,10 @@ class RelayHandler(_HooksListedOnce):
             return None
         if earlier is None:
             return None
+        if earlier == STILL_AWAITED:
+            return Verdict("tempfail", "duplicate", "an earlier copy's answer is awaited",
+                           reply="451 4.3.0 An earlier copy of this message is still being "
+                           "delivered, please try again later")
         return Verdict("drop", "duplicate", f"delivered before ({earlier[:100]}); the client "
                        "had not heard so")
 
@@ -573,16 +577,32 @@ class RelayHandler(_HooksListedOnce):
 
     def settle(self, client: SmtpClient, message: Answered) -> None:
         """The next hop's late answer to a message whose client left: a 250 means delivered
-        with nobody told, whose retry must not be delivered again."""
+        with nobody told, whose retry must not be delivered again. Until it comes, a retry
+        is answered 451 (the client may retry at once, before the answer: it would be
+        delivered beside the first copy)."""
+        awaited = bool(message.message_id)  # see lost_ack: no record without one
+        if awaited:
+            try:
+                self.lost_acks.await_answer(message.key)
+            except OSError as error:
+                log_event(log, "lost-acks unwritable", logging.ERROR, filter=self.name,
+                          error=str(error))
+                awaited = False
+
         async def read() -> None:
             reply = await client.late_reply()
             if reply is not None and reply.ok:
                 self.lost_ack(replace(message, reply=str(reply)),
                               "client left while the next hop's 250 was on its way")
-            else:
-                log_event(log, "client left before the next hop answered", logging.WARNING,
-                          filter=self.name, message_id=message.message_id,
-                          reply=str(reply)[:120] if reply else "none: it may have the message")
+                return
+            if awaited:
+                try:
+                    self.lost_acks.forget(message.key)
+                except OSError:
+                    pass  # expires after AWAITED_TTL
+            log_event(log, "client left before the next hop answered", logging.WARNING,
+                      filter=self.name, message_id=message.message_id,
+                      reply=str(reply)[:120] if reply else "none: it may have the message")
         self.closing.add(asyncio.ensure_future(read()))
         self.closing = {task for task in self.closing if not task.done()}
 

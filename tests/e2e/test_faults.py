@@ -15,6 +15,7 @@ import os
 import random
 import smtplib
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -23,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import make_msgid
+from pathlib import Path
 
 import pytest
 
@@ -163,6 +165,34 @@ def restores(stack: Stack) -> Iterator[None]:
 @pytest.mark.usefixtures("restores")
 def test_nothing_lost_nothing_doubled_through_faults(stack: Stack) -> None:
     tag = "load-" + uuid.uuid4().hex[:8]
+    try:
+        run_faults(stack, tag)
+    except BaseException:
+        keep_logs(stack, tag)
+        raise
+
+
+def keep_logs(stack: Stack, tag: str) -> None:
+    """Issue 30: a run that delivered one message twice kept no log to say which window let
+    it through. Every filter's, the milter's and Postfix's log go to a folder that outlives
+    the run; the lines naming a duplicated or lost message are printed."""
+    folder = Path(tempfile.gettempdir()) / f"secumail-faults-{tag}"
+    folder.mkdir(exist_ok=True)
+    for service in ("postfix", "clamav", "spamd", "dkim", "policy", "clamd", "spamassassin"):
+        (folder / f"{service}.log").write_text(stack.logs(service))
+    counts = delivered(stack, tag)
+    doubled = [subject for subject, count in counts.items() if count > 1]
+    print(f"\nfault run failed: logs in {folder}; delivered twice: {doubled[:10]}")
+    for subject in doubled[:3]:
+        number = subject.rsplit(" ", 1)[-1]
+        needle = f"{tag}.{number}@"  # in the Message-ID the run gave it
+        for log in sorted(folder.glob("*.log")):
+            for line in log.read_text().splitlines():
+                if needle in line:
+                    print(f"{log.stem}: {line[:400]}")
+
+
+def run_faults(stack: Stack, tag: str) -> None:
     started = time.monotonic()
     sender = Sender(stack, tag, range(MESSAGES), [local_client(i) for i in range(SESSIONS)])
     sender.start()

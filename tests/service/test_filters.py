@@ -271,6 +271,30 @@ def test_a_retry_after_a_lost_250_is_answered_and_not_delivered_again(
     assert "message_id=read-250@secumail.test" not in filters.clamav.output()
 
 
+def test_a_retry_while_the_first_copy_is_still_awaited_waits_for_its_answer(
+    chain: StartChain, sink: SmtpSink
+) -> None:
+    """Issue 30 (the fault run's duplicate): a client that leaves while the next hop's 250
+    is on its way, and retries at once, before that 250 came. The retry was delivered beside
+    the first copy; now it is answered 451 until the first copy's answer is known, then 250
+    without a second delivery."""
+    filters = chain()
+    message = first_try_then_retry(filters, sink, "impatient", "slow@secumail.test",
+                                   False, 0.2)  # the sink answers slow@ after 3 s
+    with smtplib.SMTP("127.0.0.1", filters.port, timeout=60) as smtp:
+        with pytest.raises(smtplib.SMTPDataError) as waiting:
+            smtp.sendmail("alice@secumail.test", ["slow@secumail.test"], message)
+    assert waiting.value.smtp_code == 451
+    assert b"earlier copy of this message is still being delivered" in \
+        waiting.value.smtp_error
+    assert filters.clamav.logged("client left while the next hop's 250 was on its way",
+                                 timeout=10)
+    with smtplib.SMTP("127.0.0.1", filters.port, timeout=60) as smtp:
+        smtp.sendmail("alice@secumail.test", ["slow@secumail.test"], message)
+    time.sleep(1)
+    assert [m["Subject"] for m in sink.wait_for(1)] == ["impatient"]
+
+
 def test_a_message_without_message_id_is_never_discarded_as_a_duplicate(
     chain: StartChain, sink: SmtpSink
 ) -> None:

@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from secumail.lostacks import LostAcks, message_key
+from secumail.lostacks import STILL_AWAITED, LostAcks, message_key
 
 FIRST = b"Received: from a by mx; Mon, 1 Dec 2026 10:00:00 +0000\r\nSubject: x\r\n\r\nbody\r\n"
 RETRY = b"Received: from a by mx; Mon, 1 Dec 2026 10:00:07 +0000\r\nSubject: x\r\n\r\nbody\r\n"
@@ -37,3 +37,19 @@ def test_records_expire(tmp_path: Path) -> None:
     os.utime(tmp_path / "old.delivered", (stale, stale))
     assert not acks.pending()
     assert not (tmp_path / "old.delivered").exists()
+
+
+def test_a_retry_waits_while_the_first_copy_is_awaited(tmp_path: Path) -> None:
+    acks = LostAcks(tmp_path)
+    acks.await_answer("k")
+    assert acks.pending()
+    assert acks.take("k") == STILL_AWAITED and acks.take("k") == STILL_AWAITED  # not taken
+    acks.record("k", "250 ok")  # the first copy was delivered
+    assert acks.take("k") == "250 ok" and acks.take("k") is None
+    acks.await_answer("j")
+    acks.forget("j")  # the next hop refused it: the retry is a message like any
+    assert acks.take("j") is None and not acks.pending()
+    acks.await_answer("old")
+    stale = time.time() - 3600
+    os.utime(tmp_path / "old.awaited", (stale, stale))  # a replica died meanwhile
+    assert acks.take("old") is None and not acks.pending()
