@@ -4,6 +4,7 @@ authserv-id that tells which of the message's own such headers claim to be ours.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from services.dkim.dmarc import DmarcOutcome
@@ -21,8 +22,24 @@ class Unparsable(ValueError):
 _TSPECIALS = frozenset('()<>@,;:\\"/[]?=')
 
 
+def _blank(char: str) -> bool:
+    """White space as a reader may see it: any Unicode white space (NBSP, U+2000-U+200A,
+    U+3000, U+2028...) and any invisible format character (U+200B, U+FEFF, U+180E, U+2060,
+    soft hyphen...). A mail client shows NBSP before "mx.example" as a space, and U+200B as
+    nothing: such characters must not make a header that shows our authserv-id read as
+    another host's."""
+    return char.isspace() or unicodedata.category(char) == "Cf"
+
+
+def _comparable(text: str) -> str:
+    """Text as compared with our authserv-id: compatibility forms folded (fullwidth letters,
+    U+3000), every blank removed, any case."""
+    return "".join(c for c in unicodedata.normalize("NFKC", text) if not _blank(c)).casefold()
+
+
 def _skip_cfws(text: str, at: int) -> int:
-    """The index after any folding white space and comments (nested, with quoted-pairs)."""
+    """The index after any folding white space (or other blank, see _blank) and comments
+    (nested, with quoted-pairs)."""
     depth = 0
     while at < len(text):
         char = text[at]
@@ -33,7 +50,7 @@ def _skip_cfws(text: str, at: int) -> int:
             depth += 1
         elif char == ")" and depth:
             depth -= 1
-        elif not depth and char not in " \t\r\n":
+        elif not depth and not _blank(char):
             return at
         at += 1
     if depth:
@@ -58,7 +75,7 @@ def _read_value(text: str, at: int) -> tuple[str, int]:
         return "".join(chars), at + 1
     start = at
     while at < len(text) and text[at] > " " and text[at] != "\x7f" \
-            and text[at] not in _TSPECIALS:
+            and text[at] not in _TSPECIALS and not _blank(text[at]):
         at += 1
     if at == start:
         raise Unparsable(f"no authserv-id at {text[start:start + 20]!r}")
@@ -66,10 +83,10 @@ def _read_value(text: str, at: int) -> tuple[str, int]:
 
 
 def authserv_id_of(value: str) -> str:
-    """The authserv-id of an Authentication-Results value (RFC 8601 2.2), lowercased and
-    without a final dot: [CFWS] authserv-id [CFWS authres-version] then ";" or the end
-    (no-result). Unparsable raises: a reader more lenient than this one might still take
-    such a header for ours."""
+    """The authserv-id of an Authentication-Results value (RFC 8601 2.2) as compared (see
+    _comparable) and without a final dot: [CFWS] authserv-id [CFWS authres-version] then
+    ";" or the end (no-result). Unparsable raises: a reader more lenient than this one might
+    still take such a header for ours."""
     identifier, at = _read_value(value, _skip_cfws(value, 0))
     at = _skip_cfws(value, at)
     if at < len(value) and value[at].isdigit():  # the version, "1"
@@ -78,18 +95,19 @@ def authserv_id_of(value: str) -> str:
         at = _skip_cfws(value, at)
     if at < len(value) and value[at] != ";":
         raise Unparsable(f"unexpected {value[at:at + 20]!r} after the authserv-id")
-    return identifier.lower().rstrip(".")
+    return _comparable(identifier).rstrip(".")
 
 
 def claims_to_be(value: str, authserv_id: str) -> bool:
     """Whether an Authentication-Results value speaks for `authserv_id`: its own authserv-id
     is ours, in any spelling; or it cannot be parsed and names us anywhere (a lenient
-    reader could take it for ours, and a malformed header is no loss)."""
-    ours = authserv_id.lower().rstrip(".")
+    reader could take it for ours, and a malformed header is no loss). Blanks count as
+    nothing: a name cut by an invisible U+200B, unparsable, still names us."""
+    ours = _comparable(authserv_id).rstrip(".")
     try:
         return authserv_id_of(value) == ours
     except Unparsable:
-        return ours in value.lower()
+        return ours in _comparable(value)
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,20 @@ from services.dkim.keys import SigningKey, record_name
 SIGNATURE_HEADER: Final = b"DKIM-Signature"
 MIN_RSA_BITS: Final = 1024
 
-# The fields RFC 6376 5.4.1 says should be signed (dkimpy's list), in the order they appear
-# in the message; From is signed once more than it appears, so none can be added.
-SIGNED_HEADERS: Final = frozenset(dkim.DKIM.SHOULD)
-OVERSIGNED_HEADERS: Final = (b"from",)
+# Over-signed (RFC 6376 8.15; OpenDKIM's OversignHeaders, Rspamd's defaults): named in h=
+# once more than the message has them, present or not, so none can be added without
+# breaking the signature. A Reply-To or a second Subject put above the signed ones is what
+# many mail clients show; an absent field named once signs its absence. RFC 8058 wants
+# List-Unsubscribe-Post signed with List-Unsubscribe. (Sender is signed when present but not
+# over-signed: mailing lists add one to mail they pass on unchanged.)
+OVERSIGNED_HEADERS: Final = (
+    b"from", b"reply-to", b"subject", b"date", b"to", b"cc", b"message-id", b"mime-version",
+    b"content-type", b"content-transfer-encoding", b"in-reply-to", b"references",
+    b"list-unsubscribe", b"list-unsubscribe-post",
+)
+# The fields RFC 6376 5.4.1 says should be signed (dkimpy's list) and the over-signed ones,
+# every instance, in the order they appear in the message.
+SIGNED_HEADERS: Final = frozenset(dkim.DKIM.SHOULD) | frozenset(OVERSIGNED_HEADERS)
 
 ALGORITHMS: Final = {
     b"rsa-sha256": ("rsa", "sha256"),
@@ -58,8 +68,10 @@ class KeyRecordError(Exception):
 
 
 def signed_header_names(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """h=: every instance of the fields to sign, then each over-signed name once more (a
+    verifier finds no instance left for it: the hash covers "none", RFC 6376 5.4.2)."""
     names = [name.lower() for name, _ in headers if name.lower() in SIGNED_HEADERS]
-    return names + [name for name in names if name in OVERSIGNED_HEADERS]
+    return names + list(OVERSIGNED_HEADERS)
 
 
 def _fold(tags: list[bytes], width: int = 76) -> bytes:

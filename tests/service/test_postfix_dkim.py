@@ -364,3 +364,45 @@ def test_our_own_domain_from_outside_is_refused_in_the_session_unless_signed_by_
              client=REMOTE_CLIENT)
         message, _ = delivered(chain, 2)
         assert "dkim=pass" in message["Authentication-Results"]
+
+
+@pytest.mark.parametrize(
+    "authserv_id",
+    ["\u00a0mx.secumail.test", "mx.secumail.test\u3000",
+     '(x)\u2003\u200b"mx.secumail\\.test"\ufeff 1'],
+    ids=["nbsp-before", "ideographic-space-after", "em-and-zero-width-space-quoted"],
+)
+def test_forged_results_next_to_unicode_blanks_are_removed(
+    chain: Chain, authserv_id: str
+) -> None:
+    """Issue 30: a mail client shows U+00A0 or U+3000 as a space, U+200B or U+FEFF as
+    nothing, so these headers show our authserv-id; they used to be read as another host's
+    and were delivered with their dkim=pass for paypal.test."""
+    forged = ("Authentication-Results: " + authserv_id
+              + "; dkim=pass header.d=paypal.test; dmarc=pass\r\n").encode()
+    send(chain.postfix.port, "carol@remote.test", "bob@secumail.test",
+         forged + chain.sign_as_remote(INBOUND), client=REMOTE_CLIENT)
+    message, raw = delivered(chain, 1)
+    kept = [line for line in raw.split(b"\r\n") if b"paypal.test" in line]
+    assert kept == [], f"a forged one was kept: {kept}"
+    [results] = message.get_all("Authentication-Results") or []  # ours only
+    assert results.startswith("mx.secumail.test;")
+
+
+@pytest.mark.parametrize(
+    "added",
+    [b"Reply-To: payments@evil.test\r\n", b"Subject: Urgent: our new bank details\r\n",
+     b"Cc: everyone@remote.test\r\n"],
+    ids=["reply-to", "second-subject", "cc"],
+)
+def test_a_field_added_to_our_signed_mail_breaks_both_signatures(
+    chain: Chain, added: bytes
+) -> None:
+    """Issue 30: only From was over-signed, so anyone holding a message we signed could put a
+    Reply-To (or a second Subject, a Cc) above the signed fields and pass it on with our
+    signatures still verifying. Verified here by dkimpy, an independent implementation."""
+    send(chain.postfix.port, "alice@secumail.test", "bob@remote.test", OUTBOUND)
+    _, raw = delivered(chain, 1)
+    for index in (0, 1):  # rsa-sha256 and ed25519-sha256
+        assert dkim.DKIM(raw).verify(index, dnsfunc=chain.dnsfunc())
+        assert not dkim.DKIM(added + raw).verify(index, dnsfunc=chain.dnsfunc())

@@ -493,3 +493,21 @@ def test_a_display_name_showing_our_address_is_tagged(harness: Harness) -> None:
             b"this site, but the mail comes from example.org outside it") in delivered
     replies, _ = harness.send(forged_tag + MESSAGE)  # a plain name: no warning, the forged gone
     assert b"X-SecuMail-Warning" not in apply(forged_tag + MESSAGE, replies)
+
+
+def test_forged_results_next_to_unicode_blanks_are_removed(harness: Harness) -> None:
+    """Issue 30: a no-break or ideographic space next to our authserv-id (a mail client shows
+    a space) made a forged header read as another host's, and it was kept."""
+    forged = ("Authentication-Results: other.example\u00a0; dkim=pass\r\n"
+              "Authentication-Results:\u00a0mx.secumail.test; dkim=pass header.d=bank.example\r\n"
+              "Authentication-Results: mx.secumail.test\u3000; dmarc=pass header.from=bank.example"
+              "\r\n"
+              'Authentication-Results: \u200b"mx.secumail\\.test"\ufeff 1; spf=pass '
+              "smtp.mailfrom=bank.example\r\n").encode()
+    replies, _ = harness.send(forged + MESSAGE)
+    assert [(r.code, r.index) for r in replies] == [("m", 4), ("m", 3), ("m", 2), ("i", 0),
+                                                    ("c", 0)]
+    delivered = apply(forged + MESSAGE, replies)
+    assert delivered.count(b"Authentication-Results:") == 2
+    assert "Authentication-Results: other.example\u00a0; dkim=pass".encode() in delivered
+    assert b"bank.example" not in delivered

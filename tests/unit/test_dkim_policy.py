@@ -214,3 +214,66 @@ def test_authentication_results_text() -> None:
         "dmarc=pass (p=reject dis=none) header.from=example.com",
     ]
     assert auth_results.authentication_results("mx", [], None, None) == "mx;\n\tdkim=none"
+
+
+# --- Issue 30: white space a mail client shows, but RFC 5322 does not know -----------------
+
+# Unicode white space and invisible format characters: a reader shows each as a space or as
+# nothing, so "<NBSP>mx.secumail.test" looks like our authserv-id and must count as it.
+UNICODE_BLANKS = ("\u00a0", *map(chr, range(0x2000, 0x200C)), "\u3000", "\ufeff", "\u2028",
+                  "\u2029", "\u180e", "\u202f", "\u205f", "\u2060")
+unicode_blanks = st.text(alphabet=st.sampled_from(UNICODE_BLANKS), min_size=1, max_size=3)
+unicode_cfws = st.lists(st.one_of(st.sampled_from([" ", "\t", "\r\n\t"]), comments(),
+                                  unicode_blanks), max_size=3).map("".join)
+
+
+@st.composite
+def results_headers_with_unicode_blanks(draw: st.DrawFn, identifier: str) -> str:
+    """An Authentication-Results value with at least one Unicode blank right before or right
+    after the authserv-id, and maybe more in the CFWS around it."""
+    before, after = draw(st.sampled_from([(True, False), (False, True), (True, True)]))
+    version = draw(st.sampled_from(["", " 1", "\u00a01", " 1" + " (v)"]))
+    return (draw(unicode_cfws) + (draw(unicode_blanks) if before else " ")
+            + draw(spellings(identifier)) + (draw(unicode_blanks) if after else "")
+            + version + draw(unicode_cfws) + "; dkim=pass header.d=paypal.test")
+
+
+@given(results_headers_with_unicode_blanks(OURS))
+def test_our_authserv_id_next_to_unicode_blanks_is_ours(value: str) -> None:
+    assert auth_results.claims_to_be(value, OURS)
+
+
+@given(st.from_regex(r"[a-z0-9]{1,10}(\.[a-z0-9]{1,10}){0,3}", fullmatch=True)
+       .filter(lambda other: other != OURS).flatmap(results_headers_with_unicode_blanks))
+def test_another_hosts_results_next_to_unicode_blanks_are_not_ours(value: str) -> None:
+    assert not auth_results.claims_to_be(value, OURS)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "\u00a0mx.secumail.test; dkim=pass header.d=paypal.test",
+        " mx.secumail.test\u3000; dkim=pass",
+        "\u3000mx.secumail.test\u3000; dkim=pass",
+        " (forged)\u200bmx.secumail.test; dkim=pass",
+        "\ufeffmx.secumail.test 1; dkim=pass",
+        " mx.secumail.test\u2028\t(really)\u205f; dkim=pass",
+        "\u180e\u202fmx.secumail.test\u00a01; dkim=pass",
+        ' \u00a0"mx.secumail\\.test"; dkim=pass',
+        ' "\u00a0mx.secumail.test\u3000"; dkim=pass',  # blanks inside the quotes show as well
+        " mx.secu\u200bmail.test; dkim=pass",  # an invisible cut in the name: still our name
+        " \uff4d\uff58.secumail.test; dkim=pass",  # fullwidth "mx"
+    ],
+    ids=["nbsp-before", "ideographic-after", "ideographic-both", "zwsp-after-comment",
+         "bom", "line-separator-and-comment", "mongolian-and-narrow-nbsp-version",
+         "nbsp-before-quoted", "blanks-inside-quotes", "zwsp-inside-name", "fullwidth"],
+)
+def test_unicode_blanks_do_not_hide_our_authserv_id(value: str) -> None:
+    assert auth_results.claims_to_be(value, OURS)
+
+
+def test_unicode_blanks_are_white_space_to_the_parser() -> None:
+    assert auth_results.authserv_id_of("\u00a0MX.secumail.test.\u3000 1\u2003; x") == OURS
+    assert auth_results.authserv_id_of(
+        "\u00a0relay.remote.test\u00a0(mx.secumail.test); x") == "relay.remote.test"
+    assert not auth_results.claims_to_be("\u3000relay.remote.test\u200b; dkim=pass", OURS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import dkim
@@ -147,14 +148,72 @@ def test_signature_tags_and_header_list(rsa_key: keys.SigningKey) -> None:
     assert tags[b"a"] == b"rsa-sha256" and tags[b"c"] == b"relaxed/relaxed"
     assert (tags[b"d"], tags[b"s"], tags[b"t"]) == (b"example.org", b"s1", b"1700000000")
     names = [n.strip() for n in tags[b"h"].split(b":")]
-    # The fields RFC 6376 recommends, From once more than present, never Received.
-    assert names == [b"from", b"to", b"subject", b"date", b"message-id", b"from"]
+    # The fields RFC 6376 recommends, then each over-signed field once more than present
+    # (From, To... a second time; Reply-To, Cc... once, absent), never Received.
+    assert names == [b"from", b"to", b"subject", b"date", b"message-id",
+                     *signature.OVERSIGNED_HEADERS]
 
 
 def test_over_signed_from_stops_an_added_from(rsa_key: keys.SigningKey) -> None:
     signed = sign_message(rsa_key)
     forged = signed.replace(b"\r\n\r\n", b"\r\nFrom: ceo@example.org\r\n\r\n", 1)
     assert [v.result for v in verify_all(forged, records_for(rsa_key))] == ["fail"]
+
+
+# Issue 30: fields a forger adds to a message we signed, above the signature (where a mail
+# client looks first) or below it; each used to leave the signature verifying.
+ADDED_FIELDS: dict[str, Callable[[bytes], bytes]] = {
+    "prepended-reply-to": lambda m: b"Reply-To: pay@evil.example\r\n" + m,
+    "second-subject": lambda m: b"Subject: Urgent: new bank details\r\n" + m,
+    "added-cc": lambda m: m.replace(b"\r\n\r\n", b"\r\nCc: pay@evil.example\r\n\r\n", 1),
+    "second-date": lambda m: b"Date: Sun, 29 Nov 2026 09:00:00 +0000\r\n" + m,
+    "second-to": lambda m: b"To: everyone@example.net\r\n" + m,
+    "added-list-unsubscribe": lambda m: b"List-Unsubscribe: <https://evil.example/u>\r\n" + m,
+    "added-content-type": lambda m: b"Content-Type: text/html\r\n" + m,
+    "added-in-reply-to": lambda m: b"In-Reply-To: <thread@example.net>\r\n" + m,
+}
+
+
+@pytest.mark.parametrize("key_name", ["rsa_key", "ed_key"])
+@pytest.mark.parametrize("add", ADDED_FIELDS.values(), ids=ADDED_FIELDS.keys())
+def test_an_added_field_breaks_our_signature(
+    key_name: str, add: Callable[[bytes], bytes], request: pytest.FixtureRequest
+) -> None:
+    key = request.getfixturevalue(key_name)
+    signed = sign_message(key)
+    assert dkim.DKIM(signed).verify(dnsfunc=dkimpy_dns(records_for(key)))  # untouched: pass
+    forged = add(signed)
+    assert not dkim.DKIM(forged).verify(dnsfunc=dkimpy_dns(records_for(key)))
+    assert [v.result for v in verify_all(forged, records_for(key))] == ["fail"]
+
+
+FULL_HEADERS = [
+    *HEADERS,
+    (b"Reply-To", b" Alice <alice@example.org>"),
+    (b"Cc", b" carol@example.net,\r\n dave@example.net"),
+    (b"In-Reply-To", b" <0@example.net>"),
+    (b"References", b" <0@example.net>"),
+    (b"MIME-Version", b" 1.0"),
+    (b"Content-Type", b" text/plain; charset=utf-8"),
+    (b"Content-Transfer-Encoding", b" 8bit"),
+    (b"List-Unsubscribe", b" <https://example.org/u/1>"),
+    (b"List-Unsubscribe-Post", b" List-Unsubscribe=One-Click"),
+]
+
+
+@pytest.mark.parametrize("key_name", ["rsa_key", "ed_key"])
+def test_every_over_signed_field_once_more_than_present_and_dkimpy_agrees(
+    key_name: str, request: pytest.FixtureRequest
+) -> None:
+    key = request.getfixturevalue(key_name)
+    signed = sign_message(key, FULL_HEADERS)
+    assert dkim.DKIM(signed).verify(dnsfunc=dkimpy_dns(records_for(key)))
+    assert verify_all(signed, records_for(key)) == [signature.SignatureCheck("pass", "")]
+    parsed = signature.parse_signature(split_message(signed)[0][0][1])
+    present = [name.lower() for name, _ in FULL_HEADERS]
+    for name in signature.OVERSIGNED_HEADERS:
+        assert parsed.signed_headers.count(name) == present.count(name) + 1, name
+    assert b"received" not in parsed.signed_headers
 
 
 @pytest.mark.parametrize(
