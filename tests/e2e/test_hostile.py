@@ -321,6 +321,29 @@ def test_every_container_runs_as_a_non_root_user_but_postfix_master(stack: Stack
             assert root == set(), (name, processes)
 
 
+# Postfix's master alone keeps a few capabilities (compose.yaml's cap_add): their bits.
+POSTFIX_CAPABILITIES = sum(1 << bit for bit in (0, 1, 3, 4, 5, 6, 7, 10))  # CHOWN..
+
+
+def test_every_container_has_no_capability_and_cannot_gain_one(stack: Stack) -> None:
+    """Issue 30: no container dropped capabilities or set no-new-privileges. Read from each
+    container's first process: its bounding set (what any process there can ever have) and
+    its NoNewPrivs flag (no setuid program raises a process's rights)."""
+    report = {}
+    for service in ("postfix", "policy", "clamav", "spamd", "clamd", "spamassassin", "dkim",
+                    "gateway", "redis", "prometheus"):
+        for container in stack.containers(service):
+            status = subprocess.run(["docker", "exec", container, "cat", "/proc/1/status"],
+                                    capture_output=True, text=True, check=True).stdout
+            fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+            report[f"{service}/{container[:12]}"] = (int(fields["CapBnd"], 16),
+                                                     fields["NoNewPrivs"].strip())
+    print(report)
+    for name, (bounding, no_new_privileges) in report.items():
+        expected = POSTFIX_CAPABILITIES if name.startswith("postfix/") else 0
+        assert (bounding, no_new_privileges) == (expected, "1"), (name, hex(bounding))
+
+
 # --- Internal ports: only the hosts that hand a service mail reach it (issue 13, item 6) ----
 
 CONNECT = """
