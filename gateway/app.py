@@ -27,12 +27,22 @@ from gateway.canary import CanarySend, ChainProbe, ProbeMetrics
 from gateway.context import Gateway, problem
 from gateway.health import HealthChecker, Hop, Namer, Resolver, chain_hops, reverse_name
 from gateway.http import HostCheck
-from gateway.quarantine import QuarantineAdmin, ReleaseSend, next_hops
-from gateway.routers import console, dkim, greylist, health, metrics, quarantine, tracking
+from gateway.quarantine import Learn, QuarantineAdmin, ReleaseSend, next_hops
+from gateway.routers import (
+    console,
+    dkim,
+    greylist,
+    health,
+    learning,
+    metrics,
+    quarantine,
+    tracking,
+)
 from gateway.scrape import Target, replica_targets
 from gateway.tracking import Collector, TrackingMetrics, TrackingStore
 from secumail import probes
 from secumail.logs import log_event
+from secumail.protocols import spamc
 from secumail.quarantine import Quarantine
 from secumail.settings import Settings
 from services.policy.stores import GreylistStore, open_store
@@ -56,6 +66,7 @@ def create_app(
     hops: list[Hop] | None = None,
     canary_send: CanarySend | None = None,
     release_send: ReleaseSend | None = None,
+    learn: Learn | None = None,
     clock: Callable[[], float] = time.time,
     tracking_store: TrackingStore | None = None,
 ) -> FastAPI:
@@ -72,7 +83,10 @@ def create_app(
         client=client,
         probe=ChainProbe(settings, client, ProbeMetrics(registry), clock, canary_send),
         quarantine=QuarantineAdmin(Quarantine(settings.quarantine_dir), next_hops(settings),
-                                   settings.hostname, settings.relay_timeout, release_send),
+                                   settings.hostname, settings.relay_timeout, release_send,
+                                   learn or (lambda message, kind: spamc.learn(
+                                       settings.spamassassin_address, message, kind,
+                                       settings.relay_timeout))),
         registry=registry,
         instance=hostname or socket.gethostname(),
         open_store=store or (lambda: open_store(settings.greylist_store,
@@ -138,7 +152,7 @@ def create_app(
         guard = token_guard(settings.admin_token, "AdminToken", "SECUMAIL_ADMIN_TOKEN",
                             gateway.wrong_tokens)
         for router in (health.run, greylist.router, quarantine.router, dkim.router,
-                       tracking.router):
+                       tracking.router, learning.router):
             app.include_router(router, dependencies=[Depends(guard)], responses=UNAUTHORIZED)
         app.include_router(console.router)  # its own sign-in (a cookie), the same token
     else:

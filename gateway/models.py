@@ -129,6 +129,14 @@ class ReleaseReport(BaseModel):
     next_hop: str = Field(description="Where the message went: the quarantining filter's "
                           "next hop")
     reply: str = Field(description="The next hop's answer to the end of DATA")
+    learned: str = Field("", description="What teaching SpamAssassin's Bayes it was ham "
+                         "gave: learned as ham, known as ham already, or not learned: why")
+
+
+class LearnReport(BaseModel):
+    kind: Literal["spam", "ham"]
+    learned: str = Field(description="learned as KIND, known as KIND already, or not "
+                         "learned: why")
 
 
 class ReleaseFailure(BaseModel):

@@ -10,10 +10,14 @@ hop accepted the message; a refusal leaves them where they are.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Literal
 
+from secumail.backend import BackendError
 from secumail.chain import chain
+from secumail.logs import log_event
 from secumail.message import header_block
 from secumail.netaddr import HostPort
 from secumail.protocols.smtp import (
@@ -28,6 +32,11 @@ from secumail.quarantine import Quarantine, QuarantineRecord
 from secumail.settings import Settings
 
 RELEASE_HEADER = "X-SecuMail-Released"
+log = logging.getLogger("secumail.gateway")
+
+Kind = Literal["spam", "ham"]
+# (message, spam or ham) -> whether SpamAssassin's Bayes learned it (False: knew it already).
+Learn = Callable[[bytes, Kind], Awaitable[bool]]
 
 
 class ReleaseRefused(Exception):
@@ -41,6 +50,7 @@ class ReleaseRefused(Exception):
 class Released:
     next_hop: str
     reply: str
+    learned: str  # what teaching it as ham gave: see QuarantineAdmin.teach
 
 
 # (next hop, quarantine record, message) -> the next hop's answer to the end of DATA.
@@ -61,14 +71,33 @@ def release_headers(record: QuarantineRecord) -> list[tuple[str, str]]:
 
 class QuarantineAdmin:
     def __init__(self, quarantine: Quarantine, hops: dict[str, HostPort], hostname: str,
-                 timeout: float, send: ReleaseSend | None = None) -> None:
+                 timeout: float, send: ReleaseSend | None = None,
+                 learn: Learn | None = None) -> None:
         self.quarantine = quarantine
         self.hops = hops
         self.hostname = hostname
         self.timeout = timeout
         self.send = send or self._send
+        self.learn = learn
 
-    async def release(self, ident: str) -> Released | None:
+    async def teach(self, message: bytes, kind: Kind, source: str) -> str:
+        """Teach SpamAssassin's Bayes this message's kind: "learned as KIND", "known as
+        KIND already", or "not learned: WHY". Never raises: a release is not undone because
+        spamd could not learn from it."""
+        if self.learn is None:
+            return "not learned: no spamd to teach"
+        try:
+            learned = await self.learn(message, kind)
+        except BackendError as error:
+            log_event(log, "learning failed", logging.WARNING, kind=kind, source=source,
+                      error=str(error)[:200])
+            return f"not learned: {error}"
+        log_event(log, "learned", kind=kind, source=source, new=learned)
+        return f"learned as {kind}" if learned else f"known as {kind} already"
+
+    async def release(self, ident: str, learn: bool = True) -> Released | None:
+        """Deliver a kept message past the filter that kept it; then, unless `learn` is
+        False, teach Bayes it is ham (the admin said it was wanted: mailcow's way)."""
         record = await asyncio.to_thread(self.quarantine.record, ident)
         message = await asyncio.to_thread(self.quarantine.message, ident)
         if record is None or message is None:
@@ -80,7 +109,9 @@ class QuarantineAdmin:
         if not reply.ok:
             raise ReleaseRefused("DATA", reply)
         await asyncio.to_thread(self.quarantine.delete, ident)
-        return Released(str(target), str(reply))
+        learned = await self.teach(message, "ham", f"release {ident}") if learn \
+            else "not learned: released without learning"
+        return Released(str(target), str(reply), learned)
 
     async def _send(self, target: HostPort, record: QuarantineRecord, message: bytes
                     ) -> SmtpReply:

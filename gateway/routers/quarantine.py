@@ -7,13 +7,19 @@ import email.parser
 import email.policy
 import logging
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import JSONResponse
 
 from gateway.context import GatewayDep, problem
-from gateway.models import QuarantineDetail, QuarantineItem, ReleaseFailure, ReleaseReport
+from gateway.models import (
+    LearnReport,
+    QuarantineDetail,
+    QuarantineItem,
+    ReleaseFailure,
+    ReleaseReport,
+)
 from gateway.quarantine import ReleaseRefused
 from secumail.logs import log_event
 from secumail.quarantine import QuarantineRecord
@@ -75,9 +81,13 @@ async def raw_quarantine(ident: str, gateway: GatewayDep) -> Response:
                         502: {"model": ReleaseFailure,
                               "description": "The next hop refused the message; it stays in "
                               "quarantine"}})
-async def release_quarantine(ident: str, gateway: GatewayDep) -> Any:
+async def release_quarantine(
+    ident: str, gateway: GatewayDep,
+    learn: bool = Query(True, description="Teach SpamAssassin's Bayes the message is ham "
+                        "(false: release without learning)"),
+) -> Any:
     try:
-        released = await gateway.quarantine.release(ident)
+        released = await gateway.quarantine.release(ident, learn)
     except ReleaseRefused as error:
         log_event(log, "release refused", logging.WARNING, id=ident, step=error.step,
                   reply=error.reply[:200])
@@ -86,9 +96,23 @@ async def release_quarantine(ident: str, gateway: GatewayDep) -> Any:
         return JSONResponse(failure.model_dump(), status_code=502)
     if released is None:
         raise HTTPException(404, "no such quarantined message")
-    log_event(log, "released", id=ident, next_hop=released.next_hop)
+    log_event(log, "released", id=ident, next_hop=released.next_hop, learned=released.learned)
     return ReleaseReport(id=ident, released=True, next_hop=released.next_hop,
-                         reply=released.reply)
+                         reply=released.reply, learned=released.learned)
+
+
+@router.post("/{ident}/learn", response_model=LearnReport,
+             summary="Teach SpamAssassin's Bayes a quarantined message's kind, and keep it",
+             responses=NOT_FOUND)
+async def learn_quarantined(
+    ident: str, gateway: GatewayDep,
+    kind: Literal["spam", "ham"] = Query(description="spam: rightly kept; ham: wrongly"),
+) -> LearnReport:
+    message = await asyncio.to_thread(gateway.quarantine.quarantine.message, ident)
+    if message is None:
+        raise HTTPException(404, "no such quarantined message")
+    return LearnReport(kind=kind,
+                       learned=await gateway.quarantine.teach(message, kind, f"quarantine {ident}"))
 
 
 @router.delete("/{ident}", status_code=204, response_class=Response,

@@ -80,10 +80,25 @@ class Clamd:
 
 
 class Spamd:
-    def __init__(self) -> None:
+    def __init__(self, learning: bool = False) -> None:
+        """`learning`: spamd takes TELL (--allow-tell) into a Bayes database of its own,
+        used from the first message of each kind learned (SpamAssassin waits for 200)."""
         self.binary = require_binary("spamd")
         self.port = free_port()
         self.daemon: Daemon | None = None
+        self.options: list[str] = []
+        if learning:
+            site = Path(tempfile.mkdtemp(prefix="secumail-spamd-"))
+            for conf in Path("/etc/spamassassin").glob("*"):
+                if conf.is_file():
+                    (site / conf.name).write_bytes(conf.read_bytes())
+            (site / "bayes").mkdir()
+            (site / "zz-test-bayes.cf").write_text(
+                f"use_bayes 1\nbayes_path {site}/bayes/bayes\nbayes_file_mode 0777\n"
+                "bayes_min_spam_num 1\nbayes_min_ham_num 1\nbayes_auto_learn 0\n")
+            os.chmod(site / "bayes", 0o777)
+            os.chmod(site, 0o755)
+            self.options = ["--allow-tell", f"--siteconfigpath={site}"]
 
     @property
     def address(self) -> str:
@@ -101,6 +116,7 @@ class Spamd:
                 "--max-children=2",
                 "--min-children=1",
                 "--syslog=stderr",
+                *self.options,
             ],
             name="spamd",
         )

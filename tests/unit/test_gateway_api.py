@@ -24,6 +24,7 @@ from starlette.routing import Match
 
 from gateway.app import create_app
 from gateway.health import chain_hops
+from secumail.backend import BackendError
 from secumail.netaddr import HostPort
 from secumail.protocols.smtp import SmtpReply
 from secumail.quarantine import Quarantine, QuarantineRecord
@@ -64,6 +65,8 @@ class World:
     canary_headers: list[str] | None = field(default_factory=lambda: list(HEADERS_ADDED))
     refuse_canary: str = ""
     released: list[tuple[HostPort, QuarantineRecord, bytes]] = field(default_factory=list)
+    learned: list[tuple[bytes, str]] = field(default_factory=list)
+    spamd_down: bool = False
     release_reply: SmtpReply = field(
         default_factory=lambda: SmtpReply(250, ("2.0.0 Ok: queued as 4F2A",)))
     offset: float = 0.0  # seconds the gateway's clock is ahead of the real one
@@ -111,6 +114,14 @@ class World:
                       ) -> SmtpReply:
         self.released.append((hop, record, message))
         return self.release_reply
+
+    async def learn(self, message: bytes, kind: str) -> bool:
+        """SpamAssassin's Bayes as spamd answers TELL: new, or known as that kind already."""
+        if self.spamd_down:
+            raise BackendError("spamd at /run/spamd/spamd.sock: connection refused")
+        new = (message, kind) not in self.learned
+        self.learned.append((message, kind))
+        return new
 
 
 def routes(app: FastAPI) -> Iterator[Any]:
@@ -203,7 +214,7 @@ def make_gateway(tmp_path: Path) -> Iterator[Any]:
             settings, resolve=world.resolve, namer=world.namer,
             transport=httpx2.MockTransport(world.handle), store=open_store,
             hostname="gateway-1", hops=hops, canary_send=world.send_canary,
-            release_send=world.release, clock=world.clock,
+            release_send=world.release, learn=world.learn, clock=world.clock,
         )
         client = TestClient(app)
         client.__enter__()
@@ -639,7 +650,8 @@ def test_release_goes_to_the_next_hop_of_the_filter_that_kept_it(gw: Gateway) ->
     response = gw.client.post(f"/admin/quarantine/{virus}/release", headers=AUTH)
     assert response.status_code == 200, response.text
     assert response.json() == {"id": virus, "released": True, "next_hop": "spamd:10026",
-                               "reply": "250 2.0.0 Ok: queued as 4F2A"}
+                               "reply": "250 2.0.0 Ok: queued as 4F2A",
+                               "learned": "learned as ham"}
     hop, record, message = gw.world.released[0]
     assert hop == HostPort("spamd", 10026) and record.rcpt_tos == ("bob@secumail.test",)
     # Released, and still saying why it was kept: a released virus says it is one.
@@ -648,6 +660,40 @@ def test_release_goes_to_the_next_hop_of_the_filter_that_kept_it(gw: Gateway) ->
     assert gw.client.get(f"/admin/quarantine/{virus}", headers=AUTH).status_code == 404
     gw.client.post(f"/admin/quarantine/{spam}/release", headers=AUTH)
     assert gw.world.released[1][0] == HostPort("postfix", 10027)
+
+
+def test_a_release_teaches_bayes_ham_unless_told_not_to(gw: Gateway) -> None:
+    """Issue 29: a release taught nothing (mailcow learns ham on every release)."""
+    first, second, third = (quarantined(gw.settings, "spamd") for _ in range(3))
+    kept = gw.client.get(f"/admin/quarantine/{first}/message", headers=AUTH).content
+    assert gw.client.post(f"/admin/quarantine/{first}/release", headers=AUTH
+                          ).json()["learned"] == "learned as ham"
+    assert gw.world.learned == [(kept, "ham")]  # as kept: without the release header
+    quiet = gw.client.post(f"/admin/quarantine/{second}/release?learn=false", headers=AUTH)
+    assert quiet.json()["learned"] == "not learned: released without learning"
+    assert len(gw.world.learned) == 1
+    gw.world.spamd_down = True  # the release stands; learning says why it did not
+    down = gw.client.post(f"/admin/quarantine/{third}/release", headers=AUTH)
+    assert down.status_code == 200 and down.json()["learned"].startswith(
+        "not learned: spamd at /run/spamd/spamd.sock")
+
+
+def test_the_admin_teaches_a_quarantined_or_uploaded_message(gw: Gateway) -> None:
+    ident = quarantined(gw.settings, "spamd")
+    learned = gw.client.post(f"/admin/quarantine/{ident}/learn?kind=spam", headers=AUTH)
+    assert learned.json() == {"kind": "spam", "learned": "learned as spam"}
+    assert gw.client.get(f"/admin/quarantine/{ident}", headers=AUTH).status_code == 200  # kept
+    again = gw.client.post(f"/admin/quarantine/{ident}/learn?kind=spam", headers=AUTH)
+    assert again.json()["learned"] == "known as spam already"
+    spam = b"From: a@x.test\r\nSubject: pills\r\n\r\ncheap pills\r\n"
+    uploaded = gw.client.post("/admin/learn/spam", content=spam, headers=AUTH)
+    assert uploaded.json() == {"kind": "spam", "learned": "learned as spam"}
+    assert gw.world.learned[-1] == (spam, "spam")
+    assert gw.client.post("/admin/learn/spam", content=spam).status_code == 401
+    assert gw.client.post("/admin/learn/junk", content=spam, headers=AUTH).status_code == 422
+    assert gw.client.post("/admin/learn/ham", content=b"x", headers=AUTH).status_code == 422
+    assert gw.client.post(f"/admin/quarantine/{ident}/learn?kind=x",
+                          headers=AUTH).status_code == 422
 
 
 def test_a_refused_release_keeps_the_message(gw: Gateway) -> None:
@@ -723,7 +769,7 @@ def test_openapi_documents_every_route_with_its_errors(gw: Gateway) -> None:
                                      "description": "SECUMAIL_ADMIN_TOKEN"}
     operations = [(path, method, op) for path, item in document["paths"].items()
                   for method, op in item.items()]
-    assert len(operations) == 20
+    assert len(operations) == 22
     for path, method, operation in operations:
         admin = path.startswith("/admin") or (path, method) == ("/probe", "post")
         assert ("401" in operation["responses"]) == admin, (path, method)

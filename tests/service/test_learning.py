@@ -1,0 +1,85 @@
+"""Learning (issue 29): SpamAssassin's Bayes taught over SPAMC TELL by SecuMail's own code,
+against a real spamd (local tests, a Bayes database of its own)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway.app import create_app
+from secumail.netaddr import HostPort
+from secumail.protocols import spamc
+from secumail.protocols.smtp import SmtpReply
+from secumail.quarantine import Quarantine, QuarantineRecord
+from secumail.settings import Settings
+from tests.support.scanners import Spamd
+
+ADMIN = "learning-admin-token-0123456789"
+SPAM = (b"From: Best Deals <deals@offers.test>\r\nTo: bob@secumail.test\r\n"
+        b"Subject: Cheap watches and pills, limited offer\r\nMessage-ID: <s1@offers.test>\r\n\r\n"
+        b"Replica watches, cheap pills, casino bonus. Click now to claim your prize money!\r\n")
+HAM = (b"From: Alice <alice@secumail.test>\r\nTo: bob@secumail.test\r\n"
+       b"Subject: Minutes of the budget meeting\r\nMessage-ID: <h1@secumail.test>\r\n\r\n"
+       b"Hi Bob, attached are the minutes of Tuesday's budget meeting. See you Friday.\r\n")
+
+
+@pytest.fixture(scope="module")
+def learning_spamd() -> Iterator[Spamd]:
+    daemon = Spamd(learning=True).start()
+    yield daemon
+    daemon.stop()
+
+
+def score(spamd: Spamd, message: bytes) -> spamc.SpamResult:
+    return asyncio.run(spamc.check(spamd.address, message, 60))
+
+
+def test_a_message_learned_as_spam_scores_bayes_99_on_its_next_copy(
+    learning_spamd: Spamd
+) -> None:
+    address = learning_spamd.address
+    assert not any(s.startswith("BAYES_") for s in score(learning_spamd, SPAM).symbols)
+    assert asyncio.run(spamc.learn(address, HAM, "ham", 60)) is True
+    assert asyncio.run(spamc.learn(address, SPAM, "spam", 60)) is True
+    assert asyncio.run(spamc.learn(address, SPAM, "spam", 60)) is False  # known already
+    next_copy = SPAM.replace(b"<s1@offers.test>", b"<s2@offers.test>")
+    assert {"BAYES_99", "BAYES_999"} & set(score(learning_spamd, next_copy).symbols)
+    assert "BAYES_00" in score(learning_spamd, HAM.replace(b"<h1@", b"<h2@")).symbols
+
+
+def test_a_release_through_the_gateway_teaches_the_real_spamd_ham(
+    learning_spamd: Spamd, tmp_path: Path
+) -> None:
+    """The gateway's release, its next hop faked, its learning real: the wanted message,
+    kept as spam, is then known to Bayes as ham."""
+    wanted = (b"From: Carol <carol@partner.test>\r\nTo: bob@secumail.test\r\n"
+              b"Subject: Invoice for the conference dinner\r\nMessage-ID: <w1@partner.test>"
+              b"\r\n\r\nDear Bob, please find the invoice for the conference dinner.\r\n")
+    settings = Settings(admin_token=ADMIN, quarantine_dir=str(tmp_path / "q"),
+                        spamassassin_address=learning_spamd.address, tracking=False,
+                        probe_interval=0, gateway_hosts=["testserver"],
+                        dkim_keys_dir=str(tmp_path / "dkim"))
+
+    class Envelope:
+        mail_from, rcpt_tos, client = "carol@partner.test", ("bob@secumail.test",), {}
+
+    ident = Quarantine(settings.quarantine_dir).store("spamd", Envelope(), wanted, "spam",
+                                                       "score 7.1")
+
+    async def release_send(hop: HostPort, record: QuarantineRecord, message: bytes
+                           ) -> SmtpReply:
+        return SmtpReply(250, ("2.0.0 Ok: queued as 1A2B",))
+
+    app: Any = create_app(settings, release_send=release_send)
+    with TestClient(app) as client:
+        released = client.post(f"/admin/quarantine/{ident}/release",
+                               headers={"Authorization": f"Bearer {ADMIN}"})
+    assert released.status_code == 200, released.text
+    assert released.json()["learned"] == "learned as ham"
+    # Known as ham now: teaching it again as ham changes nothing.
+    assert asyncio.run(spamc.learn(learning_spamd.address, wanted, "ham", 60)) is False
