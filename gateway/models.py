@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from gateway.bayes import BayesState
+
 
 class Problem(BaseModel):
     """An error: what went wrong, in a sentence."""
@@ -68,6 +70,8 @@ class HealthReport(BaseModel):
     checked_at: float
     services: list[ServiceHealth]
     probe: ProbeReport | None = Field(description="The last chain probe, if any ran yet")
+    bayes: BayesState | None = Field(None, description="SpamAssassin's Bayes: what it "
+                                     "learned (none until the spamassassin container wrote it)")
 
 
 # --- greylist ---------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from gateway.bayes import read_state, status_path
 from gateway.canary import ProbeOutcome
 from gateway.context import GatewayDep, problem
 from gateway.health import HopResult
@@ -83,6 +85,8 @@ async def health(gateway: GatewayDep) -> HealthReport:
         checked_at=gateway.checker.checked_at,
         services=[service_health(r) for r in results],
         probe=probe_report(last) if last else None,
+        bayes=await asyncio.to_thread(
+            read_state, status_path(gateway.settings.spamassassin_address)),
     )
 
 

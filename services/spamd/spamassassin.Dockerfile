@@ -12,11 +12,11 @@ RUN apt-get update \
 # releases and reports over SPAMC TELL (--allow-tell: only the spamd filter and the gateway
 # reach the socket); tokens expire on their own (bayes_auto_expire), so it stays bounded.
 COPY services/spamd/bayes.cf /etc/spamassassin/secumail-bayes.cf
+COPY services/spamd/spamassassin-entrypoint.sh /usr/local/bin/spamassassin-entrypoint
 VOLUME ["/var/lib/spamassassin/bayes"]
 USER debian-spamd
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
   CMD ["spamc", "-U", "/run/spamd/spamd.sock", "-K"]
-# SPAMD_OPTIONS: -L (local tests only) in the test overlay; children as cores allow. A socket
-# left by a killed spamd would stop the next one from listening: removed first.
+# SPAMD_OPTIONS: -L (local tests only) in the test overlay; children as cores allow.
 ENV SPAMD_OPTIONS="--max-children=2 --min-children=1"
-CMD ["sh", "-c", "rm -f /run/spamd/spamd.sock; exec spamd --socketpath=/run/spamd/spamd.sock --socketmode=0666 -x --allow-tell --syslog=stderr $SPAMD_OPTIONS"]
+CMD ["spamassassin-entrypoint"]

@@ -852,3 +852,23 @@ def test_requests_for_other_host_names_are_refused(gw: Gateway) -> None:
     assert raw.get("/healthz", headers={"Host": "10.0.0.1:8080"}).status_code == 200
     assert raw.get("/healthz", headers={"Host": "mx.secumail.test"}).status_code == 200
 
+
+
+def test_bayes_state_in_health_and_metrics(make_gateway: Any, tmp_path: Path) -> None:
+    """Issue 29: what Bayes has learned, as the spamassassin container wrote it beside its
+    socket; nothing while it has written nothing."""
+    sockets = tmp_path / "spamd"
+    sockets.mkdir()
+    gateway = make_gateway(spamassassin_address=str(sockets / "spamd.sock"))
+    assert gateway.client.get("/health").json()["bayes"] is None
+    (sockets / "bayes").write_text('{"spam": 512, "ham": 2503, "tokens": 140000, '
+                                   '"newest": 1796600000, "checked": 1796600100}\n')
+    assert gateway.client.get("/health").json()["bayes"] == {
+        "spam": 512, "ham": 2503, "tokens": 140000, "newest": 1796600000.0,
+        "checked": 1796600100.0}
+    lines = [line for line in gateway.client.get("/metrics").text.splitlines()
+             if line.startswith("secumail_bayes_learned{")]
+    assert any('kind="spam"' in line and line.endswith(" 512.0") for line in lines), lines
+    assert any('kind="ham"' in line and line.endswith(" 2503.0") for line in lines), lines
+    (sockets / "bayes").write_text("{half written")
+    assert gateway.client.get("/health").json()["bayes"] is None
