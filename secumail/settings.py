@@ -206,6 +206,10 @@ class Settings(BaseSettings):
     spam_report_symbols: bool = True
     spamd_fail_open: bool = False
     spam_max_size: int = Field(512_000, ge=0)
+    # Users' reports (services/spamd/reports.py): local parts, at each of our domains.
+    spam_report_address: str = Field("", pattern=r"^[A-Za-z0-9._+-]{0,64}$")
+    ham_report_address: str = Field("", pattern=r"^[A-Za-z0-9._+-]{0,64}$")
+    report_max_per_hour: int = Field(50, ge=1)
 
     # --- DKIM milter (10028) ------------------------------------------------------------
     dkim_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:10028")

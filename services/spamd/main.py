@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from prometheus_client import Counter
+
 from secumail.backend import BackendError
+from secumail.forwarded import ForwardedClient
 from secumail.protocols import spamc
 from secumail.relay import (
     BACKEND_ERRORS,
@@ -13,11 +16,21 @@ from secumail.relay import (
 )
 from secumail.runtime import run_service
 from secumail.settings import Settings, load_settings
+from services.spamd import reports
 from services.spamd.verdict import oversized_verdict, spam_verdict, unchecked_verdict
+
+REPORTS_LEARNED = Counter("secumail_filter_reports_learned",
+                          "Messages users reported, learned by SpamAssassin's Bayes", ["kind"])
 
 
 def make_filter(settings: Settings) -> FilterService:
+    report_addresses = reports.ReportAddresses.for_domains(
+        settings.spam_report_address, settings.ham_report_address, settings.domains)
+    budget = reports.ReportBudget(settings.report_max_per_hour)
+
     async def inspect(info: MessageInfo, message: bytes) -> Verdict:
+        if kind := report_addresses.kind_of(info.rcpt_tos):
+            return await learn_report(info, message, kind)
         if settings.spam_max_size and len(message) > settings.spam_max_size:
             return oversized_verdict(len(message), settings.spam_max_size)
         try:
@@ -30,6 +43,34 @@ def make_filter(settings: Settings) -> FilterService:
             result, settings.spam_tag_score, settings.spam_reject_score, settings.spam_action,
             settings.spam_report_symbols,
         )
+
+    async def learn_report(info: MessageInfo, message: bytes, kind: reports.Kind) -> Verdict:
+        """A user's report: learned, never delivered; refused from outside."""
+        client = ForwardedClient.from_xforward(info.client)
+        if not reports.may_report(client, settings.trusted_networks):
+            return Verdict("reject", "report", f"a {kind} report from outside",
+                           reply="550 5.7.1 Reports are taken from this site's own users only")
+        found = reports.reported_messages(message)
+        if not found:
+            return Verdict("reject", "report", f"a {kind} report with no message attached",
+                           reply="550 5.7.1 Attach the message you report (forward it as "
+                           "an attachment)")
+        allowed = budget.take(info.mail_from, len(found))
+        if not allowed:
+            return Verdict("tempfail", "report", f"over {settings.report_max_per_hour} "
+                           "reports this hour", reply="450 4.7.1 Too many reports this hour, "
+                           "please try again later")
+        learned = 0
+        for reported in found[:allowed]:
+            try:
+                learned += await spamc.learn(settings.spamassassin_address, reported, kind,
+                                             settings.relay_timeout)
+            except BackendError as error:
+                BACKEND_ERRORS.labels("spamd").inc()
+                return unchecked_verdict(str(error), fail_open=False)
+        REPORTS_LEARNED.labels(kind).inc(allowed)
+        return Verdict("drop", "report", f"{allowed} reported as {kind} by {info.mail_from}, "
+                       f"{learned} new to Bayes")
 
     return filter_service(
         "spamd", settings.spamd_listen, settings.spamd_next_hop,

@@ -4,7 +4,11 @@ against a real spamd (local tests, a Bayes database of its own)."""
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
+import smtplib
 from collections.abc import Iterator
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,9 @@ from secumail.protocols import spamc
 from secumail.protocols.smtp import SmtpReply
 from secumail.quarantine import Quarantine, QuarantineRecord
 from secumail.settings import Settings
+from tests.support.processes import free_port, service_env, start_service
 from tests.support.scanners import Spamd
+from tests.support.sink import SmtpSink
 
 ADMIN = "learning-admin-token-0123456789"
 SPAM = (b"From: Best Deals <deals@offers.test>\r\nTo: bob@secumail.test\r\n"
@@ -83,3 +89,57 @@ def test_a_release_through_the_gateway_teaches_the_real_spamd_ham(
     assert released.json()["learned"] == "learned as ham"
     # Known as ham now: teaching it again as ham changes nothing.
     assert asyncio.run(spamc.learn(learning_spamd.address, wanted, "ham", 60)) is False
+
+
+def report(port: int, client: str, sender: str, recipient: str, attached: bytes
+           ) -> tuple[int, bytes]:
+    """A user forwards `attached` as an attachment to a report address, through the spamd
+    filter, Postfix's XFORWARD naming the client."""
+    forward = EmailMessage()
+    forward["From"], forward["To"], forward["Subject"] = sender, recipient, "Fwd: spam"
+    forward.set_content("This one got through.\n")
+    forward.add_attachment(email.message_from_bytes(attached, policy=email.policy.default))
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+        smtp.ehlo("mx.secumail.test")
+        assert smtp.docmd("XFORWARD", f"ADDR={client} NAME=unknown HELO=pc.test "
+                          "PROTO=ESMTP")[0] == 250
+        assert smtp.mail(sender)[0] == 250
+        assert smtp.rcpt(recipient)[0] == 250
+        return smtp.data(forward.as_bytes(policy=forward.policy.clone(linesep="\r\n")))
+
+
+def test_users_report_spam_by_forwarding_it_and_outsiders_cannot(
+    learning_spamd: Spamd, sink: SmtpSink, tmp_path: Path
+) -> None:
+    """Issue 29: a user forwards a spam to spam@; it is learned and delivered to nobody.
+    The same report from a client outside mynetworks, unauthenticated, is refused (550) and
+    teaches nothing; and a sender's reports are counted (2 an hour here)."""
+    port = free_port()
+    daemon = start_service("secumail-spamd", service_env(
+        spamd_listen=f"127.0.0.1:{port}", spamd_next_hop=f"127.0.0.1:{sink.port}",
+        spamassassin_address=learning_spamd.address, quarantine_dir=str(tmp_path / "q"),
+        domains="secumail.test", spam_report_address="spam", report_max_per_hour="2",
+        mynetworks="127.0.0.0/8,192.0.2.0/24"), "SECUMAIL_SPAMD_LISTEN")
+    forged = SPAM.replace(b"<s1@offers.test>", b"<forged@offers.test>").replace(
+        b"Cheap watches", b"Lottery winnings")
+    try:
+        asyncio.run(spamc.learn(learning_spamd.address, HAM, "ham", 60))
+        code, reply = report(port, "203.0.113.9", "x@evil.test", "spam@secumail.test", HAM)
+        assert (code, reply) == (550, b"5.7.1 Reports are taken from this site's own users "
+                                 b"only")
+        # Nothing learned from it: the ham is still known as ham, not relearned as spam.
+        assert asyncio.run(spamc.learn(learning_spamd.address, HAM, "ham", 60)) is False
+        code, reply = report(port, "192.0.2.10", "bob@secumail.test", "spam@secumail.test",
+                             forged)
+        assert code == 250 and b"discarded (1 reported as spam" in reply, reply
+        assert asyncio.run(spamc.learn(learning_spamd.address, forged, "spam", 60)) is False
+        assert report(port, "192.0.2.10", "bob@secumail.test", "spam@secumail.test",
+                      forged.replace(b"<forged@", b"<f2@"))[0] == 250
+        code, reply = report(port, "192.0.2.10", "bob@secumail.test", "spam@secumail.test",
+                             forged.replace(b"<forged@", b"<f3@"))
+        assert (code, reply) == (450, b"4.7.1 Too many reports this hour, please try again "
+                                 b"later")
+        assert sink.handler.messages == []  # a report is delivered to nobody
+        assert daemon.logged("verdict=report")
+    finally:
+        daemon.stop()
