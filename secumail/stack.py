@@ -21,6 +21,8 @@ takes, handling what Swarm ignores or does differently:
   `docker secret create`), read as files by the services; greylisting is in Redis.
 - files bound from the host (secumail.env): Docker configs, named by their content's hash
   (a config cannot change; a new one is made when the file does).
+- networks: overlays encrypted (IPsec between nodes). `cap_drop`/`cap_add` are kept;
+  `security_opt` (no-new-privileges) is not, Swarm services have no such option.
 - placement: services holding state run on the node labelled secumail.state=true, the
   filters and their scanners on nodes labelled secumail.filters=true (one clamd and one
   spamd per such node: the filters reach them over that node's socket volumes).
@@ -176,7 +178,9 @@ def swarm_deploy(name: str, service: dict[str, Any]) -> dict[str, Any]:
 
 
 def swarm_network(network: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"driver": "overlay"}
+    # Encrypted (IPsec between nodes): SMTP between the hops, Redis's AUTH and the tracking
+    # events cross the network between nodes in clear otherwise.
+    out: dict[str, Any] = {"driver": "overlay", "driver_opts": {"encrypted": "true"}}
     if network.get("ipam"):
         out["ipam"] = network["ipam"]
     return out

@@ -77,7 +77,8 @@ def test_what_swarm_ignores_is_gone_or_translated(tmp_path: Path) -> None:
     assert stack["services"]["clamav"]["deploy"]["replicas"] == 3
     assert postfix["deploy"]["restart_policy"]["condition"] == "any"
     assert stack["networks"]["edge"] == {
-        "driver": "overlay", "ipam": {"config": [{"subnet": "172.29.124.0/24"}]}}
+        "driver": "overlay", "driver_opts": {"encrypted": "true"},
+        "ipam": {"config": [{"subnet": "172.29.124.0/24"}]}}
     assert stack["volumes"] == {"queue": {}}  # Swarm names them after the stack
 
 
