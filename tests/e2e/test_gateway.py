@@ -317,3 +317,43 @@ def test_a_double_extension_in_a_zip_is_refused_and_a_clean_pdf_passes(
     found = gateway.metrics()
     assert total(found, "secumail_filter_attachment_findings_total",
                  rule="double-extension") >= 1
+
+
+def learned_spam(container: str) -> int:
+    """nspam of the Bayes database a spamassassin container reads (sa-learn as spamd's user)."""
+    dump = subprocess.run(["docker", "exec", container, "sa-learn", "--dump", "magic"],
+                          capture_output=True, text=True, check=True).stdout
+    [line] = [line for line in dump.splitlines() if line.endswith("non-token data: nspam")]
+    return int(line.split()[2])
+
+
+def test_what_one_spamassassin_learned_every_replica_knows_and_keeps(
+    stack: Stack, gateway: Gateway
+) -> None:
+    """Issue 29: Bayes lived inside the container (lost on every recreate, one per replica).
+    A spam the admin uploads is learned once, in the bayes volume: a second replica knows
+    it, and so does a container made anew (`up -d --force-recreate`)."""
+    spam = (f"From: Prize Desk <win@lottery.test>\r\nTo: dave@secumail.test\r\n"
+            f"Subject: You won {uuid.uuid4().hex}\r\nMessage-ID: <{uuid.uuid4().hex}@lottery"
+            f".test>\r\n\r\nClaim your lottery prize money now, send your bank details.\r\n"
+            ).encode()
+    request = urllib.request.Request(gateway.base + "/admin/learn/spam", data=spam,
+                                     method="POST")
+    request.add_header("Authorization", f"Bearer {ADMIN}")
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert json.loads(response.read()) == {"kind": "spam", "learned": "learned as spam"}
+    [first] = stack.containers("spamassassin")
+    learned = learned_spam(first)
+    assert learned >= 1
+    try:
+        compose(stack, "up", "-d", "--no-deps", "--no-recreate", "--scale", "spamassassin=2",
+                "spamassassin")
+        stack.wait_healthy(["spamassassin"])
+        second = next(c for c in stack.containers("spamassassin") if c != first)
+        assert learned_spam(second) == learned
+    finally:
+        compose(stack, "up", "-d", "--no-deps", "--force-recreate", "--scale",
+                "spamassassin=1", "spamassassin")
+        stack.wait_healthy(["spamassassin", "spamd"])
+    [anew] = stack.containers("spamassassin")
+    assert anew != first and learned_spam(anew) == learned
