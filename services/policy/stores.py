@@ -255,7 +255,10 @@ class RedisStore:
         }
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(name, mapping=mapping)
-            pipe.expireat(name, int(lifetime(entry, self.max_age, self.retry_window)) + 1)
+            # Relative to the entry's own last sight (now, when the policy service stores
+            # it): no replica's clock skew, nor a test's clock, shortens or stretches it.
+            seconds = lifetime(entry, self.max_age, self.retry_window) - entry.last_seen
+            pipe.expire(name, max(1, int(seconds) + 1))
             await pipe.execute()
 
     async def count_pass(self, network: str, now: float) -> None:
