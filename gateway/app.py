@@ -104,7 +104,8 @@ def create_app(
     if settings.tracking:
         gateway.tracking = tracking_store or TrackingStore(
             settings.tracking_db, settings.tracking_retention_days * 86400,
-            settings.tracking_max_events)
+            settings.tracking_max_events, search_events=settings.tracking_search_events,
+            search_seconds=settings.tracking_search_seconds)
 
     async def event_sources() -> list[Target]:
         """Every replica that serves a metrics listener, as the health rounds found them."""

@@ -37,10 +37,13 @@ def _clock(moment: float, with_date: bool) -> str:
                          time.localtime(moment))
 
 
-def render(messages: list[dict[str, Any]]) -> str:
-    """The messages as an admin reads them: one summary line, then a line per event."""
+def render(messages: list[dict[str, Any]], cut: str = "") -> str:
+    """The messages as an admin reads them: one summary line, then a line per event; and,
+    when the gateway cut the search short, why."""
+    note = (f"not every message: the search was cut short ({cut}); narrow it (--since, one "
+            "more criterion) to see the rest\n") if cut else ""
     if not messages:
-        return "no message found\n"
+        return "no message found\n" + note
     lines = []
     for message in messages:
         recipients = ",".join(message["recipients"]) or "?"
@@ -53,7 +56,7 @@ def render(messages: list[dict[str, Any]]) -> str:
             lines.append(f"  {_clock(event['time'], False)}  {event['service']:<8} "
                          f"{event['outcome']:<11} {event['detail']}  [{event['replica']}]")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines) + note
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     answer = response.json()
     sys.stdout.write(json.dumps(answer, indent=2) + "\n" if args.json
-                     else render(answer["messages"]))
+                     else render(answer["messages"], answer.get("cut", "")))
     return 0
 
 

@@ -249,6 +249,8 @@ class Settings(BaseSettings):
     tracking_retention_days: float = Field(7.0, gt=0)
     tracking_max_events: int = Field(2_000_000, ge=1000)
     tracking_interval: float = Field(2.0, gt=0)
+    tracking_search_seconds: float = Field(1.5, gt=0, le=60)
+    tracking_search_events: int = Field(20_000, ge=1000)
     # The operator's console (/console): its sign-in cookie is Secure (sent over HTTPS only,
     # and over plain HTTP to localhost, which browsers count as secure).
     console_secure_cookie: bool = True

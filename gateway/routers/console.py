@@ -211,6 +211,9 @@ async def tracking_page(request: Request, gateway: Gateway, csrf: str) -> HTMLRe
         else:
             messages = found["messages"]
             body += f'<h2>{len(messages)} message{"s" if len(messages) != 1 else ""}</h2>'
+            if found["truncated"]:
+                body += (f'<p class="flash" role="status">Not every message: the search was '
+                         f'cut short ({esc(found["cut"])}). Add a criterion to see the rest.</p>')
             body += "".join(message_html(m) for m in messages) or \
                 '<p class="muted">No message matches.</p>'
     else:

@@ -18,7 +18,9 @@ router = APIRouter(prefix="/admin/tracking", tags=["tracking"])
     description="Each message one of whose events matches every criterion given, newest "
     "first: its path hop by hop (service, replica, outcome, why, queue ids) and where it "
     "ended (delivered, bounced, refused, greylisted, deferred, quarantined, dropped...). "
-    "Refusals before a queue id (greylisting, SPF, DNSBL, relay) are found too.",
+    "Refusals before a queue id (greylisting, SPF, DNSBL, relay) are found too. One search "
+    "reads a bounded number of events in a bounded time: `truncated` says when it stopped "
+    "short of every message matching, `cut` why (narrow it to see the rest).",
     responses={400: problem("No criterion given"), 503: problem("Tracking is off")},
 )
 async def search(
@@ -37,5 +39,6 @@ async def search(
     if not any(criteria.values()):
         raise HTTPException(400, "give a sender, recipient, client, message_id or queue_id")
     wanted = Search(**criteria, since=since, until=until or float("inf"), limit=limit)
-    traces = await asyncio.to_thread(gateway.tracking.search, wanted)
-    return {"messages": [t.to_dict() for t in traces]}
+    found = await asyncio.to_thread(gateway.tracking.find, wanted)
+    return {"messages": [t.to_dict() for t in found.traces], "truncated": bool(found.cut),
+            "cut": found.why}
