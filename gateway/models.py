@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from gateway.bayes import BayesState
+from secumail.protocols.spamc import Kind
 
 
 class Problem(BaseModel):
@@ -138,7 +139,7 @@ class ReleaseReport(BaseModel):
 
 
 class LearnReport(BaseModel):
-    kind: Literal["spam", "ham"]
+    kind: Kind
     learned: str = Field(description="learned as KIND, known as KIND already, or not "
                          "learned: why")
 

@@ -13,7 +13,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
 
 from secumail.backend import BackendError
 from secumail.chain import chain
@@ -28,13 +27,13 @@ from secumail.protocols.smtp import (
     SmtpUnavailable,
     deliver,
 )
+from secumail.protocols.spamc import Kind
 from secumail.quarantine import Quarantine, QuarantineRecord
 from secumail.settings import Settings
 
 RELEASE_HEADER = "X-SecuMail-Released"
 log = logging.getLogger("secumail.gateway")
 
-Kind = Literal["spam", "ham"]
 # (message, spam or ham) -> whether SpamAssassin's Bayes learned it (False: knew it already).
 Learn = Callable[[bytes, Kind], Awaitable[bool]]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from secumail.netaddr import IPAddress, parse_ip
+from secumail.netaddr import IPAddress, Network, parse_ip
 
 HEADER = "X-SecuMail-Client"
 _UNSAFE = re.compile(r"[^!-~]|[;\"\\]")
@@ -31,6 +31,11 @@ class ForwardedClient:
     @property
     def authenticated(self) -> bool:
         return self.protocol.upper() in AUTHENTICATED
+
+    def trusted(self, networks: list[Network]) -> bool:
+        """One of our own users: authenticated, or from one of `networks` (mynetworks)."""
+        return self.authenticated or (
+            self.address is not None and any(self.address in net for net in networks))
 
     @classmethod
     def from_xforward(cls, xforward: dict[str, str]) -> ForwardedClient:

@@ -123,11 +123,7 @@ def refusal_after_queue(verdict: Verdict, client: ForwardedClient,
     the message to its envelope sender, whom spammers and viruses forge: backscatter. So it
     is kept in quarantine instead, unless the client was trusted (mynetworks, or
     authenticated), whose own users deserve their bounce."""
-    if verdict.action != "reject":
-        return verdict
-    trusted = client.authenticated or (
-        client.address is not None and any(client.address in net for net in mynetworks))
-    if trusted:
+    if verdict.action != "reject" or client.trusted(mynetworks):
         return verdict
     return replace(verdict, action="quarantine",
                    reason=f"{verdict.reason}; quarantined, not refused: a bounce would go to "

@@ -3,12 +3,11 @@ or a wanted message that was refused (its sender's copy, or one a user forwarded
 
 from __future__ import annotations
 
-from typing import Literal
-
 from fastapi import APIRouter, HTTPException, Request
 
 from gateway.context import GatewayDep, invalid, problem
 from gateway.models import LearnReport
+from secumail.protocols.spamc import Kind
 
 router = APIRouter(prefix="/admin/learn", tags=["learning"])
 MAX_MESSAGE = 10 * 1024 * 1024  # SECUMAIL_MESSAGE_SIZE_LIMIT's default: no mail is larger
@@ -18,7 +17,7 @@ MAX_MESSAGE = 10 * 1024 * 1024  # SECUMAIL_MESSAGE_SIZE_LIMIT's default: no mail
              summary="Teach SpamAssassin's Bayes that this message (the request's body, as "
              "raw RFC 5322 text) is spam or ham",
              responses={413: problem("Larger than any mail")})
-async def learn_uploaded(kind: Literal["spam", "ham"], request: Request,
+async def learn_uploaded(kind: Kind, request: Request,
                          gateway: GatewayDep) -> LearnReport:
     if int(request.headers.get("content-length") or 0) > MAX_MESSAGE:
         raise HTTPException(413, f"a message is at most {MAX_MESSAGE} bytes")

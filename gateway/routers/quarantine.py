@@ -7,7 +7,7 @@ import email.parser
 import email.policy
 import logging
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import JSONResponse
@@ -22,6 +22,7 @@ from gateway.models import (
 )
 from gateway.quarantine import ReleaseRefused
 from secumail.logs import log_event
+from secumail.protocols.spamc import Kind
 from secumail.quarantine import QuarantineRecord
 
 log = logging.getLogger("secumail.gateway")
@@ -106,7 +107,7 @@ async def release_quarantine(
              responses=NOT_FOUND)
 async def learn_quarantined(
     ident: str, gateway: GatewayDep,
-    kind: Literal["spam", "ham"] = Query(description="spam: rightly kept; ham: wrongly"),
+    kind: Annotated[Kind, Query(description="spam: rightly kept; ham: wrongly")],
 ) -> LearnReport:
     message = await asyncio.to_thread(gateway.quarantine.quarantine.message, ident)
     if message is None:

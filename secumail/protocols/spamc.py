@@ -11,6 +11,7 @@ from secumail.backend import BackendError, open_backend, ping
 from secumail.logs import describe
 
 MAX_REPLY = 64 * 1024
+Kind = Literal["spam", "ham"]  # what TELL teaches a message is (its Message-class)
 _SPAM_LINE = re.compile(r"^Spam:\s*(\w+)\s*;\s*(-?[\d.]+)\s*/\s*(-?[\d.]+)\s*$", re.I | re.M)
 
 
@@ -39,7 +40,7 @@ def parse_reply(reply: bytes) -> SpamResult:
     return SpamResult(float(found.group(2)), symbols)
 
 
-def build_tell(message: bytes, kind: Literal["spam", "ham"], user: str = "secumail") -> bytes:
+def build_tell(message: bytes, kind: Kind, user: str = "secumail") -> bytes:
     """TELL: learn the message as spam or ham into the local Bayes database (spamd must run
     with --allow-tell). A message learned as the other kind before is relearned."""
     head = (f"TELL SPAMC/1.5\r\nContent-length: {len(message)}\r\nMessage-class: {kind}\r\n"
@@ -81,8 +82,7 @@ async def check(address: str, message: bytes, timeout: float) -> SpamResult:
     return parse_reply(await _exchange(address, build_request(message), timeout))
 
 
-async def learn(address: str, message: bytes, kind: Literal["spam", "ham"],
-                timeout: float) -> bool:
+async def learn(address: str, message: bytes, kind: Kind, timeout: float) -> bool:
     """Teach spamd's Bayes database that this message is spam or ham: True when learned,
     False when it knew it already as that kind. BackendError when spamd cannot learn."""
     return parse_tell_reply(await _exchange(address, build_tell(message, kind), timeout))

@@ -208,8 +208,7 @@ class MilterSession:
         return ForwardedClient(self.client_ip, self.helo, "ESMTPA" if authenticated else "")
 
     def _internal(self) -> bool:
-        origin = self._origin()
-        return origin.authenticated or self.settings.in_mynetworks(origin.address)
+        return self._origin().trusted(self.settings.trusted_networks)
 
     def _decide(self) -> None:
         """At end of headers: sign, verify or let pass, and set up the body hashers."""

@@ -44,10 +44,10 @@ def make_filter(settings: Settings) -> FilterService:
             settings.spam_report_symbols,
         )
 
-    async def learn_report(info: MessageInfo, message: bytes, kind: reports.Kind) -> Verdict:
+    async def learn_report(info: MessageInfo, message: bytes, kind: spamc.Kind) -> Verdict:
         """A user's report: learned, never delivered; refused from outside."""
-        client = ForwardedClient.from_xforward(info.client)
-        if not reports.may_report(client, settings.trusted_networks):
+        # Only our own users teach: mynetworks, or an authenticated session.
+        if not ForwardedClient.from_xforward(info.client).trusted(settings.trusted_networks):
             return Verdict("reject", "report", f"a {kind} report from outside",
                            reply="550 5.7.1 Reports are taken from this site's own users only")
         found = reports.reported_messages(message)

@@ -18,12 +18,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email import message_from_bytes, policy
 from email.message import Message
-from typing import Literal
 
-from secumail.forwarded import ForwardedClient
-from secumail.netaddr import Network
+from secumail.protocols.spamc import Kind
 
-Kind = Literal["spam", "ham"]
 MAX_REPORTED = 20  # messages taken from one report (the rest is left out)
 MAX_SENDERS = 10_000  # senders whose reports are counted at once
 
@@ -50,12 +47,6 @@ class ReportAddresses:
         if addresses & self.ham:
             return "ham"
         return None
-
-
-def may_report(client: ForwardedClient, trusted: list[Network]) -> bool:
-    """Only our own users teach: mynetworks, or an authenticated session."""
-    return client.authenticated or (
-        client.address is not None and any(client.address in net for net in trusted))
 
 
 class ReportBudget:

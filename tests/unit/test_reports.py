@@ -10,7 +10,6 @@ from services.spamd.reports import (
     MAX_REPORTED,
     ReportAddresses,
     ReportBudget,
-    may_report,
     reported_messages,
 )
 
@@ -32,9 +31,9 @@ def test_only_our_own_users_may_report() -> None:
     inside = ForwardedClient(ipaddress.ip_address("192.0.2.7"), "pc", "ESMTP")
     outside = ForwardedClient(ipaddress.ip_address("203.0.113.7"), "pc", "ESMTP")
     authenticated = ForwardedClient(ipaddress.ip_address("203.0.113.7"), "pc", "ESMTPSA")
-    assert may_report(inside, TRUSTED) and may_report(authenticated, TRUSTED)
-    assert not may_report(outside, TRUSTED)
-    assert not may_report(ForwardedClient(None, "", ""), TRUSTED)
+    assert inside.trusted(TRUSTED) and authenticated.trusted(TRUSTED)
+    assert not outside.trusted(TRUSTED)
+    assert not ForwardedClient(None, "", "").trusted(TRUSTED)
 
 
 def test_ten_thousand_reports_from_one_sender_are_bounded() -> None:
