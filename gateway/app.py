@@ -100,6 +100,7 @@ def create_app(
         wrong_tokens=WrongTokens(settings.gateway_wrong_tokens,
                                  settings.gateway_wrong_token_window),
     )
+    gateway.quarantine.track = gateway.track  # releases and learning, as tracking events
     tracking_metrics = TrackingMetrics(registry)
     if settings.tracking:
         gateway.tracking = tracking_store or TrackingStore(

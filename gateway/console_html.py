@@ -74,6 +74,13 @@ def button_form(action: str, label: str, csrf: str, fields: dict[str, str] | Non
             f'{hidden}<button type="submit">{esc(label)}</button></form>')
 
 
+def page_button(action: str, label: str) -> str:
+    """A button that opens a page (GET: it changes nothing, so it carries no CSRF token),
+    such as the step that asks to confirm an action."""
+    return (f'<form class="inline" method="get" action="{esc(action)}">'
+            f'<button type="submit">{esc(label)}</button></form>')
+
+
 def table(headings: Iterable[str], rows: Iterable[Iterable[str]], empty: str) -> str:
     """Cells are HTML already (escape what they show). No headings: no header row."""
     body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>"

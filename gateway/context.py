@@ -4,7 +4,9 @@ on the application, and handed to each route by FastAPI (`GatewayDep`)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -19,9 +21,10 @@ from gateway.canary import ChainProbe
 from gateway.health import HealthChecker
 from gateway.models import Problem
 from gateway.quarantine import QuarantineAdmin
-from gateway.tracking import TrackingStore
+from gateway.tracking import StoredEvent, TrackingStore
 from secumail.logs import log_event
 from secumail.settings import Settings
+from secumail.tracking import Event
 from services.policy.stores import GreylistStore
 
 log = logging.getLogger("secumail.gateway")
@@ -48,6 +51,19 @@ class Gateway:
         if self._store is None:
             self._store = self.open_store()
         return self._store
+
+    async def track(self, event: Event) -> None:
+        """Store one of the gateway's own events (a release, a learning act) beside those it
+        collects from the replicas, at once (it is the store's one writer), this gateway
+        named as its replica. Nothing when tracking is off; never raises: tracking must not
+        undo or refuse what the admin did."""
+        if self.tracking is None:
+            return
+        try:
+            await asyncio.to_thread(self.tracking.add_own, [StoredEvent(event, self.instance)])
+        except (OSError, sqlite3.Error) as error:
+            log_event(log, "tracking event not stored", logging.WARNING, outcome=event.outcome,
+                      error=f"{type(error).__name__}: {error}")
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
+from secumail import tracking
 from secumail.backend import BackendError
 from secumail.chain import chain
 from secumail.logs import log_event
-from secumail.message import header_block
+from secumail.message import header_block, header_block_end
 from secumail.netaddr import HostPort
 from secumail.protocols.smtp import (
     Envelope,
@@ -36,6 +39,10 @@ log = logging.getLogger("secumail.gateway")
 
 # (message, spam or ham) -> whether SpamAssassin's Bayes learned it (False: knew it already).
 Learn = Callable[[bytes, Kind], Awaitable[bool]]
+# Stores one of the gateway's own tracking events (Gateway.track); never raises.
+Track = Callable[[tracking.Event], Awaitable[None]]
+SERVICE = "gateway"  # the service the gateway's own events name
+WITHOUT_LEARNING = "not learned: released without learning"
 
 
 class ReleaseRefused(Exception):
@@ -71,32 +78,44 @@ def release_headers(record: QuarantineRecord) -> list[tuple[str, str]]:
 class QuarantineAdmin:
     def __init__(self, quarantine: Quarantine, hops: dict[str, HostPort], hostname: str,
                  timeout: float, send: ReleaseSend | None = None,
-                 learn: Learn | None = None) -> None:
+                 learn: Learn | None = None, track: Track | None = None) -> None:
         self.quarantine = quarantine
         self.hops = hops
         self.hostname = hostname
         self.timeout = timeout
         self.send = send or self._send
         self.learn = learn
+        self.track = track  # None: no tracking (set by create_app, once the gateway is built)
 
-    async def teach(self, message: bytes, kind: Kind, source: str) -> str:
+    async def teach(self, message: bytes, kind: Kind, by: str,
+                    kept: QuarantineRecord | None = None) -> str:
         """Teach SpamAssassin's Bayes this message's kind: "learned as KIND", "known as
         KIND already", or "not learned: WHY". Never raises: a release is not undone because
-        spamd could not learn from it."""
+        spamd could not learn from it. `by`: who asked, as tracking shows it ("the admin,
+        uploading it (API)"); `kept`: the message's quarantine record, when it is one (its
+        envelope links the event to the message's path)."""
         if self.learn is None:
-            return "not learned: no spamd to teach"
-        try:
-            learned = await self.learn(message, kind)
-        except BackendError as error:
-            log_event(log, "learning failed", logging.WARNING, kind=kind, source=source,
-                      error=str(error)[:200])
-            return f"not learned: {error}"
-        log_event(log, "learned", kind=kind, source=source, new=learned)
-        return f"learned as {kind}" if learned else f"known as {kind} already"
+            result = "not learned: no spamd to teach"
+        else:
+            try:
+                learned = await self.learn(message, kind)
+            except BackendError as error:
+                log_event(log, "learning failed", logging.WARNING, kind=kind, source=by,
+                          error=str(error)[:200])
+                result = f"not learned: {error}"
+            else:
+                log_event(log, "learned", kind=kind, source=by, new=learned)
+                result = tracking.learned_result(kind, learned)
+        await self._track(tracking.learning_event(SERVICE, kind, by, result, message,
+                                                  **self._envelope(kept)))
+        return result
 
-    async def release(self, ident: str, learn: bool = True) -> Released | None:
+    async def release(self, ident: str, learn: bool = True, via: str = "API"
+                      ) -> Released | None:
         """Deliver a kept message past the filter that kept it; then, unless `learn` is
-        False, teach Bayes it is ham (the admin said it was wanted: mailcow's way)."""
+        False, teach Bayes it is ham (the admin said it was wanted: mailcow's way). `via`:
+        how the admin asked (API, console), as tracking shows it."""
+        started = time.time()
         record = await asyncio.to_thread(self.quarantine.record, ident)
         message = await asyncio.to_thread(self.quarantine.message, ident)
         if record is None or message is None:
@@ -108,9 +127,30 @@ class QuarantineAdmin:
         if not reply.ok:
             raise ReleaseRefused("DATA", reply)
         await asyncio.to_thread(self.quarantine.delete, ident)
-        learned = await self.teach(message, "ham", f"release {ident}") if learn \
-            else "not learned: released without learning"
+        final = str(reply).split("\r\n")[-1]
+        await self._track(tracking.event(
+            SERVICE, "released",
+            f"{ident} by the admin ({via}) to {target}: {final[:200]}"
+            + ("" if learn else "; released without learning"),
+            next_queue_id=tracking.queued_as(final),
+            message_id=tracking.message_id_of(message, header_block_end(message)),
+            at=started, **self._envelope(record)))
+        learned = await self.teach(message, "ham", f"the admin, releasing {ident} ({via})",
+                                   record) if learn else WITHOUT_LEARNING
         return Released(str(target), str(reply), learned)
+
+    @staticmethod
+    def _envelope(record: QuarantineRecord | None) -> dict[str, Any]:
+        """What a quarantine record says of its message for tracking: its envelope, client
+        and queue id, as the filter that kept it recorded them."""
+        if record is None:
+            return {}
+        return {"client": record.client.get("ADDR", ""), "sender": record.mail_from,
+                "recipients": record.rcpt_tos, "queue_id": record.client.get("IDENT", "")}
+
+    async def _track(self, event: tracking.Event) -> None:
+        if self.track is not None:
+            await self.track(event)
 
     async def _send(self, target: HostPort, record: QuarantineRecord, message: bytes
                     ) -> SmtpReply:

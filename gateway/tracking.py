@@ -41,7 +41,8 @@ ATTACH_WINDOW = 24 * 3600.0
 # ... or the message it came just after: Postfix logs a before-queue refusal by the filters
 # once they answered, after the filters' own events (dated when they got the message).
 AFTER_SLACK = 120.0
-# Outcomes that say where a message ended, over those that say it moved on.
+# Outcomes that do not say where a message ended: a hop passed it on, Bayes learned it.
+NOT_WHERE_IT_ENDED = frozenset({"passed", "learned"})
 PAGES_PER_ROUND = 10  # /events answers 5,000 at most: 50,000 per replica per round
 SEARCH_LIMIT = 500  # events matching the criteria one search starts from, newest first
 # What one search may cost, whoever made the events it meets (issue 30: an outsider's 125,000
@@ -123,12 +124,14 @@ class Trace:
 
     @property
     def outcome(self) -> str:
-        """The last event that is not a hop passing it on ("passed"): delivered, bounced,
-        refused, greylisted, deferred, quarantined... or "passed" when that is all."""
+        """The last event that is not a hop passing it on ("passed") or a note on its path
+        ("learned": Bayes taught it, wherever it is): delivered, bounced, refused,
+        greylisted, deferred, quarantined, released... or "passed" when that is all ("learned"
+        for a message only learned: one uploaded, or a user's report of one not tracked)."""
         for stored in reversed(self.events):
-            if stored.event.outcome != "passed":
+            if stored.event.outcome not in NOT_WHERE_IT_ENDED:
                 return stored.event.outcome
-        return "passed"
+        return "passed" if any(s.event.outcome == "passed" for s in self.events) else "learned"
 
     def to_dict(self) -> dict[str, Any]:
         events = [e.event for e in self.events]
@@ -389,16 +392,7 @@ class TrackingStore:
         with self.lock:
             self.db.execute("BEGIN")
             try:
-                for stored in events:
-                    e = stored.event
-                    row = self.db.execute(
-                        "INSERT INTO events (time, service, replica, outcome, detail, client, "
-                        "sender, queue_id, next_queue_id, message_id) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (e.time, e.service, stored.replica, e.outcome, e.detail, e.client,
-                         e.sender, e.queue_id, e.next_queue_id, e.message_id))
-                    self.db.executemany("INSERT INTO recipients VALUES (?, ?)",
-                                        [(row.lastrowid, r) for r in e.recipients])
+                self._insert(events)
                 self.db.execute(
                     "INSERT INTO cursors VALUES (?, ?, ?) ON CONFLICT(boot) DO UPDATE "
                     "SET last = excluded.last, seen = excluded.seen", (boot, last, self.clock()))
@@ -406,6 +400,30 @@ class TrackingStore:
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
+
+    def add_own(self, events: list[StoredEvent]) -> None:
+        """The gateway's own events (a release, a learning act: gateway/quarantine.py),
+        stored as they happen: no replica serves them, no cursor moves."""
+        with self.lock:
+            self.db.execute("BEGIN")
+            try:
+                self._insert(events)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def _insert(self, events: list[StoredEvent]) -> None:
+        for stored in events:
+            e = stored.event
+            row = self.db.execute(
+                "INSERT INTO events (time, service, replica, outcome, detail, client, "
+                "sender, queue_id, next_queue_id, message_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (e.time, e.service, stored.replica, e.outcome, e.detail, e.client,
+                 e.sender, e.queue_id, e.next_queue_id, e.message_id))
+            self.db.executemany("INSERT INTO recipients VALUES (?, ?)",
+                                [(row.lastrowid, r) for r in e.recipients])
 
     def prune(self) -> int:
         """Events past the retention or over the count, oldest first; cursors of replicas

@@ -23,15 +23,21 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from secumail.message import header_block_end, normalize_newlines
+
 # What happened, in a word each service picks from (the detail says why):
 #   passed      a check or a filter let it go on          greylisted  policy said 4xx, retry
 #   refused     a 5xx to the sender (policy, a filter, Postfix, the milter)
 #   deferred    a 4xx that is not greylisting (a backend down, Postfix's own retries)
 #   accepted    Postfix queued it                         delivered   to a mailbox or a relay
 #   quarantined / dropped   a filter kept or discarded it  bounced / expired   Postfix gave up
+#   released    the admin let a quarantined message go on  (the gateway)
+#   learned     SpamAssassin's Bayes was taught it as spam or ham, whatever it answered (the
+#               gateway, the spamd filter: learning_event): a note on the message's path,
+#               never where it ended
 OUTCOMES = frozenset({
     "passed", "greylisted", "refused", "deferred", "accepted", "delivered", "quarantined",
-    "dropped", "bounced", "expired",
+    "dropped", "bounced", "expired", "released", "learned",
 })
 MAX_FIELD = 512  # characters per text field: events are for finding mail, not copies of it
 MAX_RECIPIENTS = 50
@@ -213,3 +219,49 @@ def message_id_of(message: bytes, header_end: int) -> str:
 def message_id_value(value: str) -> str:
     """A Message-ID header's value as events keep it: unfolded, without angle brackets."""
     return " ".join(value.split()).strip("<>")[:MAX_FIELD]
+
+
+_RETURN_PATH = re.compile(rb"^return-path[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
+_DELIVERED_TO = re.compile(rb"^delivered-to[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
+HEAD_MAX = 256 * 1024  # bytes of a message read for its header fields (a header is smaller)
+
+
+def _head(message: bytes) -> bytes:
+    """A message's header fields, line endings made CRLF (an uploaded or attached message
+    may end its lines in LF only)."""
+    head = normalize_newlines(message[:HEAD_MAX])
+    return head[:header_block_end(head)]
+
+
+def learned_result(kind: str, new: bool) -> str:
+    """What spamd's TELL answered, in words: whether Bayes learned the message or knew it."""
+    return f"learned as {kind}" if new else f"known as {kind} already"
+
+
+def delivered_envelope(message: bytes) -> tuple[str, tuple[str, ...]]:
+    """The envelope a delivered copy records in its topmost Return-Path and Delivered-To
+    (written by the delivering agent, above what the sender wrote): ("", ()) without them."""
+    head = _head(message)
+    sender, recipient = _RETURN_PATH.search(head), _DELIVERED_TO.search(head)
+    recipient_address = message_id_value(recipient[1].decode("utf-8", "replace")) \
+        if recipient else ""
+    return (message_id_value(sender[1].decode("utf-8", "replace")) if sender else "",
+            (recipient_address,) if recipient_address else ())
+
+
+def learning_event(service: str, kind: str, by: str, result: str, message: bytes, *,
+                   client: str = "", sender: str = "", recipients: tuple[str, ...] = (),
+                   queue_id: str = "", at: float | None = None) -> Event:
+    """The event of one learning act (issue 29), of one shape wherever Bayes is taught (the
+    gateway: a release, the admin's learning routes; the spamd filter: a user's report).
+    `by`: who taught it and how ("the admin, releasing ID (console)", "bob@example.org,
+    reporting it by mail"); `result`: what SpamAssassin answered (learned_result), or "not
+    learned: why". Linked to the message's path by its Message-ID (read here), and by what
+    the caller knows of its envelope (a quarantined message's record); without that, the
+    envelope the delivered copy records (delivered_envelope)."""
+    head = _head(message)
+    if not sender and not recipients:
+        sender, recipients = delivered_envelope(head)
+    return event(service, "learned", f"{kind}, taught by {by}: {result}", client=client,
+                 sender=sender, recipients=recipients, queue_id=queue_id,
+                 message_id=message_id_of(head, len(head)), at=at)

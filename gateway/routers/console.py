@@ -28,11 +28,12 @@ from gateway.console_html import (
     esc,
     login_form,
     page,
+    page_button,
     table,
     when,
 )
 from gateway.context import Gateway, GatewayDep, get_store
-from gateway.models import ReleaseReport, WhitelistRequest
+from gateway.models import QuarantineDetail, ReleaseReport, WhitelistRequest
 from gateway.routers import greylist, health, quarantine, tracking
 from secumail.logs import log_event
 from services.policy.greylist import WhitelistKind
@@ -105,7 +106,8 @@ def console_page(path: str) -> Callable[[Page], Page]:
 
 def console_action(path: str, back: str) -> Callable[[Action], Action]:
     """A POST action: 403 without a session or with a wrong CSRF token; after it, back to
-    `back` (which may name the form's fields: "/console/quarantine") with its notice."""
+    `back` (which may name the path's parameters: "/console/quarantine/{ident}") with its
+    notice."""
     def register(action: Action) -> Action:
         async def endpoint(request: Request, gateway: GatewayDep) -> Response:
             fields = await form(request)
@@ -117,7 +119,9 @@ def console_action(path: str, back: str) -> Callable[[Action], Action]:
                 notice = f"{error.status_code}: {error.detail}"
             except (RequestValidationError, ValidationError) as error:
                 notice = "; ".join(str(e.get("msg", "")) for e in error.errors())
-            return RedirectResponse(f"{back}?{urlencode({'notice': notice})}", 303,
+            where = back.format_map({k: quote(str(v), safe="")
+                                     for k, v in request.path_params.items()})
+            return RedirectResponse(f"{where}?{urlencode({'notice': notice})}", 303,
                                     headers=HEADERS)
         router.add_api_route(path, endpoint, methods=["POST"])
         return action
@@ -237,6 +241,15 @@ async def quarantine_page(request: Request, gateway: Gateway, csrf: str) -> HTML
     return html(page("Quarantine", body, "quarantine", csrf, notice_of(request)))
 
 
+def quarantine_facts(detail: QuarantineDetail) -> str:
+    return table((), [
+        ("Kept by", esc(f"the {detail.filter} filter, {when(detail.time)}")),
+        ("Verdict", esc(f"{detail.verdict}: {detail.reason}")),
+        ("Sender", esc(detail.mail_from or "<>")), ("Recipients", esc(", ".join(detail.rcpt_tos))),
+        ("Client", esc(detail.client.get("ADDR", "?"))), ("Size", esc(f"{detail.size} bytes")),
+    ], "")
+
+
 @console_page("/quarantine/{ident}")
 async def quarantine_item_page(request: Request, gateway: Gateway, csrf: str) -> HTMLResponse:
     ident = request.path_params["ident"]
@@ -245,34 +258,64 @@ async def quarantine_item_page(request: Request, gateway: Gateway, csrf: str) ->
     except HTTPException:
         return html(page("Quarantine", '<p class="flash">No such quarantined message.</p>',
                          "quarantine", csrf), 404)
-    facts = table((), [
-        ("Kept by", esc(f"the {detail.filter} filter, {when(detail.time)}")),
-        ("Verdict", esc(f"{detail.verdict}: {detail.reason}")),
-        ("Sender", esc(detail.mail_from or "<>")), ("Recipients", esc(", ".join(detail.rcpt_tos))),
-        ("Client", esc(detail.client.get("ADDR", "?"))), ("Size", esc(f"{detail.size} bytes")),
-    ], "")
     headers = table(("Header", "Value"), [(esc(n), f"<span class=detail>{esc(v)}</span>")
                                           for n, v in detail.headers], "No header.")
+    path = f"/console/quarantine/{quote(ident, safe='')}"
     actions = ('<div class="actions">'
-               + button_form(f"/console/quarantine/{quote(ident)}/release", "Release", csrf)
-               + button_form(f"/console/quarantine/{quote(ident)}/delete", "Delete", csrf)
-               + "</div>")
-    return html(page(f"Quarantined message {ident}", facts + actions + "<h2>Headers</h2>"
-                     + headers, "quarantine", csrf, notice_of(request)))
+               + button_form(f"{path}/release", "Release", csrf)
+               + button_form(f"{path}/release", "Release without learning", csrf,
+                             {"learn": "false"})
+               + button_form(f"{path}/learn", "Learn as spam, keep it", csrf, {"kind": "spam"})
+               + button_form(f"{path}/learn", "Learn as ham, keep it", csrf, {"kind": "ham"})
+               + page_button(f"{path}/delete", "Delete")
+               + "</div><p class=muted>Release delivers it and teaches SpamAssassin's Bayes "
+               "it is ham; learning keeps it here. Each is an event in tracking.</p>")
+    return html(page(f"Quarantined message {ident}", quarantine_facts(detail) + actions
+                     + "<h2>Headers</h2>" + headers, "quarantine", csrf, notice_of(request)))
 
 
 @console_action("/quarantine/{ident}/release", "/console/quarantine")
 async def release(request: Request, gateway: Gateway, fields: dict[str, str]) -> str:
     ident = request.path_params["ident"]
-    answer = await quarantine.release_quarantine(ident, gateway)
+    answer = await quarantine.release(gateway, ident, fields.get("learn") != "false",
+                                      "console")
     if isinstance(answer, ReleaseReport):
-        return f"Released {ident} to {answer.next_hop}: {answer.reply}"
+        return f"Released {ident} to {answer.next_hop}: {answer.reply}; {answer.learned}"
     return f"Not released: the next hop refused it ({bytes(answer.body).decode()[:300]})"
+
+
+@console_action("/quarantine/{ident}/learn", "/console/quarantine/{ident}")
+async def learn(request: Request, gateway: Gateway, fields: dict[str, str]) -> str:
+    ident, kind = request.path_params["ident"], fields.get("kind")
+    if kind not in ("spam", "ham"):
+        return "Choose spam or ham."
+    report = await quarantine.learn(gateway, ident, "spam" if kind == "spam" else "ham",
+                                    "console")
+    return f"Taught {ident} as {report.kind}, kept: {report.learned}"
+
+
+@console_page("/quarantine/{ident}/delete")
+async def delete_page(request: Request, gateway: Gateway, csrf: str) -> HTMLResponse:
+    """The step that asks to confirm a deletion (no JavaScript: a page, then a POST)."""
+    ident = request.path_params["ident"]
+    try:
+        detail = await quarantine.show_quarantine(ident, gateway)
+    except HTTPException:
+        return html(page("Quarantine", '<p class="flash">No such quarantined message.</p>',
+                         "quarantine", csrf), 404)
+    path = f"/console/quarantine/{quote(ident, safe='')}"
+    body = ("<p>Delete this message for good? It can then be neither released nor learned."
+            "</p>" + quarantine_facts(detail) + '<div class="actions">'
+            + button_form(f"{path}/delete", "Delete for good", csrf, {"confirm": "yes"})
+            + f'<a href="{esc(path)}">Cancel</a></div>')
+    return html(page(f"Delete quarantined message {ident}?", body, "quarantine", csrf))
 
 
 @console_action("/quarantine/{ident}/delete", "/console/quarantine")
 async def delete(request: Request, gateway: Gateway, fields: dict[str, str]) -> str:
     ident = request.path_params["ident"]
+    if fields.get("confirm") != "yes":
+        return f"Not deleted: {ident} is deleted once confirmed (its page's Delete)."
     await quarantine.delete_quarantine(ident, gateway)
     return f"Deleted {ident}."
 

@@ -30,4 +30,4 @@ async def learn_uploaded(kind: Kind, request: Request,
         raise invalid(("body",), ValueError("the body must be a whole message: header "
                                             "fields, a blank line, the body"))
     return LearnReport(kind=kind, learned=await gateway.quarantine.teach(
-        message, kind, "upload"))
+        message, kind, "the admin, uploading it (API)"))

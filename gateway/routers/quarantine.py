@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import JSONResponse
 
-from gateway.context import GatewayDep, problem
+from gateway.context import Gateway, GatewayDep, problem
 from gateway.models import (
     LearnReport,
     QuarantineDetail,
@@ -87,8 +87,14 @@ async def release_quarantine(
     learn: bool = Query(True, description="Teach SpamAssassin's Bayes the message is ham "
                         "(false: release without learning)"),
 ) -> Any:
+    return await release(gateway, ident, learn, "API")
+
+
+async def release(gateway: Gateway, ident: str, learn: bool, via: str
+                  ) -> ReleaseReport | JSONResponse:
+    """The release, asked for `via` the API or the console (tracking says which)."""
     try:
-        released = await gateway.quarantine.release(ident, learn)
+        released = await gateway.quarantine.release(ident, learn, via)
     except ReleaseRefused as error:
         log_event(log, "release refused", logging.WARNING, id=ident, step=error.step,
                   reply=error.reply[:200])
@@ -109,11 +115,19 @@ async def learn_quarantined(
     ident: str, gateway: GatewayDep,
     kind: Annotated[Kind, Query(description="spam: rightly kept; ham: wrongly")],
 ) -> LearnReport:
-    message = await asyncio.to_thread(gateway.quarantine.quarantine.message, ident)
+    return await learn(gateway, ident, kind, "API")
+
+
+async def learn(gateway: Gateway, ident: str, kind: Kind, via: str) -> LearnReport:
+    """Teaching a kept message, asked for `via` the API or the console (its record, when
+    readable, links the event to the message's path)."""
+    store = gateway.quarantine.quarantine
+    message = await asyncio.to_thread(store.message, ident)
     if message is None:
         raise HTTPException(404, "no such quarantined message")
-    return LearnReport(kind=kind,
-                       learned=await gateway.quarantine.teach(message, kind, f"quarantine {ident}"))
+    record = await asyncio.to_thread(store.record, ident)
+    return LearnReport(kind=kind, learned=await gateway.quarantine.teach(
+        message, kind, f"the admin, quarantined {ident} ({via})", record))
 
 
 @router.delete("/{ident}", status_code=204, response_class=Response,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter
 
+from secumail import tracking
 from secumail.backend import BackendError
 from secumail.forwarded import ForwardedClient
 from secumail.protocols import spamc
@@ -63,11 +64,20 @@ def make_filter(settings: Settings) -> FilterService:
         learned = 0
         for reported in found[:allowed]:
             try:
-                learned += await spamc.learn(settings.spamassassin_address, reported, kind,
-                                             settings.relay_timeout)
+                new = await spamc.learn(settings.spamassassin_address, reported, kind,
+                                        settings.relay_timeout)
             except BackendError as error:
                 BACKEND_ERRORS.labels("spamd").inc()
+                tracking.record(reports.report_event(info.mail_from, kind, reported,
+                                                     f"not learned: {error}"))
                 return unchecked_verdict(str(error), fail_open=False)
+            learned += new
+            tracking.record(reports.report_event(info.mail_from, kind, reported,
+                                                 tracking.learned_result(kind, new)))
+        for reported in found[allowed:]:
+            tracking.record(reports.report_event(
+                info.mail_from, kind, reported, f"not learned: over the sender's "
+                f"{settings.report_max_per_hour} reported messages this hour"))
         REPORTS_LEARNED.labels(kind).inc(allowed)
         return Verdict("drop", "report", f"{allowed} reported as {kind} by {info.mail_from}, "
                        f"{learned} new to Bayes")

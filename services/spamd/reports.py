@@ -8,6 +8,9 @@ Learning must not be poisoned from outside: a report is taken only from a truste
 (SECUMAIL_MYNETWORKS) or an authenticated one, and each sender may report at most
 SECUMAIL_REPORT_MAX_PER_HOUR messages an hour (per replica); a report from anywhere else is
 refused in the session, and nothing is learned.
+
+Each reported message is a `learned` event in message tracking (report_event), on the path
+of the message reported (its Message-ID): who reported it, and what SpamAssassin answered.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from email import message_from_bytes, policy
 from email.message import Message
 
+from secumail import tracking
 from secumail.protocols.spamc import Kind
 
 MAX_REPORTED = 20  # messages taken from one report (the rest is left out)
@@ -87,3 +91,11 @@ def reported_messages(report: bytes) -> list[bytes]:
             if isinstance(payload, bytes) and payload.strip():
                 found.append(payload)
     return found
+
+
+def report_event(reporter: str, kind: Kind, reported: bytes, result: str) -> tracking.Event:
+    """The tracking event of one reported message: taught by `reporter` (the report's
+    envelope sender), `result` what SpamAssassin answered. Its client and envelope are not
+    the report's (that is the user's): the reported copy's own, as far as it records them."""
+    return tracking.learning_event("spamd", kind, f"{reporter or '<>'}, reporting it by mail",
+                                   result, reported)

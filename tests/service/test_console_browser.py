@@ -67,6 +67,7 @@ def test_an_admin_finds_a_message_and_releases_one_from_quarantine(
         smtp.sendmail(f"web.{marker}@remote.test", ["bob@secumail.test"],
                       mail.plain(subject=f"web {marker}"))
         smtp.sendmail(f"kept.{marker}@remote.test", ["bob@secumail.test"], mail.eicar())
+        smtp.sendmail(f"gone.{marker}@remote.test", ["bob@secumail.test"], mail.eicar())
 
     browser.get(base(stack) + "/console/quarantine")
     assert "Sign in" in browser.title  # no session: the form, not the quarantine
@@ -99,6 +100,21 @@ def test_an_admin_finds_a_message_and_releases_one_from_quarantine(
         time.sleep(0.3)
     assert stack.sink.envelopes[-1].mail_from == f"kept.{marker}@remote.test"
     assert f"kept.{marker}" not in browser.page_source  # gone from the list
+
+    # Learning a kept message keeps it; Delete asks first (a page: no JavaScript).
+    row = browser.find_element(By.XPATH, f"//tr[contains(., 'gone.{marker}')]")
+    row.find_element(By.LINK_TEXT, "Open").click()
+    browser.find_element(By.XPATH, "//button[text()='Learn as spam, keep it']").click()
+    assert "as spam, kept:" in browser.find_element(By.CSS_SELECTOR, "[role=status]").text
+    assert f"gone.{marker}" in browser.find_element(By.TAG_NAME, "main").text  # still here
+    browser.find_element(By.XPATH, "//button[text()='Delete']").click()
+    assert "Delete quarantined message" in browser.title
+    browser.find_element(By.LINK_TEXT, "Cancel").click()
+    assert f"gone.{marker}" in browser.find_element(By.TAG_NAME, "main").text
+    browser.find_element(By.XPATH, "//button[text()='Delete']").click()
+    browser.find_element(By.XPATH, "//button[text()='Delete for good']").click()
+    assert "Deleted" in browser.find_element(By.CSS_SELECTOR, "[role=status]").text
+    assert f"gone.{marker}" not in browser.page_source
 
     browser.set_window_size(*PHONE)
     for page in ("tracking?sender=web." + marker + "%40remote.test", "quarantine",

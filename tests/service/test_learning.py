@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import json
 import smtplib
+import urllib.request
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -141,5 +143,19 @@ def test_users_report_spam_by_forwarding_it_and_outsiders_cannot(
                                  b"later")
         assert sink.handler.messages == []  # a report is delivered to nobody
         assert daemon.logged("verdict=report")
+        # Each reported message is a tracking event on its own path (its Message-ID): who
+        # reported it and what SpamAssassin answered. The refused reports taught nothing.
+        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/events?after=0",
+                                    timeout=10) as answer:
+            served = json.loads(answer.read())
+        learned = [dict(zip(served["fields"], row, strict=True)) for _, row in served["events"]
+                   if row[1] == "learned"]
+        assert [(e["service"], e["message_id"]) for e in learned] == [
+            ("spamd", "forged@offers.test"), ("spamd", "f2@offers.test")]
+        # Learned, or known already: SpamAssassin 4 knows a message by its body too, and
+        # these share SPAM's, which another test here may have taught first.
+        by = "spam, taught by bob@secumail.test, reporting it by mail: "
+        assert {e["detail"] for e in learned} <= {by + "learned as spam",
+                                                  by + "known as spam already"}, learned
     finally:
         daemon.stop()

@@ -5,6 +5,7 @@ the body its model describes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -24,6 +25,9 @@ from starlette.routing import Match
 
 from gateway.app import create_app
 from gateway.health import chain_hops
+from gateway.quarantine import QuarantineAdmin
+from gateway.tracking import StoredEvent, TrackingStore
+from secumail import tracking
 from secumail.backend import BackendError
 from secumail.netaddr import HostPort
 from secumail.protocols.smtp import SmtpReply
@@ -513,7 +517,8 @@ def state(gateway: Gateway) -> tuple[object, ...]:
     dkim = sorted(p.name for p in Path(gateway.settings.dkim_keys_dir).rglob("*"))
     rows = gateway.store.db.execute("SELECT * FROM triplets").fetchall()
     whitelist = gateway.store.db.execute("SELECT * FROM whitelist").fetchall()
-    return quarantine, dkim, rows, whitelist, gateway.world.released, gateway.world.canaries
+    return (quarantine, dkim, rows, whitelist, gateway.world.released, gateway.world.canaries,
+            gateway.world.learned)
 
 
 @pytest.mark.parametrize(("method", "path", "body"), ADMIN_ROUTES,
@@ -694,6 +699,139 @@ def test_the_admin_teaches_a_quarantined_or_uploaded_message(gw: Gateway) -> Non
     assert gw.client.post("/admin/learn/ham", content=b"x", headers=AUTH).status_code == 422
     assert gw.client.post(f"/admin/quarantine/{ident}/learn?kind=x",
                           headers=AUTH).status_code == 422
+
+
+# --- learning and releases in message tracking (issue 29) ----------------------------------
+
+KEPT_SPAM = (b"From: Deals <deals@offers.test>\r\nSubject: pills\r\n"
+             b"Message-ID: <kept1@offers.test>\r\n\r\ncheap pills\r\n")
+
+
+def tracked(gateway: Gateway) -> TrackingStore:
+    """The gateway's tracking store, in memory (the test gateway runs without one, so that
+    no collector starts): what its own events go to."""
+    store = TrackingStore(":memory:", retention=86400, max_events=10_000)
+    gateway.client.app.state.gateway.tracking = store
+    return store
+
+
+def kept_spam(settings: Settings, message: bytes = KEPT_SPAM, **client: str) -> str:
+    envelope = Envelope(client={"ADDR": "203.0.113.7", "IDENT": "4Q2AB7", **client})
+    return Quarantine(settings.quarantine_dir).store("spamd", envelope, message, "spam",
+                                                     "score 9.1")
+
+
+def found(gateway: Gateway, **criteria: str) -> list[dict[str, Any]]:
+    response = gateway.client.get("/admin/tracking", params=criteria, headers=AUTH)
+    assert response.status_code == 200, response.text
+    messages: list[dict[str, Any]] = response.json()["messages"]
+    return messages
+
+
+def test_teaching_is_an_event_saying_what_spamassassin_answered(tmp_path: Path) -> None:
+    """QuarantineAdmin.teach, the gateway's one place that learns: every answer of spamd's,
+    its failure too, is an event linked to the message (Message-ID, the quarantine record's
+    envelope, client and queue id)."""
+    world, events = World(), []
+
+    async def track(event: tracking.Event) -> None:
+        events.append(event)
+
+    store = Quarantine(str(tmp_path))
+    ident = store.store("spamd", Envelope(client={"ADDR": "203.0.113.7", "IDENT": "4Q2AB7"}),
+                        KEPT_SPAM, "spam", "score 9.1")
+    record = store.record(ident)
+    admin = QuarantineAdmin(store, {}, "mx.secumail.test", 1.0, learn=world.learn,
+                            track=track)
+    by = f"the admin, quarantined {ident} (API)"
+    assert asyncio.run(admin.teach(KEPT_SPAM, "spam", by, record)) == "learned as spam"
+    assert asyncio.run(admin.teach(KEPT_SPAM, "spam", by, record)) == "known as spam already"
+    world.spamd_down = True
+    failed = asyncio.run(admin.teach(KEPT_SPAM, "spam", by, record))
+    assert failed == "not learned: spamd at /run/spamd/spamd.sock: connection refused"
+    assert [e.detail for e in events] == [
+        f"spam, taught by {by}: learned as spam", f"spam, taught by {by}: known as spam already",
+        f"spam, taught by {by}: {failed}"]
+    for event in events:
+        assert (event.service, event.outcome, event.client, event.sender, event.recipients,
+                event.queue_id, event.message_id) == (
+            "gateway", "learned", "203.0.113.7", "alice@remote.test", ("bob@secumail.test",),
+            "4Q2AB7", "kept1@offers.test")
+    events.clear()
+    alone = QuarantineAdmin(store, {}, "mx.secumail.test", 1.0, track=track)
+    assert asyncio.run(alone.teach(KEPT_SPAM, "ham", "the admin, uploading it (API)")) == \
+        "not learned: no spamd to teach"
+    assert [(e.detail, e.sender, e.message_id) for e in events] == [
+        ("ham, taught by the admin, uploading it (API): not learned: no spamd to teach", "",
+         "kept1@offers.test")]
+
+
+def test_a_release_is_on_the_messages_path_and_without_learning_says_so(gw: Gateway
+                                                                        ) -> None:
+    store = tracked(gw)
+    quiet, taught = kept_spam(gw.settings), kept_spam(
+        gw.settings, KEPT_SPAM.replace(b"<kept1@", b"<kept2@"), IDENT="4Q2AB8")
+    # What the spamd filter recorded when it kept the first, as the collector stored it.
+    store.add("boot1", 1, [StoredEvent(tracking.event(
+        "spamd", "quarantined", "spam: score 9.1", client="203.0.113.7",
+        sender="alice@remote.test", recipients=["bob@secumail.test"], queue_id="4Q2AB7",
+        message_id="kept1@offers.test", at=time.time() - 60), "spamd-1")])
+    gw.world.release_reply = SmtpReply(250, ("2.0.0 Ok: queued as 4Q9XY7",))
+    answer = gw.client.post(f"/admin/quarantine/{quiet}/release?learn=false", headers=AUTH)
+    assert answer.json()["learned"] == "not learned: released without learning"
+    assert gw.world.learned == [] and len(gw.world.released) == 1  # released, not learned
+    [message] = found(gw, message_id="kept1@offers.test")
+    assert message["outcome"] == "released"
+    assert [(e["service"], e["outcome"], e["replica"]) for e in message["events"]] == [
+        ("spamd", "quarantined", "spamd-1"), ("gateway", "released", "gateway-1")]
+    released = message["events"][1]
+    assert released["detail"] == (f"{quiet} by the admin (API) to postfix:10027: 250 2.0.0 "
+                                  "Ok: queued as 4Q9XY7; released without learning")
+    assert (released["sender"], released["recipients"], released["client"],
+            released["queue_id"], released["next_queue_id"]) == (
+        "alice@remote.test", ["bob@secumail.test"], "203.0.113.7", "4Q2AB7", "4Q9XY7")
+
+    gw.world.release_reply = SmtpReply(250, ("2.0.0 Ok: queued as 4Q9XY8",))
+    assert gw.client.post(f"/admin/quarantine/{taught}/release", headers=AUTH
+                          ).json()["learned"] == "learned as ham"
+    assert gw.world.learned == [(KEPT_SPAM.replace(b"<kept1@", b"<kept2@"), "ham")]
+    [message] = found(gw, message_id="kept2@offers.test")
+    assert [(e["outcome"], e["detail"]) for e in message["events"]] == [
+        ("released", f"{taught} by the admin (API) to postfix:10027: 250 2.0.0 Ok: queued as "
+                     "4Q9XY8"),
+        ("learned", f"ham, taught by the admin, releasing {taught} (API): learned as ham")]
+    assert message["outcome"] == "released"  # learning is a note, not where it went
+
+
+def test_the_admins_learning_is_in_tracking_with_spamds_answer(gw: Gateway) -> None:
+    tracked(gw)
+    ident = kept_spam(gw.settings)
+    gw.client.post(f"/admin/quarantine/{ident}/learn?kind=spam", headers=AUTH)
+    gw.world.spamd_down = True
+    gw.client.post(f"/admin/quarantine/{ident}/learn?kind=spam", headers=AUTH)
+    [message] = found(gw, message_id="kept1@offers.test")
+    assert [e["detail"] for e in message["events"]] == [
+        f"spam, taught by the admin, quarantined {ident} (API): learned as spam",
+        f"spam, taught by the admin, quarantined {ident} (API): not learned: spamd at "
+        "/run/spamd/spamd.sock: connection refused"]
+    assert message["outcome"] == "learned"  # the filter's own event is not collected here
+    gw.world.spamd_down = False
+    delivered = (b"Return-Path: <bounce@offers.test>\r\nDelivered-To: dave@secumail.test\r\n"
+                 b"Subject: pills\r\nMessage-ID: <up1@offers.test>\r\n\r\npills\r\n")
+    gw.client.post("/admin/learn/spam", content=delivered, headers=AUTH)
+    [message] = found(gw, recipient="dave@secumail.test")
+    [event] = message["events"]
+    assert (event["outcome"], event["detail"], event["sender"], event["message_id"]) == (
+        "learned", "spam, taught by the admin, uploading it (API): learned as spam",
+        "bounce@offers.test", "up1@offers.test")
+
+
+def test_a_tracking_store_that_fails_undoes_no_release(gw: Gateway) -> None:
+    tracked(gw).close()  # every write now fails
+    ident = kept_spam(gw.settings)
+    response = gw.client.post(f"/admin/quarantine/{ident}/release", headers=AUTH)
+    assert response.status_code == 200 and response.json()["learned"] == "learned as ham"
+    assert len(gw.world.released) == 1
 
 
 def test_a_refused_release_keeps_the_message(gw: Gateway) -> None:

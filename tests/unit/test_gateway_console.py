@@ -3,6 +3,7 @@ flags, CSRF, what a request without a session gets, and escaping of what mail wr
 
 from __future__ import annotations
 
+import html
 import re
 from typing import Any
 
@@ -11,15 +12,22 @@ import pytest
 from gateway.auth import ConsoleSessions, WrongTokens
 from tests.unit.test_gateway_api import (  # noqa: F401 (fixtures)
     ADMIN,
+    KEPT_SPAM,
     Gateway,
+    found,
+    kept_spam,
     make_gateway,
     quarantined,
     state,
+    tracked,
 )
 
 PAGES = ["/console/tracking", "/console/tracking?sender=a@remote.test", "/console/quarantine",
          "/console/quarantine/{id}", "/console/greylist", "/console/health"]
-ACTIONS = [("/console/quarantine/{id}/release", {}), ("/console/quarantine/{id}/delete", {}),
+ACTIONS = [("/console/quarantine/{id}/release", {}),
+           ("/console/quarantine/{id}/release", {"learn": "false"}),
+           ("/console/quarantine/{id}/learn", {"kind": "spam"}),
+           ("/console/quarantine/{id}/delete", {"confirm": "yes"}),
            ("/console/greylist/whitelist", {"kind": "client", "value": "192.0.2.9"}),
            ("/console/greylist/whitelist/remove", {"kind": "recipient", "value": "abuse@"}),
            ("/console/logout", {})]
@@ -97,7 +105,7 @@ def test_signed_in_an_admin_releases_deletes_and_whitelists(console: Gateway) ->
     response = client.post(f"/console/quarantine/{kept}/release", data={"csrf": csrf})
     assert response.status_code == 200 and "Released" in response.text  # after the redirect
     assert len(console.world.released) == 1
-    client.post(f"/console/quarantine/{other}/delete", data={"csrf": csrf})
+    client.post(f"/console/quarantine/{other}/delete", data={"csrf": csrf, "confirm": "yes"})
     assert kept not in client.get("/console/quarantine").text
     assert other not in client.get("/console/quarantine").text
     client.post("/console/greylist/whitelist", data={"csrf": csrf, "kind": "client",
@@ -111,6 +119,82 @@ def test_signed_in_an_admin_releases_deletes_and_whitelists(console: Gateway) ->
     assert "Health" in client.get("/console/health").text
     client.post("/console/logout", data={"csrf": csrf})
     assert client.get("/console/quarantine").status_code == 401
+
+
+FORM = re.compile(r'<form class="inline" method="(get|post)" action="([^"]+)">(.*?)'
+                  r'<button type="submit">([^<]+)</button></form>')
+HIDDEN = re.compile(r'<input type="hidden" name="([^"]+)" value="([^"]*)">')
+
+
+def buttons(text: str) -> dict[str, tuple[str, str, dict[str, str]]]:
+    """A page's one-button forms: label -> method, action, the fields it sends."""
+    return {html.unescape(label): (method, html.unescape(action),
+                                   {k: html.unescape(v) for k, v in HIDDEN.findall(inner)})
+            for method, action, inner, label in FORM.findall(text)}
+
+
+def test_a_quarantined_messages_buttons_post_to_their_routes(console: Gateway) -> None:
+    """Issue 29: beside Release, Release without learning and learning a kept message as
+    spam or ham; Delete asks first (a page, then a POST: the console sends no JavaScript)."""
+    csrf = sign_in(console)
+    client = console.client.client
+    ident = kept_spam(console.settings)
+    path = f"/console/quarantine/{ident}"
+    found_buttons = buttons(client.get(path).text)
+    assert {label: (method, action, fields) for label, (method, action, fields)
+            in found_buttons.items() if label != "Sign out"} == {
+        "Release": ("post", f"{path}/release", {"csrf": csrf}),
+        "Release without learning": ("post", f"{path}/release",
+                                     {"csrf": csrf, "learn": "false"}),
+        "Learn as spam, keep it": ("post", f"{path}/learn", {"csrf": csrf, "kind": "spam"}),
+        "Learn as ham, keep it": ("post", f"{path}/learn", {"csrf": csrf, "kind": "ham"}),
+        "Delete": ("get", f"{path}/delete", {}),
+    }
+
+    def press(label: str, buttons_of: dict[str, tuple[str, str, dict[str, str]]]) -> Any:
+        method, action, fields = buttons_of[label]
+        return client.request(method.upper(), action, data=fields or None)
+
+    learned = press("Learn as spam, keep it", found_buttons)
+    assert learned.url.path == path  # back to the message, which is kept
+    assert f"Taught {ident} as spam, kept: learned as spam" in html.unescape(learned.text)
+    assert console.world.learned == [(KEPT_SPAM, "spam")] and console.world.released == []
+
+    confirm = press("Delete", found_buttons)
+    assert confirm.status_code == 200 and "Delete this message for good?" in confirm.text
+    assert ident in client.get("/console/quarantine").text  # asking deleted nothing
+    refused = client.post(f"{path}/delete", data={"csrf": csrf})  # not confirmed
+    assert "Not deleted" in refused.text and ident in client.get("/console/quarantine").text
+    deleted = press("Delete for good", buttons(confirm.text))
+    assert f"Deleted {ident}." in deleted.text
+    assert ident not in client.get("/console/quarantine").text
+
+
+def test_the_console_releases_without_learning_and_tracking_says_so(console: Gateway
+                                                                    ) -> None:
+    csrf = sign_in(console)
+    tracked(console)
+    quiet = kept_spam(console.settings)
+    response = console.client.client.post(f"/console/quarantine/{quiet}/release",
+                                          data={"csrf": csrf, "learn": "false"})
+    assert "not learned: released without learning" in response.text
+    assert console.world.learned == [] and len(console.world.released) == 1
+    [message] = found(console, message_id="kept1@offers.test")
+    [event] = message["events"]
+    assert (event["service"], event["outcome"]) == ("gateway", "released")
+    assert event["detail"].startswith(f"{quiet} by the admin (console) to postfix:10027: ")
+    assert event["detail"].endswith("; released without learning")
+    # The console's search shows it too.
+    page = console.client.client.get("/console/tracking?message_id=kept1%40offers.test").text
+    assert "released without learning" in page and "(console)" in page
+
+    taught = kept_spam(console.settings, KEPT_SPAM.replace(b"<kept1@", b"<kept2@"),
+                       IDENT="4Q2AB8")
+    console.client.client.post(f"/console/quarantine/{taught}/release", data={"csrf": csrf})
+    assert console.world.learned == [(KEPT_SPAM.replace(b"<kept1@", b"<kept2@"), "ham")]
+    [message] = found(console, message_id="kept2@offers.test")
+    assert message["events"][-1]["detail"] == (f"ham, taught by the admin, releasing {taught} "
+                                               "(console): learned as ham")
 
 
 def test_what_mail_wrote_is_shown_escaped(console: Gateway) -> None:

@@ -304,6 +304,63 @@ def test_refusals_before_a_queue_id_stand_alone_or_with_their_own_retries() -> N
     assert outcomes == [("delivered", 5), ("greylisted", 2), ("refused", 1)]
 
 
+# A spam as a user's mailbox holds it (LF line endings, as an attachment gives it): the
+# delivering agent's Return-Path and Delivered-To on top of what the sender wrote.
+DELIVERED_SPAM = (b"Return-Path: <bounce@offers.test>\nDelivered-To: dave@secumail.test\n"
+                  b"Return-Path: <forged@else.test>\nSubject: pills\nMessage-ID:\n"
+                  b" <s1@offers.test>\n\nMessage-ID: <body@x>\n")
+
+
+def test_a_learning_act_is_one_event_linked_to_its_message() -> None:
+    """Issue 29: one shape for every learning act, the gateway's and the spamd filter's."""
+    learned = tracking.learning_event("spamd", "spam", "dave@secumail.test, reporting it by "
+                                      "mail", tracking.learned_result("spam", True),
+                                      DELIVERED_SPAM, at=5.0)
+    assert learned == Event(
+        "spamd", "learned", "spam, taught by dave@secumail.test, reporting it by mail: "
+        "learned as spam", "", "bounce@offers.test", ("dave@secumail.test",), "", "",
+        "s1@offers.test", 5.0)
+    assert Event.from_row(json.loads(json.dumps(learned))) == learned  # served, collected
+    # What the caller knows of the envelope (a quarantine record) wins over the headers.
+    kept = tracking.learning_event(
+        "gateway", "ham", "the admin", "not learned: spamd down", DELIVERED_SPAM,
+        client="203.0.113.7", sender="alice@remote.test", recipients=("bob@secumail.test",),
+        queue_id="4Q2AB7")
+    assert (kept.outcome, kept.detail) == ("learned",
+                                           "ham, taught by the admin: not learned: spamd down")
+    assert (kept.client, kept.sender, kept.recipients, kept.queue_id, kept.message_id) == (
+        "203.0.113.7", "alice@remote.test", ("bob@secumail.test",), "4Q2AB7",
+        "s1@offers.test")
+    assert tracking.learned_result("ham", False) == "known as ham already"
+    bare = tracking.learning_event("gateway", "spam", "x", "y", b"Subject: no ids\r\n\r\n")
+    assert (bare.sender, bare.recipients, bare.message_id) == ("", (), "")
+
+
+def test_learning_notes_a_path_but_is_not_where_the_message_ended() -> None:
+    delivered = greylisted_then_delivered()
+    reported = stored(9, "spamd", "learned", 900.0, message_id="m1@x", client="",
+                      detail="spam, taught by dave@secumail.test, reporting it by mail: "
+                      "learned as spam")
+    [trace] = build_traces([*delivered, reported])
+    assert trace.events[-1] is reported and trace.outcome == "delivered"
+    kept = stored(1, "spamd", "quarantined", 100.0, message_id="k@x")
+    released = stored(2, "gateway", "released", 200.0, message_id="k@x")
+    taught = stored(3, "gateway", "learned", 200.1, message_id="k@x")
+    assert build_traces([kept, taught])[0].outcome == "quarantined"
+    assert build_traces([kept, released, taught])[0].outcome == "released"
+    assert build_traces([stored(1, "gateway", "learned", 1.0, message_id="up@x")]
+                        )[0].outcome == "learned"  # an uploaded message, never seen
+
+
+def test_the_gateways_own_events_are_stored_without_a_cursor() -> None:
+    store = TrackingStore(":memory:", retention=86400, max_events=10_000, clock=lambda: 500.0)
+    store.add("boot1", 8, greylisted_then_delivered())
+    store.add_own([stored(0, "gateway", "learned", 950.0, message_id="m1@x")])
+    [trace] = store.search(Search(message_id="m1@x"))
+    assert [e.event.outcome for e in trace.events][-2:] == ["delivered", "learned"]
+    assert trace.events[-1].replica == "gateway-1" and store.cursor("boot1") == 8
+
+
 def test_the_store_finds_a_message_by_any_of_its_fields() -> None:
     store = TrackingStore(":memory:", retention=86400, max_events=10_000, clock=lambda: 500.0)
     store.add("boot1", 8, greylisted_then_delivered())
