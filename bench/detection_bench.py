@@ -2,8 +2,9 @@
 stops, tags or lets through clean, with Bayes trained through SecuMail's own learning path.
 
     .venv/bin/python bench/detection_bench.py --train DIR... --test DIR...
-        [--split FRACTION] [--limit N] [--no-bayes] [--tag 5] [--reject 10]
-        [--sessions 3] [--learners 2] [--keep-workdir]
+        [--split FRACTION] [--limit N] [--no-bayes] [--stock-rules]
+        [--tag 5] [--quarantine 8] [--reject 10]
+        [--sessions 3] [--learners 2] [--keep-workdir] [--scores FILE]
 
 A folder's name says its kind: a name containing "spam" holds spam, any other ham. The corpus
 is the SpamAssassin public corpus (scripts/fetch-corpus.sh), one raw message per *.txt file.
@@ -22,6 +23,10 @@ is the SpamAssassin public corpus (scripts/fetch-corpus.sh), one raw message per
 --split F (tuning on one corpus): a message is in the train half when a hash of its file name
 falls below F, else in the test half, so `--train spam-1 --test spam-1 --split 0.5` trains
 and tests on two halves of spam-1 that never overlap. Without it, folders are used whole.
+--scores FILE (tuning): one JSON line per test message, its score and the rules it hit (from
+X-Spam-Status; run with --quarantine and --reject above any score, so that every message is
+delivered and says them), for bench/detection_tune.py. Refused for the held-out folders:
+their messages are measured as a whole, never looked at one by one.
 Everything listens on 127.0.0.1; nothing needs the network at run time.
 """
 
@@ -30,8 +35,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import smtplib
@@ -64,15 +71,17 @@ Side = Literal["train", "test"]
 Outcome = Literal["stopped", "tagged", "clean", "error"]
 
 SENDER = "bench@corpus.test"
-RECIPIENT = "user@corpus.test"
 SPAMD_USER = "debian-spamd"  # spamd refuses TELL while running as root
 SPAMD_CHILDREN = 2  # as in the compose stack's SPAMD_OPTIONS
 SCAN_TIMEOUT = 120.0  # the filter's relay_timeout, and each learn's
 TEMPFAIL_TRIES = 4  # tries in all of a message answered 4xx (or whose session dropped)
 MAX_SCANNED = 10 * 1024 * 1024  # spam_max_size: no corpus message skips the scan
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-# The Bayes settings of the spamassassin image (its Dockerfile copies them to /etc/spamassassin)
-PRODUCTION_BAYES = ROOT / "services" / "spamd" / "bayes.cf"
+# What the spamassassin image adds to Debian's /etc/spamassassin (its Dockerfile copies each
+# file under the name given here): its Bayes settings and SecuMail's scores.
+SPAMD_DIR = ROOT / "services" / "spamd"
+PRODUCTION_BAYES = (SPAMD_DIR / "bayes.cf", "60_secumail-bayes.cf")
+PRODUCTION_RULES = ((SPAMD_DIR / "scores.cf", "60_secumail-scores.cf"),)
 # The corpus's folders kept for acceptance (issue 29): never trained or tuned on.
 HELD_OUT = frozenset({"spam-2", "easy-ham-2", "hard-ham-1"})
 
@@ -112,6 +121,8 @@ class TestFolder:
     messages: list[Path]
     outcomes: Counter[Outcome] = field(default_factory=Counter)
     odd_replies: Counter[str] = field(default_factory=Counter)  # errors, unusual refusals
+    # each message's outcome and reply, by file name
+    by_message: dict[str, tuple[Outcome, str]] = field(default_factory=dict)
 
     def summary(self) -> str:
         n = len(self.messages)
@@ -180,11 +191,8 @@ def spamd_user() -> pwd.struct_passwd | None:
 
 
 def production_bayes_lines() -> list[str]:
-    """The Bayes settings the spamassassin image adds, but those the bench sets itself:
-    in the image they come in a file read after local.cf, where they would override ours."""
-    if not PRODUCTION_BAYES.exists():
-        return []
-    return [line for line in PRODUCTION_BAYES.read_text().splitlines(keepends=True)
+    """The image's Bayes settings, but those the bench sets itself (its own database)."""
+    return [line for line in PRODUCTION_BAYES[0].read_text().splitlines(keepends=True)
             if line.split()[:1] not in (["bayes_path"], ["bayes_file_mode"], ["use_bayes"])]
 
 
@@ -198,26 +206,30 @@ def check_own_database(config: Path) -> None:
                 raise RuntimeError(f"{conf.name} sets {line.strip()!r}: not the bench's own")
 
 
-def site_config(workdir: Path, use_bayes: bool) -> Path:
-    """Debian's site config with a Bayes database of the bench's own."""
+def site_config(workdir: Path, use_bayes: bool, stock_rules: bool, autolearn: bool) -> Path:
+    """Debian's site config, the image's additions (but SecuMail's scores with
+    `stock_rules`), and a Bayes database of the bench's own."""
     config = workdir / "spamassassin"
-    shutil.copytree("/etc/spamassassin", config, symlinks=False)
+    # sa-update's keyring is not config (and may hold gpg-agent's sockets, which copy fails on)
+    shutil.copytree("/etc/spamassassin", config, symlinks=False,
+                    ignore=shutil.ignore_patterns("sa-update-keys"))
     bayes = config / "bayes"
     bayes.mkdir(mode=0o755)
     user = spamd_user()
     if user is not None:
         os.chown(bayes, user.pw_uid, user.pw_gid)
-    with (config / "local.cf").open("a") as local:
-        local.write(f"\n# detection_bench.py: {PRODUCTION_BAYES.relative_to(ROOT)}, as the image "
-                    "has it, but for the lines set below\n")
-        local.write("".join(production_bayes_lines()).rstrip("\n") + "\n")
+    (config / PRODUCTION_BAYES[1]).write_text("".join(production_bayes_lines()))
+    if not stock_rules:
+        for source, name in PRODUCTION_RULES:
+            shutil.copyfile(source, config / name)
+    with (config / "local.cf").open("a") as local:  # read after the files above
         local.write(
-            "# detection_bench.py: a Bayes database of its own, never the machine's\n"
+            "\n# detection_bench.py: a Bayes database of its own, never the machine's\n"
             f"bayes_path {bayes}/bayes\n"
             "bayes_file_mode 0777\n"
-            # No learning from the test messages: each verdict then depends on the training
-            # set alone, not on which test messages happened to be scanned before it.
-            "bayes_auto_learn 0\n"
+            # No learning from the test messages (but with --autolearn): each verdict then
+            # depends on the training set alone, not on which test messages came before it.
+            f"bayes_auto_learn {int(autolearn)}\n"
         )
         local.write(f"use_bayes {int(use_bayes)}\n")
     check_own_database(config)
@@ -239,7 +251,7 @@ def start_spamd(workdir: Path, config: Path) -> tuple[Process, str]:
 
 
 def start_filter(workdir: Path, spamd_address: str, sink_port: int, tag: float,
-                 reject: float) -> tuple[Process, int]:
+                 quarantine: float, reject: float) -> tuple[Process, int]:
     port = free_port()
     env = service_env(
         spamd_listen=f"127.0.0.1:{port}",
@@ -248,6 +260,7 @@ def start_filter(workdir: Path, spamd_address: str, sink_port: int, tag: float,
         quarantine_dir=str(workdir / "quarantine"),
         relay_timeout=str(SCAN_TIMEOUT),
         spam_tag_score=str(tag),
+        spam_quarantine_score=str(quarantine),
         spam_reject_score=str(reject),
         spam_max_size=str(MAX_SCANNED),
     )
@@ -364,20 +377,33 @@ def spam_flag(message: bytes) -> str:
     return str(headers.get("X-Spam-Flag", "none")).strip().upper()
 
 
+def spam_status(message: bytes) -> str:
+    """X-Spam-Status of a delivered message, unfolded."""
+    status = BytesHeaderParser().parsebytes(message).get("X-Spam-Status", "")
+    return " ".join(str(status).split())
+
+
 class FlagSink:
-    """The filter's next hop: stores nothing, answers with the X-Spam-Flag it saw. The
+    """The filter's next hop: stores no message, answers with the X-Spam-Flag it saw. The
     filter relays in lockstep and hands the next hop's answer back to the client, so each
-    sender learns its own message's fate from its 250 reply."""
+    sender learns its own message's fate from its 250 reply. It keeps each message's
+    X-Spam-Status by its recipient (each message has its own: the filter does not pass the
+    envelope on to spamd, so the address changes no score)."""
 
     def __init__(self) -> None:
         self.delivered: Counter[str] = Counter()
+        self.statuses: dict[str, str] = {}
         self.lock = threading.Lock()
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content
-        flag = spam_flag(content if isinstance(content, bytes) else b"")
+        message = content if isinstance(content, bytes) else b""
+        flag = spam_flag(message)
+        status = spam_status(message)
         with self.lock:
             self.delivered[flag] += 1
+            for recipient in envelope.rcpt_tos:
+                self.statuses[recipient] = status
         return f"250 2.0.0 Ok: stored flag={flag}"
 
 
@@ -407,10 +433,15 @@ def outcome_of(code: int, reply: str) -> Outcome | None:
     return None
 
 
-def send_one(smtp: smtplib.SMTP, message: bytes) -> tuple[int, str]:
+def recipient_of(path: Path) -> str:
+    """Each message's own recipient: how the sink's X-Spam-Status finds its file."""
+    return f"{path.stem.replace('.', '-')}@corpus.test"
+
+
+def send_one(smtp: smtplib.SMTP, message: bytes, recipient: str) -> tuple[int, str]:
     code, reply = smtp.mail(SENDER)
     if code == 250:
-        code, reply = smtp.rcpt(RECIPIENT)
+        code, reply = smtp.rcpt(recipient)
         if code in (250, 251):
             code, reply = smtp.data(message)
             return code, reply.decode(errors="replace")
@@ -423,10 +454,12 @@ def send_folder(port: int, folder: TestFolder, sessions: int, stop: threading.Ev
     todo = iter(folder.messages)
     lock = threading.Lock()
 
-    def record(outcome: Outcome, code: int, reply: str) -> None:
+    def record(path: Path, outcome: Outcome, code: int, reply: str) -> None:
         with lock:
             folder.outcomes[outcome] += 1
-            if outcome == "error" or (outcome == "stopped" and "as spam" not in reply):
+            folder.by_message[path.name] = (outcome, reply)
+            if outcome == "error" or (outcome == "stopped" and "as spam" not in reply
+                                      and "quarantined" not in reply):
                 folder.odd_replies[f"{code} {reply.splitlines()[-1][:90]}"] += 1
 
     def session() -> None:
@@ -446,17 +479,17 @@ def send_folder(port: int, folder: TestFolder, sessions: int, stop: threading.Ev
                         if smtp is None:
                             smtp = smtplib.SMTP("127.0.0.1", port, timeout=SCAN_TIMEOUT + 30)
                             smtp.ehlo()
-                        code, reply = send_one(smtp, message)
+                        code, reply = send_one(smtp, message, recipient_of(path))
                     except (smtplib.SMTPException, OSError) as error:
                         code, reply = 0, f"session failed: {error}"
                         smtp = None  # a new session for the next try
                         continue
                     outcome = outcome_of(code, reply)
                     if outcome is not None:
-                        record(outcome, code, reply)
+                        record(path, outcome, code, reply)
                         break
                 else:
-                    record("error", code, reply)
+                    record(path, "error", code, reply)
         finally:
             if smtp is not None:
                 try:
@@ -470,6 +503,23 @@ def send_folder(port: int, folder: TestFolder, sessions: int, stop: threading.Ev
         thread.start()
     for thread in threads:
         thread.join()
+
+
+def write_scores(path: Path, tests: list[TestFolder], statuses: dict[str, str]) -> None:
+    """One JSON line per test message: its folder, kind, outcome, score and rules hit."""
+    with path.open("w") as out:
+        for folder in tests:
+            for message in folder.messages:
+                outcome, reply = folder.by_message.get(message.name, ("error", "not sent"))
+                status = statuses.get(recipient_of(message), "")
+                score = re.search(r"score=(-?[0-9.]+)", status) or re.search(
+                    r"score (-?[0-9.]+)", reply)
+                tests_hit = re.search(r"tests=(\S+)", status)
+                out.write(json.dumps({
+                    "folder": folder.path.name, "file": message.name, "kind": folder.kind,
+                    "outcome": outcome, "score": float(score.group(1)) if score else None,
+                    "tests": tests_hit.group(1).split(",") if tests_hit else [],
+                }) + "\n")
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -488,8 +538,16 @@ def parse_args() -> argparse.Namespace:
                         help="at most N messages per folder (after --split)")
     parser.add_argument("--no-bayes", action="store_true",
                         help="use_bayes 0, no training: the untrained baseline")
+    parser.add_argument("--stock-rules", action="store_true",
+                        help="without SecuMail's scores (services/spamd/scores.cf): "
+                        "SpamAssassin's stock scores")
+    parser.add_argument("--autolearn", action="store_true",
+                        help="bayes_auto_learn 1 while testing: SpamAssassin learns from the "
+                        "test messages it is sure of, in the order they come")
     parser.add_argument("--tag", type=float, default=5.0,
                         help="SECUMAIL_SPAM_TAG_SCORE (default 5)")
+    parser.add_argument("--quarantine", type=float, default=8.0,
+                        help="SECUMAIL_SPAM_QUARANTINE_SCORE (default 8)")
     parser.add_argument("--reject", type=float, default=10.0,
                         help="SECUMAIL_SPAM_REJECT_SCORE (default 10)")
     parser.add_argument("--sessions", type=int, default=3,
@@ -498,12 +556,18 @@ def parse_args() -> argparse.Namespace:
                         help="messages being learned at once (default 2)")
     parser.add_argument("--keep-workdir", action="store_true",
                         help="keep the spamd and filter logs and the Bayes database")
+    parser.add_argument("--scores", type=Path, metavar="FILE",
+                        help="write each test message's score and rules hit (JSON lines), "
+                        "for bench/detection_tune.py; not for held-out folders")
     args = parser.parse_args()
     if args.split is not None and not 0 < args.split < 1:
         parser.error("--split takes a fraction between 0 and 1")
     # Acceptance folders: measured with, never trained on (nor tuned on: by hand).
     if held := [f for f in args.train if f.name in HELD_OUT]:
         parser.error(f"{', '.join(map(str, held))}: held out for acceptance, never trained on")
+    if args.scores and (held := [f for f in args.test if f.name in HELD_OUT]):
+        parser.error(f"{', '.join(map(str, held))}: held out for acceptance, measured as a "
+                     "whole: no scores per message (--scores)")
     for folder in [*args.train, *args.test]:
         if not folder.is_dir():
             parser.error(f"{folder} is not a folder (scripts/fetch-corpus.sh fetches the corpus)")
@@ -533,7 +597,8 @@ def main() -> int:
     sink: Controller | None = None
     stop_sending = threading.Event()
     try:
-        config = site_config(workdir, use_bayes=not args.no_bayes)
+        config = site_config(workdir, use_bayes=not args.no_bayes,
+                             stock_rules=args.stock_rules, autolearn=args.autolearn)
         spamd, spamd_address = start_spamd(workdir, config)
         processes.append(spamd)
         print(f"spamd on {spamd_address} (-L, {SPAMD_CHILDREN} children), Bayes "
@@ -557,12 +622,13 @@ def main() -> int:
         sink = SinkController(handler, hostname="127.0.0.1", port=sink_port)
         sink.start()
         service, filter_port = start_filter(workdir, spamd_address, sink_port, args.tag,
-                                            args.reject)
+                                            args.quarantine, args.reject)
         processes.append(service)
 
         total = sum(len(folder.messages) for folder in tests)
         print(f"testing {total} messages over {args.sessions} SMTP sessions "
-              f"(tag {args.tag:g}, reject {args.reject:g})", flush=True)
+              f"(tag {args.tag:g}, quarantine {args.quarantine:g}, reject {args.reject:g})",
+              flush=True)
         spamd_before, filter_before = tree_cpu_seconds(spamd.pid), tree_cpu_seconds(service.pid)
         began = time.perf_counter()
         for folder in tests:
@@ -574,6 +640,9 @@ def main() -> int:
 
         for folder in tests:
             print(folder.summary())
+        if args.scores:
+            write_scores(args.scores, tests, handler.statuses)
+            print(f"scores of {total} messages in {args.scores}")
         per_message = max(total, 1)
         print(f"spamd CPU per message: {1000 * spamd_cpu / per_message:.1f} ms")
         print(f"filter CPU per message: {1000 * filter_cpu / per_message:.1f} ms")

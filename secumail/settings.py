@@ -202,6 +202,7 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("SECUMAIL_SPAMASSASSIN_ADDRESS", "SECUMAIL_SPAMD_ADDRESS"))
     spam_tag_score: float = 5.0
     spam_reject_score: float = 10.0
+    spam_quarantine_score: float = 8.0
     spam_action: Literal["reject", "quarantine"] = "reject"
     spam_report_symbols: bool = True
     spamd_fail_open: bool = False
@@ -295,6 +296,14 @@ class Settings(BaseSettings):
             for other, other_subnet in list(subnets.items())[i + 1:]:
                 if subnet.overlaps(other_subnet):
                     raise ValueError(f"{name}={subnet} and {other}={other_subnet} overlap")
+        return self
+
+    @model_validator(mode="after")
+    def _spam_scores_in_order(self) -> Settings:
+        if self.spam_quarantine_score < self.spam_tag_score:
+            raise ValueError(f"SECUMAIL_SPAM_QUARANTINE_SCORE={self.spam_quarantine_score} is "
+                             f"below SECUMAIL_SPAM_TAG_SCORE={self.spam_tag_score}: mail "
+                             "would be quarantined without being spam")
         return self
 
     @field_validator("mynetworks", "xclient_hosts", "own_domain_allowed_networks",

@@ -42,7 +42,7 @@ def make_filter(settings: Settings) -> FilterService:
             return unchecked_verdict(str(error), settings.spamd_fail_open)
         return spam_verdict(
             result, settings.spam_tag_score, settings.spam_reject_score, settings.spam_action,
-            settings.spam_report_symbols,
+            settings.spam_report_symbols, quarantine_score=settings.spam_quarantine_score,
         )
 
     async def learn_report(info: MessageInfo, message: bytes, kind: spamc.Kind) -> Verdict:

@@ -11,7 +11,10 @@ RUN apt-get update \
 # One Bayes database for every replica on a host (the bayes volume), learned from the admin's
 # releases and reports over SPAMC TELL (--allow-tell: only the spamd filter and the gateway
 # reach the socket); tokens expire on their own (bayes_auto_expire), so it stays bounded.
-COPY services/spamd/bayes.cf /etc/spamassassin/secumail-bayes.cf
+# SecuMail's settings, read before local.cf (which the admin may replace: README, "Teaching
+# SecuMail"): Bayes, and scores chosen on the public corpus's tuning half.
+COPY services/spamd/bayes.cf /etc/spamassassin/60_secumail-bayes.cf
+COPY services/spamd/scores.cf /etc/spamassassin/60_secumail-scores.cf
 COPY services/spamd/spamassassin-entrypoint.sh /usr/local/bin/spamassassin-entrypoint
 VOLUME ["/var/lib/spamassassin/bayes"]
 USER debian-spamd

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from secumail.protocols.spamc import SpamResult
 from secumail.relay import Verdict
 
@@ -11,8 +13,12 @@ SPAM_HEADERS = frozenset(
 
 
 def spam_verdict(
-    result: SpamResult, tag_score: float, reject_score: float, action: str, report_symbols: bool
+    result: SpamResult, tag_score: float, reject_score: float, action: str, report_symbols: bool,
+    *, quarantine_score: float = math.inf,
 ) -> Verdict:
+    """Refused (or quarantined, as `action` says) from `reject_score`; quarantined from
+    `quarantine_score` below it: the band where a wanted message may still score, which the
+    admin can release (and Bayes then learns as ham); tagged from `tag_score`."""
     is_spam = result.score >= tag_score
     status = f"{'Yes' if is_spam else 'No'}, score={result.score:.1f} required={tag_score:.1f}"
     if report_symbols and result.symbols:
@@ -28,6 +34,8 @@ def spam_verdict(
             return Verdict("quarantine", "spam", reason)
         return Verdict("reject", "spam", reason,
                        reply=f"554 5.7.1 Message refused as spam (score {result.score:.1f})")
+    if result.score >= quarantine_score:
+        return Verdict("quarantine", "spam", reason)
     return Verdict("deliver", "spam" if is_spam else "ham", reason, headers=headers,
                    remove=SPAM_HEADERS)
 

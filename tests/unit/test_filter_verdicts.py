@@ -111,6 +111,15 @@ def test_spam_quarantine_instead_of_reject() -> None:
     assert spam_verdict(SpamResult(50, ()), 5, 10, "quarantine", False).action == "quarantine"
 
 
+@pytest.mark.parametrize(("score", "action"), [
+    (7.9, "deliver"), (8.0, "quarantine"), (9.9, "quarantine"), (10.0, "reject"),
+])
+def test_spam_between_the_quarantine_and_reject_scores_is_quarantined(
+        score: float, action: str) -> None:
+    verdict = spam_verdict(SpamResult(score, ()), 5, 10, "reject", False, quarantine_score=8)
+    assert (verdict.action, verdict.label) == (action, "spam")
+
+
 def test_big_mail_is_delivered_marked_as_skipped() -> None:
     verdict = oversized_verdict(600_000, 512_000)
     assert (verdict.action, verdict.label) == ("deliver", "skipped")

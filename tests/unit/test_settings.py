@@ -52,6 +52,7 @@ def test_comma_lists_and_addresses_from_the_environment(monkeypatch: pytest.Monk
         ("SECUMAIL_GREYLIST_STORE", "mysql://x"),
         ("SECUMAIL_LOG_FORMAT", "xml"),
         ("SECUMAIL_SPF_REJECT_FAIL", "maybe"),
+        ("SECUMAIL_SPAM_QUARANTINE_SCORE", "4"),  # below the tag score (5)
     ],
 )
 def test_bad_value_stops_with_the_variable_named(
