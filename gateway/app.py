@@ -23,7 +23,6 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from gateway.auth import WrongTokens, client_of, token_guard
-from gateway.bayes import BayesCollector, status_path
 from gateway.canary import CanarySend, ChainProbe, ProbeMetrics
 from gateway.context import Gateway, problem
 from gateway.health import HealthChecker, Hop, Namer, Resolver, chain_hops, reverse_name
@@ -40,6 +39,7 @@ from gateway.routers import (
     tracking,
 )
 from gateway.scrape import Target, replica_targets
+from gateway.spamassassin import SpamAssassinCollector
 from gateway.tracking import Collector, TrackingMetrics, TrackingStore
 from secumail import probes
 from secumail.logs import log_event
@@ -74,7 +74,7 @@ def create_app(
     """The app; the keyword arguments replace what reaches the network (and the clock), for
     the tests."""
     registry = CollectorRegistry()
-    registry.register(BayesCollector(status_path(settings.spamassassin_address)))
+    registry.register(SpamAssassinCollector(settings.spamassassin_address))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     client = httpx2.AsyncClient(transport=transport)

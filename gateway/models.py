@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from gateway.bayes import BayesState
+from gateway.spamassassin import BayesState, RulesState
 from secumail.protocols.spamc import Kind
 
 
@@ -73,6 +73,9 @@ class HealthReport(BaseModel):
     probe: ProbeReport | None = Field(description="The last chain probe, if any ran yet")
     bayes: BayesState | None = Field(None, description="SpamAssassin's Bayes: what it "
                                      "learned (none until the spamassassin container wrote it)")
+    spamassassin_rules: RulesState | None = Field(
+        None, description="SpamAssassin's rules: which spamd loads, whether sa-update keeps "
+        "them current, and why not (none until the spamassassin container wrote it)")
 
 
 # --- greylist ---------------------------------------------------------------------------

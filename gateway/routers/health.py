@@ -8,7 +8,6 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from gateway.bayes import read_state, status_path
 from gateway.canary import ProbeOutcome
 from gateway.context import GatewayDep, problem
 from gateway.health import HopResult
@@ -21,6 +20,7 @@ from gateway.models import (
     ReplicaHealth,
     ServiceHealth,
 )
+from gateway.spamassassin import BayesState, RulesState, read_state, status_path
 
 # How old a round of probes may be when reused: /readyz and /health stay close to live.
 READY_MAX_AGE = 1.0
@@ -86,7 +86,9 @@ async def health(gateway: GatewayDep) -> HealthReport:
         services=[service_health(r) for r in results],
         probe=probe_report(last) if last else None,
         bayes=await asyncio.to_thread(
-            read_state, status_path(gateway.settings.spamassassin_address)),
+            read_state, status_path(gateway.settings.spamassassin_address, "bayes"), BayesState),
+        spamassassin_rules=await asyncio.to_thread(
+            read_state, status_path(gateway.settings.spamassassin_address, "rules"), RulesState),
     )
 
 

@@ -1010,3 +1010,27 @@ def test_bayes_state_in_health_and_metrics(make_gateway: Any, tmp_path: Path) ->
     assert any('kind="ham"' in line and line.endswith(" 2503.0") for line in lines), lines
     (sockets / "bayes").write_text("{half written")
     assert gateway.client.get("/health").json()["bayes"] is None
+
+
+def test_spamassassin_rules_state_in_health_and_metrics(make_gateway: Any,
+                                                        tmp_path: Path) -> None:
+    """Issue 29: which rules spamd loads and why sa-update could not keep them current, as
+    services/spamd/rules-update.sh wrote it beside the socket; an alert can use the gauge."""
+    sockets = tmp_path / "spamd"
+    sockets.mkdir()
+    gateway = make_gateway(spamassassin_address=str(sockets / "spamd.sock"))
+    assert gateway.client.get("/health").json()["spamassassin_rules"] is None
+    offline = ("sa-update could not update the rules from SpamAssassin's mirrors (exit 4: no "
+               "'mirrors.updates.spamassassin.org' record found)")
+    (sockets / "rules").write_text(json.dumps({"version": "4.0.1", "rules": "image",
+                                               "checked": 1796600100, "error": offline}))
+    assert gateway.client.get("/health").json()["spamassassin_rules"] == {
+        "version": "4.0.1", "rules": "image", "checked": 1796600100.0, "error": offline}
+    def failing() -> list[str]:
+        return [line.rsplit(" ", 1)[1] for line in gateway.client.get("/metrics").text
+                .splitlines() if line.startswith("secumail_spamassassin_rules_update_failing")]
+
+    assert failing() == ["1.0"]
+    (sockets / "rules").write_text(json.dumps({"version": "4.0.1", "rules": "rules-0123",
+                                               "checked": 1796600200, "error": ""}))
+    assert failing() == ["0.0"]
