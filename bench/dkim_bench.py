@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 import dkim  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
+from secumail import dkim_keys as keys  # noqa: E402
 from secumail.protocols import milter as mc  # noqa: E402
-from services.dkim import keys  # noqa: E402
 from tests.support.dkim import (  # noqa: E402
     MilterMessage,
     dkim_env,

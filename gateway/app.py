@@ -42,11 +42,11 @@ from gateway.scrape import Target, replica_targets
 from gateway.spamassassin import SpamAssassinCollector
 from gateway.tracking import Collector, TrackingMetrics, TrackingStore
 from secumail import probes
+from secumail.greylist_store import GreylistStore, open_store
 from secumail.logs import log_event
 from secumail.protocols import spamc
 from secumail.quarantine import Quarantine
 from secumail.settings import Settings
-from services.policy.stores import GreylistStore, open_store
 
 log = logging.getLogger("secumail.gateway")
 

@@ -22,11 +22,10 @@ from typing import Any
 import httpx2
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from secumail.chain import chain
+from secumail.chain import PROBE_HEADER, chain
 from secumail.logs import log_event
 from secumail.protocols.smtp import Envelope, NextHop, SmtpRefused, SmtpUnavailable, deliver
 from secumail.settings import Settings
-from services.postfix.exporter import PROBE_HEADER
 
 log = logging.getLogger("secumail.gateway")
 

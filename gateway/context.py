@@ -22,10 +22,10 @@ from gateway.health import HealthChecker
 from gateway.models import Problem
 from gateway.quarantine import QuarantineAdmin
 from gateway.tracking import StoredEvent, TrackingStore
+from secumail.greylist_store import GreylistStore
 from secumail.logs import log_event
 from secumail.settings import Settings
 from secumail.tracking import Event
-from services.policy.stores import GreylistStore
 
 log = logging.getLogger("secumail.gateway")
 

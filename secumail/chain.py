@@ -3,6 +3,10 @@ is probed, the header it adds to every message it passes, and where it passes ma
 
 The gateway derives its health checks, the chain canary's expectations and where a
 quarantined message is released to from this list; the services read the same settings.
+
+The chain canary (gateway/canary.py) is a message through every hop to the probe mailbox,
+marked with its token in a `PROBE_HEADER` header, by which the Postfix container's agent
+finds it there (services/postfix/exporter.py).
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from dataclasses import dataclass
 
 from secumail.netaddr import HostPort
 from secumail.settings import Settings
+
+# The header that carries the chain canary's token (32 hex digits).
+PROBE_HEADER = "X-SecuMail-Probe"
 
 
 @dataclass(frozen=True)

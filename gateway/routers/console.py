@@ -35,8 +35,8 @@ from gateway.console_html import (
 from gateway.context import Gateway, GatewayDep, get_store
 from gateway.models import QuarantineDetail, ReleaseReport, WhitelistRequest
 from gateway.routers import greylist, health, quarantine, tracking
+from secumail.greylist_store import WhitelistKind
 from secumail.logs import log_event
-from services.policy.greylist import WhitelistKind
 
 log = logging.getLogger("secumail.gateway.console")
 

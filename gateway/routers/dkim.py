@@ -10,8 +10,8 @@ from fastapi import APIRouter, HTTPException
 
 from gateway.context import GatewayDep, invalid, problem
 from gateway.models import DkimActivation, DkimKey, KeygenReport, KeygenRequest
+from secumail import dkim_keys
 from secumail.logs import log_event
-from services.dkim import keys
 
 log = logging.getLogger("secumail.gateway")
 
@@ -21,7 +21,7 @@ router = APIRouter(prefix="/admin/dkim", tags=["dkim"])
 @router.get("/keys", response_model=list[DkimKey],
             summary="Every domain's selectors, which sign, and the DNS record to publish")
 async def list_dkim(gateway: GatewayDep) -> list[DkimKey]:
-    listed = await asyncio.to_thread(keys.list_keys, Path(gateway.settings.dkim_keys_dir))
+    listed = await asyncio.to_thread(dkim_keys.list_keys, Path(gateway.settings.dkim_keys_dir))
     return [
         DkimKey(domain=k.domain, selector=k.selector, key_type=k.key_type, active=k.active,
                 record_name=k.record_name, record_value=k.record_value,
@@ -36,7 +36,7 @@ async def list_dkim(gateway: GatewayDep) -> list[DkimKey]:
 async def generate_dkim(request: KeygenRequest, gateway: GatewayDep) -> KeygenReport:
     try:
         made = await asyncio.to_thread(
-            keys.keygen, Path(gateway.settings.dkim_keys_dir), request.domain,
+            dkim_keys.keygen, Path(gateway.settings.dkim_keys_dir), request.domain,
             request.selector, request.key_type, request.bits, request.activate,
         )
     except FileExistsError:
@@ -55,10 +55,10 @@ async def generate_dkim(request: KeygenRequest, gateway: GatewayDep) -> KeygenRe
              "second)", responses={404: problem("No such key")})
 async def activate_dkim(domain: str, selector: str, gateway: GatewayDep) -> DkimActivation:
     try:
-        domain, selector = keys.check_domain(domain), keys.check_selector(selector)
-        active = await asyncio.to_thread(keys.activate, Path(gateway.settings.dkim_keys_dir),
+        domain, selector = dkim_keys.check_domain(domain), dkim_keys.check_selector(selector)
+        active = await asyncio.to_thread(dkim_keys.activate, Path(gateway.settings.dkim_keys_dir),
                                          domain, selector)
-    except keys.KeyUnusable:
+    except dkim_keys.KeyUnusable:
         raise HTTPException(404, "no usable key with that selector") from None
     except ValueError as error:
         raise invalid(("path",), error) from None

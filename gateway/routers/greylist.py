@@ -12,14 +12,14 @@ from fastapi.responses import JSONResponse
 
 from gateway.context import GatewayDep, StoreDep, invalid, problem
 from gateway.models import GreylistEntry, Whitelist, WhitelistItem, WhitelistRequest
-from secumail.logs import log_event
-from services.policy.greylist import (
+from secumail.greylist_store import (
     Triplet,
     TripletKey,
     WhitelistEntry,
     WhitelistKind,
     normalize_whitelist_entry,
 )
+from secumail.logs import log_event
 
 log = logging.getLogger("secumail.gateway")
 T = TypeVar("T")

@@ -15,9 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from secumail import dkim_keys
 from secumail.runtime import run_service
 from secumail.settings import load_settings
-from services.dkim import keys
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     keys_dir = Path(args.keys_dir or load_settings().dkim_keys_dir)
     try:
         if args.command == "keygen":
-            result = keys.keygen(keys_dir, args.domain, args.selector, args.type, args.bits,
+            result = dkim_keys.keygen(keys_dir, args.domain, args.selector, args.type, args.bits,
                                  True if args.activate else None)
             print(f"Wrote {result.key_path}")
             _print_record(result.record_name, result.record_value, result.zone_line)
@@ -70,20 +70,22 @@ def main(argv: list[str] | None = None) -> None:
                       f"{result.domain} {result.selector}\n\nKeep the old selector's record "
                       "published for a few days.")
         elif args.command == "activate":
-            selectors = keys.activate(keys_dir, args.domain, args.selector)
+            selectors = dkim_keys.activate(keys_dir, args.domain, args.selector)
             print(f"{args.domain} now signs with: {', '.join(selectors)}")
         elif args.command == "keys":
-            for item in keys.list_keys(keys_dir):
+            for item in dkim_keys.list_keys(keys_dir):
                 state = "active" if item.active else "inactive"
                 print(f"{item.domain}\t{item.selector}\t{item.key_type}\t{state}\t"
                       f"{item.error or item.record_value}")
         elif args.command == "record":
-            domain = keys.check_domain(args.domain)
-            selector = keys.check_selector(args.selector)
-            key = keys.load_private_key(keys_dir / domain / f"{selector}{keys.KEY_SUFFIX}")
-            _print_record(keys.record_name(domain, selector), keys.txt_record_value(key),
-                          keys.zone_file_line(domain, selector, key))
-    except (ValueError, OSError, keys.KeyUnusable) as error:
+            domain = dkim_keys.check_domain(args.domain)
+            selector = dkim_keys.check_selector(args.selector)
+            key = dkim_keys.load_private_key(
+                keys_dir / domain / f"{selector}{dkim_keys.KEY_SUFFIX}")
+            _print_record(dkim_keys.record_name(domain, selector),
+                          dkim_keys.txt_record_value(key),
+                          dkim_keys.zone_file_line(domain, selector, key))
+    except (ValueError, OSError, dkim_keys.KeyUnusable) as error:
         print(f"secumail-dkim: {error}", file=sys.stderr)
         raise SystemExit(1) from None
 

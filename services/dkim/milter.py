@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from secumail import tracking
+from secumail.dkim_keys import KeyStore, SigningKey
 from secumail.dns import DnsTemporaryError
 from secumail.forwarded import HEADER as FORWARDED_NAME
 from secumail.forwarded import ForwardedClient
@@ -37,7 +38,6 @@ from secumail.protocols import milter as mc
 from secumail.settings import Settings
 from services.dkim import auth_results, dmarc, own_domain, signature
 from services.dkim.canonical import RELAXED, BodyHasher, header_value_crlf
-from services.dkim.keys import KeyStore, SigningKey
 
 log = logging.getLogger("secumail.dkim")
 

@@ -8,6 +8,7 @@ import logging
 from prometheus_client import Counter, Gauge, Histogram
 
 from secumail import dns as secumail_dns
+from secumail.dkim_keys import DomainKeys, KeyStore
 from secumail.logs import log_event
 from secumail.netaddr import peer_name
 from secumail.protocols import milter as mc
@@ -15,7 +16,6 @@ from secumail.runtime import ConnectionServer, IdleDeadline, send
 from secumail.settings import Settings
 from secumail.spf import SpfChecker
 from services.dkim.dnslookup import async_txt_lookup
-from services.dkim.keys import DomainKeys, KeyStore
 from services.dkim.milter import DkimMilter, Outcome
 
 log = logging.getLogger("secumail.dkim")

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from secumail.dkim_keys import SigningKey, record_name
 from services.dkim.canonical import CANONICALIZATIONS, RELAXED, header_hash_input
-from services.dkim.keys import SigningKey, record_name
 
 SIGNATURE_HEADER: Final = b"DKIM-Signature"
 MIN_RSA_BITS: Final = 1024

@@ -27,6 +27,7 @@ import dns.resolver
 
 from secumail import spf, tracking
 from secumail.dns import AddressLookup, AddressResolver, TtlCache, name_resolves
+from secumail.greylist_store import GreylistStore, record_pass, triplet_key
 from secumail.logs import log_event
 from secumail.netaddr import IPAddress, client_network, parse_ip
 from secumail.protocols.policy import PolicyRequest
@@ -39,11 +40,8 @@ from services.policy.greylist import (
     check_triplet,
     client_is_whitelisted,
     greylist_header,
-    record_pass,
     split_whitelists,
-    triplet_key,
 )
-from services.policy.stores import GreylistStore
 
 log = logging.getLogger("secumail.policy")
 

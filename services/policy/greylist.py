@@ -1,44 +1,28 @@
 """Greylisting decisions, with postgrey's semantics, as plain functions of state and time.
 
 The triplet is (client network, sender, recipient): /24 for IPv4 and /64 for IPv6, so a
-sender retrying from a neighbouring address of the same farm is recognised. Storage is
-someone else's job (stores.py); nothing here does I/O or reads the clock.
+sender retrying from a neighbouring address of the same farm is recognised. Storage, and
+what it holds (triplets, client records, whitelist entries), is the shared core's
+(secumail/greylist_store.py, which the gateway's admin API uses too); nothing here does
+I/O or reads the clock.
 """
 
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass, replace
 from email.utils import formatdate
-from typing import Literal
 
+from secumail.greylist_store import MAX_AGE, RETRY_WINDOW, ClientRecord, Triplet, WhitelistEntry
 from secumail.netaddr import IPAddress, Network, parse_network
 
 
 @dataclass(frozen=True)
 class GreylistConfig:
     delay: int = 300
-    retry_window: int = 2 * 86400
-    max_age: int = 35 * 86400
+    retry_window: int = RETRY_WINDOW
+    max_age: int = MAX_AGE
     auto_whitelist: int = 5
-
-
-@dataclass(frozen=True)
-class Triplet:
-    """What the store remembers about one (network, sender, recipient)."""
-
-    first_seen: float
-    last_seen: float
-    passed: bool = False
-
-
-@dataclass(frozen=True)
-class ClientRecord:
-    """How many triplets a client network has got through greylisting (auto-whitelist)."""
-
-    passes: int
-    last_seen: float
 
 
 @dataclass(frozen=True)
@@ -49,31 +33,6 @@ class GreyVerdict:
     delayed: float | None = None
     # Seconds left before a retry can pass, when deferred.
     retry_in: float = 0.0
-
-
-def triplet_key(network: str, sender: str, recipient: str) -> str:
-    """The store's key of a triplet: `network/sender/recipient`, `network` the client's
-    from `client_network()`. (A string, built on every request: TripletKey reads it back.)"""
-    return f"{network}/{(sender or '<>').lower()}/{recipient.lower()}"
-
-
-@dataclass(frozen=True)
-class TripletKey:
-    network: str
-    sender: str  # "<>" for the null sender
-    recipient: str
-
-    @classmethod
-    def from_text(cls, key: str) -> TripletKey:
-        """The parts of `triplet_key()`'s text; the network itself holds a slash."""
-        address, _, prefix_rest = key.partition("/")
-        prefix, _, rest = prefix_rest.partition("/")
-        sender, _, recipient = rest.rpartition("/")
-        return cls(f"{address}/{prefix}", sender, recipient)
-
-    @property
-    def text(self) -> str:
-        return triplet_key(self.network, self.sender, self.recipient)
 
 
 def check_triplet(entry: Triplet | None, now: float, cfg: GreylistConfig) -> GreyVerdict:
@@ -96,22 +55,6 @@ def client_is_whitelisted(record: ClientRecord | None, now: float, cfg: Greylist
     if record is None or cfg.auto_whitelist <= 0:
         return False
     return record.passes >= cfg.auto_whitelist and now - record.last_seen <= cfg.max_age
-
-
-# postgrey counts a client's passes at most once an hour ("record only one attempt per hour"):
-# one session with many recipients, or a burst of retries, is one pass, not a whitelisting.
-AWL_COUNT_INTERVAL = 3600
-
-
-def record_pass(record: ClientRecord | None, now: float, max_age: float) -> ClientRecord | None:
-    """The client network's record once one more of its triplets got through, or None when
-    this pass does not count (its last counted pass was less than an hour ago). A record
-    older than `max_age` starts over. Kept counting once whitelisted, to keep it fresh."""
-    if record is None or now - record.last_seen > max_age:
-        return ClientRecord(1, now)
-    if abs(now - record.last_seen) < AWL_COUNT_INTERVAL:  # either way: replicas' clocks differ
-        return None
-    return ClientRecord(record.passes + 1, now)
 
 
 def greylist_header(delayed: float | None, hostname: str, now: float, why: str = "") -> str:
@@ -165,44 +108,6 @@ class RecipientWhitelist:
             or local in self.local_parts
             or any(domain == d or domain.endswith("." + d) for d in self.domains)
         )
-
-
-# --- whitelist entries added at run time (the gateway's admin API) ---------------------------
-
-WhitelistKind = Literal["client", "recipient"]
-_LABELS = re.compile(r"^(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?)(\.[a-z0-9_]"
-                     r"([a-z0-9_-]{0,61}[a-z0-9])?)*$")
-_LOCAL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
-
-
-@dataclass(frozen=True)
-class WhitelistEntry:
-    kind: WhitelistKind
-    value: str
-    added: float
-
-
-def normalize_whitelist_entry(kind: WhitelistKind, value: str) -> str:
-    """The canonical text of a whitelist entry, in the forms the settings' whitelists take;
-    ValueError naming the entry otherwise."""
-    value = value.strip().lower()
-    if kind == "client":
-        try:
-            return str(parse_network(value))
-        except ValueError:
-            name = value.rstrip(".").removeprefix("*.")
-            if _LABELS.match(name):
-                return name
-        raise ValueError(f"not an IP address, network, host or domain name: {value!r}")
-    local, at, domain = value.rpartition("@")
-    domain = domain.rstrip(".")
-    if at and not domain and _LOCAL.match(local):
-        return value  # `postmaster@`: that local part in every domain
-    if at and _LOCAL.match(local) and _LABELS.match(domain) and "." in domain:
-        return f"{local}@{domain}"
-    if not at and _LABELS.match(domain) and "." in domain:
-        return domain
-    raise ValueError(f"not an address, `local@` or a domain: {value!r}")
 
 
 def split_whitelists(

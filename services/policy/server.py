@@ -11,13 +11,13 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from secumail import dns as secumail_dns
 from secumail import tracking
+from secumail.greylist_store import GreylistStore, open_store
 from secumail.logs import log_event
 from secumail.netaddr import peer_name
 from secumail.protocols.policy import PolicyDecoder, PolicyProtocolError, encode_action
 from secumail.runtime import ConnectionServer, IdleDeadline, send
 from secumail.settings import Settings
 from services.policy.engine import TEMPORARY_FAILURE, Decision, PolicyEngine, decision_event
-from services.policy.stores import GreylistStore, open_store
 
 log = logging.getLogger("secumail.policy")
 

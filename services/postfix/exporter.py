@@ -34,6 +34,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from secumail import tracking
+from secumail.chain import PROBE_HEADER
 from secumail.logs import log_event
 from secumail.netaddr import Network
 from secumail.settings import Settings
@@ -44,7 +45,6 @@ log = logging.getLogger("secumail.postfix")
 ASK_EVENTS = b"e"
 AFTER = struct.Struct(">Q")
 QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
-PROBE_HEADER = "X-SecuMail-Probe"
 TOKEN = re.compile(r"^[0-9a-f]{32}$")
 STALE_CANARY = 86400.0  # a canary nobody collected (the gateway restarted mid-probe)
 NOBODY = 65534

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import redis.exceptions
 
-from services.policy.greylist import Triplet, WhitelistEntry
-from services.policy.stores import RedisStore
+from secumail.greylist_store import RedisStore, Triplet, WhitelistEntry
 
 
 async def test_redis_store_lists_matches_and_deletes_triplets(redis_url: str) -> None:

@@ -15,9 +15,9 @@ import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from secumail import dkim_keys as keys
 from secumail.dns import make_resolver
 from secumail.netaddr import parse_host_port
-from services.dkim import keys
 from services.dkim.dnslookup import dkimpy_dnsfunc
 from tests.support.dkim import dkim_env, keygen, record_from_output, start_dkim
 from tests.support.dnsserver import LoopbackDNS

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from services.dkim import keys
+from secumail import dkim_keys as keys
 from services.dkim.main import main
 from services.dkim.signature import parse_key_record
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import dkim
 import pytest
 
+from secumail import dkim_keys as keys
 from secumail.dns import DnsTemporaryError
 from secumail.protocols import milter as mc
 from secumail.settings import Settings
-from services.dkim import keys
 from services.dkim.milter import WANTED_PROTOCOL, DkimMilter, MilterSession, Outcome
 
 HOST = "mx.secumail.test"

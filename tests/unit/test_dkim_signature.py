@@ -14,7 +14,8 @@ from dkim.canonicalization import Relaxed, Simple
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.dkim import keys, signature
+from secumail import dkim_keys as keys
+from services.dkim import signature
 from services.dkim.canonical import BodyHasher, canonical_header, header_value_crlf, select_headers
 
 DATA = Path(__file__).parent / "data"

@@ -29,11 +29,11 @@ from gateway.quarantine import QuarantineAdmin
 from gateway.tracking import StoredEvent, TrackingStore
 from secumail import tracking
 from secumail.backend import BackendError
+from secumail.greylist_store import GreylistStore, SqliteStore
 from secumail.netaddr import HostPort
 from secumail.protocols.smtp import SmtpReply
 from secumail.quarantine import Quarantine, QuarantineRecord
 from secumail.settings import Settings
-from services.policy.stores import GreylistStore, SqliteStore
 
 ADMIN = "admin-token-0123456789"
 METRICS = "metrics-token-0123456789"

@@ -8,14 +8,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from secumail.greylist_store import SqliteStore, Triplet, WhitelistEntry, normalize_whitelist_entry
 from secumail.settings import Settings
 from services.policy.engine import PolicyEngine
-from services.policy.greylist import (
-    Triplet,
-    WhitelistEntry,
-    normalize_whitelist_entry,
-)
-from services.policy.stores import SqliteStore
 from tests.support.fakes import FakeAsyncResolver, FakeClock, FakeResolver
 from tests.support.policy_client import rcpt_request
 

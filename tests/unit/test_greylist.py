@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from ipaddress import ip_address
 
+from secumail.greylist_store import ClientRecord, Triplet, record_pass, triplet_key
 from secumail.netaddr import client_network
 from services.policy.greylist import (
-    ClientRecord,
     ClientWhitelist,
     GreylistConfig,
     RecipientWhitelist,
-    Triplet,
     check_triplet,
     client_is_whitelisted,
     greylist_header,
-    record_pass,
-    triplet_key,
 )
 
 CFG = GreylistConfig(delay=300, retry_window=2 * 86400, max_age=35 * 86400, auto_whitelist=5)

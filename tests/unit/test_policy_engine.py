@@ -7,10 +7,9 @@ from typing import Any
 
 import pytest
 
+from secumail.greylist_store import ClientRecord, SqliteStore, Triplet
 from secumail.settings import Settings
 from services.policy.engine import TEMPORARY_FAILURE, PolicyEngine
-from services.policy.greylist import ClientRecord, Triplet
-from services.policy.stores import SqliteStore
 from tests.support.fakes import FakeAsyncResolver, FakeClock, FakeResolver
 from tests.support.policy_client import rcpt_request
 

@@ -24,6 +24,7 @@ from gateway.tracking import (
     build_traces,
 )
 from secumail import tracking
+from secumail.greylist_store import SqliteStore
 from secumail.metrics import BAD_CURSOR, MetricsAnswers
 from secumail.protocols.http import Request
 from secumail.relay import MessageInfo, Verdict, verdict_event
@@ -31,7 +32,6 @@ from secumail.settings import Settings
 from secumail.tracking import Event, EventLog
 from services.policy.engine import Decision
 from services.policy.server import PolicyService
-from services.policy.stores import SqliteStore
 from services.postfix.events import PostfixEvents
 from tests.support.policy_client import rcpt_request
 

@@ -1,4 +1,8 @@
-"""Signing keys on disk, their DNS records, generation and rotation.
+"""DKIM signing keys on disk, their DNS records, generation and rotation.
+
+The keys folder is shared: the DKIM milter (services/dkim/) signs with the keys it finds
+there (`KeyStore`), while the `secumail-dkim` key tool and the gateway's admin API
+(gateway/routers/dkim.py) write and activate them with the functions below.
 
 Layout of SECUMAIL_DKIM_KEYS_DIR (one folder per signing domain, as opendkim-genkey writes
 its files, so OpenDKIM keys can be copied in):
@@ -231,7 +235,7 @@ class KeyStore:
         return self._domains
 
 
-# --- key management (the secumail-dkim command) ---------------------------------------------
+# --- key management (the secumail-dkim command, the gateway's admin API) --------------------
 
 
 def _write_atomically(path: Path, data: bytes, mode: int) -> None:

@@ -1,7 +1,14 @@
-"""Where greylisting state lives: SQLite (embedded default) or Redis (shared by replicas).
+"""The greylist's state: what it holds, in which form, and where it lives.
 
-Both speak the same small async interface. Errors propagate as exceptions: the policy
-engine turns them into a clear DEFER_IF_PERMIT (or DUNNO when failing open).
+The policy service decides (services/policy/greylist.py) and keeps its triplets and client
+records here; the gateway's admin API lists and removes triplets and adds whitelist entries
+through the same store. What both read and write is defined once, in this module: the
+records (`Triplet`, `ClientRecord`, `WhitelistEntry`), a triplet's key, the canonical form
+of a whitelist entry, and how a pass counts towards the auto-whitelist.
+
+The store is SQLite (embedded default) or Redis (shared by replicas); both speak the same
+small async interface. Errors propagate as exceptions: the policy engine turns them into a
+clear DEFER_IF_PERMIT (or DUNNO when failing open), the gateway into a 503.
 """
 
 from __future__ import annotations
@@ -10,22 +17,120 @@ import asyncio
 import os
 import re
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Literal, Protocol, cast
 from urllib.parse import urlparse
 
 import redis.asyncio as aioredis
 from redis.credentials import CredentialProvider
 
-from services.policy.greylist import (
-    AWL_COUNT_INTERVAL,
-    ClientRecord,
-    GreylistConfig,
-    Triplet,
-    WhitelistEntry,
-    WhitelistKind,
-    record_pass,
-)
+from secumail.netaddr import parse_network
+
+# How long a triplet counts, unless the settings say otherwise (SECUMAIL_GREYLIST_MAX_AGE,
+# SECUMAIL_GREYLIST_RETRY_WINDOW): a passed one after it was last seen, one never passed
+# after it was first seen.
+MAX_AGE = 35 * 86400
+RETRY_WINDOW = 2 * 86400
+
+
+@dataclass(frozen=True)
+class Triplet:
+    """What the store remembers about one (network, sender, recipient)."""
+
+    first_seen: float
+    last_seen: float
+    passed: bool = False
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    """How many triplets a client network has got through greylisting (auto-whitelist)."""
+
+    passes: int
+    last_seen: float
+
+
+def triplet_key(network: str, sender: str, recipient: str) -> str:
+    """The store's key of a triplet: `network/sender/recipient`, `network` the client's
+    from `client_network()`. (A string, built on every request: TripletKey reads it back.)"""
+    return f"{network}/{(sender or '<>').lower()}/{recipient.lower()}"
+
+
+@dataclass(frozen=True)
+class TripletKey:
+    network: str
+    sender: str  # "<>" for the null sender
+    recipient: str
+
+    @classmethod
+    def from_text(cls, key: str) -> TripletKey:
+        """The parts of `triplet_key()`'s text; the network itself holds a slash."""
+        address, _, prefix_rest = key.partition("/")
+        prefix, _, rest = prefix_rest.partition("/")
+        sender, _, recipient = rest.rpartition("/")
+        return cls(f"{address}/{prefix}", sender, recipient)
+
+    @property
+    def text(self) -> str:
+        return triplet_key(self.network, self.sender, self.recipient)
+
+
+# postgrey counts a client's passes at most once an hour ("record only one attempt per hour"):
+# one session with many recipients, or a burst of retries, is one pass, not a whitelisting.
+AWL_COUNT_INTERVAL = 3600
+
+
+def record_pass(record: ClientRecord | None, now: float, max_age: float) -> ClientRecord | None:
+    """The client network's record once one more of its triplets got through, or None when
+    this pass does not count (its last counted pass was less than an hour ago). A record
+    older than `max_age` starts over. Kept counting once whitelisted, to keep it fresh."""
+    if record is None or now - record.last_seen > max_age:
+        return ClientRecord(1, now)
+    if abs(now - record.last_seen) < AWL_COUNT_INTERVAL:  # either way: replicas' clocks differ
+        return None
+    return ClientRecord(record.passes + 1, now)
+
+
+# --- whitelist entries added at run time (the gateway's admin API) --------------------------
+
+WhitelistKind = Literal["client", "recipient"]
+_LABELS = re.compile(r"^(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?)(\.[a-z0-9_]"
+                     r"([a-z0-9_-]{0,61}[a-z0-9])?)*$")
+_LOCAL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class WhitelistEntry:
+    kind: WhitelistKind
+    value: str
+    added: float
+
+
+def normalize_whitelist_entry(kind: WhitelistKind, value: str) -> str:
+    """The canonical text of a whitelist entry, in the forms the settings' whitelists take;
+    ValueError naming the entry otherwise."""
+    value = value.strip().lower()
+    if kind == "client":
+        try:
+            return str(parse_network(value))
+        except ValueError:
+            name = value.rstrip(".").removeprefix("*.")
+            if _LABELS.match(name):
+                return name
+        raise ValueError(f"not an IP address, network, host or domain name: {value!r}")
+    local, at, domain = value.rpartition("@")
+    domain = domain.rstrip(".")
+    if at and not domain and _LOCAL.match(local):
+        return value  # `postmaster@`: that local part in every domain
+    if at and _LOCAL.match(local) and _LABELS.match(domain) and "." in domain:
+        return f"{local}@{domain}"
+    if not at and _LABELS.match(domain) and "." in domain:
+        return domain
+    raise ValueError(f"not an address, `local@` or a domain: {value!r}")
+
+
+# --- the stores -----------------------------------------------------------------------------
 
 
 class GreylistStore(Protocol):
@@ -71,8 +176,8 @@ class SqliteStore:
 
     COMMIT_INTERVAL = 0.1
 
-    def __init__(self, path: str, max_age: int = GreylistConfig.max_age,
-                 retry_window: int = GreylistConfig.retry_window) -> None:
+    def __init__(self, path: str, max_age: int = MAX_AGE,
+                 retry_window: int = RETRY_WINDOW) -> None:
         self.max_age = max_age
         self.retry_window = retry_window
         self._commit_timer: asyncio.TimerHandle | None = None
@@ -226,7 +331,7 @@ class RedisStore:
 
     def __init__(self, url: str, max_age: int, timeout: float = 2.0,
                  password_file: str = "",
-                 retry_window: int = GreylistConfig.retry_window) -> None:
+                 retry_window: int = RETRY_WINDOW) -> None:
         # A password in the URL wins; else the password file's, if there is one.
         credentials = PasswordFile(password_file) if password_file and not urlparse(
             url).password else None
@@ -326,7 +431,7 @@ def lifetime(entry: Triplet, max_age: int, retry_window: int) -> float:
 
 
 def open_store(url: str, max_age: int, redis_password_file: str = "",
-               retry_window: int = GreylistConfig.retry_window) -> GreylistStore:
+               retry_window: int = RETRY_WINDOW) -> GreylistStore:
     """`sqlite:///abs/path`, `sqlite://:memory:` or `redis://host:port/db`."""
     if url.startswith(("redis://", "rediss://")):
         return RedisStore(url, max_age, password_file=redis_password_file,
