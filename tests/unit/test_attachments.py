@@ -377,3 +377,46 @@ def test_a_file_that_only_resembles_an_archive_passes() -> None:
 def test_every_name_a_part_has_is_checked(headers: str) -> None:
     found = rules(with_part(headers + "\nContent-Transfer-Encoding: 7bit", b"harmless\r\n"))
     assert any(f.startswith("blocked-extension: set") for f in found), found
+
+
+# --- issue 31: text is spared libarchive, and small mail is checked on the event loop --------
+
+TEXT_PROGRAM = [("tool.exe", b"@echo off\r\necho this would run\r\n")]
+
+
+@pytest.mark.parametrize("archive_format", ["ar_svr4", "ar_bsd"])
+def test_an_archive_made_of_text_is_still_read(archive_format: str) -> None:
+    """Parts that look like text are not handed to libarchive, but for the archives
+    libarchive reads that are text themselves (ar of text files: `!<arch>`, ASCII
+    headers), sent as a plain-text part with no name (base64: an 8bit text's line ends
+    would be made CRLF on the way, which no ar survives)."""
+    archive = zipped(TEXT_PROGRAM, archive_format)
+    assert not archive.translate(None, b"\t\r\n\x0c" + bytes(range(32, 127)))  # text only
+    message = with_part("Content-Type: text/plain", archive)
+    assert "blocked-extension: text/plain > tool.exe" in rules(message)
+
+
+def test_a_uuencoded_archive_deep_in_a_text_is_still_read() -> None:
+    """libarchive's uu filter decodes `begin 644 name` wherever it is; what it holds is an
+    archive like any other. After 100 KiB of text, past the head where binary is sought."""
+    import binascii
+    archive = zipped(EXE)
+    lines = b"".join(binascii.b2a_uu(archive[i:i + 45]) for i in range(0, len(archive), 45))
+    text = b"Minutes of the meeting.\n" * 4300 + b"begin 644 minutes.dat\n" + lines + b"`\nend\n"
+    message = with_part("Content-Type: text/plain\nContent-Transfer-Encoding: 8bit", text)
+    found = rules(message)
+    assert any(f.startswith("double-extension:") and f.endswith("> invoice.pdf.exe")
+               for f in found), found
+
+
+def test_small_text_mail_is_checked_inline_and_archives_go_to_a_thread() -> None:
+    from services.clamav.attachments import NeedsThread
+    plain = with_part("Content-Type: text/plain; name=run.js", b"alert(1)")
+    assert [f.rule for f in check(plain, POLICY, inline=True)] == ["blocked-extension"]
+    archive = attaching([("a.zip", zipped(EXE))])  # an archive to read
+    with pytest.raises(NeedsThread):
+        check(archive, POLICY, inline=True)
+    assert rules(archive) == ["double-extension: a.zip > invoice.pdf.exe",
+                              "executable-content: a.zip > invoice.pdf.exe"]
+    with pytest.raises(NeedsThread):  # over INLINE_MAX_BYTES, text or not
+        check(attaching([("a.txt", b"x" * 300_000)]), POLICY, inline=True)
