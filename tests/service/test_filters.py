@@ -118,7 +118,7 @@ def test_gtube_rejected_or_tagged(chain: StartChain, sink: SmtpSink) -> None:
     with pytest.raises(smtplib.SMTPDataError) as refused:
         chain().send(mail.gtube())
     assert refused.value.smtp_code == 554 and b"as spam (score" in refused.value.smtp_error
-    chain(spam_reject_score="5000").send(mail.gtube())
+    chain(spam_quarantine_score="5000", spam_reject_score="5000").send(mail.gtube())
     [message] = sink.wait_for(1)
     assert message["X-Spam-Flag"] == "YES"
     assert "GTUBE" in message["X-Spam-Status"]
