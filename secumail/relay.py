@@ -698,19 +698,20 @@ class FilterService:
     """A content filter: an SMTP listener whose messages go through `inspect`."""
 
     def __init__(self, name: str, listen: HostPort, handler: RelayHandler,
-                 message_size_limit: int, hostname: str) -> None:
+                 message_size_limit: int, hostname: str, idle_timeout: float = 300.0) -> None:
         self.name = name
         self.listen = listen
         self.handler = handler
         self.message_size_limit = message_size_limit
         self.hostname = hostname
+        self.idle_timeout = idle_timeout
         self._server: asyncio.Server | None = None
 
     def _protocol(self) -> RelaySMTP:
         return RelaySMTP(
             self.handler, data_size_limit=self.message_size_limit, enable_SMTPUTF8=True,
             decode_data=False, hostname=self.hostname, ident=f"SecuMail {self.name} filter",
-            timeout=300, loop=asyncio.get_running_loop(),
+            timeout=self.idle_timeout, loop=asyncio.get_running_loop(),
         )
 
     @property
@@ -749,4 +750,5 @@ def filter_service(
         AllowedClients(allowed_clients), settings.filter_mode == "before-queue",
         settings.trusted_networks,
     )
-    return FilterService(name, listen, handler, settings.message_size_limit, settings.hostname)
+    return FilterService(name, listen, handler, settings.message_size_limit, settings.hostname,
+                         settings.filter_idle_timeout)

@@ -167,6 +167,7 @@ class Settings(BaseSettings):
     filter_mode: Literal["before-queue", "after-queue"] = "before-queue"
     message_size_limit: int = Field(10240000, ge=1024)
     relay_timeout: float = Field(120.0, gt=0)
+    filter_idle_timeout: float = Field(300.0, gt=0)
     filter_max_connections: int = Field(200, ge=1)
     quarantine_dir: str = "/var/lib/secumail/quarantine"
     quarantine_max_bytes: int = Field(2 * 1024**3, ge=1024 * 1024)

@@ -186,6 +186,26 @@ def test_scanner_down_is_451_or_marked_when_failing_open(
         assert message["X-Spam-Status"] == "unchecked (spam checker unavailable)"
 
 
+def test_an_idle_client_is_let_go_after_the_idle_timeout(chain: StartChain) -> None:
+    """SECUMAIL_FILTER_IDLE_TIMEOUT (was a literal 300 in the code): a client that says
+    nothing more is let go (the connection closed, or a 421 first); a busy one is not."""
+    filters = chain(filter_idle_timeout="1.5")
+    with smtplib.SMTP("127.0.0.1", filters.port, timeout=30) as busy, \
+            smtplib.SMTP("127.0.0.1", filters.port, timeout=30) as idle:
+        busy.ehlo()
+        idle.ehlo()
+        for _ in range(4):  # 2 s in all, each command within the timeout
+            time.sleep(0.5)
+            assert busy.noop()[0] == 250
+        time.sleep(1.0)  # idle: 3 s since its last command
+        try:
+            code: int | None = idle.noop()[0]
+        except smtplib.SMTPServerDisconnected:
+            code = None
+        assert code in (None, 421)
+        assert busy.noop()[0] == 250
+
+
 def test_oversized_mail_is_552(chain: StartChain, sink: SmtpSink) -> None:
     filters = chain(message_size_limit="20000")
     big = mail.plain(body="x" * 70 + "\n") * 400
