@@ -250,14 +250,22 @@ def quarantine_facts(detail: QuarantineDetail) -> str:
     ], "")
 
 
-@console_page("/quarantine/{ident}")
-async def quarantine_item_page(request: Request, gateway: Gateway, csrf: str) -> HTMLResponse:
-    ident = request.path_params["ident"]
+async def kept_message(ident: str, gateway: Gateway, csrf: str
+                       ) -> QuarantineDetail | HTMLResponse:
+    """The quarantined message's details, or the page saying there is none (404)."""
     try:
-        detail = await quarantine.show_quarantine(ident, gateway)
+        return await quarantine.show_quarantine(ident, gateway)
     except HTTPException:
         return html(page("Quarantine", '<p class="flash">No such quarantined message.</p>',
                          "quarantine", csrf), 404)
+
+
+@console_page("/quarantine/{ident}")
+async def quarantine_item_page(request: Request, gateway: Gateway, csrf: str) -> HTMLResponse:
+    ident = request.path_params["ident"]
+    detail = await kept_message(ident, gateway, csrf)
+    if isinstance(detail, HTMLResponse):
+        return detail
     headers = table(("Header", "Value"), [(esc(n), f"<span class=detail>{esc(v)}</span>")
                                           for n, v in detail.headers], "No header.")
     path = f"/console/quarantine/{quote(ident, safe='')}"
@@ -298,11 +306,9 @@ async def learn(request: Request, gateway: Gateway, fields: dict[str, str]) -> s
 async def delete_page(request: Request, gateway: Gateway, csrf: str) -> HTMLResponse:
     """The step that asks to confirm a deletion (no JavaScript: a page, then a POST)."""
     ident = request.path_params["ident"]
-    try:
-        detail = await quarantine.show_quarantine(ident, gateway)
-    except HTTPException:
-        return html(page("Quarantine", '<p class="flash">No such quarantined message.</p>',
-                         "quarantine", csrf), 404)
+    detail = await kept_message(ident, gateway, csrf)
+    if isinstance(detail, HTMLResponse):
+        return detail
     path = f"/console/quarantine/{quote(ident, safe='')}"
     body = ("<p>Delete this message for good? It can then be neither released nor learned."
             "</p>" + quarantine_facts(detail) + '<div class="actions">'
