@@ -12,7 +12,7 @@ ROOT = Path(__file__).parents[2]
 ENV_EXAMPLE = ROOT / ".env.example"
 SECTION_2 = "# === 2. In secumail.env"
 # Read by compose itself, not by a SecuMail setting.
-COMPOSE_ONLY = {"COMPOSE_PROFILES", "COMPOSE_FILE"}
+COMPOSE_ONLY = {"COMPOSE_PROFILES"}
 COMPOSE_FILES = ("compose.yaml", "compose.ipv6.yaml")
 
 
@@ -50,6 +50,15 @@ def test_what_compose_reads_is_in_the_env_section_with_compose_defaults() -> Non
         assert env[name] == default, name
 
 
+def test_compose_file_is_shown_as_an_example_never_set() -> None:
+    """Issue 32: `COMPOSE_FILE=compose.yaml`, copied into .env as if it were the default,
+    silently stopped compose from reading compose.override.yaml."""
+    text = ENV_EXAMPLE.read_text()
+    assert not re.search(r"^\s*COMPOSE_FILE=", text, re.M)
+    assert re.search(r"^# COMPOSE_FILE=compose\.yaml:compose\.ipv6\.yaml:compose\.override\.yaml$",
+                     text, re.M)
+
+
 def test_documented_values_are_the_defaults() -> None:
     env, secumail_env = sections()
     fields = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
@@ -60,7 +69,7 @@ def test_documented_values_are_the_defaults() -> None:
 
 def test_the_code_knows_what_only_compose_reads() -> None:
     env, _ = sections()
-    assert set(env) == COMPOSE_VARIABLES
+    assert set(env) | {"COMPOSE_FILE"} == COMPOSE_VARIABLES  # COMPOSE_FILE: an example only
 
 
 def test_a_compose_variable_in_secumail_env_is_found() -> None:
