@@ -28,6 +28,7 @@ from typing import Any
 import httpx2
 from prometheus_client import CollectorRegistry, Counter
 
+from gateway.health import Namer, reverse_name
 from gateway.scrape import Target
 from secumail.logs import log_event
 from secumail.tracking import Event
@@ -654,16 +655,28 @@ Targets = Callable[[], Awaitable[list[Target]]]
 
 
 class Collector:
-    """Asks every replica for its events past the last one stored, and stores them."""
+    """Asks every replica for its events past the last one stored, and stores them, each
+    named by the replica that made it: its container's name, looked up when a new process
+    (a new boot) first answers at an address, and kept for that process. Addresses move
+    (`up -d` recreating two services may swap theirs), a process does not: a name kept by
+    address named one service's events after the other for good (issue 32)."""
 
     def __init__(self, store: TrackingStore, client: httpx2.AsyncClient, targets: Targets,
-                 metrics: TrackingMetrics, timeout: float) -> None:
+                 metrics: TrackingMetrics, timeout: float, namer: Namer = reverse_name) -> None:
         self.store = store
         self.client = client
         self.targets = targets
         self.metrics = metrics
         self.timeout = timeout
+        self.namer = namer
         self._boots: dict[str, str] = {}  # replica (instance) -> the boot it last answered
+        self._names: dict[str, str] = {}  # boot -> the name of the replica that runs it
+
+    async def _name(self, target: Target) -> str:
+        """The container's name now (Docker's DNS, which knows the process that just
+        answered), else what /health last named it, else its address."""
+        host = target.instance.rpartition(":")[0].strip("[]")
+        return await self.namer(host) or target.container or target.instance
 
     async def collect(self) -> int:
         """One round over every replica; the number of events stored."""
@@ -691,7 +704,9 @@ class Collector:
                           error=f"{type(error).__name__}: {error}")
                 return stored
             if self._boots.get(target.instance) != boot:  # a new replica, or it restarted
+                self._names.pop(self._boots.get(target.instance, ""), None)
                 self._boots[target.instance] = boot
+                self._names[boot] = await self._name(target)
                 cursor = await asyncio.to_thread(self.store.cursor, boot)
                 if cursor != after:
                     after = cursor
@@ -708,7 +723,7 @@ class Collector:
                     continue  # one malformed event does not stop the others
                 if seq > after:
                     top = max(top, seq)
-                    events.append(StoredEvent(event, target.container or target.instance))
+                    events.append(StoredEvent(event, self._names[boot]))
             if top > after:
                 await asyncio.to_thread(self.store.add, boot, top, events)
                 self.metrics.collected.labels(target.service).inc(len(events))

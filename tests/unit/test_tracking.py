@@ -402,13 +402,48 @@ class Replica:
         return httpx2.Response(200, content=self.ring.since(after, limit=30))
 
 
-def collect(store: TrackingStore, replica: Replica, metrics: TrackingMetrics) -> int:
+async def no_name(host: str) -> str | None:
+    return None  # no reverse DNS here: the tests send no query anywhere
+
+
+def collect(store: TrackingStore, replica: Replica, metrics: TrackingMetrics,
+            collector: Collector | None = None) -> int:
     async def run() -> int:
         async with httpx2.AsyncClient(transport=httpx2.MockTransport(replica.handle)) as client:
             async def targets() -> list[Target]:
                 return [Target("policy", "10.0.0.2:9100", "policy-1")]
-            return await Collector(store, client, targets, metrics, 1.0).collect()
+            used = collector or Collector(store, client, targets, metrics, 1.0, no_name)
+            used.client = client
+            return await used.collect()
     return asyncio.run(run())
+
+
+def test_events_are_named_by_the_process_that_made_them_not_by_its_address() -> None:
+    """Issue 32: `up -d` recreated policy and dkim, and they swapped addresses; the
+    gateway kept naming what answered at policy's old address `policy-1`, for good. A new
+    process at an address is named anew, by Docker's DNS at that moment."""
+    store = TrackingStore(":memory:", retention=86400, max_events=10_000)
+    names = {"10.0.0.2": "secumail-policy-1"}
+
+    async def namer(host: str) -> str | None:
+        return names.get(host)
+
+    async def targets() -> list[Target]:  # /health's name, from before the swap
+        return [Target("policy", "10.0.0.2:9100", "secumail-policy-1")]
+
+    collector = Collector(store, httpx2.AsyncClient(), targets,
+                          TrackingMetrics(CollectorRegistry()), 1.0, namer)
+    replica = Replica()
+    replica.ring.record(tracking.event("policy", "passed", "before"))
+    assert collect(store, replica, TrackingMetrics(CollectorRegistry()), collector) == 1
+    names["10.0.0.2"] = "secumail-dkim-1"  # recreated: dkim now has policy's old address
+    replica.ring = EventLog(capacity=100)  # a new process answers there (a new boot)
+    replica.ring.record(tracking.event("dkim", "passed", "after"))
+    replica.ring.record(tracking.event("dkim", "passed", "after, again"))
+    assert collect(store, replica, TrackingMetrics(CollectorRegistry()), collector) == 2
+    rows = store.db.execute("SELECT detail, replica FROM events ORDER BY id").fetchall()
+    assert rows == [("before", "secumail-policy-1"), ("after", "secumail-dkim-1"),
+                    ("after, again", "secumail-dkim-1")]
 
 
 def value(registry: CollectorRegistry, name: str) -> float:
@@ -447,7 +482,7 @@ def test_a_replica_that_answers_junk_is_counted_and_the_others_go_on() -> None:
             async def targets() -> list[Target]:
                 return [Target("policy", "10.0.0.2:9100")]
             return await Collector(store, client, targets, TrackingMetrics(registry),
-                                   1.0).collect()
+                                   1.0, no_name).collect()
 
     assert asyncio.run(run()) == 0
     assert value(registry, "secumail_tracking_collect_errors_total") == 1
