@@ -25,6 +25,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from secumail import tracking
 from secumail.access import AllowedClients
+from secumail.connections import InFlight
 from secumail.forwarded import HEADER as CLIENT_HEADER
 from secumail.forwarded import ForwardedClient
 from secumail.kept import KeptConnections
@@ -43,7 +44,6 @@ from secumail.protocols.smtp import (
     parameter_problem,
 )
 from secumail.quarantine import Quarantine, QuarantineFull
-from secumail.runtime import InFlight
 from secumail.settings import Settings
 
 log = logging.getLogger("secumail.relay")

@@ -24,9 +24,9 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from secumail.connections import IdleDeadline, send
 from secumail.logs import describe, log_event
 from secumail.netaddr import HostPort, parse_host_port, resolve
-from secumail.runtime import IdleDeadline, send
 
 log = logging.getLogger("secumail.smtp")
 

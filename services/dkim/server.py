@@ -8,11 +8,11 @@ import logging
 from prometheus_client import Counter, Gauge, Histogram
 
 from secumail import dns as secumail_dns
+from secumail.connections import ConnectionServer, IdleDeadline, read_loop, send
 from secumail.dkim_keys import DomainKeys, KeyStore
 from secumail.logs import log_event
 from secumail.netaddr import peer_name
 from secumail.protocols import milter as mc
-from secumail.runtime import ConnectionServer, IdleDeadline, send
 from secumail.settings import Settings
 from secumail.spf import SpfChecker
 from services.dkim.dnslookup import async_txt_lookup
@@ -87,44 +87,44 @@ class DkimService:
         peer_text = peer_name(writer.get_extra_info("peername"))
         decoder = mc.MilterDecoder()
         session = self.milter.session(peer_text)
-        idle = IdleDeadline(writer, self.settings.dkim_idle_timeout,
-                            self.settings.request_timeout)
+
+        async def received(data: bytes) -> bool:
+            out = b""
+            try:
+                for command in decoder.feed(data):
+                    if isinstance(command, mc.EndOfMessage):
+                        with self.server.inflight.track():
+                            out += await session.end_of_message(command)
+                    elif isinstance(command, mc.Quit):
+                        return False
+                    else:
+                        out += session.handle(command)
+            except mc.MilterProtocolError as error:
+                self._malformed(writer, peer_text, session.queue_id, str(error))
+                return False
+            if out:
+                await send(writer, out)
+            return True
+
+        def idle_out(reason: str) -> None:
+            PROTOCOL_ERRORS.inc()
+            log_event(log, "closing connection", logging.WARNING, peer=peer_text,
+                      reason=reason, queue_id=session.queue_id)
+
+        def ended() -> None:
+            if decoder.pending or session.in_message:
+                log_event(log, "connection closed mid-message", logging.WARNING,
+                          peer=peer_text, queue_id=session.queue_id)
+
         CONNECTIONS.inc()
         try:
-            while True:
-                if self.server.draining and not session.in_message:
-                    return  # between messages: the MTA opens a new connection elsewhere
-                idle.waiting(decoder.pending)
-                data = await reader.read(262144)
-                idle.busy()
-                if idle.expired:
-                    PROTOCOL_ERRORS.inc()
-                    log_event(log, "closing connection", logging.WARNING, peer=peer_text,
-                              reason=idle.reason,
-                              queue_id=session.queue_id)
-                    return
-                if not data:
-                    if decoder.pending or session.in_message:
-                        log_event(log, "connection closed mid-message", logging.WARNING,
-                                  peer=peer_text, queue_id=session.queue_id)
-                    return
-                out = b""
-                try:
-                    for command in decoder.feed(data):
-                        if isinstance(command, mc.EndOfMessage):
-                            with self.server.inflight.track():
-                                out += await session.end_of_message(command)
-                        elif isinstance(command, mc.Quit):
-                            return
-                        else:
-                            out += session.handle(command)
-                except mc.MilterProtocolError as error:
-                    self._malformed(writer, peer_text, session.queue_id, str(error))
-                    return
-                if out:
-                    await send(writer, out)
+            await read_loop(
+                reader, IdleDeadline(writer, self.settings.dkim_idle_timeout,
+                                     self.settings.request_timeout), 262144, received,
+                mid_request=lambda: decoder.pending, idle_out=idle_out, ended=ended,
+                # between messages: the MTA opens a new connection elsewhere
+                stop=lambda: self.server.draining and not session.in_message)
         finally:
-            idle.cancel()
             CONNECTIONS.dec()
 
     def _malformed(self, writer: asyncio.StreamWriter, peer: str, queue_id: str,

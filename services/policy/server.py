@@ -11,11 +11,11 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from secumail import dns as secumail_dns
 from secumail import tracking
+from secumail.connections import ConnectionServer, IdleDeadline, read_loop, send
 from secumail.greylist_store import GreylistStore, open_store
 from secumail.logs import log_event
 from secumail.netaddr import peer_name
 from secumail.protocols.policy import PolicyDecoder, PolicyProtocolError, encode_action
-from secumail.runtime import ConnectionServer, IdleDeadline, send
 from secumail.settings import Settings
 from services.policy.engine import TEMPORARY_FAILURE, Decision, PolicyEngine, decision_event
 
@@ -119,39 +119,41 @@ class PolicyService:
             self.settings.policy_max_line, self.settings.policy_max_attributes,
             self.settings.policy_strict_attributes,
         )
+
+        async def received(data: bytes) -> bool:
+            try:
+                requests = decoder.feed(data)
+            except PolicyProtocolError as error:
+                self._drop(peer_text, "malformed", str(error))
+                return False
+            for request in requests:
+                if writer.is_closing():
+                    return False  # the client left: its other requests need no answer
+                if request.get("request") != "smtpd_access_policy":
+                    self._drop(peer_text, "malformed", "not an smtpd_access_policy request")
+                    return False
+                with self.server.inflight.track():
+                    started = time.perf_counter()
+                    decision = await self.answer(request)
+                    await send(writer, encode_action(decision.action))
+                    LATENCY.observe(time.perf_counter() - started)
+            return True
+
+        def ended() -> None:
+            if decoder.pending:
+                self._drop(peer_text, "truncated", "connection closed mid-request")
+
         CONNECTIONS.inc()
-        idle = IdleDeadline(writer, self.settings.policy_idle_timeout,
-                            self.settings.request_timeout)
         try:
-            while not self.server.draining:
-                idle.waiting(decoder.pending)
-                data = await reader.read(65536)
-                idle.busy()
-                if idle.expired:
-                    self._drop(peer_text, "idle", idle.reason)
-                    return
-                if not data:
-                    if decoder.pending:
-                        self._drop(peer_text, "truncated", "connection closed mid-request")
-                    return
-                try:
-                    requests = decoder.feed(data)
-                except PolicyProtocolError as error:
-                    self._drop(peer_text, "malformed", str(error))
-                    return
-                for request in requests:
-                    if writer.is_closing():
-                        return  # the client left: its other requests need no answer
-                    if request.get("request") != "smtpd_access_policy":
-                        self._drop(peer_text, "malformed", "not an smtpd_access_policy request")
-                        return
-                    with self.server.inflight.track():
-                        started = time.perf_counter()
-                        decision = await self.answer(request)
-                        await send(writer, encode_action(decision.action))
-                        LATENCY.observe(time.perf_counter() - started)
+            # Postfix asks a closed policy connection's request again on a new one
+            # (smtpd_policy_service_try_limit): a draining server hangs up between requests.
+            await read_loop(
+                reader, IdleDeadline(writer, self.settings.policy_idle_timeout,
+                                     self.settings.request_timeout), 65536, received,
+                mid_request=lambda: decoder.pending, ended=ended,
+                idle_out=lambda reason: self._drop(peer_text, "idle", reason),
+                stop=lambda: self.server.draining)
         finally:
-            idle.cancel()
             CONNECTIONS.dec()
 
     async def answer(self, request: dict[str, str]) -> Decision:

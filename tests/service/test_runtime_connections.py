@@ -1,4 +1,4 @@
-"""The connection helpers of secumail.runtime over real loopback sockets (in-process)."""
+"""The connection helpers of secumail.connections over real loopback sockets (in-process)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from secumail.runtime import ConnectionHandler, IdleDeadline, send
+from secumail.connections import ConnectionHandler, IdleDeadline, send
 
 
 async def serve(handler: ConnectionHandler) -> tuple[asyncio.Server, int]:
