@@ -137,16 +137,21 @@ class ConnectionServer:
     """A TCP listener with a connection cap, for the line and packet protocols.
 
     Handlers wrap each request in `self.inflight.track()` and stop reading new requests
-    once `self.draining` is set; idle connections are closed at drain time.
+    once `self.draining` is set; idle connections are closed at drain time. With
+    `keep_sessions` (the milter: Postfix does not take a cut milter session up again, every
+    message left in it would get 451), a drain waits instead for each connection to be
+    ended by its peer, within the drain's timeout.
     """
 
     def __init__(
-        self, name: str, listen: HostPort, handler: ConnectionHandler, max_connections: int
+        self, name: str, listen: HostPort, handler: ConnectionHandler, max_connections: int,
+        keep_sessions: bool = False,
     ) -> None:
         self.name = name
         self.listen = listen
         self.handler = handler
         self.max_connections = max_connections
+        self.keep_sessions = keep_sessions
         self.inflight = InFlight()
         self.draining = False
         self._server: asyncio.Server | None = None
@@ -195,8 +200,12 @@ class ConnectionServer:
         self.draining = True
         if self._server is not None:
             self._server.close()
-        finished = await self.inflight.wait_idle(timeout)
-        if not finished:
+        if self.keep_sessions and self._tasks:
+            _, left = await asyncio.wait(list(self._tasks), timeout=timeout)
+            if left:
+                log_event(log, "drain timed out: sessions cut", logging.WARNING,
+                          service=self.name, sessions=len(left))
+        elif not await self.inflight.wait_idle(timeout):
             log_event(log, "drain timed out", logging.WARNING, in_flight=self.inflight.count)
         for task in list(self._tasks):
             task.cancel()

@@ -47,8 +47,11 @@ class DkimService:
         self.milter = DkimMilter(settings, self.keys, async_txt_lookup(resolver),
                                  self._spf_result)
         self.milter.on_outcome = self._count
+        # A drain serves Postfix's open sessions to their end: one it cut would get 451
+        # for every message left in it (Postfix does not reconnect a milter mid-session).
         self.server = ConnectionServer(
-            "dkim", settings.dkim_listen, self.handle, settings.dkim_max_connections
+            "dkim", settings.dkim_listen, self.handle, settings.dkim_max_connections,
+            keep_sessions=True,
         )
 
     async def start(self) -> None:
@@ -121,9 +124,7 @@ class DkimService:
             await read_loop(
                 reader, IdleDeadline(writer, self.settings.dkim_idle_timeout,
                                      self.settings.request_timeout), 262144, received,
-                mid_request=lambda: decoder.pending, idle_out=idle_out, ended=ended,
-                # between messages: the MTA opens a new connection elsewhere
-                stop=lambda: self.server.draining and not session.in_message)
+                mid_request=lambda: decoder.pending, idle_out=idle_out, ended=ended)
         finally:
             CONNECTIONS.dec()
 

@@ -5,8 +5,10 @@ the tests' own DNS server on a loopback address."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.dkim import (
+    MilterResult,
     dkim_env,
     keygen,
     message_from,
@@ -294,6 +297,27 @@ def test_malformed_packets_get_a_tempfail_and_the_milter_keeps_serving(world: Wo
 def test_sigterm_stops_the_milter_cleanly(world: World) -> None:
     assert world.daemon.stop() == 0
     assert "stopped" in world.daemon.output()
+
+
+def test_a_draining_milter_finishes_the_sessions_it_holds(world: World) -> None:
+    """Issue 32: a restarted milter cut Postfix's open sessions (`can't read
+    SMFIC_BODYEOB reply packet header: Broken pipe`), whose next messages all got 451. A
+    draining milter takes no new connection (Postfix goes to another replica) but serves
+    the ones it has until Postfix ends them."""
+    message = message_from(OUTBOUND, client="127.0.0.1", sender="alice@secumail.test")
+    results: list[list[MilterResult]] = []
+    session = threading.Thread(target=lambda: results.append(
+        run_miltertest(world.port, [message, message], pause=3)))
+    session.start()
+    time.sleep(1.5)  # the first message is done; the session waits for the second
+    world.daemon.proc.send_signal(signal.SIGTERM)
+    assert world.daemon.logged("draining", timeout=5)
+    with pytest.raises(OSError):  # no new connection while draining
+        socket.create_connection(("127.0.0.1", world.port), timeout=2).close()
+    session.join(30)
+    assert [r.reply for r in results[0]] == ["c", "c"]
+    assert len(results[0][1].inserted["DKIM-Signature"]) == 2  # signed while draining
+    assert world.daemon.proc.wait(10) == 0  # and it stops once the session has ended
 
 
 def test_idle_and_trickled_milter_connections_are_dropped(tmp_path: Path) -> None:

@@ -115,9 +115,10 @@ KNOWN_REPLIES = [
 ]
 
 
-def miltertest_script(port: int, messages: list[MilterMessage]) -> str:
-    """A Lua script for miltertest: one connection, the messages one after the other, and
-    for each the end-of-message reply and the header changes, printed between markers."""
+def miltertest_script(port: int, messages: list[MilterMessage], pause: int = 0) -> str:
+    """A Lua script for miltertest: one connection, the messages one after the other
+    (`pause` seconds before each but the first), and for each the end-of-message reply and
+    the header changes, printed between markers."""
     lines = [
         f'conn = mt.connect("inet:{port}@127.0.0.1", 10, 0.2)',
         'if conn == nil then error("cannot connect") end',
@@ -130,6 +131,8 @@ def miltertest_script(port: int, messages: list[MilterMessage]) -> str:
         "end",
     ]
     for number, message in enumerate(messages):
+        if number and pause:
+            lines += [f"mt.sleep({pause})", 'mt.echo("@@PAUSED")']
         lines += [
             f'mt.macro(conn, SMFIC_CONNECT, "j", "{HOSTNAME}")',
             f'if mt.conninfo(conn, "client.test", "{message.client}") ~= nil then'
@@ -165,10 +168,11 @@ def miltertest_script(port: int, messages: list[MilterMessage]) -> str:
     return "\n".join(line for line in lines if line) + "\n"
 
 
-def run_miltertest(port: int, messages: list[MilterMessage]) -> list[MilterResult]:
+def run_miltertest(port: int, messages: list[MilterMessage], pause: int = 0
+                   ) -> list[MilterResult]:
     binary = require_binary("miltertest")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(miltertest_script(port, messages))
+        script.write(miltertest_script(port, messages, pause))
     try:
         result = subprocess.run([binary, "-s", script.name], capture_output=True, text=True,
                                 timeout=60)
