@@ -118,10 +118,15 @@ def filenames(headers: EmailMessage, parsed: str = "") -> tuple[str, ...]:
 
 def _percent_decoded(text: str, charset: str) -> str:
     raw = re.sub(r"%([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), text)
-    data = raw.encode("latin-1", "replace")
+    return _in_charset(raw.encode("latin-1", "replace"), charset)
+
+
+def _in_charset(data: bytes, charset: str) -> str:
+    """`data` read in the sender's charset; in UTF-8 when Python knows no such charset, or
+    one that cannot replace what it cannot read (idna, punycode: they raise instead)."""
     try:
         return data.decode(charset or "utf-8", "replace")
-    except LookupError:  # a charset Python does not know
+    except (LookupError, UnicodeError):
         return data.decode("utf-8", "replace")
 
 
@@ -135,10 +140,7 @@ def _decoded_word(match: re.Match[str]) -> str:
                                    header=True)
     except (binascii.Error, ValueError):
         return match.group(0)
-    try:
-        return data.decode(charset.split("*")[0], "replace")
-    except LookupError:
-        return data.decode("utf-8", "replace")
+    return _in_charset(data, charset.split("*")[0])
 
 
 def header_end(message: bytes, start: int, end: int) -> int:

@@ -49,6 +49,20 @@ def test_viruses_in_attachments_are_rejected(
     assert sink.handler.messages == []
 
 
+def test_a_file_name_in_the_idna_charset_is_read_not_answered_451(
+    chain: StartChain, sink: SmtpSink
+) -> None:
+    """`=?idna?...?=` made the name's decoding raise (Python's idna codec cannot replace
+    what it cannot read): the ClamAV filter answered 451 to the message for ever."""
+    filters = chain()
+    message = mail.with_part(
+        'Content-Type: text/plain; name="=?idna?B?eG4tLS0tLS0tLS0tLS0tLS0t?=.txt"\n'
+        "Content-Transfer-Encoding: 7bit", b"just a note\n")
+    assert data_reply(filters.port, message)[0] == 250
+    [delivered] = sink.wait_for(1)
+    assert "just a note" in delivered.as_string()
+
+
 def test_eicar_drop_quarantine_and_pass(chain: StartChain, sink: SmtpSink) -> None:
     dropped = chain(virus_action="drop")
     code, reply = data_reply(dropped.port, mail.eicar())

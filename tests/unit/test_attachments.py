@@ -379,6 +379,19 @@ def test_every_name_a_part_has_is_checked(headers: str) -> None:
     assert any(f.startswith("blocked-extension: set") for f in found), found
 
 
+@pytest.mark.parametrize("header", [
+    'Content-Type: application/octet-stream; name="=?idna?B?eG4tLS0tLS0tLS0tLS0tLS0t?=.exe"',
+    "Content-Disposition: attachment; filename*=idna''xn--%FF%FE.exe",
+    'Content-Type: application/octet-stream; name="=?punycode?Q?=FF=FE?=.exe"',
+])
+def test_a_name_in_a_charset_that_cannot_replace_is_still_read(header: str) -> None:
+    """Python's idna and punycode codecs raise where others replace: such a name made the
+    check raise, and the filter answer 451 to the message for ever."""
+    message = with_part(header + "\nContent-Transfer-Encoding: 7bit", b"MZ hello")
+    assert {f.rule for f in check(message, POLICY)} == {"blocked-extension",
+                                                          "executable-content"}
+
+
 # --- issue 31: text is spared libarchive, and small mail is checked on the event loop --------
 
 TEXT_PROGRAM = [("tool.exe", b"@echo off\r\necho this would run\r\n")]
