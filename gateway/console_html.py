@@ -1,8 +1,8 @@
 """The operator's console's HTML: one layout, small helpers, everything escaped.
 
 No template engine and no JavaScript: pages are short, and every value that came from mail
-(a sender, a header, a verdict) goes through `esc`. The style sheet makes tables scroll
-sideways and forms stack on a phone's width.
+(a sender, a header, a subject, a verdict, a body's preview) goes through `esc`. The style
+sheet makes tables scroll sideways and forms stack on a phone's width.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ td.detail { min-width: 16rem; word-break: break-word; }
 .actions form.inline { margin: 0; }
 .message { border: 1px solid var(--line); border-radius: .4rem; padding: .6rem .8rem;
   margin-bottom: 1rem; }
+pre.preview { white-space: pre-wrap; overflow-wrap: anywhere; max-height: 32rem;
+  overflow: auto; margin: 0 0 1rem; padding: .6rem .8rem; border: 1px solid var(--line);
+  border-radius: .4rem; font-size: .9rem; }
 .flash { padding: .5rem .8rem; border: 1px solid var(--line); border-radius: .4rem; }
 .muted { opacity: .7; font-size: .85rem; }
 @media (max-width: 40rem) { input { min-width: 0; width: 100%; } label { width: 100%; } }

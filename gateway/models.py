@@ -125,10 +125,25 @@ class QuarantineItem(BaseModel):
     client: dict[str, str]
     size: int
     time: float
+    subject: str = Field("", description="The message's Subject: RFC 2047 encoded words "
+                         "decoded, folded lines joined, controls removed, one line cut to "
+                         "120 characters (\"\" without one). Plain text: escape it to show it")
+
+
+class QuarantinePreview(BaseModel):
+    text: str = Field(description="The body's first text as plain text, at most 4,096 "
+                      "characters: never render it as HTML")
+    source: str = Field(description="What it was made from: text/plain (the first such part "
+                        "that is no attachment), text/html (tags, scripts and styles "
+                        "removed), or \"\" when the message has no text to show")
+    truncated: bool = Field(description="The text goes on past the preview")
+    note: str = Field("", description="Why there is no preview, or why it may not be the "
+                      "first text (too many parts, only the first 1 MiB read)")
 
 
 class QuarantineDetail(QuarantineItem):
     headers: list[tuple[str, str]] = Field(description="The message's header fields")
+    preview: QuarantinePreview
 
 
 class ReleaseReport(BaseModel):

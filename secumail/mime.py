@@ -10,6 +10,7 @@ and limits, never recursion, so that hostile nesting costs a bounded amount of t
 from __future__ import annotations
 
 import binascii
+import codecs
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ class Part:
 _NAME_PARAMETER = re.compile(
     r"""(?:^|[;\s])\s*((?:file)?name)(?:\*(\d+))?(\*)?\s*=\s*("(?:[^"\\]|\\.)*"?|[^;]*)""",
     re.I)
-_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?]*)\?=")
+ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?]*)\?=")  # RFC 2047
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
@@ -97,7 +98,7 @@ def filenames(headers: EmailMessage, parsed: str = "") -> tuple[str, ...]:
                 if number in (None, "0") and text.count("'") >= 2:
                     charset, _, text = text.split("'", 2)
                 text = _percent_decoded(text, charset)
-            text = _ENCODED_WORD.sub(_decoded_word, text)
+            text = ENCODED_WORD.sub(decoded_word, text)
             if number is None:
                 found.append(text)
             else:
@@ -118,19 +119,31 @@ def filenames(headers: EmailMessage, parsed: str = "") -> tuple[str, ...]:
 
 def _percent_decoded(text: str, charset: str) -> str:
     raw = re.sub(r"%([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), text)
-    return _in_charset(raw.encode("latin-1", "replace"), charset)
+    return in_charset(raw.encode("latin-1", "replace"), charset)
 
 
-def _in_charset(data: bytes, charset: str) -> str:
-    """`data` read in the sender's charset; in UTF-8 when Python knows no such charset, or
-    one that cannot replace what it cannot read (idna, punycode: they raise instead)."""
-    try:
-        return data.decode(charset or "utf-8", "replace")
-    except (LookupError, UnicodeError):
-        return data.decode("utf-8", "replace")
+def in_charset(data: bytes, charset: str | None, final: bool = True) -> str:
+    """`data` decoded from the sender's `charset`, errors replaced: UTF-8 when none is
+    given, or it is ASCII (a superset), unknown, no text encoding (zlib, bz2, base64,
+    rot13: a sender's charset never decompresses anything), or one that cannot replace
+    errors (idna, punycode: they raise instead). With `final` False an incomplete
+    character at the end (cut by a limit) is left out."""
+    name = (charset or "").strip().lower() or "utf-8"
+    if name in ("us-ascii", "ascii"):
+        name = "utf-8"
+    for candidate in (name, "utf-8"):
+        try:
+            if not codecs.lookup(candidate)._is_text_encoding:  # what bytes.decode checks
+                continue
+            return str(codecs.getincrementaldecoder(candidate)("replace").decode(data, final))
+        except (LookupError, ValueError, TypeError):  # ValueError: UnicodeError, a NUL
+            continue
+    return data.decode("utf-8", "replace")
 
 
-def _decoded_word(match: re.Match[str]) -> str:
+def decoded_word(match: re.Match[str]) -> str:
+    """One RFC 2047 encoded word (`=?charset?B|Q?text?=`, the match's three groups)
+    decoded; as it was when its encoding is broken."""
     charset, encoding, text = match.groups()
     try:
         if encoding in "bB":
@@ -140,7 +153,7 @@ def _decoded_word(match: re.Match[str]) -> str:
                                    header=True)
     except (binascii.Error, ValueError):
         return match.group(0)
-    return _in_charset(data, charset.split("*")[0])
+    return in_charset(data, charset.split("*")[0])  # RFC 2231: charset*language
 
 
 def header_end(message: bytes, start: int, end: int) -> int:

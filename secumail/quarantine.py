@@ -207,6 +207,32 @@ class Quarantine:
         except OSError:
             return None
 
+    HEAD_CHUNK = 8192
+
+    def head(self, record: QuarantineRecord, limit: int = 65_536) -> bytes:
+        """The start of a listed record's message: read until its blank line (the end of
+        its header fields) or `limit` bytes, never the whole of a big message; b"" when it
+        is gone. The path is the record's own (its filter and id), with no search."""
+        if not (QUARANTINE_ID.match(record.id) and FILTER_NAME.match(record.filter)):
+            return b""
+        data = b""
+        try:
+            with open(self.directory / record.filter / f"{record.id}.eml", "rb",
+                      buffering=0) as handle:
+                while len(data) < limit:
+                    chunk = handle.read(min(self.HEAD_CHUNK, limit - len(data)))
+                    if not chunk:
+                        break
+                    # Where the blank line may be: a CRLF CRLF across two chunks too.
+                    searched = max(0, len(data) - 3)
+                    data += chunk
+                    if data.find(b"\r\n\r\n", searched) >= 0 or \
+                            data.find(b"\n\n", searched) >= 0:
+                        break
+        except OSError:
+            return b""
+        return data
+
     def delete(self, ident: str) -> bool:
         meta = self._meta_path(ident)
         if meta is None:

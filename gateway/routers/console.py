@@ -33,7 +33,7 @@ from gateway.console_html import (
     when,
 )
 from gateway.context import Gateway, GatewayDep, get_store
-from gateway.models import QuarantineDetail, ReleaseReport, WhitelistRequest
+from gateway.models import QuarantineDetail, QuarantinePreview, ReleaseReport, WhitelistRequest
 from gateway.routers import greylist, health, quarantine, tracking
 from secumail.greylist_store import WhitelistKind
 from secumail.logs import log_event
@@ -234,15 +234,38 @@ async def quarantine_page(request: Request, gateway: Gateway, csrf: str) -> HTML
     items = await quarantine.list_quarantine(gateway, filter=None, limit=200)
     rows = [(esc(when(i.time)), esc(i.filter), f'<span class="outcome">{esc(i.verdict)}</span>',
              f"<span class=detail>{esc(i.reason)}</span>", esc(i.mail_from or "<>"),
-             esc(", ".join(i.rcpt_tos)),
+             esc(", ".join(i.rcpt_tos)), subject_html(i.subject),
              f'<a href="/console/quarantine/{quote(i.id)}">Open</a>') for i in items]
-    body = table(("Kept", "Filter", "Verdict", "Why", "Sender", "Recipients", ""), rows,
-                 "The quarantine is empty.")
+    body = table(("Kept", "Filter", "Verdict", "Why", "Sender", "Recipients", "Subject", ""),
+                 rows, "The quarantine is empty.")
     return html(page("Quarantine", body, "quarantine", csrf, notice_of(request)))
+
+
+def subject_html(subject: str) -> str:
+    """A message's decoded Subject as text (escaped), or a muted "(no subject)"."""
+    if not subject:
+        return '<span class="muted">(no subject)</span>'
+    return f'<span class="detail">{esc(subject)}</span>'
+
+
+def preview_html(shown: QuarantinePreview) -> str:
+    """The body's preview: plain text in a <pre>, escaped; never rendered, nothing linked."""
+    made = {"text/plain": "its first text/plain part",
+            "text/html": "its HTML (tags, scripts and styles removed)"}.get(shown.source)
+    if made is None:
+        about = f"No text to show: {shown.note}."
+    else:
+        about = (f"The message's text, from {made}, as plain text"
+                 + (" (the first 4,096 characters)" if shown.truncated else "")
+                 + (f"; {shown.note}" if shown.note else "") + ".")
+    text = f'<pre class="preview">{esc(shown.text)}</pre>' if shown.text else \
+        ('<p class="muted">(The text is empty.)</p>' if made else "")
+    return f'<h2>Preview</h2><p class="muted">{esc(about)}</p>{text}'
 
 
 def quarantine_facts(detail: QuarantineDetail) -> str:
     return table((), [
+        ("Subject", subject_html(detail.subject)),
         ("Kept by", esc(f"the {detail.filter} filter, {when(detail.time)}")),
         ("Verdict", esc(f"{detail.verdict}: {detail.reason}")),
         ("Sender", esc(detail.mail_from or "<>")), ("Recipients", esc(", ".join(detail.rcpt_tos))),
@@ -279,7 +302,8 @@ async def quarantine_item_page(request: Request, gateway: Gateway, csrf: str) ->
                + "</div><p class=muted>Release delivers it and teaches SpamAssassin's Bayes "
                "it is ham; learning keeps it here. Each is an event in tracking.</p>")
     return html(page(f"Quarantined message {ident}", quarantine_facts(detail) + actions
-                     + "<h2>Headers</h2>" + headers, "quarantine", csrf, notice_of(request)))
+                     + preview_html(detail.preview) + "<h2>Headers</h2>" + headers,
+                     "quarantine", csrf, notice_of(request)))
 
 
 @console_action("/quarantine/{ident}/release", "/console/quarantine")

