@@ -75,7 +75,9 @@ def test_an_admin_finds_a_message_and_releases_one_from_quarantine(
     assert f"kept.{marker}" not in browser.page_source
     browser.find_element(By.NAME, "token").send_keys(ADMIN)
     browser.find_element(By.CSS_SELECTOR, "form button").click()
-    assert browser.current_url.endswith("/console/tracking")
+    # A click does not wait for the page it opens (find_element does, current_url does not).
+    WebDriverWait(browser, 10).until(
+        lambda driver: driver.current_url.endswith("/console/tracking"))
 
     deadline = time.monotonic() + 30  # the gateway collects events every 0.5 s here
     while True:
@@ -131,5 +133,6 @@ def test_an_admin_finds_a_message_and_releases_one_from_quarantine(
     browser.set_window_size(1280, 900)
 
     browser.find_element(By.XPATH, "//button[text()='Sign out']").click()
+    WebDriverWait(browser, 10).until(lambda driver: driver.current_url.endswith("/login"))
     browser.get(base(stack) + "/console/quarantine")
     assert "Sign in" in browser.title
