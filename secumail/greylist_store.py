@@ -209,7 +209,9 @@ class SqliteStore:
         client = ClientRecord(passes, seen) if passes is not None else None
         return client, Triplet(first, last, bool(passed)) if first is not None else None
 
-    def _write(self, sql: str, values: tuple[object, ...]) -> None:
+    def write(self, sql: str, values: tuple[object, ...]) -> None:
+        """A write joined to the batch committed within COMMIT_INTERVAL (the outbound
+        counters, secumail/outbound.py, write theirs here too)."""
         if not self.db.in_transaction:
             self.db.execute("BEGIN")
             self._commit_timer = asyncio.get_running_loop().call_later(
@@ -222,7 +224,7 @@ class SqliteStore:
         if self.db.in_transaction:
             self.db.execute("COMMIT")
 
-    def _write_now(self, sql: str, values: tuple[object, ...]) -> int:
+    def write_now(self, sql: str, values: tuple[object, ...]) -> int:
         """An administrative change, committed at once (not batched): rows changed."""
         if self._commit_timer is not None:
             self._commit_timer.cancel()
@@ -230,7 +232,7 @@ class SqliteStore:
         return int(self.db.execute(sql, values).rowcount)
 
     async def put(self, key: str, entry: Triplet) -> None:
-        self._write(
+        self.write(
             "INSERT OR REPLACE INTO triplets VALUES (?, ?, ?, ?)",
             (key, entry.first_seen, entry.last_seen, int(entry.passed)),
         )
@@ -244,7 +246,7 @@ class SqliteStore:
         record = record_pass(ClientRecord(*row) if row else None, now, self.max_age)
         if record is None:
             return
-        self._write(
+        self.write(
             "INSERT OR REPLACE INTO clients VALUES (?, ?, ?)",
             (network, record.passes, record.last_seen),
         )
@@ -269,20 +271,20 @@ class SqliteStore:
         return [(row[0], Triplet(row[1], row[2], bool(row[3]))) for row in rows]
 
     async def delete(self, key: str) -> bool:
-        return self._write_now("DELETE FROM triplets WHERE key=?", (key,)) > 0
+        return self.write_now("DELETE FROM triplets WHERE key=?", (key,)) > 0
 
     async def whitelist(self) -> list[WhitelistEntry]:
         rows = self.db.execute("SELECT kind, value, added FROM whitelist ORDER BY kind, value")
         return [WhitelistEntry(cast(WhitelistKind, k), v, a) for k, v, a in rows.fetchall()]
 
     async def add_whitelist(self, entry: WhitelistEntry) -> bool:
-        return self._write_now(
+        return self.write_now(
             "INSERT OR IGNORE INTO whitelist VALUES (?, ?, ?)",
             (entry.kind, entry.value, entry.added),
         ) > 0
 
     async def remove_whitelist(self, kind: WhitelistKind, value: str) -> bool:
-        return self._write_now(
+        return self.write_now(
             "DELETE FROM whitelist WHERE kind=? AND value=?", (kind, value)
         ) > 0
 

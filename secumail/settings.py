@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from secumail.access import split_entries
 from secumail.netaddr import HostPort, IPAddress, Network, parse_host_port, parse_network
+from secumail.outbound import DEFAULT_OUTBOUND_LIMITS, Limit, parse_limits
 from secumail.quarantine import QuarantineLimits
 
 ENV_PREFIX = "SECUMAIL_"
@@ -142,6 +143,17 @@ class Settings(BaseSettings):
 
     dnsbl_zones: CommaList = []
     dnsbl_threshold: float = Field(1.0, gt=0)
+
+    # Outbound limits (secumail/outbound.py): what mynetworks hosts and authenticated users
+    # may send, `scope:kind:count/period` entries; empty: no limits.
+    outbound_limits: str = DEFAULT_OUTBOUND_LIMITS
+    # A subject whose tries reach this many times a limit is held until released; 0: never.
+    outbound_hold_factor: float = Field(10.0, ge=0)
+    # Trust a policy request's sasl_username (an authenticated client): only when your
+    # Postfix offers SMTP AUTH. SecuMail's does not, so a user name there was never checked.
+    policy_trust_sasl: bool = False
+    # Who is told when a sender is held (the gateway mails it once): empty, postmaster@.
+    admin_address: str = ""
 
     # --- Postfix (25, and the 10027 re-injection smtpd) -------------------------------
     domains: CommaList = ["example.org"]
@@ -391,7 +403,7 @@ class Settings(BaseSettings):
             raise ValueError("must be empty or 16 printable characters at least, no spaces")
         return token
 
-    @field_validator("probe_mailbox", "probe_sender")
+    @field_validator("probe_mailbox", "probe_sender", "admin_address")
     @classmethod
     def _probe_mailbox(cls, address: str) -> str:
         local, at, domain = address.lower().rpartition("@")
@@ -399,6 +411,12 @@ class Settings(BaseSettings):
                         or not _DOMAIN.match(domain)):
             raise ValueError(f"bad address {address!r} (user@domain)")
         return address.lower()
+
+    @field_validator("outbound_limits")
+    @classmethod
+    def _outbound_limits(cls, text: str) -> str:
+        parse_limits(text)
+        return text
 
     @field_validator("probe_helo")
     @classmethod
@@ -446,6 +464,15 @@ class Settings(BaseSettings):
     @property
     def signal_weights(self) -> dict[str, float]:
         return parse_signal_weights(self.greylist_signals)
+
+    @property
+    def outbound(self) -> list[Limit]:
+        return parse_limits(self.outbound_limits)
+
+    @property
+    def admin_mailbox(self) -> str:
+        """Who is told of held senders: SECUMAIL_ADMIN_ADDRESS, or postmaster@."""
+        return self.admin_address or f"postmaster@{self.domains[0]}"
 
     @property
     def probe_address(self) -> str:

@@ -25,11 +25,12 @@ from typing import Any
 import dns.asyncresolver
 import dns.resolver
 
-from secumail import spf, tracking
+from secumail import outbound, spf, tracking
 from secumail.dns import AddressLookup, AddressResolver, TtlCache, name_resolves
 from secumail.greylist_store import GreylistStore, record_pass, triplet_key
 from secumail.logs import log_event
 from secumail.netaddr import IPAddress, client_network, parse_ip
+from secumail.outbound_store import OutboundStore
 from secumail.protocols.policy import PolicyRequest
 from secumail.settings import Settings
 from services.policy import dnsbl, signals
@@ -135,6 +136,7 @@ class _Transaction:
 
     spf: spf.SpfOutcome | None = None
     greylist_header_added: bool = False
+    outbound_counted: bool = False  # the message counted against the outbound limits
 
 
 class PolicyEngine:
@@ -151,9 +153,14 @@ class PolicyEngine:
         resolver: dns.resolver.Resolver,
         async_resolver: AddressLookup,
         clock: Callable[[], float] = time.time,
+        outbound_store: OutboundStore | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.outbound_limits = settings.outbound
+        self.outbound_store = outbound_store
+        # Metrics: a subject just held (the admin must be told).
+        self.on_hold: Callable[[outbound.Held], None] = lambda held: None
         self.async_resolver = async_resolver
         self.clock = clock
         self.greylist = GreylistConfig(
@@ -206,10 +213,11 @@ class PolicyEngine:
         ip = parse_ip(request.get("client_address", ""))
         if ip is None:
             return Decision("DUNNO", "none", "no client address to check")
-        if self.settings.in_mynetworks(ip):
-            return Decision("DUNNO", "trusted", "client in mynetworks")
-        if request.get("sasl_username"):
-            return Decision("DUNNO", "trusted", "authenticated sender")
+        # Postfix sends sasl_username only when it offers SMTP AUTH, which SecuMail's does not:
+        # a name there is trusted only when the admin says their Postfix checked it.
+        user = request.get("sasl_username", "") if self.settings.policy_trust_sasl else ""
+        if user or self.settings.in_mynetworks(ip):
+            return await self._check_outbound(request, ip, user)
         lookups = self._ask_dns(request, ip)
         try:
             for name, step in self._steps:
@@ -225,6 +233,43 @@ class PolicyEngine:
             return DUNNO
         finally:
             await lookups.close()
+
+    async def _check_outbound(
+        self, request: PolicyRequest, ip: IPAddress, user: str
+    ) -> Decision:
+        """Our own hosts and users: counted against the outbound limits, nothing else."""
+        who = "authenticated sender" if user else "client in mynetworks"
+        if not self.outbound_limits or self.outbound_store is None:
+            return Decision("DUNNO", "trusted", who)
+        transaction = self._transaction(request)
+        found = outbound.subjects(str(ip), request.get("sender", ""), user)
+        new_message = not transaction.outbound_counted
+        limits = outbound.buckets(self.outbound_limits, found, new_message)
+        factor = self.settings.outbound_hold_factor
+        tries = outbound.buckets(self.outbound_limits, found, new_message, True, factor) \
+            if factor else []
+        try:
+            charged = await self.outbound_store.charge(
+                limits, tries, [outbound.subject_text(*subject) for subject in found])
+        except Exception as error:
+            failure = self._failure("outbound", error)
+            return failure if failure is not None else Decision("DUNNO", "trusted", who)
+        for bucket in charged.overflowed:
+            held = outbound.Held(bucket.subject, self.clock(),
+                                 outbound.hold_reason(bucket, factor))
+            if await self.outbound_store.hold(held):
+                self.on_hold(held)
+                log_event(log, "outbound sender held", logging.WARNING,
+                          subject=held.subject, reason=held.reason)
+        if charged.overflowed or charged.held:
+            subject = charged.held or charged.overflowed[0].subject
+            return Decision(outbound.held_refusal(subject), "outbound", f"{subject} held")
+        if charged.over is not None:
+            limit, subject = charged.over.limit, charged.over.subject
+            return Decision(outbound.refusal(limit, subject), "outbound",
+                            f"{subject} over {limit.text}")
+        transaction.outbound_counted = True
+        return Decision("DUNNO", "trusted", f"{who}, within the outbound limits")
 
     def _ask_dns(self, request: PolicyRequest, ip: IPAddress) -> _Lookups:
         lookups = _Lookups()
@@ -402,7 +447,8 @@ class PolicyEngine:
     async def _data_stage(self, request: PolicyRequest) -> Decision:
         """Add Received-SPF once the recipients are known and the message is coming."""
         ip = parse_ip(request.get("client_address", ""))
-        trusted = self.settings.in_mynetworks(ip) or request.get("sasl_username")
+        trusted = self.settings.in_mynetworks(ip) or (
+            self.settings.policy_trust_sasl and request.get("sasl_username"))
         if not self.settings.spf_enabled or trusted:
             return Decision("DUNNO", "none", "no header to add")
         try:

@@ -15,6 +15,8 @@ from secumail.connections import ConnectionServer, IdleDeadline, read_loop, send
 from secumail.greylist_store import GreylistStore, open_store
 from secumail.logs import log_event
 from secumail.netaddr import peer_name
+from secumail.outbound import Held
+from secumail.outbound_store import outbound_store
 from secumail.protocols.policy import PolicyDecoder, PolicyProtocolError, encode_action
 from secumail.settings import Settings
 from services.policy.engine import TEMPORARY_FAILURE, Decision, PolicyEngine, decision_event
@@ -43,6 +45,13 @@ GREYLIST_SIGNALS = Counter(
     "secumail_policy_greylist_signals",
     "Selective greylisting: the signals found in scored recipients", ["signal"],
 )
+OUTBOUND_HOLDS = Counter(
+    "secumail_policy_outbound_holds", "Senders, clients or users held for sending far over "
+    "their outbound limits", ["scope"],
+)
+OUTBOUND_HELD = Gauge(
+    "secumail_policy_outbound_held", "Senders, clients and users held now (until the admin "
+    "releases them): alert on it")
 CONNECTIONS = Gauge("secumail_policy_connections", "Open policy connections")
 GREYLIST_ENTRIES = Gauge("secumail_greylist_entries", "Triplets in the greylist store")
 
@@ -77,11 +86,14 @@ class PolicyService:
         self.store = store or open_store(settings.greylist_store, settings.greylist_max_age,
                                          settings.redis_password_file,
                                          settings.greylist_retry_window)
+        self.outbound = outbound_store(self.store) if settings.outbound else None
         self.engine = PolicyEngine(
             settings, self.store,
             secumail_dns.make_resolver(settings.dns_servers, settings.dns_timeout),
             secumail_dns.AddressResolver(settings.dns_servers, settings.dns_timeout),
+            outbound_store=self.outbound,
         )
+        self.engine.on_hold = self._held
         self.engine.on_check_error = lambda check: CHECK_ERRORS.labels(check).inc()
         self.engine.on_score = _count_score
         self.server = ConnectionServer(
@@ -104,8 +116,12 @@ class PolicyService:
         """Expire triplets that no longer count and publish the store size, once a minute."""
         while True:
             try:
-                removed = await self.store.purge(time.time())
+                now = time.time()
+                removed = await self.store.purge(now)
                 GREYLIST_ENTRIES.set(await self.store.count())
+                if self.outbound is not None:
+                    await self.outbound.purge(now)
+                    OUTBOUND_HELD.set(len(await self.outbound.holds()))
                 if removed:
                     log_event(log, "expired greylist entries", removed=removed)
             except Exception as error:
@@ -181,6 +197,10 @@ class PolicyService:
             tracking.record((decision_event, decision.check, decision.reason, decision.kind,
                              client, sender, recipient, queue_id, time.time()))
         return decision
+
+    def _held(self, held: Held) -> None:
+        OUTBOUND_HOLDS.labels(held.scope).inc()
+        OUTBOUND_HELD.inc()  # until the next maintenance round counts them again
 
     def _drop(self, peer: str, reason: str, detail: str) -> None:
         PROTOCOL_ERRORS.labels(reason).inc()

@@ -14,6 +14,9 @@ MAILBOX_BASE = "/var/mail/vhosts"
 VMAIL_ID = 5000  # owner of the mailboxes (the image's vmail user)
 MAILBOX_MAP = "/etc/postfix/virtual_mailboxes"
 OWN_DOMAINS_MAP = "/etc/postfix/own_domains"
+OUTBOUND_CLIENTS_MAP = "/etc/postfix/outbound_clients"
+# The restriction class that asks the policy service to count a trusted client's mail.
+OUTBOUND_CLASS = "secumail_outbound"
 
 # Debian's master.cf services, chroot off (a container is its own jail, and Postfix then
 # reads the container's resolv.conf, where compose's DNS answers for the service names).
@@ -101,7 +104,10 @@ def main_cf(settings: Settings) -> dict[str, str]:
             "reject_unknown_sender_domain", f"check_sender_access texthash:{OWN_DOMAINS_MAP}",
             "permit",
         ),
+        # Our own hosts' mail is counted (outbound limits) before permit_mynetworks lets it
+        # through: the policy service asked at RCPT for them alone (outbound_clients_map).
         "smtpd_relay_restrictions": _restrictions(
+            f"check_client_access cidr:{OUTBOUND_CLIENTS_MAP}" if settings.outbound else "",
             "permit_mynetworks", "permit_sasl_authenticated", "reject_unauth_destination"
         ),
         "smtpd_recipient_restrictions": _restrictions(
@@ -126,6 +132,9 @@ def main_cf(settings: Settings) -> dict[str, str]:
         "virtual_uid_maps": f"static:{VMAIL_ID}",
         "virtual_gid_maps": f"static:{VMAIL_ID}",
     }
+    if settings.outbound:
+        config["smtpd_restriction_classes"] = OUTBOUND_CLASS
+        config[OUTBOUND_CLASS] = policy
     if settings.filter_mode == "after-queue":
         # The tutorial's chain: queued first, then handed to the "scan" transport; address
         # mappings wait for the second pass (mail back from the filters on 10027).
@@ -174,6 +183,12 @@ def own_domains_map(settings: Settings) -> str:
     """Our own domains as senders are for our own users: from anywhere else, a forgery."""
     text = "REJECT 5.7.1 Sender address forged: this domain's mail comes from its own servers"
     return "".join(f"{domain} {text}\n" for domain in settings.domains)
+
+
+def outbound_clients_map(settings: Settings) -> str:
+    """The trusted networks, each sent to the outbound restriction class: their mail is
+    counted by the policy service, outside clients' mail never is."""
+    return "".join(f"{network} {OUTBOUND_CLASS}\n" for network in settings.trusted_networks)
 
 
 def scan_transport(max_processes: int = 16) -> list[str]:
@@ -254,4 +269,5 @@ def render(settings: Settings) -> dict[str, str]:
         "master.cf": header + master_cf(settings),
         MAILBOX_MAP.rsplit("/", 1)[1]: mailbox_map(settings),
         OWN_DOMAINS_MAP.rsplit("/", 1)[1]: own_domains_map(settings),
+        OUTBOUND_CLIENTS_MAP.rsplit("/", 1)[1]: outbound_clients_map(settings),
     }

@@ -214,6 +214,55 @@ def test_redis_store_is_shared_by_replicas(policy: StartPolicy, redis_url: str) 
     assert PolicyClient(port_b).ask(rcpt_request()).startswith("PREPEND X-Greylist: delayed 1")
 
 
+def test_outbound_counters_are_shared_by_replicas_and_lose_no_count_under_concurrency(
+    policy: StartPolicy, redis_url: str
+) -> None:
+    """Two policy replicas on one Redis, 20 clients at once (10 on each), 300 messages from
+    one host of ours against its limit of 100: exactly 100 get through. Then the hold: a
+    sender past 3 times its limit is held on both replicas until released."""
+    limits = "client:messages:100/hour,sender:messages:5/hour"
+    common = {"spf_enabled": "false", "outbound_limits": limits,
+              "outbound_hold_factor": "3"}
+    daemon_a, port_a = policy(redis_url, **common)
+    _, port_b = policy(redis_url, **common)
+    answers: list[str] = []
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        asker = PolicyClient(port_a if n % 2 else port_b)
+        for m in range(15):
+            action = asker.ask(rcpt_request(client_address="127.0.0.9", instance=f"{n}.{m}",
+                                            sender=f"s{n}.{m}@secumail.test"))
+            with lock:
+                answers.append(action)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(answers) == 300
+    assert answers.count("DUNNO") == 100, {a: answers.count(a) for a in set(answers)}
+    assert all(a.startswith("450 4.7.1 Outbound limit reached: 100 messages per hour for "
+                            "client:127.0.0.9") for a in answers if a != "DUNNO")
+
+    spam = {"client_address": "127.0.0.10", "sender": "spam@secumail.test"}
+    tries = [PolicyClient(port_a if n % 2 else port_b).ask(rcpt_request(
+        instance=f"spam{n}", **spam)) for n in range(16)]
+    assert tries[:5] == ["DUNNO"] * 5 and "Outbound limit reached" in tries[5]
+    assert tries[15] == ("450 4.7.1 Outbound mail held for sender:spam@secumail.test (far "
+                         "over its limits): ask the postmaster to release it")
+    assert "Outbound mail held" in PolicyClient(port_b).ask(rcpt_request(instance="x", **spam))
+    # Told once, by the replica that held it (the 16th try went to replica a).
+    assert 'secumail_policy_outbound_holds_total{scope="sender"} 1.0' in metrics(daemon_a)
+    assert daemon_a.logged("outbound sender held")
+    import redis
+
+    held = redis.Redis.from_url(redis_url, decode_responses=True).hgetall(
+        "secumail:outbound:held")
+    assert list(held) == ["sender:spam@secumail.test"]
+
+
 def test_a_never_passed_triplet_lasts_only_its_retry_window_in_redis(
     policy: StartPolicy, redis_url: str
 ) -> None:

@@ -104,3 +104,50 @@ def test_selective_greylisting_passes_a_provider_and_delays_a_bot(
     bot = {"client": "203.0.113.99", "name": "[UNAVAILABLE]", "helo": "x7gq2.remote.test"}
     code, reply = send_as_remote(postfix.port, "promo@remote.test", **bot)
     assert code == 450 and b"Greylisted" in reply, reply  # 2 + 1 - 1: at the threshold
+
+
+def test_our_own_host_is_deferred_at_its_outbound_limit_and_outside_mail_never_counts(
+    tmp_path: Path, dns_server: LoopbackDNS
+) -> None:
+    """Postfix as rendered (the restriction class, the trusted networks' map) and the real
+    policy service: a host of ours sending each message from a new sender address, to stay
+    under the per-sender limit, is deferred at exactly its client limit; mail from outside
+    is not counted against it."""
+    from secumail.settings import Settings
+    from services.postfix.render import OUTBOUND_CLIENTS_MAP, main_cf, outbound_clients_map
+
+    limits = "sender:messages:10/hour,client:messages:3/hour"
+    policy_port = free_port()
+    policy = start_policy(policy_env(
+        policy_port, f"sqlite:///{tmp_path}/grey.sqlite", dns_server.spec,
+        greylist_enabled="false", spf_enabled="false", outbound_limits=limits))
+    settings = Settings(policy_address=f"127.0.0.1:{policy_port}", outbound_limits=limits)
+    rendered = main_cf(settings)
+    clients = tmp_path / "outbound_clients"
+    clients.write_text(outbound_clients_map(settings))
+    sink = SmtpSink().start()
+    postfix = PostfixInstance({
+        **sink_transport(sink.port),
+        "smtpd_restriction_classes": rendered["smtpd_restriction_classes"],
+        "secumail_outbound": rendered["secumail_outbound"],
+        "smtpd_relay_restrictions": rendered["smtpd_relay_restrictions"].replace(
+            OUTBOUND_CLIENTS_MAP, str(clients)),
+        "smtpd_recipient_restrictions": rendered["smtpd_recipient_restrictions"].replace(
+            "reject_unknown_recipient_domain, ", ""),
+    }).start()
+    try:
+        replies = [send_as_remote(postfix.port, f"s{n}@secumail.test", client="127.0.0.5",
+                                  name="host.secumail.test") for n in range(5)]
+        assert [code for code, _ in replies] == [250, 250, 250, 450, 450], replies
+        assert replies[3][1].startswith(b"4.7.1 ") and (
+            b"Outbound limit reached: 3 messages per hour for client:127.0.0.5"
+            in replies[3][1]), replies[3]
+        outside = [send_as_remote(postfix.port, "alice@remote.test") for _ in range(4)]
+        assert [code for code, _ in outside] == [250] * 4, outside
+        sink.wait_for(7)
+        postfix.wait_for_log("Outbound limit reached: 3 messages per hour")
+        assert policy.logged("check=outbound")
+    finally:
+        postfix.stop()
+        sink.stop()
+        policy.stop()

@@ -88,8 +88,16 @@ async def test_neighbour_address_shares_the_triplet(engine: PolicyEngine, clock:
 async def test_trusted_clients_are_never_greylisted(engine: PolicyEngine) -> None:
     local = await engine.evaluate(rcpt_request(client_address="127.0.0.1"))
     assert (local.action, local.check) == ("DUNNO", "trusted")
+
+
+
+async def test_authenticated_users_are_trusted_when_the_admin_says_postfix_checks_them(
+    dns: FakeResolver, clock: FakeClock
+) -> None:
+    engine = make_engine(dns, clock, spf_enabled=False, policy_trust_sasl=True)
     authenticated = await engine.evaluate(rcpt_request(sasl_username="alice"))
     assert (authenticated.action, authenticated.check) == ("DUNNO", "trusted")
+    engine.close()
 
 
 async def test_auto_whitelist_after_enough_passes(dns: FakeResolver, clock: FakeClock) -> None:

@@ -112,6 +112,27 @@ def test_mailboxes_and_delivery() -> None:
 
 def test_render_writes_every_file() -> None:
     files = render(settings())
-    assert set(files) == {"main.cf", "master.cf", "virtual_mailboxes", "own_domains"}
+    assert set(files) == {"main.cf", "master.cf", "virtual_mailboxes", "own_domains",
+                          "outbound_clients"}
     assert files["own_domains"].startswith("secumail.test REJECT 5.7.1 Sender address forged")
     assert all(text.endswith("\n") for text in files.values())
+
+
+def test_our_own_hosts_mail_is_counted_before_it_is_let_through() -> None:
+    """Outbound limits: the trusted networks go to a restriction class that asks the policy
+    service, ahead of permit_mynetworks; outside clients never reach it."""
+    config = main_cf(settings(trust_docker_host="true"))
+    assert config["smtpd_relay_restrictions"] == (
+        "check_client_access cidr:/etc/postfix/outbound_clients, permit_mynetworks, "
+        "permit_sasl_authenticated, reject_unauth_destination")
+    assert config["smtpd_restriction_classes"] == "secumail_outbound"
+    assert config["secumail_outbound"] == "check_policy_service inet:policy:10023"
+    assert render(settings(trust_docker_host="true"))["outbound_clients"] == (
+        "127.0.0.0/8 secumail_outbound\n::1/128 secumail_outbound\n"
+        "172.29.124.1/32 secumail_outbound\n")
+    # The re-injection port keeps its own restrictions: filtered mail is not counted twice.
+    assert "  -o smtpd_relay_restrictions=permit_mynetworks,reject" in master_cf(settings())
+    off = main_cf(settings(outbound_limits=""))
+    assert off["smtpd_relay_restrictions"] == (
+        "permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination")
+    assert "smtpd_restriction_classes" not in off
