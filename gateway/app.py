@@ -27,6 +27,7 @@ from gateway.canary import CanarySend, ChainProbe, ProbeMetrics
 from gateway.context import Gateway, problem
 from gateway.health import HealthChecker, Hop, Namer, Resolver, chain_hops, reverse_name
 from gateway.http import HostCheck
+from gateway.outbound_notice import HoldNotifier, NoticeSend
 from gateway.quarantine import Learn, QuarantineAdmin, ReleaseSend, next_hops
 from gateway.routers import (
     console,
@@ -35,6 +36,7 @@ from gateway.routers import (
     health,
     learning,
     metrics,
+    outbound,
     quarantine,
     tracking,
 )
@@ -50,6 +52,7 @@ from secumail.settings import Settings
 
 log = logging.getLogger("secumail.gateway")
 
+HOLD_NOTICE_INTERVAL = 30.0  # seconds between two looks for held senders to tell of
 FIRST_PROBE_AFTER = 60.0  # seconds: let the stack come up before the first canary
 # Seconds between two looks for replicas to collect tracking events from (a health round).
 TRACKING_TARGETS_MAX_AGE = 30.0
@@ -70,6 +73,7 @@ def create_app(
     learn: Learn | None = None,
     clock: Callable[[], float] = time.time,
     tracking_store: TrackingStore | None = None,
+    notice_send: NoticeSend | None = None,
 ) -> FastAPI:
     """The app; the keyword arguments replace what reaches the network (and the clock), for
     the tests."""
@@ -120,6 +124,9 @@ def create_app(
             tasks.append(asyncio.create_task(gateway.probe.every(
                 settings.probe_interval, first=min(settings.probe_interval, FIRST_PROBE_AFTER)
             )))
+        if settings.outbound:
+            notifier = HoldNotifier(settings, gateway.outbound, notice_send)
+            tasks.append(asyncio.create_task(notifier.every(HOLD_NOTICE_INTERVAL)))
         if gateway.tracking is not None:
             collector = Collector(gateway.tracking, client, event_sources,
                                   tracking_metrics, settings.gateway_timeout)
@@ -156,7 +163,7 @@ def create_app(
         guard = token_guard(settings.admin_token, "AdminToken", "SECUMAIL_ADMIN_TOKEN",
                             gateway.wrong_tokens)
         for router in (health.run, greylist.router, quarantine.router, dkim.router,
-                       tracking.router, learning.router):
+                       tracking.router, learning.router, outbound.router):
             app.include_router(router, dependencies=[Depends(guard)], responses=UNAUTHORIZED)
         app.include_router(console.router)  # its own sign-in (a cookie), the same token
     else:

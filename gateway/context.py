@@ -24,6 +24,7 @@ from gateway.quarantine import QuarantineAdmin
 from gateway.tracking import StoredEvent, TrackingStore
 from secumail.greylist_store import GreylistStore
 from secumail.logs import log_event
+from secumail.outbound_store import OutboundStore, outbound_store
 from secumail.settings import Settings
 from secumail.tracking import Event
 
@@ -44,6 +45,7 @@ class Gateway:
     wrong_tokens: WrongTokens
     tracking: TrackingStore | None = None  # None: tracking is off
     _store: GreylistStore | None = field(default=None, repr=False)
+    _outbound: OutboundStore | None = field(default=None, repr=False)
 
     def store(self) -> GreylistStore:
         """The greylist store, opened on first use (a missing volume must not stop the
@@ -51,6 +53,12 @@ class Gateway:
         if self._store is None:
             self._store = self.open_store()
         return self._store
+
+    def outbound(self) -> OutboundStore:
+        """The outbound counters and held senders, beside the greylist in its store."""
+        if self._outbound is None:
+            self._outbound = outbound_store(self.store())
+        return self._outbound
 
     async def track(self, event: Event) -> None:
         """Store one of the gateway's own events (a release, a learning act) beside those it
@@ -90,6 +98,17 @@ async def get_store(gateway: GatewayDep) -> GreylistStore:
 
 
 StoreDep = Annotated[GreylistStore, Depends(get_store)]
+
+
+async def get_outbound(gateway: GatewayDep) -> OutboundStore:
+    try:
+        return gateway.outbound()
+    except Exception as error:
+        log_event(log, "greylist store unavailable", logging.ERROR, error=repr(error))
+        raise HTTPException(503, "the greylist store cannot be opened") from None
+
+
+OutboundDep = Annotated[OutboundStore, Depends(get_outbound)]
 
 
 def invalid(where: tuple[str, ...], error: ValueError) -> RequestValidationError:

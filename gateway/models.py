@@ -91,6 +91,15 @@ class GreylistEntry(BaseModel):
     passed: bool = Field(description="The triplet got through (no more delay)")
 
 
+class HeldSender(BaseModel):
+    subject: str = Field(description="scope:value, e.g. sender:alice@example.org")
+    scope: Literal["sender", "client", "user"]
+    value: str
+    since: float
+    reason: str = Field(description="The limit whose tries it passed, and how far")
+    notified: bool = Field(description="The admin was mailed about it")
+
+
 class WhitelistRequest(BaseModel):
     kind: Literal["client", "recipient"]
     value: str = Field(

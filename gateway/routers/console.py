@@ -32,9 +32,9 @@ from gateway.console_html import (
     table,
     when,
 )
-from gateway.context import Gateway, GatewayDep, get_store
+from gateway.context import Gateway, GatewayDep, get_outbound, get_store
 from gateway.models import QuarantineDetail, QuarantinePreview, ReleaseReport, WhitelistRequest
-from gateway.routers import greylist, health, quarantine, tracking
+from gateway.routers import greylist, health, outbound, quarantine, tracking
 from secumail.greylist_store import WhitelistKind
 from secumail.logs import log_event
 
@@ -409,6 +409,37 @@ async def whitelist_remove(request: Request, gateway: Gateway, fields: dict[str,
     store = await get_store(gateway)
     await greylist.delete_whitelist(kind, value, store)
     return f"Removed {kind} {value} from the whitelist."
+
+
+# --- outbound -----------------------------------------------------------------------------
+
+
+@console_page("/outbound")
+async def outbound_page(request: Request, gateway: Gateway, csrf: str) -> HTMLResponse:
+    try:
+        held = await outbound.list_held(await get_outbound(gateway))
+    except HTTPException as error:
+        return html(page("Outbound", f'<p class="flash">{esc(error.detail)}</p>', "outbound",
+                         csrf), 503)
+    rows = [(esc(h.subject), esc(when(h.since)), f"<span class=detail>{esc(h.reason)}</span>",
+             "yes" if h.notified else "not yet",
+             button_form("/console/outbound/release", "Release", csrf, {"subject": h.subject}))
+            for h in held]
+    limits = ", ".join(limit.text for limit in gateway.settings.outbound) or "none"
+    body = ("<p>Senders, clients and users that tried to send far over their outbound limits"
+            " (SECUMAIL_OUTBOUND_HOLD_FACTOR times one): all their mail is answered 450 until"
+            " released. Their MTAs keep it; a host or an account sending that much is often "
+            f'compromised. <span class="muted">Limits: {esc(limits)}</span></p>'
+            + table(("Held", "Since", "Why", "Admin told", ""), rows, "Nothing is held."))
+    return html(page("Outbound", body, "outbound", csrf, notice_of(request)))
+
+
+@console_action("/outbound/release", "/console/outbound")
+async def outbound_release(request: Request, gateway: Gateway, fields: dict[str, str]) -> str:
+    subject = fields.get("subject", "")[:400]
+    if not await outbound.release(await get_outbound(gateway), subject, "console"):
+        return f"Nothing held as {subject}."
+    return f"Released {subject}: its mail goes out again, within its limits."
 
 
 # --- health -------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ from secumail import tracking
 from secumail.backend import BackendError
 from secumail.greylist_store import GreylistStore, SqliteStore
 from secumail.netaddr import HostPort
+from secumail.outbound import Held
+from secumail.outbound_store import SqliteOutbound
 from secumail.protocols.smtp import SmtpReply
 from secumail.quarantine import Quarantine, QuarantineRecord
 from secumail.settings import Settings
@@ -494,6 +496,8 @@ ADMIN_ROUTES = [
     ("POST", "/admin/dkim/keys", {"domain": "secumail.test", "key_type": "ed25519"}),
     ("POST", "/admin/dkim/keys/secumail.test/s1/activate", None),
     ("GET", "/admin/tracking", None),
+    ("GET", "/admin/outbound/held", None),
+    ("DELETE", "/admin/outbound/held/sender:spam@secumail.test", None),
 ]
 
 
@@ -517,8 +521,10 @@ def state(gateway: Gateway) -> tuple[object, ...]:
     dkim = sorted(p.name for p in Path(gateway.settings.dkim_keys_dir).rglob("*"))
     rows = gateway.store.db.execute("SELECT * FROM triplets").fetchall()
     whitelist = gateway.store.db.execute("SELECT * FROM whitelist").fetchall()
+    SqliteOutbound(gateway.store)  # its tables, if the gateway made none yet
+    held = gateway.store.db.execute("SELECT * FROM outbound_held").fetchall()
     return (quarantine, dkim, rows, whitelist, gateway.world.released, gateway.world.canaries,
-            gateway.world.learned)
+            gateway.world.learned, held)
 
 
 @pytest.mark.parametrize(("method", "path", "body"), ADMIN_ROUTES,
@@ -531,6 +537,7 @@ def test_admin_routes_refuse_without_the_token_and_change_nothing(
     gw.store.db.execute("INSERT INTO triplets VALUES "
                         "('192.0.2.0/24/a@remote.test/bob@secumail.test', 1, 2, 0)")
     gw.store.db.execute("INSERT INTO whitelist VALUES ('recipient', 'abuse@', 1)")
+    asyncio.run(SqliteOutbound(gw.store).hold(Held("sender:spam@secumail.test", 1.0, "why")))
     before = state(gw)
     headers = {
         "none": {}, "query": {},
@@ -555,6 +562,23 @@ def test_without_an_admin_token_there_is_no_admin_api(make_gateway: Any) -> None
     paths = gateway.client.app.openapi()["paths"]
     assert not [p for p in paths if p.startswith("/admin")]
     assert gateway.client.get("/readyz").status_code == 200
+
+
+# --- outbound -----------------------------------------------------------------------------
+
+
+def test_held_senders_are_listed_and_released(gw: Gateway) -> None:
+    outbound = SqliteOutbound(gw.store)
+    asyncio.run(outbound.hold(Held("sender:spam@secumail.test", 1700000000.0,
+                                   "over 10 times sender:messages:100/hour")))
+    listed = gw.client.get("/admin/outbound/held", headers=AUTH).json()
+    assert listed == [{"subject": "sender:spam@secumail.test", "scope": "sender",
+                       "value": "spam@secumail.test", "since": 1700000000.0,
+                       "reason": "over 10 times sender:messages:100/hour", "notified": False}]
+    url = "/admin/outbound/held/sender:spam@secumail.test"
+    assert gw.client.delete(url, headers=AUTH).status_code == 204
+    assert gw.client.delete(url, headers=AUTH).status_code == 404
+    assert gw.client.get("/admin/outbound/held", headers=AUTH).json() == []
 
 
 # --- greylist -----------------------------------------------------------------------------
@@ -907,7 +931,7 @@ def test_openapi_documents_every_route_with_its_errors(gw: Gateway) -> None:
                                      "description": "SECUMAIL_ADMIN_TOKEN"}
     operations = [(path, method, op) for path, item in document["paths"].items()
                   for method, op in item.items()]
-    assert len(operations) == 22
+    assert len(operations) == 24
     for path, method, operation in operations:
         admin = path.startswith("/admin") or (path, method) == ("/probe", "post")
         assert ("401" in operation["responses"]) == admin, (path, method)

@@ -26,13 +26,15 @@ from tests.unit.test_gateway_api import (  # noqa: F401 (fixtures)
 )
 
 PAGES = ["/console/tracking", "/console/tracking?sender=a@remote.test", "/console/quarantine",
-         "/console/quarantine/{id}", "/console/greylist", "/console/health"]
+         "/console/quarantine/{id}", "/console/greylist", "/console/outbound",
+         "/console/health"]
 ACTIONS = [("/console/quarantine/{id}/release", {}),
            ("/console/quarantine/{id}/release", {"learn": "false"}),
            ("/console/quarantine/{id}/learn", {"kind": "spam"}),
            ("/console/quarantine/{id}/delete", {"confirm": "yes"}),
            ("/console/greylist/whitelist", {"kind": "client", "value": "192.0.2.9"}),
            ("/console/greylist/whitelist/remove", {"kind": "recipient", "value": "abuse@"}),
+           ("/console/outbound/release", {"subject": "sender:spam@secumail.test"}),
            ("/console/logout", {})]
 
 

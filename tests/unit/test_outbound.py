@@ -211,3 +211,35 @@ async def test_no_limits_no_counting() -> None:
     decision = await engine.evaluate(rcpt_request(client_address=LOCAL))
     assert (decision.action, decision.check) == ("DUNNO", "trusted")
     engine.close()
+
+
+async def test_the_admin_is_told_of_a_hold_once_and_again_if_the_mail_was_refused() -> None:
+    from email import message_from_bytes
+
+    from gateway.outbound_notice import HoldNotifier
+    from secumail.protocols.smtp import SmtpReply
+
+    settings = Settings(domains="secumail.test", admin_address="Boss@Secumail.test")
+    store = SqliteOutbound(SqliteStore(":memory:"))
+    sent: list[tuple[str, bytes]] = []
+    replies = [SmtpReply(451, ("4.3.0 try later",)), SmtpReply(250, ("2.0.0 Ok",))]
+
+    async def send(recipient: str, message: bytes) -> SmtpReply:
+        sent.append((recipient, message))
+        return replies.pop(0)
+
+    notifier = HoldNotifier(settings, lambda: store, send)
+    assert await notifier.notify() == 0  # nothing held
+    await store.hold(Held("client:127.0.0.9", 1_800_000_000.0,
+                          "over 10 times client:messages:500/hour"))
+    assert await notifier.notify() == 0 and len(sent) == 1  # refused: not marked told
+    assert await notifier.notify() == 1 and len(sent) == 2
+    assert await notifier.notify() == 0 and len(sent) == 2  # told once
+    recipient, raw = sent[-1]
+    notice = message_from_bytes(raw)
+    assert recipient == "boss@secumail.test" == notice["To"]
+    assert notice["Subject"] == "SecuMail held outbound mail of client:127.0.0.9"
+    body = " ".join(notice.get_payload().split())  # wrapped at 72
+    assert "over 10 times client:messages:500/hour" in body
+    assert "DELETE /admin/outbound/held/client:127.0.0.9" in body
+    assert [h.notified for h in await store.holds()] == [True]
