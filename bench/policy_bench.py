@@ -11,7 +11,13 @@ and a DNSBL zone, greylisting every triplet, against the same with every signal 
 lookups, a DNSWL zone, the names Postfix sends), DNS answering from a loopback server
 (tests/support/dnsserver.py, in a process of its own) that knows the stream's records.
 
+Then the cost of outbound limits (issue 34, `--outbound`): the same inbound stream with the
+limits on and off (inbound mail is never counted: only the trusted-client test is added),
+and the stream made outbound (its clients moved into SECUMAIL_MYNETWORKS, senders kept) with
+the default limits' nine counters at counts no request reaches, against the limits off.
+
     .venv/bin/python bench/policy_bench.py [--requests 40000] [--connections 20] [--rounds 3]
+        [--skip-selective] [--outbound]
 """
 
 from __future__ import annotations
@@ -178,6 +184,22 @@ Starter = Callable[[Path], tuple[subprocess.Popen[bytes], int]]
 
 # Postgrey's semantics: the configuration the first comparison measures.
 PLAIN = {"SECUMAIL_GREYLIST_MODE": "all", "SECUMAIL_SPF_ENABLED": "false"}
+LIMITS_OFF = {"SECUMAIL_OUTBOUND_LIMITS": ""}
+# The default limits' scopes, kinds and periods, at counts the stream never reaches.
+LIMITS_HIGH = {"SECUMAIL_OUTBOUND_LIMITS": ",".join(
+    f"{scope}:{kind}:100000000/{period}" for scope, kind, period in (
+        ("sender", "messages", "hour"), ("sender", "recipients", "hour"),
+        ("sender", "messages", "day"), ("client", "messages", "minute"),
+        ("client", "messages", "hour"), ("client", "recipients", "hour"),
+        ("user", "messages", "hour"), ("user", "recipients", "hour"),
+        ("user", "messages", "day")))}
+OUTBOUND_NETWORK = {"SECUMAIL_MYNETWORKS": "10.0.0.0/8,127.0.0.0/8"}
+
+
+def outbound_stream(stream: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The stream sent by 200 hosts of ours (10.0.x.y), each sender kept."""
+    return [{**r, "client_address": f"10.0.0.{n % 200 + 1}"}
+            for n, r in enumerate(stream)]
 
 
 def secumail(settings: dict[str, str]) -> Starter:
@@ -264,11 +286,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each server, alternated")
     parser.add_argument("--skip-selective", action="store_true",
                         help="only the comparison with postgrey")
+    parser.add_argument("--outbound", action="store_true",
+                        help="only the cost of outbound limits, postgrey beside it")
     args = parser.parse_args()
     requests = make_stream(args.requests)
     stream = [encode_request(r) for r in requests]
     print(f"policy benchmark: {args.requests} requests over {args.connections} connections, "
           f"median of {args.rounds} rounds")
+    if args.outbound:
+        return outbound_cost(requests, stream, args.rounds, args.connections)
     plain, peer = run_rounds([("secumail-policy", secumail(PLAIN)),
                               ("postgrey", start_postgrey)], stream, args.rounds, args.connections)
     print_table([plain, peer])
@@ -292,6 +318,27 @@ def main() -> None:
     print_table([every_triplet, selective])
     print(f"ratio selective/all, same checks: {ratio(selective, every_triplet)}")
     print(f"ratio selective/plain greylisting (first table): {ratio(selective, plain)}")
+
+
+def outbound_cost(requests: list[dict[str, str]], stream: list[bytes], rounds: int,
+                  connections: int) -> None:
+    print("outbound limits: inbound stream, limits off and on (the default limits)")
+    off, on, peer = run_rounds([
+        ("inbound, limits off", secumail({**PLAIN, **LIMITS_OFF})),
+        ("inbound, limits on", secumail(PLAIN)),
+        ("postgrey", start_postgrey)], stream, rounds, connections)
+    print_table([off, on, peer])
+    print(f"ratio inbound limits on/off: {ratio(on, off)}")
+    print(f"ratio secumail (limits on)/postgrey: {ratio(on, peer)}")
+    print("outbound limits: the stream from 200 hosts of ours, nine counters each request")
+    ours = [encode_request(r) for r in outbound_stream(requests)]
+    trusted_off, counted = run_rounds([
+        ("outbound, limits off", secumail({**PLAIN, **LIMITS_OFF, **OUTBOUND_NETWORK})),
+        ("outbound, counted", secumail({**PLAIN, **LIMITS_HIGH, **OUTBOUND_NETWORK})),
+    ], ours, rounds, connections)
+    print_table([trusted_off, counted])
+    print(f"ratio outbound counted/limits off: {ratio(counted, trusted_off)}")
+    print(f"ratio outbound counted/postgrey (inbound): {ratio(counted, peer)}")
 
 
 def median_result(results: list[Result]) -> Result:
