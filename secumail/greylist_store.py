@@ -17,6 +17,7 @@ import asyncio
 import os
 import re
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, cast
@@ -210,14 +211,18 @@ class SqliteStore:
         return client, Triplet(first, last, bool(passed)) if first is not None else None
 
     def write(self, sql: str, values: tuple[object, ...]) -> None:
-        """A write joined to the batch committed within COMMIT_INTERVAL (the outbound
-        counters, secumail/outbound.py, write theirs here too)."""
+        """A write joined to the batch committed within COMMIT_INTERVAL."""
+        self.write_many(sql, (values,))
+
+    def write_many(self, sql: str, rows: Iterable[tuple[object, ...]]) -> None:
+        """Writes joined to the batch (the outbound counters, secumail/outbound_store.py,
+        write theirs here too)."""
         if not self.db.in_transaction:
             self.db.execute("BEGIN")
             self._commit_timer = asyncio.get_running_loop().call_later(
                 self.COMMIT_INTERVAL, self._commit
             )
-        self.db.execute(sql, values)
+        self.db.executemany(sql, rows)
 
     def _commit(self) -> None:
         self._commit_timer = None

@@ -162,37 +162,41 @@ class SqliteOutbound:
         store.db.execute("CREATE TABLE IF NOT EXISTS outbound_held (subject TEXT PRIMARY KEY, "
                          "since REAL, reason TEXT, notified INTEGER) WITHOUT ROWID")
 
-    def _tat(self, key: str) -> float | None:
-        row = self.store.db.execute("SELECT tat FROM outbound_buckets WHERE key = ?",
-                                    (key,)).fetchone()
-        return None if row is None else float(row[0])
+    def _tats(self, buckets: list[Bucket]) -> dict[str, float]:
+        keys = [bucket.key for bucket in buckets]
+        marks = ",".join("?" * len(keys))
+        return dict(self.store.db.execute(
+            f"SELECT key, tat FROM outbound_buckets WHERE key IN ({marks})", keys).fetchall())
 
     async def charge(self, limits: list[Bucket], attempts: list[Bucket],
                      held: list[str]) -> Charged:
         # Nothing awaited from here to the end: no other request of this process interleaves.
         now = self.clock()
-        overflowed = []
+        tats = self._tats([*attempts, *limits])
+        overflowed, moved = [], []
         for bucket in attempts:
-            fits, new = gcra(self._tat(bucket.key), now, bucket.interval, bucket.period)
+            fits, new = gcra(tats.get(bucket.key), now, bucket.interval, bucket.period)
             if not fits:
                 overflowed.append(bucket)
                 new = now + bucket.period
-            self.store.write("INSERT OR REPLACE INTO outbound_buckets VALUES (?, ?)",
-                             (bucket.key, new))
-        for subject in held:
-            if self.store.db.execute("SELECT 1 FROM outbound_held WHERE subject = ?",
-                                     (subject,)).fetchone():
-                return Charged(subject, None, overflowed)
-        moved = []
-        for bucket in limits:
-            fits, new = gcra(self._tat(bucket.key), now, bucket.interval, bucket.period)
-            if not fits:
-                return Charged(None, bucket, overflowed)
             moved.append((bucket.key, new))
-        for key, new in moved:
-            self.store.write("INSERT OR REPLACE INTO outbound_buckets VALUES (?, ?)",
-                             (key, new))
-        return Charged(None, None, overflowed)
+        marks = ",".join("?" * len(held))
+        found = self.store.db.execute(
+            f"SELECT subject FROM outbound_held WHERE subject IN ({marks})", held).fetchone()
+        over = None
+        if found is None:
+            counted = []
+            for bucket in limits:
+                fits, new = gcra(tats.get(bucket.key), now, bucket.interval, bucket.period)
+                if not fits:
+                    over = bucket
+                    break
+                counted.append((bucket.key, new))
+            else:
+                moved += counted
+        if moved:
+            self.store.write_many("INSERT OR REPLACE INTO outbound_buckets VALUES (?, ?)", moved)
+        return Charged(found[0] if found else None, over, overflowed)
 
     async def hold(self, held: Held) -> bool:
         return self.store.write_now(

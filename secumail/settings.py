@@ -238,6 +238,10 @@ class Settings(BaseSettings):
     own_domain_from_outside: Literal["reject", "accept"] = "reject"
     own_domain_allowed_senders: CommaList = []  # addresses, or domains: may all the same
     own_domain_allowed_networks: Annotated[list[Network], NoDecode] = []  # the same
+    # ARC (services/dkim/arc.py): sealers (domains, and their subdomains) trusted to say a
+    # message passed DMARC before they forwarded it: a DMARC fail with their passing chain is
+    # delivered (RFC 8617 7.2.1), never refused under SECUMAIL_DMARC_REJECT.
+    arc_trusted_sealers: CommaList = []
 
     # --- gateway (8080): health, metrics, chain probe, admin API ---------------------------
     gateway_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:8080")
@@ -273,7 +277,7 @@ class Settings(BaseSettings):
         "greylist_whitelist_clients", "greylist_whitelist_recipients", "dnsbl_zones",
         "greylist_dnswl_zones", "greylist_known_senders", "attachment_block", "attachment_allow",
         "domains", "rbl_zones", "mailboxes", "clamav_allowed_clients", "spamd_allowed_clients",
-        "tracking_readers", "own_domain_allowed_senders",
+        "tracking_readers", "own_domain_allowed_senders", "arc_trusted_sealers",
         "gateway_hosts", mode="before",
     )
     @classmethod
@@ -347,6 +351,15 @@ class Settings(BaseSettings):
     def _signals(cls, text: str) -> str:
         parse_signal_weights(text)
         return text
+
+    @field_validator("arc_trusted_sealers")
+    @classmethod
+    def _sealers(cls, items: list[str]) -> list[str]:
+        domains = [item.lower().strip(".") for item in items]
+        for domain in domains:
+            if not _DOMAIN.match(domain):
+                raise ValueError(f"not a domain name: {domain!r}")
+        return domains
 
     @field_validator("attachment_block", "attachment_allow")
     @classmethod

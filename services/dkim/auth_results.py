@@ -164,7 +164,10 @@ def spf_entry(spf: SpfResult) -> str:
 
 def dmarc_entry(outcome: DmarcOutcome) -> str:
     parts = [f"dmarc={outcome.result}"]
-    if outcome.policy:
+    if outcome.arc_override:
+        parts.append(f"(p={outcome.policy} dis={outcome.disposition}; arc=pass, dmarc=pass "
+                     f"at trusted sealer {outcome.arc_override}) policy.override=arc")
+    elif outcome.policy:
         parts.append(f"(p={outcome.policy} dis={outcome.disposition})")
     if outcome.result in ("temperror", "permerror") and outcome.reason:
         parts.append(f"reason={_value(outcome.reason)}")
@@ -173,14 +176,41 @@ def dmarc_entry(outcome: DmarcOutcome) -> str:
     return " ".join(parts)
 
 
+@dataclass(frozen=True)
+class ArcReport:
+    result: str  # pass, fail (a message without ARC fields gets no arc= entry)
+    reason: str = ""
+    remote_ip: str = ""
+    oldest_pass: int | None = None
+    instances: int = 0
+
+
+def arc_entry(report: ArcReport) -> str:
+    """RFC 8617 7.2: `arc=` with the client's address and, on a pass, the oldest instance
+    whose message signature still verifies (0: all)."""
+    parts = [f"arc={report.result}"]
+    if report.instances:
+        parts.append(f"({report.instances} set{'s' if report.instances > 1 else ''})")
+    if report.reason:
+        parts.append(f"reason={_value(report.reason)}")
+    if report.remote_ip:
+        parts.append(f"smtp.remote-ip={_value(report.remote_ip)}")
+    if report.oldest_pass is not None:
+        parts.append(f"header.oldest-pass={report.oldest_pass}")
+    return " ".join(parts)
+
+
 def authentication_results(
-    authserv_id: str, dkim: list[DkimReport], spf: SpfResult | None, dmarc: DmarcOutcome | None
+    authserv_id: str, dkim: list[DkimReport], spf: SpfResult | None, dmarc: DmarcOutcome | None,
+    arc: ArcReport | None = None,
 ) -> str:
     """The header value (after the colon, without the leading space), one result a line,
     folded with \\n TAB (the form Postfix takes from a milter)."""
     entries = [dkim_entry(r) for r in dkim] or ["dkim=none"]
     if spf is not None:
         entries.append(spf_entry(spf))
+    if arc is not None:
+        entries.append(arc_entry(arc))
     if dmarc is not None:
         entries.append(dmarc_entry(dmarc))
     return authserv_id + ";\n\t" + ";\n\t".join(entries)

@@ -110,6 +110,9 @@ class DmarcOutcome:
     policy: str = ""  # the policy that applies (p= or sp=), when a record was found
     disposition: str = "none"  # what the policy asks for this message, after pct=
     reason: str = ""
+    # Who spoke for a failing message: a trusted ARC sealer that saw it pass (RFC 8617
+    # 7.2.1, a local policy override); the disposition is then none.
+    arc_override: str = ""
 
 
 TxtLookup = Callable[[str], Awaitable[list[str] | None]]

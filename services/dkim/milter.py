@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from secumail import tracking
@@ -36,7 +36,7 @@ from secumail.message import check_header_value
 from secumail.netaddr import IPAddress, parse_ip
 from secumail.protocols import milter as mc
 from secumail.settings import Settings
-from services.dkim import auth_results, dmarc, own_domain, signature
+from services.dkim import arc, auth_results, dmarc, own_domain, signature
 from services.dkim.canonical import RELAXED, BodyHasher, header_value_crlf
 
 log = logging.getLogger("secumail.dkim")
@@ -95,6 +95,7 @@ class DkimMilter:
         self.authserv_id = settings.authserv_id or settings.hostname or socket.gethostname()
         self.allowed_outsiders = own_domain.AllowedOutsiders.from_lists(
             settings.own_domain_allowed_senders, settings.own_domain_allowed_networks)
+        self.arc_trusted = frozenset(settings.arc_trusted_sealers)
         self.on_outcome: Callable[[Outcome], None] | None = None
 
     def session(self, peer: str = "?") -> MilterSession:
@@ -131,6 +132,9 @@ class MilterSession:
         self.hashers: dict[tuple[str, str, int | None], BodyHasher] = {}
         self.sign_keys: list[SigningKey] = []
         self.parsed: list[signature.ParsedSignature | tuple[signature.SignatureInfo, str]] = []
+        # The ARC chain, or why its structure fails (both None: no ARC field).
+        self.arc_chain: arc.Chain | None = None
+        self.arc_error: str | None = None
         self.in_message = False
 
     @property
@@ -258,6 +262,15 @@ class MilterSession:
             key = parsed.body_hasher_key
             if key not in self.hashers:
                 self.hashers[key] = BodyHasher(*key)
+        try:
+            self.arc_chain = arc.collect(self.headers)
+        except arc.ChainError as error:
+            self.arc_error = str(error)
+        if self.arc_chain is not None:
+            for parsed_ams in self.arc_chain.signatures:
+                if parsed_ams is not None and parsed_ams.body_hasher_key not in self.hashers:
+                    self.hashers[parsed_ams.body_hasher_key] = BodyHasher(
+                        *parsed_ams.body_hasher_key)
 
     # --- end of message ---------------------------------------------------------------------
 
@@ -353,7 +366,8 @@ class MilterSession:
         lookup = self.milter.lookup
         hashes = {key: (hasher.digest(), hasher.total) for key, hasher in self.hashers.items()}
         parsed = [p for p in self.parsed if isinstance(p, signature.ParsedSignature)]
-        key_names = list(dict.fromkeys(p.key_name for p in parsed))
+        arc_keys = self.arc_chain.key_names if self.arc_chain is not None else []
+        key_names = list(dict.fromkeys([*(p.key_name for p in parsed), *arc_keys]))
 
         # The DMARC record, this host's SPF result and every key at once: the slowest
         # answer bounds the wait.
@@ -374,6 +388,13 @@ class MilterSession:
                     "permerror", reason, info.domain, info.identity, info.selector,
                     info.algorithm, info.b_prefix))
         outcome_dmarc = self._dmarc(from_domain, dmarc_answer, reports, spf)
+        arc_result = self._arc(keys, hashes)
+        if (outcome_dmarc.result == "fail" and arc_result is not None
+                and arc_result.result == "pass" and arc_result.chain is not None):
+            sealer = arc.dmarc_pass_vouched(arc_result.chain, self.milter.arc_trusted)
+            if sealer is not None:
+                outcome_dmarc = dataclasses.replace(outcome_dmarc, disposition="none",
+                                                    arc_override=sealer)
         if forged := self._own_domain_forged(from_domain, reports):
             reply = mc.encode_reply_code(f"550 5.7.1 Message refused: {forged}")
             return reply, Outcome("verify", "reject", forged, {
@@ -389,6 +410,10 @@ class MilterSession:
             "dmarc": outcome_dmarc.result,
             "from_domain": outcome_dmarc.domain,
         }
+        if arc_result is not None:
+            fields["arc"] = arc_result.result
+        if outcome_dmarc.arc_override:
+            fields["dmarc_override"] = f"arc:{outcome_dmarc.arc_override}"
         if (outcome_dmarc.result == "fail" and outcome_dmarc.disposition == "reject"
                 and self.settings.dmarc_reject):
             reply = mc.encode_reply_code(
@@ -404,8 +429,8 @@ class MilterSession:
                 return failed, outcome
         else:
             outcome = Outcome("verify", "continue", fields=fields)
-        value = auth_results.authentication_results(self.milter.authserv_id, reports, spf,
-                                               outcome_dmarc)
+        value = auth_results.authentication_results(
+            self.milter.authserv_id, reports, spf, outcome_dmarc, self._arc_report(arc_result))
         header = mc.encode_insert_header(
             0, *self._header_bytes(AUTH_RESULTS, value.encode("utf-8")))
         claimed = own_domain.display_name_claim(
@@ -451,6 +476,38 @@ class MilterSession:
         verdict = signature.check(parsed, record, self.headers, body_hash, body_length)
         return dataclasses.replace(report, result=verdict.result, reason=verdict.reason,
                                    key_bits=record.bits, key_type=record.key_type)
+
+    def _arc(self, keys: Mapping[str, object],
+             hashes: dict[tuple[str, str, int | None], tuple[bytes, int]]
+             ) -> arc.ArcResult | None:
+        """The ARC chain's result (None: the message has no ARC field)."""
+        if self.arc_error is not None:
+            return arc.ArcResult("fail", self.arc_error)
+        if self.arc_chain is None:
+            return None
+        records: dict[str, arc.KeyAnswer] = {}
+        for name in self.arc_chain.key_names:
+            answer = keys[name]
+            if isinstance(answer, DnsTemporaryError):
+                records[name] = f"key lookup: {answer}"
+            elif isinstance(answer, BaseException):
+                raise answer
+            elif not isinstance(answer, list) or not answer:
+                records[name] = "no key"
+            else:
+                try:
+                    records[name] = signature.parse_key_record(str(answer[0]).encode("latin-1"))
+                except signature.KeyRecordError as error:
+                    records[name] = str(error)
+        return arc.validate(self.arc_chain, records, self.headers, hashes)
+
+    def _arc_report(self, result: arc.ArcResult | None) -> auth_results.ArcReport | None:
+        if result is None:
+            return None
+        origin = self._origin().address
+        return auth_results.ArcReport(result.result, result.reason,
+                                      str(origin) if origin else "", result.oldest_pass,
+                                      result.instances)
 
     async def _spf(self) -> auth_results.SpfResult | None:
         """This host's own SPF result for the client, its HELO and its MAIL FROM (the SPF

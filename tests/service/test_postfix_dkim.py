@@ -406,3 +406,41 @@ def test_a_field_added_to_our_signed_mail_breaks_both_signatures(
     for index in (0, 1):  # rsa-sha256 and ed25519-sha256
         assert dkim.DKIM(raw).verify(index, dnsfunc=chain.dnsfunc())
         assert not dkim.DKIM(added + raw).verify(index, dnsfunc=chain.dnsfunc())
+
+
+def test_a_list_sealed_with_arc_is_delivered_past_dmarc_reject_only_when_trusted(
+    tmp_path: Path, dns_server: LoopbackDNS
+) -> None:
+    """Issue 33: Carol's signed mail through a mailing list (subject tag, footer: DKIM and
+    SPF fail, DMARC p=reject fails), sealed by the list with dkimpy. Through the real Postfix
+    and milter: delivered with arc=pass and the override when the list is a trusted sealer;
+    the same chain forged with another key under the list's name is refused."""
+    list_key = keys.generate_key("rsa", 2048)
+    dns_server.add("arc._domainkey.lists.test", "TXT", txt(keys.txt_record_value(list_key)))
+    for chain in start_chain(tmp_path, dns_server, dmarc_reject="true",
+                             arc_trusted_sealers="lists.test"):
+        posted = chain.sign_as_remote(INBOUND).replace(b"Subject: invoice",
+                                                       b"Subject: [list] invoice")
+        posted += b"-- \r\nThe list\r\n"
+
+        def sealed(key: keys.PrivateKey) -> bytes:
+            pem = key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+            stamped = (b"Authentication-Results: lists.test; dkim=pass header.d=remote.test;"
+                       b" dmarc=pass header.from=remote.test\r\n" + posted)
+            return b"".join(dkim.arc_sign(stamped, b"arc", b"lists.test", pem,
+                                          b"lists.test")) + stamped
+
+        send(chain.postfix.port, "list-bounces@lists.test", "bob@secumail.test",
+             sealed(list_key), client="198.51.100.20")
+        message, _ = delivered(chain, 1)
+        results = message["Authentication-Results"]
+        assert "arc=pass (1 set) smtp.remote-ip=198.51.100.20 header.oldest-pass=0" in results
+        assert "policy.override=arc header.from=remote.test" in results
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            send(chain.postfix.port, "list-bounces@lists.test", "bob@secumail.test",
+                 sealed(keys.generate_key("rsa", 2048)), client="198.51.100.20")
+        assert b"5.7.1 Email rejected per DMARC policy for remote.test" in \
+            refused.value.smtp_error
+        assert len(chain.sink.handler.messages) == 1
