@@ -188,6 +188,12 @@ class DkimKey(BaseModel):
     record_name: str = Field(description="Where to publish the TXT record")
     record_value: str
     error: str | None = Field(description="Why the key cannot be used, if so")
+    role: Literal["signing", "awaiting-record", "retired", "inactive"] | None = Field(
+        None, description="signing; awaiting-record: a rotated successor that signs once its "
+        "record is published; retired: replaced, its record still wanted until "
+        "removable_after; inactive")
+    removable_after: float | None = Field(
+        None, description="Retired keys: from when their DNS record can be removed")
 
 
 class KeygenRequest(BaseModel):

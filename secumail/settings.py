@@ -231,6 +231,11 @@ class Settings(BaseSettings):
     dkim_fail_open: bool = False
     dkim_max_connections: int = Field(1000, ge=1)
     dkim_idle_timeout: float = Field(600.0, gt=0)
+    # Key rotation (secumail/dkim_rotation.py): a successor every this many days (0: off),
+    # looked for this often; a retired key's record stays published this many days.
+    dkim_rotate_days: float = Field(0.0, ge=0)
+    dkim_rotate_check: float = Field(600.0, gt=0)
+    dkim_retired_days: float = Field(7.0, ge=0)
     authserv_id: str = ""  # empty: the hostname
     dmarc_reject: bool = False
     # Mail from outside (not mynetworks, not authenticated) whose header From is one of our

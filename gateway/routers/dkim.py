@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException
 
 from gateway.context import GatewayDep, invalid, problem
 from gateway.models import DkimActivation, DkimKey, KeygenReport, KeygenRequest
-from secumail import dkim_keys
+from secumail import dkim_keys, dkim_rotation
 from secumail.logs import log_event
 
 log = logging.getLogger("secumail.gateway")
@@ -21,13 +21,23 @@ router = APIRouter(prefix="/admin/dkim", tags=["dkim"])
 @router.get("/keys", response_model=list[DkimKey],
             summary="Every domain's selectors, which sign, and the DNS record to publish")
 async def list_dkim(gateway: GatewayDep) -> list[DkimKey]:
-    listed = await asyncio.to_thread(dkim_keys.list_keys, Path(gateway.settings.dkim_keys_dir))
-    return [
-        DkimKey(domain=k.domain, selector=k.selector, key_type=k.key_type, active=k.active,
-                record_name=k.record_name, record_value=k.record_value,
-                error=k.error or None)
-        for k in listed
-    ]
+    settings = gateway.settings
+    keys_dir = Path(settings.dkim_keys_dir)
+    listed = await asyncio.to_thread(dkim_keys.list_keys, keys_dir)
+    states = await asyncio.to_thread(dkim_rotation.key_states, keys_dir)
+    roles = dkim_rotation.roles(states, settings.dkim_rotate_days)
+    found = []
+    for k in listed:
+        role = roles.get((k.domain, k.selector))
+        removable = None
+        if role == "retired":
+            since = dkim_rotation.activated_at(keys_dir, k.domain)
+            removable = since + settings.dkim_retired_days * dkim_rotation.DAY if since else None
+        found.append(DkimKey(
+            domain=k.domain, selector=k.selector, key_type=k.key_type, active=k.active,
+            record_name=k.record_name, record_value=k.record_value, error=k.error or None,
+            role=role, removable_after=removable))
+    return found
 
 
 @router.post("/keys", response_model=KeygenReport, status_code=201,

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from secumail import dkim_rotation
 from secumail import dns as secumail_dns
 from secumail.connections import ConnectionServer, IdleDeadline, read_loop, send
-from secumail.dkim_keys import DomainKeys, KeyStore
+from secumail.dkim_keys import (
+    DomainKeys,
+    KeyStore,
+    KeyType,
+    activate,
+    keygen,
+    record_name,
+)
+from secumail.dns import DnsTemporaryError
 from secumail.logs import log_event
 from secumail.netaddr import peer_name
 from secumail.protocols import milter as mc
@@ -33,6 +47,26 @@ PROTOCOL_ERRORS = Counter(
 )
 CONNECTIONS = Gauge("secumail_dkim_connections", "Open milter connections")
 SIGNING_DOMAINS = Gauge("secumail_dkim_signing_domains", "Domains with a usable active key")
+AWAITING_RECORD = Gauge(
+    "secumail_dkim_keys_awaiting_record",
+    "Rotated keys whose TXT record is not published yet (they sign once it is)")
+ROTATIONS = Counter("secumail_dkim_key_rotations", "Keys rotated: a successor signs now")
+
+
+@contextlib.contextmanager
+def rotation_lock(keys_dir: Path) -> Iterator[bool]:
+    """One replica rotates at a time (they share the keys volume): True when this one may."""
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    with open(keys_dir / ".rotation.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class DkimService:
@@ -44,8 +78,8 @@ class DkimService:
         self.spf = SpfChecker(
             secumail_dns.make_resolver(settings.dns_servers, settings.dns_timeout),
             settings.hostname, settings.dns_timeout * 3)
-        self.milter = DkimMilter(settings, self.keys, async_txt_lookup(resolver),
-                                 self._spf_result)
+        self.lookup = async_txt_lookup(resolver)
+        self.milter = DkimMilter(settings, self.keys, self.lookup, self._spf_result)
         self.milter.on_outcome = self._count
         # A drain serves Postfix's open sessions to their end: one it cut would get 451
         # for every message left in it (Postfix does not reconnect a milter mid-session).
@@ -53,14 +87,66 @@ class DkimService:
             "dkim", settings.dkim_listen, self.handle, settings.dkim_max_connections,
             keep_sessions=True,
         )
+        self._rotation: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.keys.refresh(force=True)
         await self.server.start()
+        if self.settings.dkim_rotate_days > 0:
+            self._rotation = asyncio.create_task(self._rotate_every())
 
     async def drain(self, timeout: float) -> None:
+        if self._rotation is not None:
+            self._rotation.cancel()
         await self.server.drain(timeout)
         self.spf.close()
+
+    async def _rotate_every(self) -> None:
+        while True:
+            try:
+                await self.rotate(time.time())
+            except Exception as error:  # a full disk, a broken key: said, tried again later
+                log_event(log, "dkim key rotation failed", logging.WARNING,
+                          error=f"{type(error).__name__}: {error}")
+            await asyncio.sleep(self.settings.dkim_rotate_check)
+
+    async def rotate(self, now: float) -> None:
+        """One look: make the successors that are due, activate those whose record is out."""
+        keys_dir = Path(self.settings.dkim_keys_dir)
+        with rotation_lock(keys_dir) as mine:
+            if not mine:
+                return
+            states = await asyncio.to_thread(dkim_rotation.key_states, keys_dir)
+            waiting = 0
+            for step in dkim_rotation.next_steps(states, now, self.settings.dkim_rotate_days):
+                if step.action == "keygen":
+                    taken = {k.selector for k in states if k.domain == step.domain}
+                    selector = dkim_rotation.new_selector(taken, now, step.key_type)
+                    key_type: KeyType = "ed25519" if step.key_type == "ed25519" else "rsa"
+                    made = await asyncio.to_thread(keygen, keys_dir, step.domain, selector,
+                                                   key_type, step.bits, False)
+                    waiting += 1
+                    log_event(log, "dkim key rotation: publish the successor's record",
+                              logging.WARNING, domain=step.domain, selector=selector,
+                              name=made.record_name, value=made.record_value)
+                    continue
+                name = record_name(step.domain, step.selector)
+                try:
+                    answer = await self.lookup(name)
+                except DnsTemporaryError:
+                    answer = None
+                if not dkim_rotation.record_published(answer, step.record_value):
+                    waiting += 1
+                    log_event(log, "dkim key rotation: awaiting the successor's record",
+                              domain=step.domain, selector=step.selector, name=name)
+                    continue
+                selectors = await asyncio.to_thread(activate, keys_dir, step.domain,
+                                                    step.selector)
+                ROTATIONS.inc()
+                log_event(log, "dkim key rotated: the successor signs", domain=step.domain,
+                          selector=step.selector, signing=",".join(selectors))
+            AWAITING_RECORD.set(waiting)
+        self.keys.refresh(force=True)
 
     async def _spf_result(self, client: str, sender: str, helo: str) -> str:
         return (await self.spf.check(client, sender, helo)).result

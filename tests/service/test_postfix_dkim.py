@@ -423,7 +423,7 @@ def test_a_list_sealed_with_arc_is_delivered_past_dmarc_reject_only_when_trusted
                                                        b"Subject: [list] invoice")
         posted += b"-- \r\nThe list\r\n"
 
-        def sealed(key: keys.PrivateKey) -> bytes:
+        def sealed(key: keys.PrivateKey, posted: bytes = posted) -> bytes:
             pem = key.private_bytes(serialization.Encoding.PEM,
                                     serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())

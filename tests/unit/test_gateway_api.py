@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -27,7 +28,7 @@ from gateway.app import create_app
 from gateway.health import chain_hops
 from gateway.quarantine import QuarantineAdmin
 from gateway.tracking import StoredEvent, TrackingStore
-from secumail import tracking
+from secumail import dkim_keys, tracking
 from secumail.backend import BackendError
 from secumail.greylist_store import GreylistStore, SqliteStore
 from secumail.netaddr import HostPort
@@ -904,6 +905,23 @@ def test_dkim_keys_are_generated_listed_and_activated(gw: Gateway) -> None:
                                 "active": [edwards["selector"], "s2"]}
     missing = gw.client.post("/admin/dkim/keys/secumail.test/s9/activate", headers=AUTH)
     assert missing.status_code == 404
+
+
+def test_dkim_keys_listing_says_what_rotation_made_of_each(make_gateway: Any) -> None:
+    gateway = make_gateway(dkim_rotate_days=90, dkim_retired_days=7)
+    keys_dir = Path(gateway.settings.dkim_keys_dir)
+    for selector, age in (("s0", 200), ("s1", 100), ("s2", 1)):
+        made = dkim_keys.keygen(keys_dir, "secumail.test", selector, "rsa", 1024,
+                                activate_now=selector == "s1")
+        then = time.time() - age * 86400
+        os.utime(made.key_path, (then, then))
+    listed = {k["selector"]: k for k in gateway.client.get("/admin/dkim/keys",
+                                                          headers=AUTH).json()}
+    assert {s: k["role"] for s, k in listed.items()} == {
+        "s0": "retired", "s1": "signing", "s2": "awaiting-record"}
+    activated = os.stat(keys_dir / "secumail.test" / "active").st_mtime
+    assert listed["s0"]["removable_after"] == pytest.approx(activated + 7 * 86400)
+    assert listed["s1"]["removable_after"] is None
 
 
 @pytest.mark.parametrize("body", [{"domain": "localhost"}, {"domain": "a..b"},
