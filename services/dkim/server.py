@@ -78,8 +78,13 @@ class DkimService:
         self.spf = SpfChecker(
             secumail_dns.make_resolver(settings.dns_servers, settings.dns_timeout),
             settings.hostname, settings.dns_timeout * 3)
-        self.lookup = async_txt_lookup(resolver)
-        self.milter = DkimMilter(settings, self.keys, self.lookup, self._spf_result)
+        self.milter = DkimMilter(settings, self.keys, async_txt_lookup(resolver),
+                                 self._spf_result)
+        # Key rotation asks for a record that was absent a minute ago: no cached "no such
+        # name" may hide it (the milter's resolver keeps answers, negative ones too).
+        uncached = secumail_dns.make_async_resolver(settings.dns_servers, settings.dns_timeout)
+        uncached.cache = None
+        self.lookup = async_txt_lookup(uncached)
         self.milter.on_outcome = self._count
         # A drain serves Postfix's open sessions to their end: one it cut would get 451
         # for every message left in it (Postfix does not reconnect a milter mid-session).

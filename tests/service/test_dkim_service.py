@@ -343,3 +343,48 @@ def test_idle_and_trickled_milter_connections_are_dropped(tmp_path: Path) -> Non
             assert closed
         assert world.daemon.logged("a request still unfinished after 1 s")
 
+
+
+def test_the_running_milter_rotates_its_key_once_the_successor_is_published(
+    tmp_path: Path, dns_server: LoopbackDNS
+) -> None:
+    """Issue 33: SECUMAIL_DKIM_ROTATE_DAYS in the real process, DNS from the tests' server:
+    a successor is made for the 100-day-old key, waits for its record, then signs."""
+    import os
+
+    from secumail import dkim_keys
+    from tests.support.processes import scrape
+
+    keys_dir = tmp_path / "keys"
+    keygen(keys_dir, "keygen", "secumail.test", "--selector", "old", "--bits", "1024")
+    then = time.time() - 100 * 86400
+    os.utime(keys_dir / "secumail.test" / "old.private", (then, then))
+    port = free_port()
+    env = dkim_env(port, keys_dir, dns_server.spec, dkim_rotate_days="90",
+                   dkim_rotate_check="0.3")
+    daemon = start_dkim(env)
+    try:
+        deadline = time.monotonic() + 30
+        while len(listed := dkim_keys.list_keys(keys_dir)) < 2:
+            assert time.monotonic() < deadline, daemon.output()
+            time.sleep(0.2)
+        [successor] = [k for k in listed if k.selector != "old"]
+        assert not successor.active and successor.key_type == "rsa"
+        assert daemon.logged("publish the successor's record")
+        time.sleep(1)  # a few looks: no record, no switch
+        assert dkim_keys.read_active(keys_dir / "secumail.test") == ["old"]
+        value = successor.record_value
+        dns_server.add(successor.record_name, "TXT",
+                       " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255)))
+        while dkim_keys.read_active(keys_dir / "secumail.test") != [successor.selector]:
+            assert time.monotonic() < deadline, daemon.output()
+            time.sleep(0.2)
+        metrics_port = int(env["SECUMAIL_METRICS_LISTEN"].rsplit(":", 1)[1])
+        deadline = time.monotonic() + 10
+        while "secumail_dkim_key_rotations_total 1.0" not in scrape(metrics_port):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert daemon.logged("dkim key rotated: the successor signs")
+        assert len(dkim_keys.list_keys(keys_dir)) == 2  # no third key
+    finally:
+        daemon.stop()
