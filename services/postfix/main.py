@@ -125,6 +125,9 @@ def prepare(settings: Settings) -> None:
     os.chown(MAILBOX_BASE, VMAIL_ID, VMAIL_ID)
     # An empty queue volume on first start: create Postfix's directories with their owners.
     subprocess.run(["postfix", "set-permissions", "create-missing"], check=False)
+    # Queue files restored from a backup (secumail-backup) carry their old inode numbers in
+    # their names: renamed to the new ones, as Postfix asks after moving a queue.
+    subprocess.run(["postsuper", "-s"], check=False)
     subprocess.run(["postfix", "check"], check=True)
     log_event(log, "configured postfix", domains=",".join(settings.domains),
               hostname=settings.hostname)
