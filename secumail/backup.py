@@ -22,6 +22,7 @@ A file that vanishes while it is read (a message delivered meanwhile) is left ou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -49,6 +50,9 @@ SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 MANIFEST = "manifest.json"
 # Redis runs with appendonly: at start it reads its AOF folder and ignores a dump.rdb, so the
 # dump is restored as the AOF's base file (Redis 7's multi-part AOF takes an RDB base).
+# Python's own checks on extraction where it has them (3.11.4 and later; the image's 3.11.2
+# has not: the restore checks names and types itself).
+HAS_FILTERS = hasattr(tarfile, "tar_filter")
 REDIS_DUMP = "dump.rdb"
 REDIS_AOF_BASE = "appendonlydir/appendonly.aof.1.base.rdb"
 REDIS_AOF_MANIFEST = "appendonlydir/appendonly.aof.manifest"
@@ -92,6 +96,16 @@ def files(root: Path) -> Iterator[Path]:
     for directory, _, names in os.walk(root):
         for name in sorted(names):
             yield Path(directory) / name
+
+
+def wanted_directory(volume: str, relative: Path) -> bool:
+    """Directories go with their owners and modes (Postfix's queue folders, Maildirs, a
+    volume's own root that its service's user must write in); Postfix remakes the rest."""
+    if volume == "queue" and relative.parts:
+        return relative.parts[0] in (*MESSAGE_QUEUES, *QUEUE_LOGS)
+    if volume == "redis" and relative.parts:
+        return False  # its AOF folder is remade from the dump
+    return True
 
 
 def is_sqlite(path: Path) -> bool:
@@ -160,6 +174,12 @@ def create(state: Path, out_dir: Path, redis_url: str = "") -> tuple[Path, Manif
             if not root.is_dir():
                 continue
             counts = manifest.volumes.setdefault(volume, {"files": 0, "bytes": 0})
+            for directory, _, _ in os.walk(root):
+                relative = Path(directory).relative_to(root)
+                if wanted_directory(volume, relative):
+                    name = f"volumes/{volume}" + (f"/{relative}" if relative.parts else "")
+                    with contextlib.suppress(FileNotFoundError):
+                        archive.add(directory, name, recursive=False)
             for path in files(root):
                 relative = path.relative_to(root)
                 try:
@@ -220,9 +240,9 @@ def restore(archive_path: Path, state: Path, force: bool = False) -> dict[str, i
     with tarfile.open(archive_path, "r:gz") as archive:
         for member in archive:
             parts = Path(member.name).parts
-            if len(parts) < 3 or parts[0] != "volumes" or parts[1] not in VOLUMES:
+            if len(parts) < 2 or parts[0] != "volumes" or parts[1] not in VOLUMES:
                 continue
-            relative = Path(*parts[2:])
+            relative = Path(*parts[2:]) if len(parts) > 2 else Path()
             if parts[1] == "redis" and relative == Path(REDIS_DUMP):
                 relative = Path(REDIS_AOF_BASE)
                 aof_manifest = state / "redis" / REDIS_AOF_MANIFEST
@@ -230,9 +250,16 @@ def restore(archive_path: Path, state: Path, force: bool = False) -> dict[str, i
                 aof_manifest.write_text("file appendonly.aof.1.base.rdb seq 1 type b\n")
                 for path in (aof_manifest.parent, aof_manifest):
                     os.chown(path, member.uid, member.gid)
+            if not (member.isfile() or member.isdir()) or ".." in parts:
+                continue  # a backup holds files and folders, nothing that points elsewhere
             member.name = str(Path(parts[1], relative))
-            archive.extract(member, state, numeric_owner=True, filter="tar")
-            restored[parts[1]] = restored.get(parts[1], 0) + 1
+            member.mode &= 0o1777  # never a setuid or setgid file
+            if HAS_FILTERS:
+                archive.extract(member, state, numeric_owner=True, filter="tar")
+            else:
+                archive.extract(member, state, numeric_owner=True)
+            if member.isfile():
+                restored[parts[1]] = restored.get(parts[1], 0) + 1
     return restored
 
 

@@ -63,7 +63,8 @@ def test_a_running_stacks_state_is_taken_consistently(tmp_path: Path) -> None:
     db.close()
     assert archive_path.name.startswith("secumail-") and archive_path.suffixes == [".tar", ".gz"]
     with tarfile.open(archive_path) as archive:
-        names = set(archive.getnames())
+        names = {m.name for m in archive.getmembers() if m.isfile()}
+        folders = {m.name for m in archive.getmembers() if m.isdir()}
         copy = tmp_path / "copy.sqlite"
         member = archive.extractfile("volumes/greylist/greylist.sqlite")
         assert member is not None
@@ -74,6 +75,11 @@ def test_a_running_stacks_state_is_taken_consistently(tmp_path: Path) -> None:
         "volumes/queue/deferred/A/A1B2C3", "volumes/queue/defer/A/A1B2C3",
         "volumes/dkim-keys/example.org/s1.private", "volumes/greylist/greylist.sqlite",
         "volumes/redis/dump.rdb"}
+    # Folders with their owners and modes (Maildir's tmp too, empty); not Postfix's sockets
+    # and pid files, nor Redis's AOF (remade from the dump).
+    assert "volumes/mail/example.org/alice/tmp" in folders and "volumes/redis" in folders
+    assert "volumes/queue/deferred/A" in folders and "volumes/queue" in folders
+    assert not {"volumes/queue/pid", "volumes/redis/appendonlydir"} & folders
     # The WAL's rows are in the copy: the backup API, not the file as it lay on disk.
     assert sqlite3.connect(copy).execute("SELECT COUNT(*) FROM triplets").fetchone() == (500,)
     assert key_mode == 0o600
