@@ -36,6 +36,7 @@ from gateway.routers import (
     health,
     learning,
     metrics,
+    mta_sts,
     outbound,
     quarantine,
     tracking,
@@ -147,9 +148,13 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.gateway = gateway
-    app.add_middleware(HostCheck, names=[*settings.gateway_hosts, settings.hostname])
+    # The MTA-STS policy is fetched as https://mta-sts.<domain>/ (through the admin's proxy).
+    sts_names = [f"mta-sts.{d}" for d in settings.domains] if settings.mta_sts_mode else []
+    app.add_middleware(HostCheck, names=[*settings.gateway_hosts, settings.hostname,
+                                         *sts_names])
 
     app.include_router(health.liveness)
+    app.include_router(mta_sts.policy)
     # Health and metrics: open, or guarded by the metrics token when one is set.
     guarded: dict[str, Any] = {}
     if settings.metrics_token.get_secret_value():
@@ -163,7 +168,7 @@ def create_app(
         guard = token_guard(settings.admin_token, "AdminToken", "SECUMAIL_ADMIN_TOKEN",
                             gateway.wrong_tokens)
         for router in (health.run, greylist.router, quarantine.router, dkim.router,
-                       tracking.router, learning.router, outbound.router):
+                       tracking.router, learning.router, outbound.router, mta_sts.router):
             app.include_router(router, dependencies=[Depends(guard)], responses=UNAUTHORIZED)
         app.include_router(console.router)  # its own sign-in (a cookie), the same token
     else:

@@ -110,6 +110,19 @@ class WhitelistRequest(BaseModel):
     )
 
 
+class DnsRecord(BaseModel):
+    name: str
+    type: str
+    value: str
+    why: str
+
+
+class MtaStsReport(BaseModel):
+    mode: str = Field(description="SECUMAIL_MTA_STS_MODE (empty: no policy served)")
+    policy: str = Field(description="The policy file as served")
+    records: list[DnsRecord] = Field(description="What to publish, for each of our domains")
+
+
 class WhitelistItem(BaseModel):
     kind: Literal["client", "recipient"]
     value: str

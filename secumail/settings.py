@@ -275,6 +275,12 @@ class Settings(BaseSettings):
     tracking_interval: float = Field(2.0, gt=0)
     tracking_search_seconds: float = Field(1.5, gt=0, le=60)
     tracking_search_events: int = Field(20_000, ge=1000)
+    # Our own MTA-STS policy (secumail/mta_sts.py), served at /.well-known/mta-sts.txt:
+    # enforce, testing or none; empty: not served. mx: the names senders may deliver to
+    # (empty: SECUMAIL_HOSTNAME); max_age in seconds.
+    mta_sts_mode: Literal["", "enforce", "testing", "none"] = ""
+    mta_sts_mx: CommaList = []
+    mta_sts_max_age: int = Field(604800, ge=86400, le=31_557_600)
     # The operator's console (/console): its sign-in cookie is Secure (sent over HTTPS only,
     # and over plain HTTP to localhost, which browsers count as secure).
     console_secure_cookie: bool = True
@@ -283,7 +289,7 @@ class Settings(BaseSettings):
         "greylist_whitelist_clients", "greylist_whitelist_recipients", "dnsbl_zones",
         "greylist_dnswl_zones", "greylist_known_senders", "attachment_block", "attachment_allow",
         "domains", "rbl_zones", "mailboxes", "clamav_allowed_clients", "spamd_allowed_clients",
-        "tracking_readers", "own_domain_allowed_senders", "arc_trusted_sealers",
+        "tracking_readers", "own_domain_allowed_senders", "arc_trusted_sealers", "mta_sts_mx",
         "gateway_hosts", mode="before",
     )
     @classmethod
@@ -357,6 +363,15 @@ class Settings(BaseSettings):
     def _signals(cls, text: str) -> str:
         parse_signal_weights(text)
         return text
+
+    @field_validator("mta_sts_mx")
+    @classmethod
+    def _mx_names(cls, items: list[str]) -> list[str]:
+        names = [item.lower().rstrip(".") for item in items]
+        for name in names:
+            if not _DOMAIN.match(name.removeprefix("*.")):
+                raise ValueError(f"not a host name or *.domain: {name!r}")
+        return names
 
     @field_validator("arc_trusted_sealers")
     @classmethod
@@ -487,6 +502,11 @@ class Settings(BaseSettings):
     @property
     def outbound(self) -> list[Limit]:
         return parse_limits(self.outbound_limits)
+
+    @property
+    def mta_sts_hosts(self) -> list[str]:
+        """The MX names the policy lists (`*.example.org` allowed, RFC 8461 4.1)."""
+        return self.mta_sts_mx or [self.hostname]
 
     @property
     def admin_mailbox(self) -> str:

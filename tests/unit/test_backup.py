@@ -110,7 +110,7 @@ def test_what_is_no_backup_is_refused(tmp_path: Path) -> None:
     other = tmp_path / "other.tar.gz"
     with tarfile.open(other, "w:gz") as archive:
         archive.add(__file__, "volumes/mail/x")
-    with pytest.raises(ValueError, match="no manifest.json: not a SecuMail backup"):
+    with pytest.raises(ValueError, match=r"no manifest\.json: not a SecuMail backup"):
         backup.restore(other, tmp_path / "fresh")
 
 

@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -498,6 +499,7 @@ ADMIN_ROUTES = [
     ("POST", "/admin/dkim/keys/secumail.test/s1/activate", None),
     ("GET", "/admin/tracking", None),
     ("GET", "/admin/outbound/held", None),
+    ("GET", "/admin/mta-sts", None),
     ("DELETE", "/admin/outbound/held/sender:spam@secumail.test", None),
 ]
 
@@ -563,6 +565,42 @@ def test_without_an_admin_token_there_is_no_admin_api(make_gateway: Any) -> None
     paths = gateway.client.app.openapi()["paths"]
     assert not [p for p in paths if p.startswith("/admin")]
     assert gateway.client.get("/readyz").status_code == 200
+
+
+# --- MTA-STS -----------------------------------------------------------------------------
+
+
+def test_our_mta_sts_policy_is_served_to_anyone_and_its_records_told_to_the_admin(
+    make_gateway: Any,
+) -> None:
+    off = make_gateway()
+    assert off.client.get("/.well-known/mta-sts.txt").status_code == 404
+    assert off.client.get("/admin/mta-sts", headers=AUTH).json() == {
+        "mode": "", "policy": "", "records": []}
+    gateway = make_gateway(mta_sts_mode="enforce", mta_sts_mx=["mx.secumail.test",
+                                                               "*.backup.secumail.test"])
+    served = gateway.client.get("/.well-known/mta-sts.txt",
+                                headers={"Host": "mta-sts.secumail.test"})
+    assert served.status_code == 200 and served.headers["content-type"].startswith("text/plain")
+    assert served.text == ("version: STSv1\r\nmode: enforce\r\nmx: mx.secumail.test\r\n"
+                           "mx: *.backup.secumail.test\r\nmax_age: 604800\r\n")
+    # Only the policy's own host name is added; others are still refused (DNS rebinding).
+    assert gateway.client.client.get("/healthz", headers={"Host": "evil.test"}).status_code == 400
+    report = gateway.client.get("/admin/mta-sts", headers=AUTH).json()
+    assert report["policy"] == served.text
+    [announce, host, tls] = report["records"]
+    assert announce["name"] == "_mta-sts.secumail.test" and announce["type"] == "TXT"
+    assert re.fullmatch(r"v=STSv1; id=[0-9a-f]{20}", announce["value"])
+    assert (host["name"], host["type"], host["value"]) == (
+        "mta-sts.secumail.test", "CNAME", "mx.secumail.test.")
+    assert tls == {"name": "_smtp._tls.secumail.test", "type": "TXT",
+                   "value": "v=TLSRPTv1; rua=mailto:postmaster@secumail.test",
+                   "why": tls["why"]}
+    testing = make_gateway(mta_sts_mode="testing").client.get(
+        "/admin/mta-sts", headers=AUTH).json()
+    assert testing["records"][0]["value"] != announce["value"]  # another policy, another id
+    with pytest.raises(ValueError, match="not a host name"):
+        Settings(mta_sts_mx=["mx..bad"])
 
 
 # --- outbound -----------------------------------------------------------------------------
@@ -949,13 +987,14 @@ def test_openapi_documents_every_route_with_its_errors(gw: Gateway) -> None:
                                      "description": "SECUMAIL_ADMIN_TOKEN"}
     operations = [(path, method, op) for path, item in document["paths"].items()
                   for method, op in item.items()]
-    assert len(operations) == 24
+    assert len(operations) == 26
     for path, method, operation in operations:
         admin = path.startswith("/admin") or (path, method) == ("/probe", "post")
         assert ("401" in operation["responses"]) == admin, (path, method)
         assert (operation.get("security") == [{"AdminToken": []}]) == admin, (path, method)
         for code, response in operation["responses"].items():
-            if code not in ("204",) and path != "/metrics" and not path.endswith("/message"):
+            plain = ("/metrics", "/.well-known/mta-sts.txt")  # text by design
+            if code not in ("204",) and path not in plain and not path.endswith("/message"):
                 assert "application/json" in response["content"], (path, method, code)
         assert operation.get("summary"), (path, method)
     assert "404" in document["paths"]["/admin/quarantine/{ident}"]["delete"]["responses"]
