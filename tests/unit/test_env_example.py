@@ -3,8 +3,11 @@ compose.yaml reads, in the section of the file it belongs in."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+
+import pytest
 
 from secumail.settings import COMPOSE_VARIABLES, ENV_PREFIX, Settings, misplaced_in_env_file
 
@@ -13,7 +16,7 @@ ENV_EXAMPLE = ROOT / ".env.example"
 SECTION_2 = "# === 2. In secumail.env"
 # Read by compose itself, not by a SecuMail setting.
 COMPOSE_ONLY = {"COMPOSE_PROFILES"}
-COMPOSE_FILES = ("compose.yaml", "compose.ipv6.yaml")
+COMPOSE_FILES = ("compose.yaml", "compose.ipv6.yaml", "compose.offline.yaml")
 
 
 def documented(text: str) -> dict[str, str]:
@@ -77,3 +80,36 @@ def test_a_compose_variable_in_secumail_env_is_found() -> None:
            "SECUMAIL_FILTER_SUBNET=10.9.0.0/24\nSECUMAIL_CLAMAV_REPLICAS=3\n"
     assert misplaced_in_env_file(text) == ["SECUMAIL_CLAMAV_REPLICAS", "SECUMAIL_FILTER_SUBNET"]
     assert misplaced_in_env_file((ROOT / "secumail.env").read_text()) == []
+
+
+def test_the_isolated_host_file_mounts_the_signature_folder_and_turns_updates_off(
+    tmp_path: Path,
+) -> None:
+    """compose.offline.yaml as compose reads it over compose.yaml (README, "An isolated
+    host"): clamd on the admin's signature folder, read-only, with no freshclam; no
+    sa-update; everything else as compose.yaml has it."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    docker = shutil.which("docker")
+    if docker is None or subprocess.run([docker, "compose", "version"],
+                                        capture_output=True).returncode != 0:
+        pytest.skip("no docker compose here (bash scripts/install-docker.sh provides it)")
+    (tmp_path / "signatures").mkdir()
+    env = {**os.environ, "SECUMAIL_CLAMAV_SIGNATURES": str(tmp_path / "signatures")}
+    env.pop("COMPOSE_FILE", None)
+    done = subprocess.run(
+        [docker, "compose", "-f", str(ROOT / "compose.yaml"), "-f",
+         str(ROOT / "compose.offline.yaml"), "config"],
+        capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    config = yaml.safe_load(done.stdout)
+    clamd = config["services"]["clamd"]
+    assert clamd["environment"]["FRESHCLAM"] == "no"
+    [signatures] = [v for v in clamd["volumes"] if v["target"] == "/var/lib/clamav"]
+    assert signatures["type"] == "bind" and signatures["read_only"]
+    assert signatures["source"] == str(tmp_path / "signatures")
+    assert config["services"]["spamassassin"]["environment"]["SECUMAIL_SA_UPDATE"] == "no"
+    assert "postfix" in config["services"]  # the rest as compose.yaml has it
