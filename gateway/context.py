@@ -9,7 +9,7 @@ import logging
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import httpx2
 from fastapi import Depends, HTTPException, Request
@@ -29,6 +29,7 @@ from secumail.settings import Settings
 from secumail.tracking import Event
 
 log = logging.getLogger("secumail.gateway")
+T = TypeVar("T")
 
 
 @dataclass
@@ -89,23 +90,24 @@ def get_gateway(request: Request) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
-async def get_store(gateway: GatewayDep) -> GreylistStore:
+def _opened(open_it: Callable[[], T]) -> T:
+    """The greylist store (or what lives beside it), or 503 when it cannot be opened."""
     try:
-        return gateway.store()
+        return open_it()
     except Exception as error:
         log_event(log, "greylist store unavailable", logging.ERROR, error=repr(error))
         raise HTTPException(503, "the greylist store cannot be opened") from None
+
+
+async def get_store(gateway: GatewayDep) -> GreylistStore:
+    return _opened(gateway.store)
 
 
 StoreDep = Annotated[GreylistStore, Depends(get_store)]
 
 
 async def get_outbound(gateway: GatewayDep) -> OutboundStore:
-    try:
-        return gateway.outbound()
-    except Exception as error:
-        log_event(log, "greylist store unavailable", logging.ERROR, error=repr(error))
-        raise HTTPException(503, "the greylist store cannot be opened") from None
+    return _opened(gateway.outbound)
 
 
 OutboundDep = Annotated[OutboundStore, Depends(get_outbound)]
