@@ -40,6 +40,7 @@ from secumail.protocols.smtp import (
     DotDecoder,
     NextHop,
     SmtpClient,
+    SmtpReply,
     SmtpUnavailable,
     parameter_problem,
 )
@@ -60,6 +61,10 @@ BACKEND_ERRORS = Counter(
 )
 NEXT_HOP_ERRORS = Counter(
     "secumail_filter_next_hop_errors", "Next hop unreachable or broken off", ["filter"]
+)
+RETRIED_ON_NEW_CONNECTION = Counter(
+    "secumail_filter_retried_on_new_connection",
+    "Messages a kept next-hop connection answered 4xx, then taken on a new one", ["filter"]
 )
 UNACKNOWLEDGED = Counter(
     "secumail_filter_unacknowledged",
@@ -138,6 +143,10 @@ class _Transaction:
     downstream: SmtpClient | None = None
     reused: bool = False  # the downstream served a transaction before: it may be closed now
     xforward: dict[str, str] = field(default_factory=dict)
+    # MAIL and each RCPT the next hop accepted, with their options: the transaction again,
+    # on a new connection, when a kept one refuses the message (_on_a_new_connection).
+    mail: tuple[str, list[str]] | None = None
+    recipients: list[tuple[str, list[str]]] = field(default_factory=list)
     # The message being handed to the next hop, while it is, and the one we last said 250
     # for until the client sends anything more: what is recorded (lost-acks) if the client
     # leaves meanwhile.
@@ -446,6 +455,7 @@ class RelayHandler(_HooksListedOnce):
         if reply.ok:
             envelope.mail_from = address
             envelope.mail_options.extend(options)
+            transaction.mail, transaction.recipients = (sender, list(options)), []
         return str(reply)
 
     async def handle_RCPT(
@@ -462,6 +472,7 @@ class RelayHandler(_HooksListedOnce):
         if reply.ok:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(options)
+            server.transaction.recipients.append((address, list(options)))
         return str(reply)
 
     async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
@@ -509,6 +520,7 @@ class RelayHandler(_HooksListedOnce):
 
     async def handle_RSET(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
         server.transaction.xforward.clear()
+        server.transaction.mail, server.transaction.recipients = None, []
         downstream = server.transaction.downstream
         if downstream is not None and downstream.connected:
             try:
@@ -570,6 +582,40 @@ class RelayHandler(_HooksListedOnce):
             return TEMPFAIL_NEXT_HOP if reply.code >= 500 else str(reply)
         transaction.downstream = client
         return client
+
+    async def _on_a_new_connection(
+        self, transaction: _Transaction, xforward: dict[str, str],
+        pieces: list[bytes | memoryview], refused: SmtpReply,
+    ) -> SmtpReply | None:
+        """A kept connection answered a whole message 4xx: its session at the next hop may
+        hold something that died since it opened (Postfix's 10027 smtpd keeps its milter
+        connection; a restarted milter leaves it answering 451 until it ends). The same
+        transaction once more, on a connection of its own: all of MAIL and RCPT taken, or
+        the first answer stands (None). A 4xx means the message was not taken: no copy."""
+        if transaction.mail is None or self.draining:
+            return None
+        sender, options = transaction.mail
+        fresh = SmtpClient(self.timeout)
+        try:
+            taken = (await fresh.connect(self.next_hop, self.hostname)).code == 250
+            taken = taken and (await fresh.mail(sender, options, xforward)).ok
+            for address, rcpt_options in transaction.recipients if taken else []:
+                taken = taken and (await fresh.rcpt(address, rcpt_options)).ok
+            if not taken:
+                await fresh.quit()
+                return None
+            reply = await fresh.data(pieces)
+        except SmtpUnavailable:
+            await fresh.close()
+            return None
+        old, transaction.downstream, transaction.reused = transaction.downstream, fresh, False
+        if old is not None:
+            self._quit(old)  # its session is suspect: never kept again
+        RETRIED_ON_NEW_CONNECTION.labels(self.name).inc()
+        log_event(log, "kept next-hop connection refused a message: a new one answered",
+                  logging.WARNING, filter=self.name, refused=str(refused)[:120],
+                  reply=str(reply)[:120])
+        return reply
 
     def settle(self, client: SmtpClient, message: Answered) -> None:
         """The next hop's late answer to a message whose client left: a 250 means delivered
@@ -658,6 +704,10 @@ class RelayHandler(_HooksListedOnce):
                 reply = await downstream.data(pieces)
             except SmtpUnavailable as error:
                 return self._next_hop_failed(error)
+            if reply.code // 100 == 4 and transaction.reused:
+                again = await self._on_a_new_connection(transaction, info.client, pieces, reply)
+                if again is not None:
+                    return str(again)
             return str(reply)
         # Not delivering: the next hop holds an open transaction for this message; cancel it.
         if downstream is not None and downstream.connected:

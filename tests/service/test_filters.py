@@ -6,6 +6,7 @@ from __future__ import annotations
 import smtplib
 import socket
 import time
+from email import message_from_bytes
 
 import pytest
 
@@ -582,3 +583,41 @@ def test_a_virus_is_named_a_virus_even_with_a_banned_name(
     with pytest.raises(smtplib.SMTPDataError) as refused:
         chain().send(mail.with_attachment("clam.exe"))
     assert b"virus found (ClamAV-Test-File" in refused.value.smtp_error
+
+
+def test_a_kept_connection_that_refuses_a_message_is_replaced_not_blamed(
+    chain: StartChain,
+) -> None:
+    """Issue 32, item 3: the next hop's session on a kept connection answers every message
+    451 (Postfix's 10027 smtpd whose milter connection died with a restarted milter). The
+    filter takes the same transaction to a new connection: the client hears 250, the next
+    hop has each message once."""
+    from aiosmtpd.controller import Controller
+
+    class StaleSessions:
+        def __init__(self) -> None:
+            self.subjects: list[str] = []
+            self.refused = 0
+
+        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+            count = getattr(session, "messages", 0)
+            session.messages = count + 1  # type: ignore[attr-defined]
+            if count:  # this connection carried a message before: its session is stale
+                self.refused += 1
+                return "451 4.7.1 Service unavailable - try again later"
+            content = envelope.content  # type: ignore[attr-defined]
+            self.subjects.append(message_from_bytes(content)["Subject"])
+            return "250 2.0.0 Ok: queued as 4B2C"
+
+    hop = StaleSessions()
+    controller = Controller(hop, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        filters = chain(spamd_next_hop=f"127.0.0.1:{controller.port}")
+        for n in range(3):
+            assert filters.send(mail.plain(subject=f"message {n}")) == {}
+        assert hop.subjects == ["message 0", "message 1", "message 2"]
+        assert hop.refused == 2  # the kept connection refused each later one once
+        assert filters.spamd.logged("kept next-hop connection refused a message")
+    finally:
+        controller.stop()
