@@ -54,6 +54,8 @@ _LENGTH = re.compile(rb"[0-9]{1,76}\Z")
 _LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\Z")  # "_" as DNS allows it
 
 PublicKey = rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+# Fields a reader sees one of: a message with two, whose signature covers fewer, is no pass.
+SHOWN_ONCE: Final = ((b"subject", "Subject"), (b"to", "To"), (b"date", "Date"))
 
 
 class SignatureSyntaxError(Exception):
@@ -383,6 +385,14 @@ def check(
     )
     if not verifies(record.key, signature.signature, data):
         return SignatureCheck("fail", "signature did not verify")
+    for name, label in SHOWN_ONCE:
+        present = sum(1 for n, _ in headers if n.rstrip(b" \t").lower() == name)
+        covered = signature.signed_headers.count(name)
+        if present > 1 and covered < present:
+            # A second one added beside the signed one (RFC 6376 8.15): a mail client may
+            # well show the unsigned one. Verified, but no pass for it.
+            return SignatureCheck("policy", f"{present} {label} fields, the signature covers "
+                                            f"{covered}")
     if signature.length is not None and body_length is not None:
         if body_length < signature.length:
             return SignatureCheck("permerror", "l= is longer than the body")

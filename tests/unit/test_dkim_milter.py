@@ -511,3 +511,35 @@ def test_forged_results_next_to_unicode_blanks_are_removed(harness: Harness) -> 
     assert delivered.count(b"Authentication-Results:") == 2
     assert "Authentication-Results: other.example\u00a0; dkim=pass".encode() in delivered
     assert b"bank.example" not in delivered
+
+
+def test_a_second_subject_beside_a_signed_one_is_no_pass(harness: Harness) -> None:
+    """Issue 33: a signer that signs Subject once (dkimpy's default), and a second Subject
+    added above it after signing: the signature still verifies over the one it covers, but a
+    mail client may show the other. dkim=policy, so no DMARC pass rests on it."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    pem = key.private_bytes(serialization.Encoding.PEM,
+                            serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())
+    der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    harness.dns.records["d1._domainkey.example.org"] = [
+        f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"]
+    harness.dns.records["_dmarc.example.org"] = ["v=DMARC1; p=reject"]
+    signed = dkim.sign(MESSAGE, b"d1", b"example.org", pem,
+                       include_headers=[b"from", b"to", b"subject", b"date"]) + MESSAGE
+    replies, _ = harness.send(signed)
+    assert "dkim=pass" in authentication_results(replies)
+    for added in (b"Subject: your account is closed\r\n", b"To: everyone@example.net\r\n",
+                  b"Date: Mon, 1 Jan 2035 00:00:00 +0000\r\n"):
+        replies, _ = harness.send(added + signed)
+        value = authentication_results(replies)
+        name = added.split(b":")[0].decode()
+        assert f'dkim=policy (1024-bit rsa key) reason="2 {name} fields, the signature covers 1"' \
+            in value, value
+        assert "dmarc=fail" in value
