@@ -23,6 +23,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 from secumail.dkim_keys import (
     ACTIVE_FILE,
     KEY_SUFFIX,
+    KeyListing,
     check_selector,
     list_keys,
 )
@@ -42,9 +43,11 @@ class KeyState:
     bits: int = 2048
 
 
-def key_states(keys_dir: Path) -> list[KeyState]:
+def key_states(keys_dir: Path, listed: list[KeyListing] | None = None) -> list[KeyState]:
+    """The usable keys with their ages; `listed`: `list_keys` already read (it loads every
+    private key: once is enough)."""
     states = []
-    for item in list_keys(keys_dir):
+    for item in list_keys(keys_dir) if listed is None else listed:
         if item.error:
             continue
         path = keys_dir / item.domain / f"{item.selector}{KEY_SUFFIX}"

@@ -24,7 +24,7 @@ async def list_dkim(gateway: GatewayDep) -> list[DkimKey]:
     settings = gateway.settings
     keys_dir = Path(settings.dkim_keys_dir)
     listed = await asyncio.to_thread(dkim_keys.list_keys, keys_dir)
-    states = await asyncio.to_thread(dkim_rotation.key_states, keys_dir)
+    states = await asyncio.to_thread(dkim_rotation.key_states, keys_dir, listed)
     roles = dkim_rotation.roles(states, settings.dkim_rotate_days)
     found = []
     for k in listed:
