@@ -16,11 +16,9 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from dkim.util import InvalidTagValueList, parse_tag_value
-
 from secumail.dkim_keys import record_name
 from services.dkim import signature
-from services.dkim.canonical import canonical_header
+from services.dkim.canonical import canonical_header, field_name
 
 RESULTS: Final = b"arc-authentication-results"
 MESSAGE_SIGNATURE: Final = b"arc-message-signature"
@@ -77,15 +75,13 @@ class Chain:
         return _AAR_INSTANCE.sub(b"", value, count=1).decode("utf-8", "replace")
 
 
-def _name(name: bytes) -> bytes:
-    return name.rstrip(b" \t").lower()
 
 
 def _tags(value: bytes) -> dict[bytes, bytes]:
     try:
-        return parse_tag_value(value.replace(b"\r\n", b""))  # type: ignore[no-any-return]
-    except InvalidTagValueList as error:
-        raise ChainError(f"malformed tag list ({error})") from None
+        return signature._tags(value)
+    except signature.SignatureSyntaxError as error:
+        raise ChainError(str(error)) from None
 
 
 def _instance(kind: bytes, name: bytes, value: bytes) -> int:
@@ -131,7 +127,7 @@ def collect(headers: list[Header]) -> Chain | None:
     found: dict[int, dict[bytes, Header]] = {}
     count = 0
     for name, value in headers:
-        kind = _name(name)
+        kind = field_name(name)
         if kind not in NAMES:
             continue
         count += 1
@@ -177,7 +173,7 @@ def seal_hash_input(chain: Chain, instance: int) -> bytes:
     parts = []
     for number, fields in enumerate(chain.sets[:instance], start=1):
         for name, value in fields:
-            if number == instance and _name(name) == SEAL:
+            if number == instance and field_name(name) == SEAL:
                 value = signature.strip_b_value(value)
                 parts.append(canonical_header(name, value, relaxed=True)[:-2])
             else:

@@ -91,6 +91,12 @@ def _compress(text: bytes) -> bytes:
     return text
 
 
+def field_name(name: bytes) -> bytes:
+    """A header name as compared: any case, and without the white space Postfix allows
+    before the colon ("Authentication-Results :" is that header too)."""
+    return name.rstrip(b" \t").lower()
+
+
 def header_value_crlf(value: bytes) -> bytes:
     """Postfix folds header values with bare \\n; DKIM hashes the CRLF form of the message."""
     if b"\n" not in value:

@@ -37,7 +37,7 @@ from secumail.netaddr import IPAddress, parse_ip
 from secumail.protocols import milter as mc
 from secumail.settings import Settings
 from services.dkim import arc, auth_results, dmarc, own_domain, signature
-from services.dkim.canonical import RELAXED, BodyHasher, header_value_crlf
+from services.dkim.canonical import RELAXED, BodyHasher, field_name, header_value_crlf
 
 log = logging.getLogger("secumail.dkim")
 
@@ -199,7 +199,7 @@ class MilterSession:
         self.headers.append((command.name, header_value_crlf(value)))
 
     def _header_values(self, name: bytes) -> list[bytes]:
-        return [v for n, v in self.headers if _name(n) == name]
+        return [v for n, v in self.headers if field_name(n) == name]
 
     def _origin(self) -> ForwardedClient:
         """The client that sent this message. In before-queue mode the milter sits behind the
@@ -247,7 +247,7 @@ class MilterSession:
     def _decide_verifying(self) -> None:
         self.mode = "verify"
         for name, value in self.headers:
-            if _name(name) != b"dkim-signature":
+            if field_name(name) != b"dkim-signature":
                 continue
             if len(self.parsed) >= MAX_SIGNATURES:
                 log_event(log, "signatures over the limit not verified", logging.WARNING,
@@ -459,19 +459,10 @@ class MilterSession:
         report = auth_results.DkimReport(
             "permerror", "", parsed.domain, parsed.identity, parsed.selector,
             parsed.algorithm, parsed.b_prefix)
-        if isinstance(answer, DnsTemporaryError):
-            return dataclasses.replace(report, result="temperror", reason=f"key lookup: {answer}")
-        if isinstance(answer, BaseException):
-            raise answer
-        if not answer:
-            return dataclasses.replace(report, reason="no key for signature")
-        texts = [t for t in answer if isinstance(t, str)] if isinstance(answer, list) else []
-        if not texts:
-            return dataclasses.replace(report, reason="no key for signature")
-        try:
-            record = signature.parse_key_record(texts[0].encode("latin-1"))
-        except signature.KeyRecordError as error:
-            return dataclasses.replace(report, reason=str(error))
+        record = key_record(answer)
+        if isinstance(record, tuple):
+            result, reason = record
+            return dataclasses.replace(report, result=result, reason=reason)
         body_hash, body_length = hashes[parsed.body_hasher_key]
         verdict = signature.check(parsed, record, self.headers, body_hash, body_length)
         return dataclasses.replace(report, result=verdict.result, reason=verdict.reason,
@@ -487,18 +478,8 @@ class MilterSession:
             return None
         records: dict[str, arc.KeyAnswer] = {}
         for name in self.arc_chain.key_names:
-            answer = keys[name]
-            if isinstance(answer, DnsTemporaryError):
-                records[name] = f"key lookup: {answer}"
-            elif isinstance(answer, BaseException):
-                raise answer
-            elif not isinstance(answer, list) or not answer:
-                records[name] = "no key"
-            else:
-                try:
-                    records[name] = signature.parse_key_record(str(answer[0]).encode("latin-1"))
-                except signature.KeyRecordError as error:
-                    records[name] = str(error)
+            record = key_record(keys[name])
+            records[name] = record[1] if isinstance(record, tuple) else record
         return arc.validate(self.arc_chain, records, self.headers, hashes)
 
     def _arc_report(self, result: arc.ArcResult | None) -> auth_results.ArcReport | None:
@@ -550,7 +531,7 @@ class MilterSession:
         positions = []
         position = 0
         for name, value in self.headers:
-            if _name(name) == b"authentication-results":
+            if field_name(name) == b"authentication-results":
                 position += 1
                 if auth_results.claims_to_be(_text(value), self.milter.authserv_id):
                     positions.append(position)
@@ -585,11 +566,23 @@ class MilterSession:
             self.milter.on_outcome(outcome)
 
 
+def key_record(answer: object) -> signature.KeyRecord | tuple[str, str]:
+    """A key lookup's answer as the key, or (result, reason) when there is none: temperror
+    for DNS trouble, permerror for no record or an unusable one."""
+    if isinstance(answer, DnsTemporaryError):
+        return "temperror", f"key lookup: {answer}"
+    if isinstance(answer, BaseException):
+        raise answer
+    texts = [t for t in answer if isinstance(t, str)] if isinstance(answer, list) else []
+    if not texts:
+        return "permerror", "no key for signature"
+    try:
+        return signature.parse_key_record(texts[0].encode("latin-1"))
+    except signature.KeyRecordError as error:
+        return "permerror", str(error)
+
+
 def _text(value: bytes) -> str:
     return value.decode("utf-8", "replace")
 
 
-def _name(name: bytes) -> bytes:
-    """A header name as compared: any case, and without the white space Postfix allows
-    before the colon ("Authentication-Results :" is that header too)."""
-    return name.rstrip(b" \t").lower()

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from secumail.dkim_keys import SigningKey, record_name
-from services.dkim.canonical import CANONICALIZATIONS, RELAXED, header_hash_input
+from services.dkim.canonical import CANONICALIZATIONS, RELAXED, field_name, header_hash_input
 
 SIGNATURE_HEADER: Final = b"DKIM-Signature"
 MIN_RSA_BITS: Final = 1024
@@ -386,7 +386,7 @@ def check(
     if not verifies(record.key, signature.signature, data):
         return SignatureCheck("fail", "signature did not verify")
     for name, label in SHOWN_ONCE:
-        present = sum(1 for n, _ in headers if n.rstrip(b" \t").lower() == name)
+        present = sum(1 for n, _ in headers if field_name(n) == name)
         covered = signature.signed_headers.count(name)
         if present > 1 and covered < present:
             # A second one added beside the signed one (RFC 6376 8.15): a mail client may
