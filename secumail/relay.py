@@ -572,15 +572,23 @@ class RelayHandler(_HooksListedOnce):
         if client is not None:
             transaction.downstream = client
             return client
+        connected = await self._connect()
+        if isinstance(connected, SmtpReply):
+            log_event(log, "next hop refused the session", logging.WARNING, filter=self.name,
+                      reply=str(connected)[:200])
+            # A 5xx greeting must not bounce mail that a healthy replica would take.
+            return TEMPFAIL_NEXT_HOP if connected.code >= 500 else str(connected)
+        transaction.downstream = connected
+        return connected
+
+    async def _connect(self) -> SmtpClient | SmtpReply:
+        """A new next-hop connection past its greeting and EHLO, or the reply that refused
+        it (the connection closed)."""
         client = SmtpClient(self.timeout)
         reply = await client.connect(self.next_hop, self.hostname)
         if reply.code != 250:
             await client.close()
-            log_event(log, "next hop refused the session", logging.WARNING, filter=self.name,
-                      reply=str(reply)[:200])
-            # A 5xx greeting must not bounce mail that a healthy replica would take.
-            return TEMPFAIL_NEXT_HOP if reply.code >= 500 else str(reply)
-        transaction.downstream = client
+            return reply
         return client
 
     async def _on_a_new_connection(
@@ -595,10 +603,14 @@ class RelayHandler(_HooksListedOnce):
         if transaction.mail is None or self.draining:
             return None
         sender, options = transaction.mail
-        fresh = SmtpClient(self.timeout)
         try:
-            taken = (await fresh.connect(self.next_hop, self.hostname)).code == 250
-            taken = taken and (await fresh.mail(sender, options, xforward)).ok
+            fresh = await self._connect()
+        except SmtpUnavailable:
+            return None
+        if isinstance(fresh, SmtpReply):
+            return None
+        try:
+            taken = (await fresh.mail(sender, options, xforward)).ok
             for address, rcpt_options in transaction.recipients if taken else []:
                 taken = taken and (await fresh.rcpt(address, rcpt_options)).ok
             if not taken:
