@@ -131,6 +131,16 @@ def normalize_whitelist_entry(kind: WhitelistKind, value: str) -> str:
     raise ValueError(f"not an address, `local@` or a domain: {value!r}")
 
 
+def like_escape(text: str) -> str:
+    """`text` taken literally in a SQL LIKE pattern (with ESCAPE '\\')."""
+    return re.sub(r"([%_\\])", r"\\\1", text)
+
+
+def glob_escape(text: str) -> str:
+    """`text` taken literally in a Redis SCAN MATCH pattern."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
 # --- the stores -----------------------------------------------------------------------------
 
 
@@ -268,7 +278,7 @@ class SqliteStore:
         return int(self.db.execute("SELECT COUNT(*) FROM triplets").fetchone()[0])
 
     async def entries(self, limit: int, match: str = "") -> list[tuple[str, Triplet]]:
-        pattern = "%" + re.sub(r"([%_\\])", r"\\\1", match) + "%"
+        pattern = "%" + like_escape(match) + "%"
         rows = self.db.execute(
             "SELECT key, first_seen, last_seen, passed FROM triplets WHERE key LIKE ? "
             "ESCAPE '\\' ORDER BY last_seen DESC LIMIT ?", (pattern, limit),
@@ -387,7 +397,7 @@ class RedisStore:
         return total
 
     async def entries(self, limit: int, match: str = "") -> list[tuple[str, Triplet]]:
-        pattern = self.PREFIX + "t:*" + re.sub(r"([*?\[\]\\])", r"\\\1", match) + "*"
+        pattern = self.PREFIX + "t:*" + glob_escape(match) + "*"
         names: list[str] = []
         async for name in self.redis.scan_iter(match=pattern, count=1000):
             names.append(name)

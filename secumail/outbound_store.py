@@ -8,14 +8,19 @@ SQLite file (one process; nothing awaited between reading and writing).
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable
 from typing import Protocol, cast
 
 import redis.asyncio as aioredis
 
-from secumail.greylist_store import GreylistStore, RedisStore, SqliteStore
+from secumail.greylist_store import (
+    GreylistStore,
+    RedisStore,
+    SqliteStore,
+    glob_escape,
+    like_escape,
+)
 from secumail.outbound import Bucket, Charged, Held, gcra
 
 
@@ -71,11 +76,11 @@ class RedisOutbound:
             local period = tonumber(ARGV[args + 2 * i])
             local tat = tonumber(redis.call('GET', key) or '0')
             if tat < now then tat = now end
-            return tat + interval, tat, period
+            return tat + interval, period
         end
         local result = {0, 0}
         for i = 1, nattempts do
-            local new, tat, period = step(KEYS[1 + i], i)
+            local new, period = step(KEYS[1 + i], i)
             if new - now > period + 1e-9 then
                 result[#result + 1] = i
                 new = now + period
@@ -91,7 +96,7 @@ class RedisOutbound:
         end
         local news = {}
         for j = 1, #KEYS - 1 - nattempts do
-            local new, tat, period = step(KEYS[1 + nattempts + j], nattempts + j)
+            local new, period = step(KEYS[1 + nattempts + j], nattempts + j)
             if new - now > period + 1e-9 then
                 result[1], result[2] = 2, j
                 return result
@@ -130,7 +135,7 @@ class RedisOutbound:
     async def release(self, subject: str) -> bool:
         removed = bool(await self.redis.hdel(self.HELD, subject))
         scope, _, value = subject.partition(":")
-        pattern = f"{self.PREFIX}a:{scope}:*:{_glob_escape(value)}"
+        pattern = f"{self.PREFIX}a:{scope}:*:{glob_escape(value)}"
         async for key in self.redis.scan_iter(match=pattern, count=1000):
             await self.redis.delete(key)
         return removed
@@ -144,10 +149,6 @@ class RedisOutbound:
 
     async def purge(self, now: float) -> None:
         return None  # buckets carry their own expiry
-
-
-def _glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 class SqliteOutbound:
@@ -212,8 +213,8 @@ class SqliteOutbound:
         scope, _, value = subject.partition(":")
         self.store.write_now(
             "DELETE FROM outbound_buckets WHERE key LIKE ? ESCAPE '\\' AND key LIKE ? "
-            "ESCAPE '\\'", (_like_escape(f"a:{scope}:") + "%",
-                            "%" + _like_escape(f":{value}")))
+            "ESCAPE '\\'", (like_escape(f"a:{scope}:") + "%",
+                            "%" + like_escape(f":{value}")))
         return self.store.write_now("DELETE FROM outbound_held WHERE subject = ?",
                                     (subject,)) > 0
 
@@ -224,10 +225,6 @@ class SqliteOutbound:
     async def purge(self, now: float) -> None:
         # A bucket whose time has passed is empty: the same as no row.
         self.store.write("DELETE FROM outbound_buckets WHERE tat < ?", (now,))
-
-
-def _like_escape(text: str) -> str:
-    return re.sub(r"([%_\\])", r"\\\1", text)
 
 
 def outbound_store(store: GreylistStore) -> OutboundStore:
