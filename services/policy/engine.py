@@ -213,9 +213,7 @@ class PolicyEngine:
         ip = parse_ip(request.get("client_address", ""))
         if ip is None:
             return Decision("DUNNO", "none", "no client address to check")
-        # Postfix sends sasl_username only when it offers SMTP AUTH, which SecuMail's does not:
-        # a name there is trusted only when the admin says their Postfix checked it.
-        user = request.get("sasl_username", "") if self.settings.policy_trust_sasl else ""
+        user = self._trusted_user(request)
         if user or self.settings.in_mynetworks(ip):
             return await self._check_outbound(request, ip, user)
         lookups = self._ask_dns(request, ip)
@@ -233,6 +231,12 @@ class PolicyEngine:
             return DUNNO
         finally:
             await lookups.close()
+
+    def _trusted_user(self, request: PolicyRequest) -> str:
+        """The authenticated user, if trusted. Postfix sends sasl_username only when it
+        offers SMTP AUTH, which SecuMail's does not: a name there is trusted only when the
+        admin says their Postfix checked it (SECUMAIL_POLICY_TRUST_SASL)."""
+        return request.get("sasl_username", "") if self.settings.policy_trust_sasl else ""
 
     async def _check_outbound(
         self, request: PolicyRequest, ip: IPAddress, user: str
@@ -254,7 +258,9 @@ class PolicyEngine:
         except Exception as error:
             failure = self._failure("outbound", error)
             return failure if failure is not None else Decision("DUNNO", "trusted", who)
-        for bucket in charged.overflowed:
+        # One hold a subject (several of its limits may overflow), none if held already.
+        newly = {b.subject: b for b in charged.overflowed if b.subject != charged.held}
+        for bucket in newly.values():
             held = outbound.Held(bucket.subject, self.clock(),
                                  outbound.hold_reason(bucket, factor))
             if await self.outbound_store.hold(held):
@@ -447,8 +453,7 @@ class PolicyEngine:
     async def _data_stage(self, request: PolicyRequest) -> Decision:
         """Add Received-SPF once the recipients are known and the message is coming."""
         ip = parse_ip(request.get("client_address", ""))
-        trusted = self.settings.in_mynetworks(ip) or (
-            self.settings.policy_trust_sasl and request.get("sasl_username"))
+        trusted = self.settings.in_mynetworks(ip) or self._trusted_user(request)
         if not self.settings.spf_enabled or trusted:
             return Decision("DUNNO", "none", "no header to add")
         try:
