@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import MutableMapping
 from typing import Annotated, Literal
 
 from pydantic import (
-    AliasChoices,
     Field,
     SecretStr,
     ValidationError,
@@ -44,6 +44,29 @@ COMPOSE_VARIABLES = frozenset({
     "SECUMAIL_SA_UPDATE_MIRROR",
     "COMPOSE_PROFILES", "COMPOSE_FILE", "SECUMAIL_ADMIN_TOKEN", "SECUMAIL_METRICS_TOKEN",
 })
+
+
+# Settings an earlier version called otherwise: the old name keeps working, so that an
+# upgrade never breaks a site's secumail.env, and each service says the new name at start.
+RENAMED = {
+    "SECUMAIL_SPAMD_ADDRESS": "SECUMAIL_SPAMASSASSIN_ADDRESS",
+}
+
+
+def carry_renamed(environ: MutableMapping[str, str]) -> list[str]:
+    """Give each old name's value to its new name (unless that is set too); one line each,
+    naming the new name, for the service's log."""
+    notes = []
+    for old, new in RENAMED.items():
+        if old not in environ:
+            continue
+        if new in environ:
+            notes.append(f"{old} is ignored: {new}, its new name, is set too; remove {old}")
+        else:
+            environ[new] = environ[old]
+            notes.append(f"{old} is now called {new}; it still works, rename it in "
+                         "secumail.env")
+    return notes
 
 
 def misplaced_in_env_file(text: str) -> list[str]:
@@ -211,10 +234,7 @@ class Settings(BaseSettings):
     spamd_next_hop: Annotated[HostPort, NoDecode] = parse_host_port("postfix:10027")
     spamd_allowed_clients: CommaList = ["clamav", "gateway"]
     # SpamAssassin's spamd (compose service `spamassassin`), which the spamd filter asks.
-    # SECUMAIL_SPAMD_ADDRESS, its name before, is still read.
-    spamassassin_address: str = Field(
-        "/run/spamd/spamd.sock",
-        validation_alias=AliasChoices("SECUMAIL_SPAMASSASSIN_ADDRESS", "SECUMAIL_SPAMD_ADDRESS"))
+    spamassassin_address: str = "/run/spamd/spamd.sock"
     spam_tag_score: float = 5.0
     spam_reject_score: float = 10.0
     spam_quarantine_score: float = 8.0
@@ -587,6 +607,8 @@ def describe_errors(error: ValidationError) -> list[str]:
 
 def load_settings() -> Settings:
     """Read the environment once; exit with status 2 and a clear message on a bad value."""
+    for note in carry_renamed(os.environ):
+        print(f"secumail: renamed setting: {note}", file=sys.stderr)
     try:
         return Settings()
     except ValidationError as error:

@@ -33,6 +33,15 @@ CHAIN_SERVICES = ("postfix", "policy", "dkim", "clamav", "spamd", "clamd", "spam
 MODE_SERVICES = ("postfix", "dkim", "clamav", "spamd")  # what SECUMAIL_FILTER_MODE changes
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_settings_file() -> None:
+    """The admin's secumail.env, made as the README's first step makes it: a fresh clone
+    has only secumail.env.example (the admin's own file is never in git)."""
+    own = ROOT / "secumail.env"
+    if not own.exists():
+        shutil.copyfile(ROOT / "secumail.env.example", own)
+
+
 def compose_command() -> str | None:
     """Compose v2 where the docker CLI has it, else Compose v1."""
     if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:

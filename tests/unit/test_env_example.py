@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,7 @@ def test_a_compose_variable_in_secumail_env_is_found() -> None:
     text = "# SECUMAIL_FILTER_SUBNET=10.0.0.0/24 (a comment)\nSECUMAIL_DOMAINS=example.org\n" \
            "SECUMAIL_FILTER_SUBNET=10.9.0.0/24\nSECUMAIL_CLAMAV_REPLICAS=3\n"
     assert misplaced_in_env_file(text) == ["SECUMAIL_CLAMAV_REPLICAS", "SECUMAIL_FILTER_SUBNET"]
-    assert misplaced_in_env_file((ROOT / "secumail.env").read_text()) == []
+    assert misplaced_in_env_file((ROOT / "secumail.env.example").read_text()) == []
 
 
 def test_the_isolated_host_file_mounts_the_signature_folder_and_turns_updates_off(
@@ -113,3 +114,16 @@ def test_the_isolated_host_file_mounts_the_signature_folder_and_turns_updates_of
     assert signatures["source"] == str(tmp_path / "signatures")
     assert config["services"]["spamassassin"]["environment"]["SECUMAIL_SA_UPDATE"] == "no"
     assert "postfix" in config["services"]  # the rest as compose.yaml has it
+
+
+def test_the_admins_own_settings_are_never_in_git() -> None:
+    """Issue 32: secumail.env was tracked, so `git pull` to upgrade collided with the admin's
+    own settings. It is made from secumail.env.example and git ignores it, as .env."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files", "secumail.env", ".env"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+    assert tracked == ""
+    for own in ("secumail.env", ".env"):
+        assert subprocess.run(["git", "check-ignore", "-q", own], cwd=ROOT).returncode == 0
+    assert (ROOT / "secumail.env.example").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from secumail.netaddr import HostPort, parse_host_port, parse_network, postfix_network
-from secumail.settings import Settings, load_settings, parse_weighted_zone
+from secumail.settings import Settings, carry_renamed, load_settings, parse_weighted_zone
 
 
 def test_defaults_match_the_documented_ones() -> None:
@@ -98,3 +98,25 @@ def test_a_setting_may_come_from_a_docker_secret(tmp_path: Path,
     assert settings.hostname == "mx.from-a-secret.test"
     monkeypatch.setenv("SECUMAIL_HOSTNAME", "mx.from-the-environment.test")
     assert Settings(_secrets_dir=tmp_path).hostname == "mx.from-the-environment.test"  # type: ignore[call-arg]
+
+
+def test_a_renamed_setting_still_works_and_the_new_name_is_said(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # secumail.env written for an earlier version keeps working after an upgrade.
+    # (set, then removed: monkeypatch then removes what load_settings writes there)
+    monkeypatch.setenv("SECUMAIL_SPAMASSASSIN_ADDRESS", "unset")
+    monkeypatch.delenv("SECUMAIL_SPAMASSASSIN_ADDRESS")
+    monkeypatch.setenv("SECUMAIL_SPAMD_ADDRESS", "spamassassin:783")
+    assert load_settings().spamassassin_address == "spamassassin:783"
+    assert "SECUMAIL_SPAMD_ADDRESS is now called SECUMAIL_SPAMASSASSIN_ADDRESS" \
+        in capsys.readouterr().err
+
+
+def test_the_new_name_wins_over_the_old_and_the_old_is_said_to_be_ignored(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    environ = {"SECUMAIL_SPAMD_ADDRESS": "old:783", "SECUMAIL_SPAMASSASSIN_ADDRESS": "new:783"}
+    notes = carry_renamed(environ)
+    assert environ["SECUMAIL_SPAMASSASSIN_ADDRESS"] == "new:783"
+    assert notes == ["SECUMAIL_SPAMD_ADDRESS is ignored: SECUMAIL_SPAMASSASSIN_ADDRESS, its new "
+                     "name, is set too; remove SECUMAIL_SPAMD_ADDRESS"]
+    assert carry_renamed({}) == []
