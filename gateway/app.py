@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2
 from fastapi import Depends, FastAPI, Request, Response
@@ -25,12 +26,14 @@ from prometheus_client.process_collector import ProcessCollector
 from gateway.auth import WrongTokens, client_of, token_guard
 from gateway.canary import CanarySend, ChainProbe, ProbeMetrics
 from gateway.context import Gateway, problem
+from gateway.digest import DigestLinks, Digests
 from gateway.health import HealthChecker, Hop, Namer, Resolver, chain_hops, reverse_name
 from gateway.http import HostCheck
 from gateway.outbound_notice import HoldNotifier, NoticeSend
 from gateway.quarantine import Learn, QuarantineAdmin, ReleaseSend, next_hops
 from gateway.routers import (
     console,
+    digest,
     dkim,
     greylist,
     health,
@@ -106,6 +109,13 @@ def create_app(
                                  settings.gateway_wrong_token_window),
     )
     gateway.quarantine.track = gateway.track  # releases and learning, as tracking events
+    if settings.quarantine_digest:
+        if settings.admin_token.get_secret_value():  # its links are signed with it
+            gateway.digest = Digests(settings, gateway.quarantine.quarantine,
+                                     DigestLinks(settings.admin_token), notice_send, clock)
+        else:
+            log_event(log, "quarantine digests off: they need SECUMAIL_ADMIN_TOKEN (their "
+                      "links are signed with a key made from it)", logging.ERROR)
     tracking_metrics = TrackingMetrics(registry)
     if settings.tracking:
         gateway.tracking = tracking_store or TrackingStore(
@@ -128,6 +138,8 @@ def create_app(
         if settings.outbound:
             notifier = HoldNotifier(settings, gateway.outbound, notice_send)
             tasks.append(asyncio.create_task(notifier.every(HOLD_NOTICE_INTERVAL)))
+        if gateway.digest is not None:
+            tasks.append(asyncio.create_task(gateway.digest.every_day()))
         if gateway.tracking is not None:
             collector = Collector(gateway.tracking, client, event_sources,
                                   tracking_metrics, settings.gateway_timeout)
@@ -150,11 +162,15 @@ def create_app(
     app.state.gateway = gateway
     # The MTA-STS policy is fetched as https://mta-sts.<domain>/ (through the admin's proxy).
     sts_names = [f"mta-sts.{d}" for d in settings.domains] if settings.mta_sts_mode else []
+    # The digest's links open the gateway by the name users reach it by.
+    digest_names = [urlsplit(settings.quarantine_digest_url).hostname or ""] \
+        if gateway.digest is not None else []
     app.add_middleware(HostCheck, names=[*settings.gateway_hosts, settings.hostname,
-                                         *sts_names])
+                                         *sts_names, *digest_names])
 
     app.include_router(health.liveness)
     app.include_router(mta_sts.policy)
+    app.include_router(digest.links)  # a user's link: signed, no token
     # Health and metrics: open, or guarded by the metrics token when one is set.
     guarded: dict[str, Any] = {}
     if settings.metrics_token.get_secret_value():
@@ -168,7 +184,8 @@ def create_app(
         guard = token_guard(settings.admin_token, "AdminToken", "SECUMAIL_ADMIN_TOKEN",
                             gateway.wrong_tokens)
         for router in (health.run, greylist.router, quarantine.router, dkim.router,
-                       tracking.router, learning.router, outbound.router, mta_sts.router):
+                       tracking.router, learning.router, outbound.router, mta_sts.router,
+                       digest.admin):
             app.include_router(router, dependencies=[Depends(guard)], responses=UNAUTHORIZED)
         app.include_router(console.router)  # its own sign-in (a cookie), the same token
     else:

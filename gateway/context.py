@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from gateway.auth import WrongTokens
 from gateway.canary import ChainProbe
+from gateway.digest import Digests
 from gateway.health import HealthChecker
 from gateway.models import Problem
 from gateway.quarantine import QuarantineAdmin
@@ -45,6 +46,7 @@ class Gateway:
     requests: Counter
     wrong_tokens: WrongTokens
     tracking: TrackingStore | None = None  # None: tracking is off
+    digest: Digests | None = None  # None: users' quarantine digests are off
     _store: GreylistStore | None = field(default=None, repr=False)
     _outbound: OutboundStore | None = field(default=None, repr=False)
 

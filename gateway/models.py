@@ -184,6 +184,12 @@ class LearnReport(BaseModel):
                          "learned: why")
 
 
+class DigestReport(BaseModel):
+    sent: list[str] = Field(description="recipients whose digest Postfix accepted")
+    failed: dict[str, str] = Field(description="recipient: why theirs was not sent (it is "
+                                   "tried again, with what they missed, next round)")
+
+
 class ReleaseFailure(BaseModel):
     detail: str
     step: str = Field(description="The SMTP step the next hop refused (or 'connection')")

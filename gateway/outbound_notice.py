@@ -16,10 +16,11 @@ from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
+from gateway.own_mail import send_own_mail
 from secumail.logs import log_event
 from secumail.outbound import Held
 from secumail.outbound_store import OutboundStore
-from secumail.protocols.smtp import Envelope, NextHop, SmtpReply, deliver
+from secumail.protocols.smtp import SmtpReply
 from secumail.settings import Settings
 
 log = logging.getLogger("secumail.gateway")
@@ -56,11 +57,9 @@ class HoldNotifier:
         self.settings = settings
         self.outbound = outbound
         self.send = send or self._send
-        self._next_hop = NextHop(settings.spamd_next_hop)
 
     async def _send(self, recipient: str, message: bytes) -> SmtpReply:
-        return await deliver(self._next_hop, self.settings.hostname, Envelope("", (recipient,)),
-                             message, self.settings.relay_timeout)
+        return await send_own_mail(self.settings, "", recipient, message)
 
     async def notify(self) -> int:
         """Mail the admin about every hold not told yet: how many were told."""

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from secumail import tracking
@@ -110,27 +110,37 @@ class QuarantineAdmin:
                                                   **self._envelope(kept)))
         return result
 
-    async def release(self, ident: str, learn: bool = True, via: str = "API"
-                      ) -> Released | None:
+    async def release(self, ident: str, learn: bool = True, via: str = "API",
+                      recipient: str | None = None) -> Released | None:
         """Deliver a kept message past the filter that kept it; then, unless `learn` is
         False, teach Bayes it is ham (the admin said it was wanted: mailcow's way). `via`:
-        how the admin asked (API, console), as tracking shows it."""
+        how the admin asked (API, console), as tracking shows it. With `recipient` (a user's
+        own digest link), the message goes to that recipient alone and stays kept for the
+        others; None when it is not (any more) kept for them."""
         started = time.time()
         record = await asyncio.to_thread(self.quarantine.record, ident)
         message = await asyncio.to_thread(self.quarantine.message, ident)
         if record is None or message is None:
             return None
+        if recipient is not None:
+            mine = [r for r in record.rcpt_tos if r.lower() == recipient.lower()]
+            if not mine:
+                return None
+            record = replace(record, rcpt_tos=tuple(mine[:1]))
         target = self.hops.get(record.filter)
         if target is None:
             raise ReleaseRefused("release", f"no next hop known for filter {record.filter!r}")
         reply = await self.send(target, record, header_block(release_headers(record)) + message)
         if not reply.ok:
             raise ReleaseRefused("DATA", reply)
-        await asyncio.to_thread(self.quarantine.delete, ident)
+        if recipient is None:
+            await asyncio.to_thread(self.quarantine.delete, ident)
+        else:
+            await asyncio.to_thread(self.quarantine.drop_recipient, ident, recipient)
         final = str(reply).split("\r\n")[-1]
         await self._track(tracking.event(
             SERVICE, "released",
-            f"{ident} by the admin ({via}) to {target}: {final[:200]}"
+            f"{ident} by {recipient or 'the admin'} ({via}) to {target}: {final[:200]}"
             + ("" if learn else "; released without learning"),
             next_queue_id=tracking.queued_as(final),
             message_id=tracking.message_id_of(message, header_block_end(message)),

@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -232,6 +232,22 @@ class Quarantine:
         except OSError:
             return b""
         return data
+
+    def drop_recipient(self, ident: str, recipient: str) -> bool:
+        """Take one recipient off a kept message (a user released or deleted it for
+        themselves); the message goes once no recipient is left. False when the message or
+        that recipient is not there (any more)."""
+        meta = self._meta_path(ident)
+        record = self.record(ident)
+        if meta is None or record is None:
+            return False
+        left = tuple(r for r in record.rcpt_tos if r.lower() != recipient.lower())
+        if len(left) == len(record.rcpt_tos):
+            return False
+        if not left:
+            return self.delete(ident)
+        _write_atomically(meta, replace(record, rcpt_tos=left).to_json())
+        return True
 
     def delete(self, ident: str) -> bool:
         meta = self._meta_path(ident)

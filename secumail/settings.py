@@ -210,6 +210,14 @@ class Settings(BaseSettings):
     quarantine_max_bytes: int = Field(2 * 1024**3, ge=1024 * 1024)
     quarantine_max_messages: int = Field(20000, ge=1)
     quarantine_max_age_days: float = Field(30.0, gt=0)
+    # Users' daily digest of their own quarantined mail (gateway/digest.py): sent at this
+    # UTC hour to each recipient in SECUMAIL_DOMAINS, each message with links to release or
+    # delete it, valid this many days, opened at SECUMAIL_QUARANTINE_DIGEST_URL.
+    quarantine_digest: bool = False
+    quarantine_digest_hour: int = Field(7, ge=0, le=23)
+    quarantine_digest_url: str = ""
+    quarantine_digest_link_days: int = Field(7, ge=1, le=30)
+    quarantine_digest_from: str = ""  # empty: postmaster@ the first of SECUMAIL_DOMAINS
 
     clamav_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:10025")
     clamav_next_hop: Annotated[HostPort, NoDecode] = parse_host_port("spamd:10026")
@@ -458,7 +466,23 @@ class Settings(BaseSettings):
             raise ValueError("must be empty or 16 printable characters at least, no spaces")
         return token
 
-    @field_validator("probe_mailbox", "probe_sender", "admin_address")
+    @field_validator("quarantine_digest_url")
+    @classmethod
+    def _digest_url(cls, url: str) -> str:
+        if url and not re.match(r"^https?://[a-z0-9.-]+(:\d{1,5})?(/[^\s?#]*)?$", url, re.I):
+            raise ValueError("must be the gateway's address as users reach it, "
+                             "https://host[:port][/path]")
+        return url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _digest_needs_url(self) -> Settings:
+        if self.quarantine_digest and not self.quarantine_digest_url:
+            raise ValueError("SECUMAIL_QUARANTINE_DIGEST=true needs SECUMAIL_QUARANTINE_DIGEST_URL"
+                             ", where users' links open the gateway")
+        return self
+
+    @field_validator("probe_mailbox", "probe_sender", "admin_address",
+                     "quarantine_digest_from")
     @classmethod
     def _probe_mailbox(cls, address: str) -> str:
         local, at, domain = address.lower().rpartition("@")
@@ -528,6 +552,10 @@ class Settings(BaseSettings):
     def mta_sts_hosts(self) -> list[str]:
         """The MX names the policy lists (`*.example.org` allowed, RFC 8461 4.1)."""
         return self.mta_sts_mx or [self.hostname]
+
+    @property
+    def digest_sender(self) -> str:
+        return self.quarantine_digest_from or f"postmaster@{self.domains[0]}"
 
     @property
     def admin_mailbox(self) -> str:

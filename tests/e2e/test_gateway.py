@@ -224,6 +224,48 @@ def test_release_delivers_past_clamav_through_spamd(gateway: Gateway, stack: Sta
     assert gateway.request("GET", f"/admin/quarantine/{ident}")[0] == 404
 
 
+def test_a_users_digest_arrives_signed_and_its_link_releases_to_them_alone(
+        gateway: Gateway, stack: Stack) -> None:
+    """Issue 32: users hear of their own quarantined mail, and release it without the admin."""
+    stack.exec("dkim", "secumail-dkim", "keygen", "secumail.test", "--selector", "e2e")
+    time.sleep(2)  # made by test_dkim.py already, or now: the milter sees it within 1 s
+    subject = "digest " + uuid.uuid4().hex[:8]
+    made = stack.exec("clamav", "/opt/secumail/bin/python", "-c", QUARANTINE_SCRIPT.replace(
+        '("bob@secumail.test",)', '("bob@secumail.test", "dave@secumail.test")'), subject)
+    assert made.returncode == 0, made.stderr
+    ident = made.stdout.strip()
+    status, report = gateway.request("POST", "/admin/quarantine/digest")
+    assert status == 200 and {"bob@secumail.test", "dave@secumail.test"} <= set(report["sent"])
+    deadline = time.monotonic() + 60
+    while not (digests := [m for m in stack.mailbox("bob") if subject in m.as_string()
+                           and "kept in quarantine for you" in m["Subject"]]):
+        assert time.monotonic() < deadline, stack.logs("postfix")[-3000:]
+        time.sleep(1)
+    digest = digests[-1]
+    assert "d=secumail.test" in " ".join(digest["DKIM-Signature"].split())  # signed as ours
+    body = digest.get_payload(decode=True).decode()
+    block = body[body.index(f"Subject: {subject}"):]  # the digest may list other mail too
+    release = next(line.split()[-1] for line in block.splitlines()
+                   if line.startswith("Release:"))
+    token = urllib.parse.parse_qs(urllib.parse.urlsplit(release).query)["t"][0]
+    form = urllib.parse.urlencode({"t": token}).encode()
+    with urllib.request.urlopen(urllib.request.Request(  # no admin token: the link is enough
+            gateway.base + "/quarantine/link", data=form, method="POST"), timeout=60) as answer:
+        assert answer.status == 200 and "Released" in answer.read().decode()
+    while not (found := [m for m in stack.mailbox("bob") if m["Subject"] == subject]):
+        assert time.monotonic() < deadline, stack.logs("postfix")[-3000:]
+        time.sleep(1)
+    assert found[0]["X-SecuMail-Released"].startswith(ident)
+    status, kept = gateway.request("GET", f"/admin/quarantine/{ident}")
+    assert status == 200 and kept["rcpt_tos"] == ["dave@secumail.test"]  # still dave's
+    with pytest.raises(urllib.error.HTTPError) as again:
+        urllib.request.urlopen(urllib.request.Request(
+            gateway.base + "/quarantine/link", data=form, method="POST"), timeout=60)
+    again.value.close()  # its socket
+    assert again.value.code == 410
+    assert gateway.request("DELETE", f"/admin/quarantine/{ident}")[0] == 204
+
+
 def test_a_client_whitelisted_through_the_api_is_not_greylisted(
     gateway: Gateway, stack: Stack
 ) -> None:

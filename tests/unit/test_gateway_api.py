@@ -987,7 +987,7 @@ def test_openapi_documents_every_route_with_its_errors(gw: Gateway) -> None:
                                      "description": "SECUMAIL_ADMIN_TOKEN"}
     operations = [(path, method, op) for path, item in document["paths"].items()
                   for method, op in item.items()]
-    assert len(operations) == 26
+    assert len(operations) == 27
     for path, method, operation in operations:
         admin = path.startswith("/admin") or (path, method) == ("/probe", "post")
         assert ("401" in operation["responses"]) == admin, (path, method)
@@ -1001,6 +1001,7 @@ def test_openapi_documents_every_route_with_its_errors(gw: Gateway) -> None:
     assert "502" in document["paths"]["/admin/quarantine/{ident}/release"]["post"]["responses"]
     assert "503" in document["paths"]["/readyz"]["get"]["responses"]
     assert "400" in document["paths"]["/admin/tracking"]["get"]["responses"]
+    assert "409" in document["paths"]["/admin/quarantine/digest"]["post"]["responses"]
 
 
 def test_no_token_ever_reaches_a_log_line(make_gateway: Any, caplog: pytest.LogCaptureFixture
