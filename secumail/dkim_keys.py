@@ -183,11 +183,14 @@ class KeyStore:
     """
 
     def __init__(self, path: str | Path, check_interval: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, retired_days: float = 0.0
+                 ) -> None:
         self.path = Path(path)
         self.check_interval = check_interval
         self.clock = clock
+        self.retired_days = retired_days
         self._domains: dict[str, DomainKeys] = {}
+        self._ours: dict[tuple[str, str], float] = {}  # (domain, selector) -> ours until
         self._stamp: tuple[tuple[str, int], ...] | None = None
         self._checked = float("-inf")
         self.on_reload: Callable[[dict[str, DomainKeys]], None] | None = None
@@ -216,8 +219,39 @@ class KeyStore:
             if "/" not in name:
                 domains[name.lower()] = load_domain(self.path / name)
         self._domains = domains
+        self._ours = self._our_keys(stamp, domains)
         if self.on_reload is not None:
             self.on_reload(domains)
+
+    def _our_keys(self, stamp: tuple[tuple[str, int], ...], domains: dict[str, DomainKeys]
+                  ) -> dict[tuple[str, str], float]:
+        """Which keys' signatures are ours, and until when (Unix time): the active keys for
+        good, and a key older than its domain's newest active one (retired by a rotation or
+        by hand) for `retired_days` after that switch, while mail it signed is still out
+        there (a forwarder may bring it back)."""
+        mtimes = dict(stamp)
+        ours: dict[tuple[str, str], float] = {}
+        for domain, found in domains.items():
+            active = {key.selector for key in found.keys}
+            for selector in active:
+                ours[(domain, selector.lower())] = float("inf")
+            switched = mtimes.get(f"{domain}/{ACTIVE_FILE}")
+            newest = max((mtimes.get(f"{domain}/{s}{KEY_SUFFIX}", 0) for s in active),
+                         default=None)
+            if not active or switched is None or newest is None:
+                continue
+            for name, mtime in mtimes.items():
+                folder, _, file = name.partition("/")
+                if folder == domain and file.endswith(KEY_SUFFIX) and mtime < newest:
+                    selector = file.removesuffix(KEY_SUFFIX).lower()
+                    ours.setdefault((domain, selector),
+                                    switched / 1e9 + self.retired_days * 86400)
+        return ours
+
+    def ours(self, now: float) -> set[tuple[str, str]]:
+        """(domain, selector) of every key whose signatures count as ours at `now`."""
+        self.refresh()
+        return {key for key, until in self._ours.items() if until > now}
 
     def lookup(self, domain: str) -> DomainKeys | None:
         """The keys for `domain`, or for its nearest parent that has keys (None: no keys)."""

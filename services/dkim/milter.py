@@ -447,9 +447,8 @@ class MilterSession:
         """Why this mail from outside may not carry our own domain in its From, if so."""
         if self.settings.own_domain_from_outside != "reject":
             return None
-        our_keys = {(key.domain.lower(), key.selector.lower())
-                    for found in self.milter.keys.domains.values() for key in found.keys}
-        return own_domain.forgery(from_domain, self.settings.domains, reports, our_keys,
+        return own_domain.forgery(from_domain, self.settings.domains, reports,
+                                  self.milter.keys.ours(time.time()),
                                   self.milter.allowed_outsiders, self.sender,
                                   self._origin().address)
 

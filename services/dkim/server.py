@@ -72,7 +72,8 @@ def rotation_lock(keys_dir: Path) -> Iterator[bool]:
 class DkimService:
     def __init__(self, settings: Settings, keys: KeyStore | None = None) -> None:
         self.settings = settings
-        self.keys = keys or KeyStore(settings.dkim_keys_dir)
+        self.keys = keys or KeyStore(settings.dkim_keys_dir,
+                                     retired_days=settings.dkim_retired_days)
         self.keys.on_reload = self._keys_reloaded
         resolver = secumail_dns.make_async_resolver(settings.dns_servers, settings.dns_timeout)
         self.spf = SpfChecker(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from pathlib import Path
 
 import dkim
@@ -55,7 +57,8 @@ class Harness:
         self.settings = Settings(hostname=HOST, dkim_keys_dir=str(self.keys_dir),
                                  **overrides)  # type: ignore[arg-type]
         self.outcomes: list[Outcome] = []
-        self.milter = DkimMilter(self.settings, keys.KeyStore(self.keys_dir), self.dns,
+        store = keys.KeyStore(self.keys_dir, retired_days=self.settings.dkim_retired_days)
+        self.milter = DkimMilter(self.settings, store, self.dns,
                                  self.spf, clock=lambda: 1_700_000_000)
         self.milter.on_outcome = self.outcomes.append
 
@@ -467,6 +470,29 @@ def test_a_signature_of_another_domain_or_key_does_not_make_it_ours(harness: Har
     harness.milter.keys.refresh(force=True)
     replies, _ = harness.send(signed)
     assert "your own domain from outside" in reply_text(replies)
+
+
+@pytest.mark.parametrize(("retired_days", "passes"), [(7.0, True), (0.0, False)])
+def test_our_mail_signed_with_a_key_just_retired_still_comes_back(
+        tmp_path: Path, retired_days: float, passes: bool) -> None:
+    """Mail signed before a key rotation, brought back by a forwarder after it, is ours for
+    SECUMAIL_DKIM_RETIRED_DAYS (its record stays published that long); it was refused as a
+    forgery the moment the new key signed."""
+    harness = Harness(tmp_path, dkim_retired_days=retired_days)
+    harness.add_key("secumail.test", "s1")
+    replies, _ = harness.send(CEO, client="127.0.0.1")
+    signed = apply(CEO, replies)
+    old_key = harness.keys_dir / "secumail.test" / f"s1{keys.KEY_SUFFIX}"
+    os.utime(old_key, (time.time() - 86400, time.time() - 86400))  # made a day ago
+    harness.add_key("secumail.test", "s2")
+    keys.activate(harness.keys_dir, "secumail.test", "s2")
+    harness.milter.keys.refresh(force=True)
+    replies, _ = harness.send(signed)
+    if passes:
+        assert [r.code for r in replies] == ["i", "c"]
+        assert "dkim=pass" in authentication_results(replies)
+    else:
+        assert "your own domain from outside" in reply_text(replies)
 
 
 def test_mynetworks_authenticated_allowed_or_accepting_sites_are_not_refused(
