@@ -89,6 +89,10 @@ class GreylistEntry(BaseModel):
     first_seen: float
     last_seen: float
     passed: bool = Field(description="The triplet got through (no more delay)")
+    state: Literal["passed", "waiting", "may retry", "retry window closed"] = Field(
+        description="What its next attempt meets: passed (through, no more delay), waiting "
+        "(deferred: too early), may retry (the next attempt passes), retry window closed "
+        "(never retried in time: greylisted anew)")
 
 
 class HeldSender(BaseModel):

@@ -43,6 +43,17 @@ class Triplet:
     last_seen: float
     passed: bool = False
 
+    def state(self, now: float, delay: float, retry_window: float) -> str:
+        """What it means for its next attempt, in words for the admin's list: passed, waiting
+        (a retry now is deferred), may retry (one now passes), or retry window closed (it was
+        never retried in time: greylisted anew)."""
+        if self.passed:
+            return "passed"
+        waited = now - self.first_seen
+        if waited > retry_window:
+            return "retry window closed"
+        return "waiting" if waited < delay else "may retry"
+
 
 @dataclass(frozen=True)
 class ClientRecord:

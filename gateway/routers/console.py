@@ -358,13 +358,14 @@ async def greylist_page(request: Request, gateway: Gateway, csrf: str) -> HTMLRe
     match = request.query_params.get("match", "")[:320]
     try:
         store = await get_store(gateway)
-        entries = await greylist.list_entries(store, limit=200, match=match.lower())
+        entries = await greylist.list_entries(gateway, store, limit=200,
+                                              match=match.lower())
         listed = await greylist.get_whitelist(gateway, store)
     except HTTPException as error:
         return html(page("Greylist", f'<p class="flash">{esc(error.detail)}</p>', "greylist",
                          csrf), 503)
     rows = [(esc(e.network), esc(e.sender or "<>"), esc(e.recipient), esc(when(e.first_seen)),
-             esc(when(e.last_seen)), "passed" if e.passed else "waiting") for e in entries]
+             esc(when(e.last_seen)), esc(e.state)) for e in entries]
     white = [(esc(w.kind), esc(w.value), esc(w.source),
               button_form("/console/greylist/whitelist/remove", "Remove", csrf,
                           {"kind": w.kind, "value": w.value}) if w.source == "admin" else "")

@@ -20,6 +20,7 @@ from secumail.greylist_store import (
     normalize_whitelist_entry,
 )
 from secumail.logs import log_event
+from secumail.settings import Settings
 
 log = logging.getLogger("secumail.gateway")
 T = TypeVar("T")
@@ -38,23 +39,26 @@ async def in_store(call: Awaitable[T]) -> T:
         raise HTTPException(503, "the greylist store failed") from None
 
 
-def greylist_entry(key: str, entry: Triplet) -> GreylistEntry:
+def greylist_entry(key: str, entry: Triplet, settings: Settings, now: float) -> GreylistEntry:
     parts = TripletKey.from_text(key)
     return GreylistEntry(
         key=key, network=parts.network, sender=parts.sender, recipient=parts.recipient,
         first_seen=entry.first_seen, last_seen=entry.last_seen, passed=entry.passed,
+        state=entry.state(now, settings.greylist_delay, settings.greylist_retry_window),
     )
 
 
 @router.get("/entries", response_model=list[GreylistEntry],
             summary="Greylist triplets, most recently seen first")
 async def list_entries(
+    gateway: GatewayDep,
     store: StoreDep,
     limit: int = Query(100, ge=1, le=10000),
     match: str = Query("", max_length=320, description="Only keys containing this text"),
 ) -> list[GreylistEntry]:
     found = await in_store(store.entries(limit, match.lower()))
-    return [greylist_entry(key, entry) for key, entry in found]
+    now = time.time()
+    return [greylist_entry(key, entry, gateway.settings, now) for key, entry in found]
 
 
 @router.delete("/entries/{key:path}", status_code=204, response_class=Response,

@@ -27,7 +27,7 @@ import dns.resolver
 
 from secumail import outbound, spf, tracking
 from secumail.dns import AddressLookup, AddressResolver, TtlCache, name_resolves
-from secumail.greylist_store import GreylistStore, record_pass, triplet_key
+from secumail.greylist_store import GreylistStore, Triplet, record_pass, triplet_key
 from secumail.logs import log_event
 from secumail.netaddr import IPAddress, client_network, parse_ip
 from secumail.outbound_store import OutboundStore
@@ -372,6 +372,7 @@ class PolicyEngine:
         if client_is_whitelisted(client, now, self.greylist):
             if counts:
                 await self.store.count_pass(network, now)  # keeps the whitelisting fresh
+            await self._got_through(key, entry, now)
             return None
         found: list[tuple[str, float]] = []
         if self.selective:
@@ -380,6 +381,7 @@ class PolicyEngine:
             below = signals.score(found) < self.settings.greylist_threshold
             self.on_score(found, not below)
             if below:
+                await self._got_through(key, entry, now)
                 return self._not_delayed(request, found, now)
         verdict = check_triplet(entry, now, self.greylist)
         await self.store.put(key, verdict.entry)
@@ -402,6 +404,13 @@ class PolicyEngine:
         header = greylist_header(verdict.delayed, self.settings.hostname, now, why)
         return Decision(f"PREPEND {header}", "greylist",
                         "retried after the delay" + (f", {why}" if why else ""))
+
+    async def _got_through(self, key: str, entry: Triplet | None, now: float) -> None:
+        """A triplet greylisted before that now gets through another way (its client was
+        whitelisted meanwhile, or scores below the threshold now) is marked passed, so that
+        the admin's list does not show it waiting for ever. One write, in that case only."""
+        if entry is not None and not entry.passed:
+            await self.store.put(key, Triplet(entry.first_seen, now, passed=True))
 
     def _not_delayed(
         self, request: PolicyRequest, found: list[tuple[str, float]], now: float

@@ -633,7 +633,7 @@ def test_greylist_entries_are_listed_filtered_and_deleted(gw: Gateway) -> None:
     assert entries[1] | {"key": ""} == {
         "key": "", "network": "192.0.2.0/24", "sender": "a@remote.test",
         "recipient": "bob@secumail.test", "first_seen": 10.0, "last_seen": 20.0,
-        "passed": True}
+        "passed": True, "state": "passed"}
     assert entries[0]["network"] == "2001:db8::/64" and entries[0]["sender"] == "<>"
     only = gw.client.get("/admin/greylist/entries?match=A@Remote&limit=5", headers=AUTH).json()
     assert [e["sender"] for e in only] == ["a@remote.test"]

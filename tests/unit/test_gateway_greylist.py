@@ -135,3 +135,13 @@ async def test_the_probe_mailbox_is_never_greylisted(
     assert decision.action == "DUNNO"
     other = await policy.evaluate(rcpt("198.51.100.1", "", "bob@example.org"))
     assert other.check == "greylist"
+
+
+@pytest.mark.parametrize(("triplet", "state"), [
+    (Triplet(1000.0, 1000.0, passed=True), "passed"),
+    (Triplet(1000.0, 1000.0), "waiting"),  # 100 s after, the delay is 300
+    (Triplet(700.0, 700.0), "may retry"),
+    (Triplet(1100.0 - 2 * 86400 - 1, 1000.0), "retry window closed"),
+])
+def test_each_triplet_says_what_its_next_attempt_meets(triplet: Triplet, state: str) -> None:
+    assert triplet.state(1100.0, delay=300, retry_window=2 * 86400) == state

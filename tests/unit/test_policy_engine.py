@@ -113,6 +113,28 @@ async def test_auto_whitelist_after_enough_passes(dns: FakeResolver, clock: Fake
     assert fresh.action == "DUNNO"
 
 
+async def test_a_triplet_that_gets_through_another_way_is_no_longer_shown_waiting(
+        dns: FakeResolver, clock: FakeClock) -> None:
+    """Issue 32: the console showed a triplet as waiting after its mail got through, because
+    its client had been auto-whitelisted meanwhile (or, selective, scored lower)."""
+    store = SqliteStore(":memory:")
+    engine = make_engine(dns, clock, store, spf_enabled=False, greylist_auto_whitelist=1)
+    waiting = rcpt_request(recipient="late@secumail.test")
+    assert (await engine.evaluate(waiting)).kind == "defer"
+    retry = rcpt_request(recipient="first@secumail.test", instance="x")
+    assert (await engine.evaluate(retry)).kind == "defer"
+    clock.advance(301)
+    assert (await engine.evaluate(rcpt_request(recipient="first@secumail.test",
+                                               instance="y"))).kind == "prepend"
+    # The client is whitelisted now: the first triplet's retry goes straight through.
+    clock.advance(10)
+    assert (await engine.evaluate(rcpt_request(recipient="late@secumail.test",
+                                               instance="z"))).action == "DUNNO"
+    [(_, entry)] = await store.entries(10, "late@")
+    assert entry.passed and entry.last_seen == clock()
+    engine.close()
+
+
 async def test_whitelists_skip_greylisting(dns: FakeResolver, clock: FakeClock) -> None:
     engine = make_engine(
         dns,
