@@ -38,7 +38,7 @@ CMD ["secumail-policy"]
 
 # ---- dkim (10028): the DKIM milter. Keys live on a volume: one folder per signing domain.
 FROM python AS dkim
-RUN install -d -o secumail -g secumail -m 0700 /var/lib/secumail/dkim
+RUN install -d -o secumail -g secumail -m 0700 /var/lib/secumail/dkim /var/lib/secumail/dmarc
 USER secumail
 VOLUME ["/var/lib/secumail/dkim"]
 EXPOSE 10028 9100
@@ -80,7 +80,7 @@ CMD ["secumail-spamd"]
 FROM python AS gateway
 RUN install -d -o secumail -g secumail /var/lib/secumail/quarantine \
  && install -d -o secumail -g secumail -m 0700 /var/lib/secumail/dkim \
-      /var/lib/secumail/tracking \
+      /var/lib/secumail/tracking /var/lib/secumail/dmarc \
  && install -d -m 1777 /run/clamav /run/spamd /run/secumail/redis
 USER secumail
 EXPOSE 8080

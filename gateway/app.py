@@ -27,6 +27,7 @@ from gateway.auth import WrongTokens, client_of, token_guard
 from gateway.canary import CanarySend, ChainProbe, ProbeMetrics
 from gateway.context import Gateway, problem
 from gateway.digest import DigestLinks, Digests
+from gateway.dmarc_reports import DmarcReporter
 from gateway.health import HealthChecker, Hop, Namer, Resolver, chain_hops, reverse_name
 from gateway.http import HostCheck
 from gateway.outbound_notice import HoldNotifier, NoticeSend
@@ -35,6 +36,7 @@ from gateway.routers import (
     console,
     digest,
     dkim,
+    dmarc,
     greylist,
     health,
     learning,
@@ -48,11 +50,14 @@ from gateway.scrape import Target, replica_targets
 from gateway.spamassassin import SpamAssassinCollector
 from gateway.tracking import Collector, TrackingMetrics, TrackingStore
 from secumail import probes
+from secumail.dmarc import TxtLookup
+from secumail.dns import make_async_resolver
 from secumail.greylist_store import GreylistStore, open_store
 from secumail.logs import log_event
 from secumail.protocols import spamc
 from secumail.quarantine import Quarantine
 from secumail.settings import Settings
+from secumail.txt_lookup import async_txt_lookup
 
 log = logging.getLogger("secumail.gateway")
 
@@ -78,6 +83,7 @@ def create_app(
     clock: Callable[[], float] = time.time,
     tracking_store: TrackingStore | None = None,
     notice_send: NoticeSend | None = None,
+    txt_lookup: TxtLookup | None = None,
 ) -> FastAPI:
     """The app; the keyword arguments replace what reaches the network (and the clock), for
     the tests."""
@@ -109,6 +115,13 @@ def create_app(
                                  settings.gateway_wrong_token_window),
     )
     gateway.quarantine.track = gateway.track  # releases and learning, as tracking events
+    if settings.dmarc_reports:
+        reports = Counter("secumail_dmarc_reports", "DMARC aggregate reports by result (sent, "
+                          "failed: tried again next round, skipped: never)", ["result"],
+                          registry=registry)
+        lookup = txt_lookup or async_txt_lookup(
+            make_async_resolver(settings.dns_servers, settings.dns_timeout))
+        gateway.dmarc = DmarcReporter(settings, lookup, reports, notice_send, clock)
     if settings.quarantine_digest:
         if settings.admin_token.get_secret_value():  # its links are signed with it
             gateway.digest = Digests(settings, gateway.quarantine.quarantine,
@@ -140,6 +153,8 @@ def create_app(
             tasks.append(asyncio.create_task(notifier.every(HOLD_NOTICE_INTERVAL)))
         if gateway.digest is not None:
             tasks.append(asyncio.create_task(gateway.digest.every_day()))
+        if gateway.dmarc is not None:
+            tasks.append(asyncio.create_task(gateway.dmarc.every_day()))
         if gateway.tracking is not None:
             collector = Collector(gateway.tracking, client, event_sources,
                                   tracking_metrics, settings.gateway_timeout)
@@ -185,7 +200,7 @@ def create_app(
                             gateway.wrong_tokens)
         for router in (health.run, greylist.router, quarantine.router, dkim.router,
                        tracking.router, learning.router, outbound.router, mta_sts.router,
-                       digest.admin):
+                       digest.admin, dmarc.router):
             app.include_router(router, dependencies=[Depends(guard)], responses=UNAUTHORIZED)
         app.include_router(console.router)  # its own sign-in (a cookie), the same token
     else:

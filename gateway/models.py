@@ -194,6 +194,13 @@ class DigestReport(BaseModel):
                                    "tried again, with what they missed, next round)")
 
 
+class DmarcReportRound(BaseModel):
+    sent: list[str] = Field(description="DAY DOMAIN to ADDRESS: reports Postfix accepted")
+    failed: dict[str, str] = Field(description="the same: why not (tried again next round)")
+    skipped: dict[str, str] = Field(description="the same: why never (an address outside "
+                                    "the domain that did not agree to receive it, a size limit)")
+
+
 class ReleaseFailure(BaseModel):
     detail: str
     step: str = Field(description="The SMTP step the next hop refused (or 'connection')")

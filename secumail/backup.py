@@ -41,8 +41,8 @@ STATE = Path("/state")
 BACKUPS = Path("/backups")
 # The volumes that hold state, as compose.yaml names them. Signatures (clamav-db), rule
 # updates (sa-rules) and Prometheus's history are downloaded or remade: not taken.
-VOLUMES = ("mail", "queue", "quarantine", "dkim-keys", "greylist", "tracking", "tls", "bayes",
-           "redis", "redis-auth")
+VOLUMES = ("mail", "queue", "quarantine", "dkim-keys", "dmarc", "greylist", "tracking", "tls",
+           "bayes", "redis", "redis-auth")
 MESSAGE_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
 QUEUE_LOGS = ("bounce", "defer", "trace")
 SQLITE_MAGIC = b"SQLite format 3\x00"

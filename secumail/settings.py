@@ -268,6 +268,11 @@ class Settings(BaseSettings):
     dkim_retired_days: float = Field(7.0, ge=0)
     authserv_id: str = ""  # empty: the hostname
     dmarc_reject: bool = False
+    # DMARC aggregate reports (secumail/dmarc_reports.py): each check counted by the milter
+    # in this store; once a day the gateway sends each domain that asks (rua) its report.
+    dmarc_reports: bool = False
+    dmarc_report_db: str = "/var/lib/secumail/dmarc/reports.sqlite"
+    dmarc_report_from: str = ""  # empty: dmarc-reports@ the first of SECUMAIL_DOMAINS
     # Mail from outside (not mynetworks, not authenticated) whose header From is one of our
     # domains: refused unless signed with our key (services/dkim/own_domain.py).
     own_domain_from_outside: Literal["reject", "accept"] = "reject"
@@ -482,7 +487,7 @@ class Settings(BaseSettings):
         return self
 
     @field_validator("probe_mailbox", "probe_sender", "admin_address",
-                     "quarantine_digest_from")
+                     "quarantine_digest_from", "dmarc_report_from")
     @classmethod
     def _probe_mailbox(cls, address: str) -> str:
         local, at, domain = address.lower().rpartition("@")
@@ -552,6 +557,10 @@ class Settings(BaseSettings):
     def mta_sts_hosts(self) -> list[str]:
         """The MX names the policy lists (`*.example.org` allowed, RFC 8461 4.1)."""
         return self.mta_sts_mx or [self.hostname]
+
+    @property
+    def dmarc_report_sender(self) -> str:
+        return self.dmarc_report_from or f"dmarc-reports@{self.domains[0]}"
 
     @property
     def digest_sender(self) -> str:

@@ -7,7 +7,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from services.dkim.dmarc import DmarcOutcome
+from secumail.dmarc import DmarcOutcome
 
 # RFC 8601 2.2 property values: a dot-atom-ish token or a quoted string.
 _PLAIN_VALUE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.@-]+\Z")

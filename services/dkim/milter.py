@@ -26,8 +26,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from secumail import tracking
+from secumail import dmarc, tracking
 from secumail.dkim_keys import KeyStore, SigningKey
+from secumail.dmarc_reports import Check, Published, Tally
 from secumail.dns import DnsTemporaryError
 from secumail.forwarded import HEADER as FORWARDED_NAME
 from secumail.forwarded import ForwardedClient
@@ -36,7 +37,7 @@ from secumail.message import check_header_value
 from secumail.netaddr import IPAddress, parse_ip
 from secumail.protocols import milter as mc
 from secumail.settings import Settings
-from services.dkim import arc, auth_results, dmarc, own_domain, signature
+from services.dkim import arc, auth_results, own_domain, signature
 from services.dkim.canonical import RELAXED, BodyHasher, field_name, header_value_crlf
 
 log = logging.getLogger("secumail.dkim")
@@ -91,6 +92,8 @@ class DkimMilter:
         self.lookup = lookup
         # None: no SPF result for DMARC (SECUMAIL_SPF_ENABLED=false); it then rests on DKIM.
         self.spf_check = spf_check if settings.spf_enabled else None
+        # Each DMARC check counted for the aggregate reports, when they are on.
+        self.tally: Tally | None = Tally() if settings.dmarc_reports else None
         self.clock = clock
         self.authserv_id = settings.authserv_id or settings.hostname or socket.gethostname()
         self.allowed_outsiders = own_domain.AllowedOutsiders.from_lists(
@@ -401,6 +404,9 @@ class MilterSession:
                 "dkim": ",".join(f"{r.result}:{r.domain or '?'}" for r in reports) or "none",
                 "from_domain": from_domain})
 
+        refused = (outcome_dmarc.result == "fail" and outcome_dmarc.disposition == "reject"
+                   and self.settings.dmarc_reject)
+        self._count_for_report(dmarc_answer, reports, spf, outcome_dmarc, refused)
         dkim_temporary = any(r.result == "temperror" for r in reports)
         undecided = outcome_dmarc.result == "temperror" or (
             dkim_temporary and outcome_dmarc.result != "pass")
@@ -414,8 +420,7 @@ class MilterSession:
             fields["arc"] = arc_result.result
         if outcome_dmarc.arc_override:
             fields["dmarc_override"] = f"arc:{outcome_dmarc.arc_override}"
-        if (outcome_dmarc.result == "fail" and outcome_dmarc.disposition == "reject"
-                and self.settings.dmarc_reject):
+        if refused:
             reply = mc.encode_reply_code(
                 f"550 5.7.1 Email rejected per DMARC policy for {outcome_dmarc.domain}")
             return reply, Outcome("verify", "reject", "DMARC policy reject", fields)
@@ -523,6 +528,37 @@ class MilterSession:
             [r.domain for r in reports if r.result == "pass"],
             spf.result if spf else "none", spf.domain if spf else "",
         )
+
+    def _count_for_report(self, answer: object, reports: list[auth_results.DkimReport],
+                          spf: auth_results.SpfResult | None, outcome: dmarc.DmarcOutcome,
+                          refused: bool) -> None:
+        """Count this check for its policy domain's aggregate report (SECUMAIL_DMARC_REPORTS),
+        when the domain asks for reports: a few dictionary operations, the store is written
+        once a minute (services/dkim/server.py)."""
+        tally = self.milter.tally
+        if tally is None or outcome.result not in ("pass", "fail") or \
+                not isinstance(answer, tuple) or answer[0] is None or not answer[0].rua:
+            return
+        record, from_organizational = answer
+        policy_domain = dmarc.organizational_domain(outcome.domain) if from_organizational \
+            else outcome.domain
+        origin = self._origin().address
+        passed = [r.domain for r in reports if r.result == "pass"]
+        spf_domain = spf.domain if spf else outcome.domain
+        check = Check(
+            source_ip=str(origin) if origin else "0.0.0.0", header_from=outcome.domain,
+            disposition="reject" if refused else "none",
+            dkim_aligned=any(dmarc.aligned(d, outcome.domain, record.strict_dkim)
+                             for d in passed),
+            spf_aligned=spf is not None and spf.result == "pass" and dmarc.aligned(
+                spf_domain, outcome.domain, record.strict_spf),
+            spf=(spf_domain, "helo" if spf and spf.identity == "helo" else "mfrom",
+                 spf.result if spf else "none"),
+            dkim=tuple((r.domain or "unknown", r.selector, r.result) for r in reports),
+            override="local_policy" if outcome.arc_override else "",
+            override_comment=f"arc=pass, trusted sealer {outcome.arc_override}"
+            if outcome.arc_override else "")
+        tally.add(self.milter.clock(), Published.of(record, policy_domain), check)
 
     def _forged_auth_results(self) -> list[int]:
         """1-based positions, among Authentication-Results headers, of those that claim to

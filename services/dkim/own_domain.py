@@ -19,9 +19,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from secumail.dmarc import aligned
 from secumail.netaddr import IPAddress, Network
 from services.dkim.auth_results import DkimReport
-from services.dkim.dmarc import aligned
 
 WARNING_HEADER = "X-SecuMail-Warning"
 _ANGLE_ADDRESS = re.compile(r"<\s*([^<>\s]+@[^<>\s]+?)\s*>")

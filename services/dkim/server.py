@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,16 +24,19 @@ from secumail.dkim_keys import (
     keygen,
     record_name,
 )
+from secumail.dmarc_reports import ReportStore
 from secumail.dns import DnsTemporaryError
 from secumail.logs import log_event
 from secumail.netaddr import peer_name
 from secumail.protocols import milter as mc
 from secumail.settings import Settings
 from secumail.spf import SpfChecker
-from services.dkim.dnslookup import async_txt_lookup
+from secumail.txt_lookup import async_txt_lookup
 from services.dkim.milter import DkimMilter, Outcome
 
 log = logging.getLogger("secumail.dkim")
+
+CHECKS_STORED_EVERY = 60.0  # seconds between two writes of the DMARC checks counted
 
 MESSAGES = Counter(
     "secumail_dkim_messages", "Messages by what the milter did (sign, verify, skip) and answered",
@@ -94,18 +98,55 @@ class DkimService:
             keep_sessions=True,
         )
         self._rotation: asyncio.Task[None] | None = None
+        self._reports: asyncio.Task[None] | None = None
+        self._report_store: ReportStore | None = None
 
     async def start(self) -> None:
         self.keys.refresh(force=True)
         await self.server.start()
         if self.settings.dkim_rotate_days > 0:
             self._rotation = asyncio.create_task(self._rotate_every())
+        if self.milter.tally is not None:
+            self._reports = asyncio.create_task(self._store_checks_every())
 
     async def drain(self, timeout: float) -> None:
         if self._rotation is not None:
             self._rotation.cancel()
+        if self._reports is not None:
+            self._reports.cancel()
         await self.server.drain(timeout)
+        await self.store_checks()  # what the last minute counted
         self.spf.close()
+
+    async def _store_checks_every(self) -> None:
+        while True:
+            await asyncio.sleep(CHECKS_STORED_EVERY)
+            await self.store_checks()
+
+    async def store_checks(self) -> None:
+        """Add the DMARC checks counted since the last time to the report store. A store that
+        cannot be written loses them (said in the log): reports are statistics, and a
+        message never waits for them."""
+        tally = self.milter.tally
+        if tally is None:
+            return
+        counts, published = tally.take()
+        if not counts:
+            return
+        try:
+            if self._report_store is None:
+                path = Path(self.settings.dmarc_report_db)
+                await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+                self._report_store = await asyncio.to_thread(ReportStore, str(path))
+            left_out = await asyncio.to_thread(self._report_store.add, counts, published)
+        except (OSError, sqlite3.Error) as error:
+            log_event(log, "DMARC checks not stored", logging.WARNING, rows=len(counts),
+                      error=f"{type(error).__name__}: {error}")
+            return
+        if left_out or tally.dropped:
+            log_event(log, "DMARC checks over the store's bounds not counted", logging.WARNING,
+                      rows=left_out, dropped=tally.dropped)
+            tally.dropped = 0
 
     async def _rotate_every(self) -> None:
         while True:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import smtplib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import Message
@@ -16,9 +17,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from secumail import dkim_keys as keys
+from secumail.dmarc_reports import ReportStore, day_of
 from secumail.dns import make_resolver
 from secumail.netaddr import parse_host_port
-from services.dkim.dnslookup import dkimpy_dnsfunc
+from secumail.txt_lookup import dkimpy_dnsfunc
 from tests.support.dkim import dkim_env, keygen, record_from_output, start_dkim
 from tests.support.dnsserver import LoopbackDNS
 from tests.support.postfix import PostfixInstance
@@ -173,6 +175,30 @@ def test_dmarc_reject_refuses_spoofed_mail(tmp_path: Path, dns_server: LoopbackD
         assert refused.value.smtp_code == 550
         assert b"5.7.1 Email rejected per DMARC policy for bank.test" in refused.value.smtp_error
         assert chain.sink.handler.messages == []
+
+
+def test_dmarc_checks_are_counted_for_the_domains_reports(tmp_path: Path,
+                                                          dns_server: LoopbackDNS) -> None:
+    """Issue 33: the real milter counts each DMARC check of a domain that asks for reports,
+    and stores the counts (at the latest when it stops)."""
+    db = tmp_path / "dmarc" / "reports.sqlite"
+    for chain in start_chain(tmp_path, dns_server, dmarc_reject="true", dmarc_reports="true",
+                             dmarc_report_db=str(db)):
+        dns_server.resolver.records[("_dmarc.bank.test", "TXT")] = [
+            '"v=DMARC1; p=reject; rua=mailto:d@bank.test"']
+        spoofed = INBOUND.replace(b"carol@remote.test", b"ceo@bank.test")
+        for _ in range(2):
+            with pytest.raises(smtplib.SMTPDataError):
+                send(chain.postfix.port, "billing@elsewhere.test", "bob@secumail.test", spoofed,
+                     client=REMOTE_CLIENT)
+        send(chain.postfix.port, "carol@remote.test", "bob@secumail.test", INBOUND,
+             client=REMOTE_CLIENT)  # remote.test publishes no rua: not counted
+    store = ReportStore(str(db))
+    assert store.pending("2999-01-01") == [(day_of(time.time()), "bank.test")]
+    [(check, count)] = store.rows(day_of(time.time()), "bank.test")
+    assert count == 2 and check.disposition == "reject" and check.source_ip == REMOTE_CLIENT
+    assert (check.dkim_aligned, check.spf_aligned) == (False, False)
+    assert check.spf == ("elsewhere.test", "mfrom", "none")
 
 
 # --- Forged verdicts (issue 13, items 1 to 5): each attack through the real Postfix -------------

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from secumail import dmarc
 from secumail.dns import DnsTemporaryError
-from services.dkim import auth_results, dmarc
+from services.dkim import auth_results
 
 
 @pytest.mark.parametrize(
@@ -50,8 +51,10 @@ def test_from_domains(values: list[str], domains: list[str]) -> None:
 
 
 def test_parse_record() -> None:
-    record = dmarc.parse_record("v=DMARC1; p=reject; sp=none; adkim=s; pct=50; rua=mailto:x@y")
-    assert record == dmarc.DmarcRecord("reject", "none", True, False, 50)
+    record = dmarc.parse_record("v=DMARC1; p=reject; sp=none; adkim=s; pct=50; "
+                                "rua=mailto:x@y, mailto:z@w!10m")
+    assert record == dmarc.DmarcRecord("reject", "none", True, False, 50,
+                                       ("mailto:x@y", "mailto:z@w!10m"))
     assert dmarc.parse_record("v=DMARC1; p=quarantine") == dmarc.DmarcRecord(
         "quarantine", "quarantine", False, False, 100)
     assert dmarc.parse_record("v=spf1 -all") is None

@@ -987,7 +987,7 @@ def test_openapi_documents_every_route_with_its_errors(gw: Gateway) -> None:
                                      "description": "SECUMAIL_ADMIN_TOKEN"}
     operations = [(path, method, op) for path, item in document["paths"].items()
                   for method, op in item.items()]
-    assert len(operations) == 27
+    assert len(operations) == 28
     for path, method, operation in operations:
         admin = path.startswith("/admin") or (path, method) == ("/probe", "post")
         assert ("401" in operation["responses"]) == admin, (path, method)
@@ -1002,6 +1002,7 @@ def test_openapi_documents_every_route_with_its_errors(gw: Gateway) -> None:
     assert "503" in document["paths"]["/readyz"]["get"]["responses"]
     assert "400" in document["paths"]["/admin/tracking"]["get"]["responses"]
     assert "409" in document["paths"]["/admin/quarantine/digest"]["post"]["responses"]
+    assert "409" in document["paths"]["/admin/dmarc/reports"]["post"]["responses"]
 
 
 def test_no_token_ever_reaches_a_log_line(make_gateway: Any, caplog: pytest.LogCaptureFixture

@@ -13,8 +13,8 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
+from secumail.dmarc import TxtLookup
 from secumail.dns import DnsTemporaryError
-from services.dkim.dmarc import TxtLookup
 
 _PERMANENT = (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer)
 _TEMPORARY = (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.LifetimeTimeout)

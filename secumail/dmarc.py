@@ -76,6 +76,7 @@ class DmarcRecord:
     strict_dkim: bool
     strict_spf: bool
     percent: int
+    rua: tuple[str, ...] = ()  # where aggregate reports go: URIs, mailto: ones used
 
 
 def parse_record(text: str) -> DmarcRecord | None:
@@ -89,8 +90,8 @@ def parse_record(text: str) -> DmarcRecord | None:
         return None
     policy = tags.get("p", "").lower()
     if policy not in _POLICIES:
-        # 6.6.3: a record with a bad or missing p= counts as p=none when rua= is usable;
-        # SecuMail sends no reports, so it is p=none either way.
+        # 6.6.3: a record with a bad or missing p= counts as p=none when rua= is usable
+        # (and is ignored otherwise: as p=none, it changes nothing here).
         policy = "none"
     subdomain_policy = tags.get("sp", "").lower()
     if subdomain_policy not in _POLICIES:
@@ -99,8 +100,9 @@ def parse_record(text: str) -> DmarcRecord | None:
         percent = min(100, max(0, int(tags.get("pct", "100"))))
     except ValueError:
         percent = 100
+    rua = tuple(uri.strip() for uri in tags.get("rua", "").split(",") if uri.strip())
     return DmarcRecord(policy, subdomain_policy, tags.get("adkim", "r").lower() == "s",
-                       tags.get("aspf", "r").lower() == "s", percent)
+                       tags.get("aspf", "r").lower() == "s", percent, rua)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,145 @@
+"""Sending the DMARC aggregate reports once a day (SECUMAIL_DMARC_REPORTS).
+
+The milter's replicas count the checks into the report store (secumail/dmarc_reports.py);
+after midnight UTC the gateway makes each domain's report of every day not reported yet and
+mails it to each mailto: address of the domain's rua, through Postfix (gateway/own_mail.py:
+DKIM-signed as our mail). A report no address took is tried again the next round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import Counter
+
+from gateway.outbound_notice import NoticeSend
+from gateway.own_mail import send_own_mail
+from secumail.dmarc import TxtLookup
+from secumail.dmarc_reports import (
+    ReportStore,
+    day_of,
+    destination_verified,
+    mailto_addresses,
+    report_id,
+    report_mail,
+    report_xml,
+)
+from secumail.dns import DnsTemporaryError
+from secumail.logs import log_event
+from secumail.protocols.smtp import SmtpRefused, SmtpReply, SmtpUnavailable
+from secumail.settings import Settings
+
+log = logging.getLogger("secumail.gateway")
+
+SEND_AT = 15 * 60  # seconds after midnight UTC: the milters have stored the day's last checks
+
+
+@dataclass
+class ReportRound:
+    sent: list[str] = field(default_factory=list)  # "DAY DOMAIN to ADDRESS"
+    failed: dict[str, str] = field(default_factory=dict)  # the same -> why (tried again)
+    skipped: dict[str, str] = field(default_factory=dict)  # the same -> why (never sent)
+
+
+class DmarcReporter:
+    def __init__(self, settings: Settings, lookup: TxtLookup, counter: Counter,
+                 send: NoticeSend | None = None, clock: Callable[[], float] = time.time
+                 ) -> None:
+        self.settings = settings
+        self.lookup = lookup
+        self.counter = counter  # secumail_dmarc_reports_total{result}
+        self.send = send or self._send
+        self.clock = clock
+        self._store: ReportStore | None = None
+        self._lock = asyncio.Lock()  # the daily round and an admin's "now" never overlap
+
+    async def _send(self, recipient: str, message: bytes) -> SmtpReply:
+        return await send_own_mail(self.settings, self.settings.dmarc_report_sender, recipient,
+                                   message)
+
+    def store(self) -> ReportStore:
+        if self._store is None:
+            path = Path(self.settings.dmarc_report_db)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._store = ReportStore(str(path))
+        return self._store
+
+    async def run(self) -> ReportRound:
+        """Every report not sent yet, for each day before today."""
+        async with self._lock:
+            now = self.clock()
+            store = await asyncio.to_thread(self.store)
+            done = ReportRound()
+            for day, domain in await asyncio.to_thread(store.pending, day_of(now)):
+                result = await self._report(store, day, domain, now, done)
+                await asyncio.to_thread(store.mark, day, domain, result, now)
+            await asyncio.to_thread(store.purge, now)
+            return done
+
+    async def _report(self, store: ReportStore, day: str, domain: str, now: float,
+                      done: ReportRound) -> str:
+        """Send one domain's report of one day: sent, failed, or nowhere."""
+        published = await asyncio.to_thread(store.published, day, domain)
+        rows = await asyncio.to_thread(store.rows, day, domain)
+        if published is None or not rows:
+            return "nowhere"
+        ident = report_id(day, domain)
+        org = self.settings.hostname
+        xml = report_xml(org, self.settings.dmarc_report_sender, ident, day, published, rows)
+        sent = failed = False
+        for address, limit in mailto_addresses(published.rua):
+            what = f"{day} {domain} to {address}"
+            try:
+                verified = await destination_verified(domain, address, self.lookup)
+            except DnsTemporaryError as error:
+                failed = self._note(done.failed, what, f"DNS: {error}", "failed")
+                continue
+            if not verified:
+                self._note(done.skipped, what, f"{address} did not publish "
+                           f"{domain}._report._dmarc.{address.rpartition('@')[2]}", "skipped")
+                continue
+            message = report_mail(org, self.settings.dmarc_report_sender, address, ident, day,
+                                  domain, xml, now, self.settings.hostname)
+            if limit is not None and len(message) > limit:
+                self._note(done.skipped, what, f"{len(message)} bytes, over its {limit}",
+                           "skipped")
+                continue
+            try:
+                reply = await self.send(address, message)
+                why = "" if reply.ok else str(reply)
+            except (SmtpRefused, SmtpUnavailable, OSError) as error:
+                why = f"{type(error).__name__}: {error}"
+            if why:
+                failed = self._note(done.failed, what, why[:200], "failed")
+                continue
+            sent = True
+            done.sent.append(what)
+            self.counter.labels("sent").inc()
+            log_event(log, "DMARC report sent", day=day, domain=domain, to=address,
+                      rows=len(rows))
+        return "sent" if sent else "failed" if failed else "nowhere"
+
+    def _note(self, where: dict[str, str], what: str, why: str, result: str) -> bool:
+        where[what] = why
+        self.counter.labels(result).inc()
+        log_event(log, f"DMARC report {result}", logging.WARNING, report=what, reason=why)
+        return True
+
+    def seconds_to_next(self) -> float:
+        now = self.clock()
+        at = now - now % 86400 + SEND_AT
+        return (at if at > now else at + 86400) - now
+
+    async def every_day(self) -> None:
+        while True:
+            await asyncio.sleep(self.seconds_to_next())
+            try:
+                await self.run()
+            except Exception as error:  # the store unreadable: said, tried tomorrow
+                log_event(log, "DMARC report round failed", logging.WARNING,
+                          error=f"{type(error).__name__}: {error}")
