@@ -66,6 +66,7 @@ CMD ["secumail-clamav"]
 # (services/spamd/spamassassin.Dockerfile), its socket in /run/spamd.
 FROM python AS spamd
 RUN install -d -o secumail -g secumail /var/lib/secumail/quarantine \
+ && install -d -o secumail -g secumail -m 0700 /var/lib/secumail/dmarc \
  && install -d -m 1777 /run/spamd
 USER secumail
 EXPOSE 10026 9100

@@ -27,7 +27,7 @@ from gateway.auth import WrongTokens, client_of, token_guard
 from gateway.canary import CanarySend, ChainProbe, ProbeMetrics
 from gateway.context import Gateway, problem
 from gateway.digest import DigestLinks, Digests
-from gateway.dmarc_reports import DmarcReporter
+from gateway.dmarc_reports import DmarcReporter, ReportInbox
 from gateway.health import HealthChecker, Hop, Namer, Resolver, chain_hops, reverse_name
 from gateway.http import HostCheck
 from gateway.outbound_notice import HoldNotifier, NoticeSend
@@ -122,6 +122,11 @@ def create_app(
         lookup = txt_lookup or async_txt_lookup(
             make_async_resolver(settings.dns_servers, settings.dns_timeout))
         gateway.dmarc = DmarcReporter(settings, lookup, reports, notice_send, clock)
+    if settings.dmarc_rua_address:
+        received = Counter("secumail_dmarc_received_reports", "Reports other receivers sent "
+                           "about our domains, by kind (dmarc, tlsrpt) and result (kept, "
+                           "repeated, refused)", ["kind", "result"], registry=registry)
+        gateway.inbox = ReportInbox(settings, received, clock)
     if settings.quarantine_digest:
         if settings.admin_token.get_secret_value():  # its links are signed with it
             gateway.digest = Digests(settings, gateway.quarantine.quarantine,
@@ -155,6 +160,8 @@ def create_app(
             tasks.append(asyncio.create_task(gateway.digest.every_day()))
         if gateway.dmarc is not None:
             tasks.append(asyncio.create_task(gateway.dmarc.every_day()))
+        if gateway.inbox is not None:
+            tasks.append(asyncio.create_task(gateway.inbox.every()))
         if gateway.tracking is not None:
             collector = Collector(gateway.tracking, client, event_sources,
                                   tracking_metrics, settings.gateway_timeout)

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter
 from gateway.auth import WrongTokens
 from gateway.canary import ChainProbe
 from gateway.digest import Digests
-from gateway.dmarc_reports import DmarcReporter
+from gateway.dmarc_reports import DmarcReporter, ReportInbox
 from gateway.health import HealthChecker
 from gateway.models import Problem
 from gateway.quarantine import QuarantineAdmin
@@ -49,6 +49,7 @@ class Gateway:
     tracking: TrackingStore | None = None  # None: tracking is off
     digest: Digests | None = None  # None: users' quarantine digests are off
     dmarc: DmarcReporter | None = None  # None: DMARC aggregate reports are off
+    inbox: ReportInbox | None = None  # None: no address for others' reports
     _store: GreylistStore | None = field(default=None, repr=False)
     _outbound: OutboundStore | None = field(default=None, repr=False)
 

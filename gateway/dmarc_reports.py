@@ -1,9 +1,14 @@
-"""Sending the DMARC aggregate reports once a day (SECUMAIL_DMARC_REPORTS).
+"""DMARC aggregate reports: ours, sent once a day (SECUMAIL_DMARC_REPORTS), and those other
+receivers send about our domains, read (SECUMAIL_DMARC_RUA_ADDRESS).
 
 The milter's replicas count the checks into the report store (secumail/dmarc_reports.py);
 after midnight UTC the gateway makes each domain's report of every day not reported yet and
 mails it to each mailto: address of the domain's rua, through Postfix (gateway/own_mail.py:
 DKIM-signed as our mail). A report no address took is tried again the next round.
+
+The reports others send (DMARC and TLS-RPT) arrive as mail to our report address; the spamd
+filter keeps them in a spool, and `ReportInbox` reads them into the received-report store
+(secumail/received_reports.py) every minute, for the API and the console.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from secumail.dmarc_reports import (
 from secumail.dns import DnsTemporaryError
 from secumail.logs import log_event
 from secumail.protocols.smtp import SmtpRefused, SmtpReply, SmtpUnavailable
+from secumail.received_reports import BadReport, ReceivedStore, parse, reports_in, spooled
 from secumail.settings import Settings
 
 log = logging.getLogger("secumail.gateway")
@@ -143,3 +149,61 @@ class DmarcReporter:
             except Exception as error:  # the store unreadable: said, tried tomorrow
                 log_event(log, "DMARC report round failed", logging.WARNING,
                           error=f"{type(error).__name__}: {error}")
+
+
+INBOX_EVERY = 60.0  # seconds between two looks at the report mails the spamd filter kept
+INBOX_BATCH = 200  # report mails read in one look (a flood waits for the next)
+
+
+class ReportInbox:
+    """Reads the report mails other receivers sent about our domains (kept by the spamd
+    filter: SECUMAIL_DMARC_RUA_ADDRESS) into the received-report store."""
+
+    def __init__(self, settings: Settings, counter: Counter,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.folder = settings.received_reports_spool
+        self.path = Path(settings.dmarc_report_db).parent / "received.sqlite"
+        self.counter = counter  # secumail_dmarc_received_reports_total{kind, result}
+        self.clock = clock
+        self._store: ReceivedStore | None = None
+
+    def store(self) -> ReceivedStore:
+        if self._store is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._store = ReceivedStore(str(self.path))
+        return self._store
+
+    def read(self) -> int:
+        """Read what waits (INBOX_BATCH mails at most); how many reports were kept. A mail
+        whose reports cannot be read is counted, logged and dropped."""
+        kept = 0
+        for path in spooled(self.folder)[:INBOX_BATCH]:
+            try:
+                found = reports_in(path.read_bytes())
+                for kind, data in found:
+                    report = parse(kind, data)
+                    new = self.store().add(report, self.clock())
+                    kept += new
+                    self.counter.labels(kind, "kept" if new else "repeated").inc()
+                    log_event(log, "report received", kind=kind, reporter=report.org,
+                              domain=report.domain, rows=len(report.rows) or
+                              len(report.policies), new=new)
+            except BadReport as error:
+                self.counter.labels("unknown", "refused").inc()
+                log_event(log, "report mail not readable", logging.WARNING, file=path.name,
+                          reason=str(error)[:200])
+            except OSError as error:
+                log_event(log, "report mail not read", logging.WARNING, file=path.name,
+                          error=f"{type(error).__name__}: {error}")
+                continue  # left in the spool: tried again next look
+            path.unlink(missing_ok=True)
+        return kept
+
+    async def every(self, interval: float = INBOX_EVERY) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.read)
+            except Exception as error:  # the store unwritable: said, tried again
+                log_event(log, "report inbox failed", logging.WARNING,
+                          error=f"{type(error).__name__}: {error}")
+            await asyncio.sleep(interval)

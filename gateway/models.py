@@ -201,6 +201,32 @@ class DmarcReportRound(BaseModel):
                                     "the domain that did not agree to receive it, a size limit)")
 
 
+class ReportedSender(BaseModel):
+    domain: str = Field(description="our domain, as the report's policy domain")
+    source_ip: str
+    reporter: str = Field(description="who sent the report (its org_name)")
+    messages: int
+    dkim_pass: int = Field(description="messages with an aligned DKIM pass, as the reporter "
+                           "evaluated them")
+    spf_pass: int
+    dispositions: dict[str, int] = Field(description="what the reporter did: none, "
+                                         "quarantine, reject")
+
+
+class ReportedTls(BaseModel):
+    policy_domain: str
+    policy_type: str = Field(description="sts, tlsa or no-policy-found")
+    reporter: str
+    successes: int
+    failures: int
+
+
+class ReceivedReports(BaseModel):
+    since: float
+    senders: list[ReportedSender]
+    tls: list[ReportedTls]
+
+
 class ReleaseFailure(BaseModel):
     detail: str
     step: str = Field(description="The SMTP step the next hop refused (or 'connection')")

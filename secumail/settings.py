@@ -11,6 +11,7 @@ import os
 import re
 import sys
 from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -273,6 +274,9 @@ class Settings(BaseSettings):
     dmarc_reports: bool = False
     dmarc_report_db: str = "/var/lib/secumail/dmarc/reports.sqlite"
     dmarc_report_from: str = ""  # empty: dmarc-reports@ the first of SECUMAIL_DOMAINS
+    # The local part of the address, at each of SECUMAIL_DOMAINS, where other receivers send
+    # their DMARC and TLS-RPT reports about our domains (rua=mailto:...); empty: none.
+    dmarc_rua_address: str = Field("", pattern=r"^[A-Za-z0-9._+-]{0,64}$")
     # Mail from outside (not mynetworks, not authenticated) whose header From is one of our
     # domains: refused unless signed with our key (services/dkim/own_domain.py).
     own_domain_from_outside: Literal["reject", "accept"] = "reject"
@@ -557,6 +561,16 @@ class Settings(BaseSettings):
     def mta_sts_hosts(self) -> list[str]:
         """The MX names the policy lists (`*.example.org` allowed, RFC 8461 4.1)."""
         return self.mta_sts_mx or [self.hostname]
+
+    @property
+    def received_reports_spool(self) -> Path:
+        """Where the spamd filter keeps report mails for the gateway (the dmarc volume)."""
+        return Path(self.dmarc_report_db).parent / "received"
+
+    @property
+    def dmarc_rua_addresses(self) -> frozenset[str]:
+        local = self.dmarc_rua_address.lower()
+        return frozenset(f"{local}@{d}" for d in self.domains) if local else frozenset()
 
     @property
     def dmarc_report_sender(self) -> str:

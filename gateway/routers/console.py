@@ -34,7 +34,7 @@ from gateway.console_html import (
 )
 from gateway.context import Gateway, GatewayDep, get_outbound, get_store
 from gateway.models import QuarantineDetail, QuarantinePreview, ReleaseReport, WhitelistRequest
-from gateway.routers import greylist, health, outbound, quarantine, tracking
+from gateway.routers import dmarc, greylist, health, outbound, quarantine, tracking
 from secumail.greylist_store import WhitelistKind
 from secumail.logs import log_event
 
@@ -441,6 +441,42 @@ async def outbound_release(request: Request, gateway: Gateway, fields: dict[str,
     if not await outbound.release(await get_outbound(gateway), subject, "console"):
         return f"Nothing held as {subject}."
     return f"Released {subject}: its mail goes out again, within its limits."
+
+
+# --- reports about our domains ---------------------------------------------------------------
+
+
+@console_page("/senders")
+async def senders_page(request: Request, gateway: Gateway, csrf: str) -> HTMLResponse:
+    try:
+        days = min(90, max(1, int(request.query_params.get("days", "7"))))
+    except ValueError:
+        days = 7
+    try:
+        found = await dmarc.received_reports(gateway, days)
+    except HTTPException as error:
+        return html(page("Who sends as my domain", f'<p class="flash">{esc(error.detail)}</p>',
+                         "senders", csrf), error.status_code)
+    rows = [(esc(s.domain), esc(s.source_ip), esc(s.reporter), esc(s.messages),
+             esc(f"{s.dkim_pass} ({s.dkim_pass * 100 // max(1, s.messages)}%)"),
+             esc(f"{s.spf_pass} ({s.spf_pass * 100 // max(1, s.messages)}%)"),
+             esc(", ".join(f"{k} {v}" for k, v in sorted(s.dispositions.items()))))
+            for s in found.senders]
+    tls = [(esc(t.policy_domain), esc(t.policy_type), esc(t.reporter), esc(t.successes),
+            f'<span class="{"failing" if t.failures else ""}">{esc(t.failures)}</span>')
+           for t in found.tls]
+    body = (f'<form class="search" method="get" action="/console/senders"><label>Days'
+            f'<input name="days" type="number" min="1" max="90" value="{days}"></label>'
+            '<button type="submit">Show</button></form>'
+            "<p>What other receivers reported (DMARC aggregate reports sent to "
+            f"SECUMAIL_DMARC_RUA_ADDRESS) about mail in your domains' name. An address that "
+            "is not yours with no aligned DKIM or SPF pass sends as you without right.</p>"
+            + table(("Domain", "Source", "Reporter", "Messages", "Aligned DKIM",
+                     "Aligned SPF", "Receiver did"), rows, "No DMARC report received.")
+            + "<h2>TLS to your domains (TLS-RPT)</h2>"
+            + table(("Policy domain", "Policy", "Reporter", "Sessions", "Failures"), tls,
+                    "No TLS report received."))
+    return html(page("Who sends as my domain", body, "senders", csrf, notice_of(request)))
 
 
 # --- health -------------------------------------------------------------------------------

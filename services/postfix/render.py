@@ -160,10 +160,11 @@ def mailbox_map(settings: Settings) -> str:
     validated by the settings, so no path can climb out of the mail volume.
     """
     addresses = [f"postmaster@{d}" for d in settings.domains]
-    # The report addresses exist (the spamd filter takes their mail, learns it, delivers
-    # nothing: their Maildirs stay empty).
+    # The report addresses exist (the spamd filter takes their mail, learns it or keeps it
+    # for the gateway, delivers nothing: their Maildirs stay empty).
     addresses += [f"{local}@{d}" for local in (settings.spam_report_address,
-                                               settings.ham_report_address)
+                                               settings.ham_report_address,
+                                               settings.dmarc_rua_address)
                   if local for d in settings.domains]
     addresses += [m for m in settings.mailboxes if m not in addresses]
     lines = []

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import Counter
 
-from secumail import tracking
+from secumail import received_reports, tracking
 from secumail.backend import BackendError
 from secumail.forwarded import ForwardedClient
 from secumail.protocols import spamc
@@ -29,7 +31,11 @@ def make_filter(settings: Settings) -> FilterService:
         settings.spam_report_address, settings.ham_report_address, settings.domains)
     budget = reports.ReportBudget(settings.report_max_per_hour)
 
+    rua_addresses = settings.dmarc_rua_addresses
+
     async def inspect(info: MessageInfo, message: bytes) -> Verdict:
+        if rua_addresses & {r.lower() for r in info.rcpt_tos}:
+            return await keep_received_report(message)
         if kind := report_addresses.kind_of(info.rcpt_tos):
             return await learn_report(info, message, kind)
         if settings.spam_max_size and len(message) > settings.spam_max_size:
@@ -44,6 +50,25 @@ def make_filter(settings: Settings) -> FilterService:
             result, settings.spam_tag_score, settings.spam_reject_score, settings.spam_action,
             settings.spam_report_symbols, quarantine_score=settings.spam_quarantine_score,
         )
+
+    async def keep_received_report(message: bytes) -> Verdict:
+        """A DMARC or TLS-RPT report about our domains, from any receiver: kept for the
+        gateway (which parses it, bounded), never delivered, to its other recipients neither:
+        the report address cannot be used to slip mail past the filter."""
+        if len(message) > received_reports.MAX_MESSAGE:
+            return Verdict("reject", "dmarc-report", f"a report mail of {len(message)} bytes",
+                           reply="552 5.3.4 Report too big for this address")
+        try:
+            name = await asyncio.to_thread(received_reports.spool,
+                                           settings.received_reports_spool, message)
+        except received_reports.SpoolFull as full:
+            return Verdict("tempfail", "dmarc-report", str(full),
+                           reply="452 4.3.1 Too many reports waiting, please try again later")
+        except OSError as error:
+            return Verdict("tempfail", "dmarc-report", f"report spool: {error}",
+                           reply="451 4.3.0 The report could not be kept, please try again "
+                           "later")
+        return Verdict("drop", "dmarc-report", f"kept for the gateway as {name}")
 
     async def learn_report(info: MessageInfo, message: bytes, kind: spamc.Kind) -> Verdict:
         """A user's report: learned, never delivered; refused from outside."""

@@ -159,3 +159,45 @@ def test_users_report_spam_by_forwarding_it_and_outsiders_cannot(
                                                   by + "known as spam already"}, learned
     finally:
         daemon.stop()
+
+
+def test_reports_about_our_domains_are_kept_for_the_gateway_and_delivered_to_nobody(
+    sink: SmtpSink, tmp_path: Path
+) -> None:
+    """Issue 33: DMARC and TLS-RPT reports come from any receiver, so the report address
+    takes mail from outside; what it takes is kept for the gateway and never relayed, to its
+    other recipients neither (the attack: the report address used to slip mail past the
+    filter), and a report mail too big is refused."""
+    port = free_port()
+    db = tmp_path / "dmarc" / "reports.sqlite"
+    daemon = start_service("secumail-spamd", service_env(
+        spamd_listen=f"127.0.0.1:{port}", spamd_next_hop=f"127.0.0.1:{sink.port}",
+        spamassassin_address=str(tmp_path / "no-spamd.sock"),
+        quarantine_dir=str(tmp_path / "q"), domains="secumail.test",
+        dmarc_rua_address="dmarc-rua", dmarc_report_db=str(db),
+        message_size_limit="20000000"), "SECUMAIL_SPAMD_LISTEN")  # past the report's bound
+    report = EmailMessage()
+    report["From"], report["Subject"] = "noreply-dmarc@google.test", "Report domain: x"
+    report.set_content("a report\n")
+    report.add_attachment(b"\x1f\x8b report", maintype="application", subtype="gzip",
+                          filename="google.test!secumail.test!1!2.xml.gz")
+    data = report.as_bytes(policy=report.policy.clone(linesep="\r\n"))
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+            smtp.ehlo("mx.secumail.test")
+            assert smtp.docmd("XFORWARD", "ADDR=203.0.113.9 NAME=mail.google.test "
+                              "HELO=mail.google.test PROTO=ESMTP")[0] == 250
+            refused = smtp.sendmail("noreply-dmarc@google.test",
+                                    ["dmarc-rua@secumail.test", "victim@elsewhere.test"], data)
+            assert refused == {}
+            with pytest.raises(smtplib.SMTPDataError) as too_big:
+                smtp.sendmail("noreply-dmarc@google.test", ["dmarc-rua@secumail.test"],
+                              data + (b"x" * 998 + b"\r\n") * 10_600)
+            assert (too_big.value.smtp_code, too_big.value.smtp_error) == (
+                552, b"5.3.4 Report too big for this address")
+        [kept] = (db.parent / "received").glob("*.eml")
+        assert kept.read_bytes() == data
+        assert sink.handler.messages == []  # nobody got it, the victim neither
+        assert daemon.logged("verdict=dmarc-report")
+    finally:
+        daemon.stop()

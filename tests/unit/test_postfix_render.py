@@ -102,6 +102,8 @@ def test_mailboxes_and_delivery() -> None:
         "bob@secumail.test secumail.test/bob/",
         "@example.net example.net/@catchall/",
     ]
+    reports = mailbox_map(settings(dmarc_rua_address="dmarc-rua")).splitlines()
+    assert "dmarc-rua@example.net example.net/dmarc-rua/" in reports  # it exists, for others
     assert main_cf(settings())["virtual_mailbox_domains"] == "secumail.test, example.net"
     relayed = main_cf(
         settings(delivery_transport="lmtp:inet:dovecot:24", relayhost="[smarthost]:587")
