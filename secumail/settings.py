@@ -273,6 +273,7 @@ class Settings(BaseSettings):
     # in this store; once a day the gateway sends each domain that asks (rua) its report.
     dmarc_reports: bool = False
     dmarc_report_db: str = "/var/lib/secumail/dmarc/reports.sqlite"
+    dmarc_report_flush: float = Field(60.0, gt=0, le=3600)  # seconds between two writes
     dmarc_report_from: str = ""  # empty: dmarc-reports@ the first of SECUMAIL_DOMAINS
     # The local part of the address, at each of SECUMAIL_DOMAINS, where other receivers send
     # their DMARC and TLS-RPT reports about our domains (rua=mailto:...); empty: none.

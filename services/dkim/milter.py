@@ -534,7 +534,7 @@ class MilterSession:
                           refused: bool) -> None:
         """Count this check for its policy domain's aggregate report (SECUMAIL_DMARC_REPORTS),
         when the domain asks for reports: a few dictionary operations, the store is written
-        once a minute (services/dkim/server.py)."""
+        every SECUMAIL_DMARC_REPORT_FLUSH seconds (services/dkim/server.py)."""
         tally = self.milter.tally
         if tally is None or outcome.result not in ("pass", "fail") or \
                 not isinstance(answer, tuple) or answer[0] is None or not answer[0].rua:

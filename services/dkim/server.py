@@ -36,7 +36,6 @@ from services.dkim.milter import DkimMilter, Outcome
 
 log = logging.getLogger("secumail.dkim")
 
-CHECKS_STORED_EVERY = 60.0  # seconds between two writes of the DMARC checks counted
 
 MESSAGES = Counter(
     "secumail_dkim_messages", "Messages by what the milter did (sign, verify, skip) and answered",
@@ -120,7 +119,7 @@ class DkimService:
 
     async def _store_checks_every(self) -> None:
         while True:
-            await asyncio.sleep(CHECKS_STORED_EVERY)
+            await asyncio.sleep(self.settings.dmarc_report_flush)
             await self.store_checks()
 
     async def store_checks(self) -> None:
