@@ -287,6 +287,10 @@ class Settings(BaseSettings):
     # message passed DMARC before they forwarded it: a DMARC fail with their passing chain is
     # delivered (RFC 8617 7.2.1), never refused under SECUMAIL_DMARC_REJECT.
     arc_trusted_sealers: CommaList = []
+    # Our domains that forward mail elsewhere (aliases to other providers): mail from outside
+    # to a recipient there is ARC-sealed with that domain's DKIM key (RSA), so that the next
+    # receiver can trust what we found although forwarding broke SPF.
+    arc_seal_domains: CommaList = []
 
     # --- gateway (8080): health, metrics, chain probe, admin API ---------------------------
     gateway_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:8080")
@@ -329,7 +333,7 @@ class Settings(BaseSettings):
         "greylist_dnswl_zones", "greylist_known_senders", "attachment_block", "attachment_allow",
         "domains", "rbl_zones", "mailboxes", "clamav_allowed_clients", "spamd_allowed_clients",
         "tracking_readers", "own_domain_allowed_senders", "arc_trusted_sealers", "mta_sts_mx",
-        "gateway_hosts", mode="before",
+        "gateway_hosts", "arc_seal_domains", mode="before",
     )
     @classmethod
     def _comma_list(cls, value: object) -> object:
@@ -412,7 +416,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"not a host name or *.domain: {name!r}")
         return names
 
-    @field_validator("arc_trusted_sealers")
+    @field_validator("arc_trusted_sealers", "arc_seal_domains")
     @classmethod
     def _sealers(cls, items: list[str]) -> list[str]:
         domains = [item.lower().strip(".") for item in items]

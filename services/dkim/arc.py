@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from secumail.dkim_keys import record_name
+from secumail.dkim_keys import SigningKey, record_name
 from services.dkim import signature
 from services.dkim.canonical import canonical_header, field_name
 
@@ -167,11 +167,13 @@ def collect(headers: list[Header]) -> Chain | None:
     return Chain(sets, signatures, seals)
 
 
-def seal_hash_input(chain: Chain, instance: int) -> bytes:
+def seal_hash_input(chain: Chain | list[tuple[Header, Header, Header]], instance: int
+                    ) -> bytes:
     """What the seal of `instance` signs (5.1.1): every set up to it, oldest first, each
     as results, message signature, seal, relaxed; its own seal without b= nor final CRLF."""
+    sets = chain.sets if isinstance(chain, Chain) else chain
     parts = []
-    for number, fields in enumerate(chain.sets[:instance], start=1):
+    for number, fields in enumerate(sets[:instance], start=1):
         for name, value in fields:
             if number == instance and field_name(name) == SEAL:
                 value = signature.strip_b_value(value)
@@ -252,3 +254,35 @@ def dmarc_pass_vouched(chain: Chain, trusted: frozenset[str]) -> str | None:
 def _trusted(domain: str, trusted: frozenset[str]) -> bool:
     labels = domain.split(".")
     return any(".".join(labels[i:]) in trusted for i in range(len(labels) - 1))
+
+
+# --- sealing (RFC 8617 5.1) -------------------------------------------------------------------
+
+RESULTS_HEADER: Final = b"ARC-Authentication-Results"
+SEAL_HEADER: Final = b"ARC-Seal"
+
+
+def new_set(chain: Chain | None, chain_result: str, results: bytes,
+            headers: list[Header], body_hash: bytes, key: SigningKey, timestamp: int
+            ) -> list[Header] | None:
+    """The set this host adds, sealed with `key` (RSA: RFC 8617 names rsa-sha256 only):
+    ARC-Authentication-Results (`results`, our Authentication-Results value without its
+    leading space), ARC-Message-Signature of the message as it is (`headers`, values in CRLF
+    form; `body_hash`: its relaxed SHA-256 body hash) and ARC-Seal over every set. The
+    chain as it arrived decides the instance and cv=: none for the first set, pass after a
+    passing chain; None (no set) after a failing one (`chain_result` fail: whatever its
+    structure), or past the 50th."""
+    instance = 1 if chain is None else len(chain.sets) + 1
+    if chain_result == "fail" or instance > MAX_INSTANCES:
+        return None
+    aar = (RESULTS_HEADER, f" i={instance}; ".encode() + results.lstrip())
+    ams = (signature.ARC_MESSAGE_SIGNATURE_HEADER,
+           signature.sign(headers, body_hash, key, timestamp, arc_instance=instance))
+    tags = [f"i={instance};".encode(), f"a={key.algorithm};".encode(),
+            b"cv=none;" if instance == 1 else b"cv=pass;", f"d={key.domain};".encode(),
+            f"s={key.selector};".encode(), f"t={timestamp};".encode()]
+    unsigned = b" " + signature.fold_tags(tags) + b"\r\n\tb="
+    sets = [*(chain.sets if chain is not None else []), (aar, ams, (SEAL_HEADER, unsigned))]
+    seal = (SEAL_HEADER, unsigned + signature.signature_value(
+        key, seal_hash_input(sets, instance)))
+    return [aar, ams, seal]

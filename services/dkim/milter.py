@@ -99,6 +99,10 @@ class DkimMilter:
         self.allowed_outsiders = own_domain.AllowedOutsiders.from_lists(
             settings.own_domain_allowed_senders, settings.own_domain_allowed_networks)
         self.arc_trusted = frozenset(settings.arc_trusted_sealers)
+        # Sealing needs the envelope recipients: only then does Postfix send them (RCPT).
+        self.arc_seal_domains = frozenset(settings.arc_seal_domains)
+        self.protocol = (WANTED_PROTOCOL & ~mc.NO_RCPT) | mc.NO_REPLY_RCPT \
+            if self.arc_seal_domains else WANTED_PROTOCOL
         self.on_outcome: Callable[[Outcome], None] | None = None
 
     def session(self, peer: str = "?") -> MilterSession:
@@ -138,6 +142,8 @@ class MilterSession:
         # The ARC chain, or why its structure fails (both None: no ARC field).
         self.arc_chain: arc.Chain | None = None
         self.arc_error: str | None = None
+        self.recipients: list[str] = []  # only when sealing (SECUMAIL_ARC_SEAL_DOMAINS)
+        self.seal_key: SigningKey | None = None
         self.in_message = False
 
     @property
@@ -149,7 +155,7 @@ class MilterSession:
     def handle(self, command: mc.Command) -> bytes:
         """Everything but EndOfMessage: returns the bytes to send (often none)."""
         if isinstance(command, mc.OptionNegotiation):
-            self.negotiated = mc.negotiate(command, WANTED_ACTIONS, WANTED_PROTOCOL,
+            self.negotiated = mc.negotiate(command, WANTED_ACTIONS, self.milter.protocol,
                                            WANTED_MACROS)
             self.leading_space = self.negotiated.header_leading_space
             # The two commands of every message line, answered without a lookup.
@@ -178,6 +184,8 @@ class MilterSession:
                 self._new_message()
             self.in_message = True
             self.sender = command.sender.strip().removeprefix("<").removesuffix(">")
+        elif isinstance(command, mc.RcptTo):
+            self.recipients.append(command.recipient.strip().strip("<>").lower())
         elif isinstance(command, mc.Helo):
             self.helo = command.name
         elif isinstance(command, mc.Connect):
@@ -274,6 +282,22 @@ class MilterSession:
                 if parsed_ams is not None and parsed_ams.body_hasher_key not in self.hashers:
                     self.hashers[parsed_ams.body_hasher_key] = BodyHasher(
                         *parsed_ams.body_hasher_key)
+        self.seal_key = self._seal_key()
+        if self.seal_key is not None and _SIGN_BODY not in self.hashers:
+            self.hashers[_SIGN_BODY] = BodyHasher(RELAXED, "sha256")
+
+    def _seal_key(self) -> SigningKey | None:
+        """The key to ARC-seal this message with: the RSA key of the first recipient domain
+        in SECUMAIL_ARC_SEAL_DOMAINS that has one (mail we forward); None otherwise."""
+        for recipient in self.recipients:
+            domain = recipient.rpartition("@")[2]
+            if domain not in self.milter.arc_seal_domains:
+                continue
+            found = self.milter.keys.lookup(domain)
+            rsa = [k for k in found.keys if k.key_type == "rsa"] if found else []
+            if rsa:
+                return rsa[0]
+        return None
 
     # --- end of message ---------------------------------------------------------------------
 
@@ -445,7 +469,25 @@ class MilterSession:
             text = own_domain.warning(claimed, from_domain)
             header += mc.encode_insert_header(
                 0, *self._header_bytes(WARNING_HEADER, text.encode("utf-8")))
+        if self.seal_key is not None:
+            header += self._seal(arc_result, value, outcome)
         return header + mc.CONTINUE, outcome
+
+    def _seal(self, arc_result: arc.ArcResult | None, results: str, outcome: Outcome) -> bytes:
+        """The ARC set for mail we forward (SECUMAIL_ARC_SEAL_DOMAINS), inserted on top:
+        ARC-Seal first, then the message signature, then the results."""
+        assert self.seal_key is not None
+        sealed = arc.new_set(
+            self.arc_chain, arc_result.result if arc_result is not None else "none",
+            results.replace("\n", "\r\n").encode("utf-8"), self.headers,
+            self.hashers[_SIGN_BODY].digest(), self.seal_key, int(self.milter.clock()))
+        if sealed is None:
+            outcome.fields["arc_sealed"] = "no: the chain it came with failed"
+            return b""
+        instance = len(self.arc_chain.sets) + 1 if self.arc_chain is not None else 1
+        outcome.fields["arc_sealed"] = f"i={instance} d={self.seal_key.domain}"
+        return b"".join(mc.encode_insert_header(0, *self._header_bytes(name, value))
+                        for name, value in sealed)
 
     def _own_domain_forged(self, from_domain: str,
                            reports: list[auth_results.DkimReport]) -> str | None:

@@ -25,6 +25,7 @@ from secumail.dkim_keys import SigningKey, record_name
 from services.dkim.canonical import CANONICALIZATIONS, RELAXED, field_name, header_hash_input
 
 SIGNATURE_HEADER: Final = b"DKIM-Signature"
+ARC_MESSAGE_SIGNATURE_HEADER: Final = b"ARC-Message-Signature"
 MIN_RSA_BITS: Final = 1024
 
 # Over-signed (RFC 6376 8.15; OpenDKIM's OversignHeaders, Rspamd's defaults): named in h=
@@ -76,7 +77,7 @@ def signed_header_names(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
     return names + list(OVERSIGNED_HEADERS)
 
 
-def _fold(tags: list[bytes], width: int = 76) -> bytes:
+def fold_tags(tags: list[bytes], width: int = 76) -> bytes:
     """Tags joined by "; " with a fold (CRLF TAB) before a tag that would pass `width`.
     A long h= list is cut after its colons, where a verifier's unfolding changes nothing
     it compares (it strips the whitespace around each name)."""
@@ -113,19 +114,29 @@ def _sign_bytes(key: SigningKey, data: bytes) -> bytes:
 
 def sign(
     headers: list[tuple[bytes, bytes]], body_hash: bytes, key: SigningKey, timestamp: int,
+    arc_instance: int = 0,
 ) -> bytes:
     """The DKIM-Signature value (after the colon, with a leading space, CRLF folds) for a
-    message with these headers (values in CRLF form) and this relaxed body hash."""
+    message with these headers (values in CRLF form) and this relaxed body hash; with
+    `arc_instance`, the ARC-Message-Signature of that instance (RFC 8617 4.1.2: the same
+    signature, i= in place of v=)."""
     names = signed_header_names(headers)
     tags = [
-        b"v=1;", f"a={key.algorithm};".encode(), b"c=relaxed/relaxed;",
+        f"i={arc_instance};".encode() if arc_instance else b"v=1;",
+        f"a={key.algorithm};".encode(), b"c=relaxed/relaxed;",
         f"d={key.domain};".encode(), f"s={key.selector};".encode(), f"t={timestamp};".encode(),
         b"h=" + b":".join(names) + b";", b"bh=" + base64.b64encode(body_hash) + b";",
     ]
-    unsigned = b" " + _fold(tags) + b"\r\n\tb="
-    data = header_hash_input(headers, names, (SIGNATURE_HEADER, unsigned), relaxed=True)
+    unsigned = b" " + fold_tags(tags) + b"\r\n\tb="
+    name = ARC_MESSAGE_SIGNATURE_HEADER if arc_instance else SIGNATURE_HEADER
+    data = header_hash_input(headers, names, (name, unsigned), relaxed=True)
+    return unsigned + signature_value(key, data)
+
+
+def signature_value(key: SigningKey, data: bytes) -> bytes:
+    """b=, base64, folded, of `data` signed with `key` (DKIM signatures, ARC seals)."""
     value = base64.b64encode(_sign_bytes(key, data))
-    return unsigned + b"\r\n\t".join(value[i : i + 72] for i in range(0, len(value), 72))
+    return b"\r\n\t".join(value[i : i + 72] for i in range(0, len(value), 72))
 
 
 # --- verifying ----------------------------------------------------------------------------

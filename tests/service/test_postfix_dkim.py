@@ -201,6 +201,22 @@ def test_dmarc_checks_are_counted_for_the_domains_reports(tmp_path: Path,
     assert check.spf == ("elsewhere.test", "mfrom", "none")
 
 
+def test_mail_we_forward_leaves_arc_sealed(tmp_path: Path, dns_server: LoopbackDNS) -> None:
+    """Issue 33: with SECUMAIL_ARC_SEAL_DOMAINS, the milter asks Postfix for the recipients
+    and seals mail from outside to such a domain; dkimpy verifies the chain it made."""
+    for chain in start_chain(tmp_path, dns_server, arc_seal_domains="secumail.test"):
+        signed = chain.sign_as_remote(INBOUND)
+        send(chain.postfix.port, "carol@remote.test", "bob@secumail.test", signed,
+             client=REMOTE_CLIENT)
+        _, raw = delivered(chain, 1)
+        assert b"ARC-Seal: i=1; a=rsa-sha256; cv=none; d=secumail.test; s=s1;" in raw
+        cv, _, reason = dkim.arc_verify(raw, dnsfunc=chain.dnsfunc())
+        assert cv == b"pass", reason
+        send(chain.postfix.port, "alice@secumail.test", "bob@remote.test", OUTBOUND)
+        _, ours = delivered(chain, 2)
+        assert b"ARC-Seal" not in ours  # our own mail is signed, not sealed
+
+
 # --- Forged verdicts (issue 13, items 1 to 5): each attack through the real Postfix -------------
 
 FORGED_RESULTS = (

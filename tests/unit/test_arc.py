@@ -18,6 +18,7 @@ from services.dkim import arc
 from tests.unit.test_dkim_milter import (
     MESSAGE,
     Harness,
+    apply,
     authentication_results,
     signed_elsewhere,
 )
@@ -228,3 +229,60 @@ def test_a_broken_structure_is_arc_fail_in_the_results(tmp_path: Path) -> None:
     replies, _ = harness.send(head + MESSAGE)
     assert arc_entry(replies) == ('arc=fail reason="ARC-Seal i=2 says the chain had failed '
                                   '(cv=fail)" smtp.remote-ip=203.0.113.7')
+
+
+# --- sealing (issue 33, item 1) -----------------------------------------------------------------
+
+def forwarding_host(tmp_path: Path) -> Harness:
+    """This host forwards fwd.secumail.test's mail elsewhere and seals it with that domain's
+    key (published in the fake DNS)."""
+    harness = Harness(tmp_path / "fwd", arc_seal_domains="fwd.secumail.test",
+                      domains=["secumail.test", "fwd.secumail.test"])
+    harness.add_key("fwd.secumail.test", "seal")
+    return harness
+
+
+def sealed_here(harness: Harness, message: bytes, to: str = "alias@fwd.secumail.test"
+                ) -> tuple[bytes, list]:  # type: ignore[type-arg]
+    replies, _ = harness.send(message, recipients=(to,))
+    assert [r.code for r in replies][-1] == "c"
+    return apply(message, replies), replies
+
+
+def test_mail_we_forward_is_sealed_and_verifies_with_dkimpy_and_here(tmp_path: Path) -> None:
+    harness = forwarding_host(tmp_path)
+    message = signed_elsewhere(harness)  # signed by example.org, from outside
+    sealed, _ = sealed_here(harness, message)
+    assert MESSAGE.split(b"\r\n\r\n")[1] in sealed
+    assert sealed.startswith(b"ARC-Seal: i=1; a=rsa-sha256; cv=none; d=fwd.secumail.test;")
+    assert b"ARC-Authentication-Results: i=1; mx.secumail.test;" in sealed
+    assert dkimpy_verdict(harness, sealed) == b"pass"
+    # The next hop, another host running the milter, verifies our chain as a whole.
+    next_hop = Harness(tmp_path / "next", authserv_id="mx.next.test")
+    next_hop.dns.records.update(harness.dns.records)
+    replies, _ = next_hop.send(sealed)
+    assert arc_entry(replies).startswith("arc=pass")
+
+
+def test_a_chain_that_passed_gets_the_next_set_and_a_failed_one_none(tmp_path: Path) -> None:
+    harness = forwarding_host(tmp_path)
+    listed = Sealer(harness, LIST).seal(forwarded(signed_elsewhere(harness)),
+                                        "dkim=pass header.d=example.org")
+    sealed, replies = sealed_here(harness, listed)
+    assert sealed.startswith(b"ARC-Seal: i=2; a=rsa-sha256; cv=pass; d=fwd.secumail.test;")
+    assert dkimpy_verdict(harness, sealed) == b"pass"
+    # A broken chain: no set of ours vouches for it (RFC 8617 5.1.2).
+    tampered = listed.replace(b"the list", b"the lost")
+    sealed, replies = sealed_here(harness, tampered)
+    assert b"ARC-Seal: i=2" not in sealed and arc_entry(replies).startswith("arc=fail")
+
+
+def test_only_mail_from_outside_to_a_forwarding_domain_is_sealed(tmp_path: Path) -> None:
+    harness = forwarding_host(tmp_path)
+    message = signed_elsewhere(harness)
+    for to in ("bob@secumail.test", "someone@elsewhere.test"):
+        sealed, _ = sealed_here(harness, message, to)
+        assert b"ARC-Seal" not in sealed
+    # Without the setting, Postfix is not even asked for the recipients.
+    assert Harness(tmp_path / "plain").milter.protocol & 0x08  # NO_RCPT
+    assert not forwarding_host(tmp_path / "x").milter.protocol & 0x08

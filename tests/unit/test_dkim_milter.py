@@ -75,8 +75,10 @@ class Harness:
         return session
 
     def send(self, message: bytes, client: str = "203.0.113.7", auth: str = "",
-             session: MilterSession | None = None) -> tuple[list[mc.Reply], bytes]:
-        """One message through a session as Postfix sends it; the replies to it."""
+             session: MilterSession | None = None, recipients: tuple[str, ...] = ()
+             ) -> tuple[list[mc.Reply], bytes]:
+        """One message through a session as Postfix sends it; the replies to it. RCPT goes
+        to the milter only when it asked for it (ARC sealing on), as Postfix does."""
         session = session or self.session()
         head, _, body = message.partition(b"\r\n\r\n")
         commands: list[mc.Command] = [
@@ -86,6 +88,8 @@ class Harness:
             mc.DefineMacros(b"M", {"auth_authen": auth} if auth else {}),
             mc.MailFrom("<sender@example.org>"),
         ]
+        if not self.milter.protocol & mc.NO_RCPT:
+            commands += [mc.RcptTo(f"<{r}>") for r in recipients]
         for line in head.replace(b"\r\n ", b"\n ").replace(b"\r\n\t", b"\n\t").split(b"\r\n"):
             name, _, value = line.partition(b":")
             commands.append(mc.Header(name, value))
