@@ -51,7 +51,7 @@ pre.preview { white-space: pre-wrap; overflow-wrap: anywhere; max-height: 32rem;
 """
 
 NAV = (("tracking", "Tracking"), ("quarantine", "Quarantine"), ("greylist", "Greylist"),
-       ("outbound", "Outbound"), ("senders", "Senders"), ("health", "Health"))
+       ("outbound", "Outbound"), ("dkim", "DKIM"), ("senders", "Senders"), ("health", "Health"))
 
 
 def esc(value: object) -> str:

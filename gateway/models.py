@@ -76,6 +76,9 @@ class HealthReport(BaseModel):
     spamassassin_rules: RulesState | None = Field(
         None, description="SpamAssassin's rules: which spamd loads, whether sa-update keeps "
         "them current, and why not (none until the spamassassin container wrote it)")
+    dkim_awaiting_record: list[DkimKey] = Field(
+        [], description="DKIM keys a rotation made, which sign once their record is in DNS: "
+        "publish TXT record_value at record_name")
 
 
 # --- greylist ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ answers 401 with the sign-in form, and an action 403, having done nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -34,7 +35,7 @@ from gateway.console_html import (
 )
 from gateway.context import Gateway, GatewayDep, get_outbound, get_store
 from gateway.models import QuarantineDetail, QuarantinePreview, ReleaseReport, WhitelistRequest
-from gateway.routers import dmarc, greylist, health, outbound, quarantine, tracking
+from gateway.routers import dkim, dmarc, greylist, health, outbound, quarantine, tracking
 from secumail.greylist_store import WhitelistKind
 from secumail.logs import log_event
 
@@ -441,6 +442,35 @@ async def outbound_release(request: Request, gateway: Gateway, fields: dict[str,
     if not await outbound.release(await get_outbound(gateway), subject, "console"):
         return f"Nothing held as {subject}."
     return f"Released {subject}: its mail goes out again, within its limits."
+
+
+# --- DKIM keys ------------------------------------------------------------------------------
+
+
+@console_page("/dkim")
+async def dkim_page(request: Request, gateway: Gateway, csrf: str) -> HTMLResponse:
+    try:
+        keys = await asyncio.to_thread(dkim.listed_keys, gateway.settings)
+    except OSError as error:
+        return html(page("DKIM keys", f'<p class="flash">{esc(error)}</p>', "dkim", csrf), 503)
+    rows = [(esc(k.domain), esc(k.selector), esc(k.key_type or ""),
+             f'<span class="outcome {"ok" if k.role == "signing" else ""}">'
+             f"{esc(k.role or ('signing' if k.active else 'inactive'))}</span>",
+             f'<span class="detail">{esc(k.record_name)}</span>',
+             f'<span class="detail"><code>{esc(k.record_value)}</code></span>',
+             esc(when(k.removable_after)) if k.removable_after else "",
+             esc(k.error or ""))
+            for k in keys]
+    waiting = [k for k in keys if k.role == "awaiting-record"]
+    notice = (f'<p class="flash" role="status">Publish {len(waiting)} record(s): a rotated '
+              "key signs once its TXT record is in DNS.</p>" if waiting else "")
+    body = (notice + "<p>Each key's TXT record, as DNS must publish it. A retired key's "
+            "record stays until its date (mail it signed is still being checked). Keys are "
+            "made with <code>secumail-dkim keygen</code> or <code>POST /admin/dkim/keys"
+            "</code>; SECUMAIL_DKIM_ROTATE_DAYS rotates them.</p>"
+            + table(("Domain", "Selector", "Type", "Role", "Record name", "Record value",
+                     "Record removable after", "Error"), rows, "No DKIM key yet."))
+    return html(page("DKIM keys", body, "dkim", csrf, notice_of(request)))
 
 
 # --- reports about our domains ---------------------------------------------------------------

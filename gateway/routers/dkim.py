@@ -12,6 +12,7 @@ from gateway.context import GatewayDep, invalid, problem
 from gateway.models import DkimActivation, DkimKey, KeygenReport, KeygenRequest
 from secumail import dkim_keys, dkim_rotation
 from secumail.logs import log_event
+from secumail.settings import Settings
 
 log = logging.getLogger("secumail.gateway")
 
@@ -21,10 +22,15 @@ router = APIRouter(prefix="/admin/dkim", tags=["dkim"])
 @router.get("/keys", response_model=list[DkimKey],
             summary="Every domain's selectors, which sign, and the DNS record to publish")
 async def list_dkim(gateway: GatewayDep) -> list[DkimKey]:
-    settings = gateway.settings
+    return await asyncio.to_thread(listed_keys, gateway.settings)
+
+
+def listed_keys(settings: Settings) -> list[DkimKey]:
+    """Every key with its role (rotation) and record: the API, /health (the records to
+    publish) and the console's DKIM page."""
     keys_dir = Path(settings.dkim_keys_dir)
-    listed = await asyncio.to_thread(dkim_keys.list_keys, keys_dir)
-    states = await asyncio.to_thread(dkim_rotation.key_states, keys_dir, listed)
+    listed = dkim_keys.list_keys(keys_dir)
+    states = dkim_rotation.key_states(keys_dir, listed)
     roles = dkim_rotation.roles(states, settings.dkim_rotate_days)
     found = []
     for k in listed:

@@ -13,6 +13,7 @@ from gateway.context import GatewayDep, problem
 from gateway.health import HopResult
 from gateway.models import (
     Alive,
+    DkimKey,
     FailingHop,
     HealthReport,
     ProbeReport,
@@ -20,7 +21,9 @@ from gateway.models import (
     ReplicaHealth,
     ServiceHealth,
 )
+from gateway.routers.dkim import listed_keys
 from gateway.spamassassin import BayesState, RulesState, read_state, status_path
+from secumail.settings import Settings
 
 # How old a round of probes may be when reused: /readyz and /health stay close to live.
 READY_MAX_AGE = 1.0
@@ -89,7 +92,16 @@ async def health(gateway: GatewayDep) -> HealthReport:
             read_state, status_path(gateway.settings.spamassassin_address, "bayes"), BayesState),
         spamassassin_rules=await asyncio.to_thread(
             read_state, status_path(gateway.settings.spamassassin_address, "rules"), RulesState),
+        dkim_awaiting_record=await asyncio.to_thread(awaiting_record, gateway.settings),
     )
+
+
+def awaiting_record(settings: Settings) -> list[DkimKey]:
+    """The keys whose record the admin must publish (a rotation's successors)."""
+    try:
+        return [k for k in listed_keys(settings) if k.role == "awaiting-record"]
+    except OSError:  # no keys volume here: nothing to publish
+        return []
 
 
 @router.get("/probe", response_model=ProbeReport, summary="The last chain probe's result",

@@ -960,6 +960,11 @@ def test_dkim_keys_listing_says_what_rotation_made_of_each(make_gateway: Any) ->
     activated = os.stat(keys_dir / "secumail.test" / "active").st_mtime
     assert listed["s0"]["removable_after"] == pytest.approx(activated + 7 * 86400)
     assert listed["s1"]["removable_after"] is None
+    # What to publish, in /health too (issue 33: "the console and /health say what").
+    health = gateway.client.get("/health", headers=AUTH).json()
+    assert [(k["selector"], k["record_name"], k["record_value"])
+            for k in health["dkim_awaiting_record"]] == [
+        ("s2", listed["s2"]["record_name"], listed["s2"]["record_value"])]
 
 
 @pytest.mark.parametrize("body", [{"domain": "localhost"}, {"domain": "a..b"},

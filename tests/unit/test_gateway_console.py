@@ -8,11 +8,13 @@ import html
 import quopri
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.auth import ConsoleSessions, WrongTokens
+from secumail import dkim_keys
 from tests.unit.test_gateway_api import (  # noqa: F401 (fixtures)
     ADMIN,
     KEPT_SPAM,
@@ -27,7 +29,7 @@ from tests.unit.test_gateway_api import (  # noqa: F401 (fixtures)
 
 PAGES = ["/console/tracking", "/console/tracking?sender=a@remote.test", "/console/quarantine",
          "/console/quarantine/{id}", "/console/greylist", "/console/outbound",
-         "/console/health"]
+         "/console/dkim", "/console/senders", "/console/health"]
 ACTIONS = [("/console/quarantine/{id}/release", {}),
            ("/console/quarantine/{id}/release", {"learn": "false"}),
            ("/console/quarantine/{id}/learn", {"kind": "spam"}),
@@ -432,3 +434,13 @@ def test_a_hostile_message_is_shown_safely_and_within_bounds(
         assert preview == ("p" * size)[:4096]
         bound = "more than 1000 MIME parts" if shape == "1,000 parts" else "first 1 MiB"
         assert bound in page
+
+
+def test_the_dkim_page_shows_each_keys_record_and_what_to_publish(console: Gateway) -> None:
+    keys_dir = Path(console.settings.dkim_keys_dir)
+    made = dkim_keys.keygen(keys_dir, "secumail.test", "s1", "rsa", 1024, activate_now=True)
+    sign_in(console)
+    page = console.client.client.get("/console/dkim")
+    assert page.status_code == 200
+    assert made.record_name in page.text and html.escape(made.record_value) in page.text
+    assert "signing" in page.text and "Publish" not in page.text
