@@ -286,3 +286,18 @@ def test_only_mail_from_outside_to_a_forwarding_domain_is_sealed(tmp_path: Path)
     # Without the setting, Postfix is not even asked for the recipients.
     assert Harness(tmp_path / "plain").milter.protocol & 0x08  # NO_RCPT
     assert not forwarding_host(tmp_path / "x").milter.protocol & 0x08
+
+
+def test_no_fifty_first_set_is_sealed(tmp_path: Path) -> None:
+    harness = forwarding_host(tmp_path)
+    found = harness.milter.keys.lookup("fwd.secumail.test")
+    assert found is not None
+    key = found.keys[0]
+    fifty = arc.collect(chain_of(*(arc_set(i, "none" if i == 1 else "pass")
+                                   for i in range(1, 51))))
+    forty_nine = arc.collect(chain_of(*(arc_set(i, "none" if i == 1 else "pass")
+                                        for i in range(1, 50))))
+    headers = [(b"From", b" a@example.org\r\n")]
+    assert arc.new_set(fifty, "pass", b"x; arc=pass", headers, b"\0" * 32, key, 1) is None
+    made = arc.new_set(forty_nine, "pass", b"x; arc=pass", headers, b"\0" * 32, key, 1)
+    assert made is not None and made[2][1].startswith(b" i=50; a=rsa-sha256; cv=pass;")
