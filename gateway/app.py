@@ -123,10 +123,7 @@ def create_app(
             make_async_resolver(settings.dns_servers, settings.dns_timeout))
         gateway.dmarc = DmarcReporter(settings, lookup, reports, notice_send, clock)
     if settings.dmarc_rua_address:
-        received = Counter("secumail_dmarc_received_reports", "Reports other receivers sent "
-                           "about our domains, by kind (dmarc, tlsrpt) and result (kept, "
-                           "repeated, refused)", ["kind", "result"], registry=registry)
-        gateway.inbox = ReportInbox(settings, received, clock)
+        gateway.inbox = ReportInbox(settings, registry, clock)
     if settings.quarantine_digest:
         if settings.admin_token.get_secret_value():  # its links are signed with it
             gateway.digest = Digests(settings, gateway.quarantine.quarantine,

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter
 
 from gateway.outbound_notice import NoticeSend
 from gateway.own_mail import send_own_mail
@@ -37,7 +37,14 @@ from secumail.dmarc_reports import (
 from secumail.dns import DnsTemporaryError
 from secumail.logs import log_event
 from secumail.protocols.smtp import SmtpRefused, SmtpReply, SmtpUnavailable
-from secumail.received_reports import BadReport, ReceivedStore, parse, reports_in, spooled
+from secumail.received_reports import (
+    BadReport,
+    ReceivedReport,
+    ReceivedStore,
+    parse,
+    reports_in,
+    spooled,
+)
 from secumail.settings import Settings
 
 log = logging.getLogger("secumail.gateway")
@@ -159,11 +166,23 @@ class ReportInbox:
     """Reads the report mails other receivers sent about our domains (kept by the spamd
     filter: SECUMAIL_DMARC_RUA_ADDRESS) into the received-report store."""
 
-    def __init__(self, settings: Settings, counter: Counter,
+    def __init__(self, settings: Settings, registry: CollectorRegistry,
                  clock: Callable[[], float] = time.time) -> None:
         self.folder = settings.received_reports_spool
         self.path = Path(settings.dmarc_report_db).parent / "received.sqlite"
-        self.counter = counter  # secumail_dmarc_received_reports_total{kind, result}
+        self.counter = Counter(
+            "secumail_dmarc_received_reports", "Reports other receivers sent about our "
+            "domains, by kind (dmarc, tlsrpt) and result (kept, repeated, refused)",
+            ["kind", "result"], registry=registry)
+        # What they said, for alerts: mail in our name that failed DMARC, TLS that failed.
+        self.messages = Counter(
+            "secumail_dmarc_reported_messages", "Messages in our domains' name that receivers "
+            "reported, by domain and DMARC result (pass: an aligned DKIM or SPF pass)",
+            ["domain", "dmarc"], registry=registry)
+        self.sessions = Counter(
+            "secumail_tlsrpt_reported_sessions", "TLS sessions to our servers that receivers "
+            "reported, by policy domain and result (success, failure)", ["domain", "result"],
+            registry=registry)
         self.clock = clock
         self._store: ReceivedStore | None = None
 
@@ -185,6 +204,8 @@ class ReportInbox:
                     new = self.store().add(report, self.clock())
                     kept += new
                     self.counter.labels(kind, "kept" if new else "repeated").inc()
+                    if new:
+                        self._count(report)
                     log_event(log, "report received", kind=kind, reporter=report.org,
                               domain=report.domain, rows=len(report.rows) or
                               len(report.policies), new=new)
@@ -198,6 +219,14 @@ class ReportInbox:
                 continue  # left in the spool: tried again next look
             path.unlink(missing_ok=True)
         return kept
+
+    def _count(self, report: ReceivedReport) -> None:
+        for row in report.rows:
+            passed = "pass" in (row.dkim, row.spf)
+            self.messages.labels(report.domain, "pass" if passed else "fail").inc(row.count)
+        for policy in report.policies:
+            self.sessions.labels(policy.policy_domain, "success").inc(policy.successes)
+            self.sessions.labels(policy.policy_domain, "failure").inc(policy.failures)
 
     async def every(self, interval: float = INBOX_EVERY) -> None:
         while True:

@@ -66,11 +66,10 @@ store = ReportStore("/var/lib/secumail/dmarc/reports.sqlite")
 print(json.dumps(store.db.execute("SELECT domain, row, count FROM checks").fetchall()))
 """
 INBOX_SCRIPT = """
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 from gateway.dmarc_reports import ReportInbox
 from secumail.settings import load_settings
-counter = Counter("c", "", ["kind", "result"], registry=CollectorRegistry())
-print(ReportInbox(load_settings(), counter).read())
+print(ReportInbox(load_settings(), CollectorRegistry()).read())
 """
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
 from gateway.dmarc_reports import ReportInbox
@@ -172,12 +172,24 @@ def test_the_inbox_reads_the_spool_and_the_admin_sees_who_sends(tmp_path: Path) 
     spool(folder, mail_with(gzip.compress(dmarc_xml()), "application/gzip", "r.xml.gz"))
     spool(folder, mail_with(zipped(("bomb.xml", b"<a>" + b" " * (30 * 1024 * 1024) + b"</a>")),
                             "application/zip", "bomb.zip"))
-    counter = Counter("secumail_dmarc_received_reports", "", ["kind", "result"],
-                      registry=CollectorRegistry())
-    inbox = ReportInbox(settings, counter, clock=lambda: day_start(DAY) + 86400)
-    assert inbox.read() == 1 and spooled(folder) == []
-    assert counter.labels("dmarc", "kept")._value.get() == 1
-    assert counter.labels("unknown", "refused")._value.get() == 1
+    spool(folder, mail_with(gzip.compress(json.dumps(TLS_REPORT).encode()),
+                            "application/tlsrpt+gzip", "r.json.gz"))
+    registry = CollectorRegistry()
+    inbox = ReportInbox(settings, registry, clock=lambda: day_start(DAY) + 86400)
+    assert inbox.read() == 2 and spooled(folder) == []
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert sample("secumail_dmarc_received_reports_total", kind="dmarc", result="kept") == 1
+    assert sample("secumail_dmarc_received_reports_total", kind="unknown",
+                  result="refused") == 1
+    assert sample("secumail_dmarc_reported_messages_total", domain="secumail.test",
+                  dmarc="fail") == 7  # the forger's, for an alert
+    assert sample("secumail_dmarc_reported_messages_total", domain="secumail.test",
+                  dmarc="pass") == 40
+    assert sample("secumail_tlsrpt_reported_sessions_total", domain="secumail.test",
+                  result="failure") == 303
     with TestClient(create_app(settings, hops=[])) as client:
         auth = {"Authorization": f"Bearer {ADMIN}"}
         client.app.state.gateway.inbox = inbox  # type: ignore[attr-defined]
