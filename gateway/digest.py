@@ -31,6 +31,7 @@ from typing import Literal, cast, get_args
 from pydantic import SecretStr
 
 from gateway.auth import WrongTokens
+from gateway.daily import every_day
 from gateway.outbound_notice import NoticeSend
 from gateway.own_mail import send_own_mail
 from gateway.preview import subject
@@ -248,18 +249,7 @@ class Digests:
             await asyncio.to_thread(self._save, now, missed)
             return done
 
-    def seconds_to_next(self) -> float:
-        """Until the next SECUMAIL_QUARANTINE_DIGEST_HOUR:00 UTC."""
-        now = self.clock()
-        start_of_day = now - now % 86400
-        at = start_of_day + self.settings.quarantine_digest_hour * 3600
-        return (at if at > now else at + 86400) - now
-
     async def every_day(self) -> None:
-        while True:
-            await asyncio.sleep(self.seconds_to_next())
-            try:
-                await self.run()
-            except Exception as error:  # a bad volume: say so, try tomorrow
-                log_event(log, "quarantine digest round failed", logging.WARNING,
-                          error=f"{type(error).__name__}: {error}")
+        """At SECUMAIL_QUARANTINE_DIGEST_HOUR:00 UTC."""
+        await every_day(lambda: self.settings.quarantine_digest_hour * 3600, self.run,
+                        self.clock, "quarantine digest")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter
 
+from gateway.daily import every_day
 from gateway.outbound_notice import NoticeSend
 from gateway.own_mail import send_own_mail
 from secumail.dmarc import TxtLookup
@@ -143,19 +144,8 @@ class DmarcReporter:
         log_event(log, f"DMARC report {result}", logging.WARNING, report=what, reason=why)
         return True
 
-    def seconds_to_next(self) -> float:
-        now = self.clock()
-        at = now - now % 86400 + SEND_AT
-        return (at if at > now else at + 86400) - now
-
     async def every_day(self) -> None:
-        while True:
-            await asyncio.sleep(self.seconds_to_next())
-            try:
-                await self.run()
-            except Exception as error:  # the store unreadable: said, tried tomorrow
-                log_event(log, "DMARC report round failed", logging.WARNING,
-                          error=f"{type(error).__name__}: {error}")
+        await every_day(lambda: SEND_AT, self.run, self.clock, "DMARC report")
 
 
 INBOX_EVERY = 60.0  # seconds between two looks at the report mails the spamd filter kept

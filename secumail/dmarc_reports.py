@@ -128,14 +128,21 @@ CREATE TABLE IF NOT EXISTS reports (day TEXT, domain TEXT, result TEXT, at REAL,
 """
 
 
+def open_database(path: str, schema: str) -> sqlite3.Connection:
+    """A store in the dmarc volume, which the milter's replicas (or the spamd filter) and
+    the gateway open at once: WAL, and a wait for the lock rather than an error."""
+    db = sqlite3.connect(path, timeout=30, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(schema)
+    return db
+
+
 class ReportStore:
     """Counted checks per day and policy domain, the policy each published, and which
     reports went out. Every replica of the milter adds to it; the gateway reads it."""
 
     def __init__(self, path: str) -> None:
-        self.db = sqlite3.connect(path, timeout=30, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(_SCHEMA)
+        self.db = open_database(path, _SCHEMA)
         self._lock = threading.Lock()
 
     def close(self) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import sqlite3
 import threading
 import time
 import uuid
@@ -28,6 +27,8 @@ from datetime import datetime
 from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any, Literal
+
+from secumail.dmarc_reports import open_database
 
 MAX_MESSAGE = 10 * 1024 * 1024  # a report mail the filter takes (bigger: 552)
 MAX_REPORT = 20 * 1024 * 1024  # a report once decompressed (a bigger one is a bomb)
@@ -281,9 +282,7 @@ class Sender:
 
 class ReceivedStore:
     def __init__(self, path: str) -> None:
-        self.db = sqlite3.connect(path, timeout=30, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(_SCHEMA)
+        self.db = open_database(path, _SCHEMA)
         self._lock = threading.Lock()
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr, ValidationError
 
 from gateway.app import create_app
+from gateway.daily import seconds_to
 from gateway.digest import MAX_LISTED, BadLink, DigestLinks, Link, kept_for
 from gateway.health import chain_hops
 from secumail.greylist_store import SqliteStore
@@ -249,3 +250,13 @@ def test_links_are_off_with_the_digest(tmp_path: Path) -> None:
         assert client.get("/quarantine/link", params={"t": "x.y"}).status_code == 404
         assert client.post("/admin/quarantine/digest",
                            headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 409
+
+
+@pytest.mark.parametrize(("at", "now", "wait"), [
+    (7 * 3600, 0.0, 7 * 3600),  # midnight: 7 h to go
+    (7 * 3600, 7 * 3600, 86400),  # it is now: tomorrow
+    (7 * 3600, 8 * 3600, 23 * 3600),
+    (15 * 60, 86400 - 60, 16 * 60),
+])
+def test_a_daily_round_waits_for_its_time_utc(at: float, now: float, wait: float) -> None:
+    assert seconds_to(at, now) == wait
