@@ -45,6 +45,7 @@ log = logging.getLogger("secumail.gateway")
 LINK_PATH = "/quarantine/link"
 LINK_REQUESTS = (30, 60.0)  # link requests a client may make, and in how many seconds
 MAX_LISTED = 50  # messages one digest lists; past that it says how many more
+USERS_RELEASE = ("spamd",)  # the filters whose kept mail a user may release or delete
 STATE_FILE = "digest-sent"  # in the quarantine volume: backed up, shared, kept on upgrade
 Action = Literal["release", "delete"]
 ACTIONS: tuple[str, ...] = get_args(Action)
@@ -117,9 +118,12 @@ def is_ours(address: str, domains: Iterable[str]) -> bool:
 def kept_for(records: Iterable[QuarantineRecord], domains: list[str],
              since: Callable[[str], float]) -> dict[str, list[QuarantineRecord]]:
     """Each recipient in `domains` with mail kept after `since(recipient)`, their messages
-    newest first. Recipients elsewhere never get a digest (nor a link)."""
+    newest first. Recipients elsewhere never get a digest (nor a link), and only what the
+    spam filter kept is listed: a virus or a forbidden attachment is the admin's to release."""
     found: dict[str, list[QuarantineRecord]] = {}
     for record in records:
+        if record.filter not in USERS_RELEASE:
+            continue
         for recipient in {r.lower() for r in record.rcpt_tos}:
             if is_ours(recipient, domains) and record.time > since(recipient):
                 found.setdefault(recipient, []).append(record)

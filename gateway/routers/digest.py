@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse
 from gateway.auth import client_of, too_many_wrong_tokens
 from gateway.console_html import esc, page
 from gateway.context import Gateway, GatewayDep, problem
-from gateway.digest import LINK_PATH, BadLink, Link, one_line
+from gateway.digest import LINK_PATH, USERS_RELEASE, BadLink, Link, one_line
 from gateway.models import DigestReport
 from gateway.preview import subject
 from gateway.quarantine import ReleaseRefused
@@ -66,7 +66,8 @@ async def kept_for_recipient(gateway: Gateway, link: Link) -> tuple[str, str] | 
     """(sender, subject) of the message when it is still kept for the link's recipient."""
     store = gateway.quarantine.quarantine
     record = await asyncio.to_thread(store.record, link.ident)
-    if record is None or link.recipient.lower() not in {r.lower() for r in record.rcpt_tos}:
+    if record is None or record.filter not in USERS_RELEASE or \
+            link.recipient.lower() not in {r.lower() for r in record.rcpt_tos}:
         return None
     head = await asyncio.to_thread(store.head, record)
     return record.mail_from.strip("<>") or "(no sender)", subject(head)
@@ -100,6 +101,8 @@ async def use_link(request: Request, gateway: GatewayDep) -> HTMLResponse:
     link = checked(request, gateway, (await form(request)).get("t", ""))
     if isinstance(link, HTMLResponse):
         return link
+    if await kept_for_recipient(gateway, link) is None:
+        return refused(410, *GONE)
     # A user's release teaches Bayes nothing: one user's taste is not the site's ham.
     if link.action == "release":
         try:

@@ -118,17 +118,22 @@ class Site:
     quarantine: Quarantine
     mailer: Mailer
 
+    def links_key(self) -> DigestLinks:
+        return DigestLinks(SecretStr(ADMIN))
+
     def digest(self) -> Any:
         answer = self.client.post("/admin/quarantine/digest",
                                   headers={"Authorization": f"Bearer {ADMIN}"})
         assert answer.status_code == 200, answer.text
         return answer.json()
 
-    def keep(self, *recipients: str, subject: str = "cheap pills") -> str:
+    def keep(self, *recipients: str, subject: str = "cheap pills", kept_by: str = "spamd"
+             ) -> str:
         envelope = types.SimpleNamespace(mail_from="<spammer@remote.test>", rcpt_tos=recipients,
                                          client={"ADDR": "203.0.113.9"})
         message = f"Subject: {subject}\r\nFrom: spammer@remote.test\r\n\r\nbuy\r\n".encode()
-        return self.quarantine.store("spamd", envelope, message, "spam", "score 9.1")
+        verdict = "spam" if kept_by == "spamd" else "virus"
+        return self.quarantine.store(kept_by, envelope, message, verdict, "score 9.1")
 
 
 @pytest.fixture
@@ -260,3 +265,13 @@ def test_links_are_off_with_the_digest(tmp_path: Path) -> None:
 ])
 def test_a_daily_round_waits_for_its_time_utc(at: float, now: float, wait: float) -> None:
     assert seconds_to(at, now) == wait
+
+
+def test_a_virus_is_the_admins_to_release_never_a_users(site: Site) -> None:
+    virus = site.keep("bob@secumail.test", subject="invoice", kept_by="clamav")
+    assert site.digest()["sent"] == []  # nothing listed: no link made
+    # A link made anyway (a token forged with the key: the worst case) acts on nothing.
+    token = site.links_key().make(Link("release", virus, "bob@secumail.test",
+                                       int(time.time()) + 999))
+    assert site.client.post("/quarantine/link", data={"t": token}).status_code == 410
+    assert site.mailer.released == [] and site.quarantine.record(virus) is not None
