@@ -101,7 +101,8 @@ class DigestLinks:
             raise BadLink("not a link of ours") from None
         if not hmac.compare_digest(presented, self._mac(payload)):
             raise BadLink("not a link of ours")
-        action, ident, recipient, expires = payload.decode().split("|")
+        action, ident, rest = payload.decode().split("|", 2)
+        recipient, expires = rest.rsplit("|", 1)  # a local part may hold a "|"
         if action not in ACTIONS or not QUARANTINE_ID.match(ident) or not expires.isdigit():
             raise BadLink("not a link of ours")  # signed by us, so never seen: kept safe
         if int(expires) <= now:

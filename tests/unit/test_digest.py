@@ -45,6 +45,8 @@ def test_a_link_reads_back_only_as_it_was_made_and_while_it_lasts() -> None:
     link = Link("release", "20261207T101010-0123456789ab", "bob@secumail.test", 2_000)
     token = links.make(link)
     assert links.read(token, now=1_000) == link
+    odd = Link("delete", link.ident, "a|b@secumail.test", 2_000)
+    assert links.read(links.make(odd), now=1_000) == odd
     with pytest.raises(BadLink) as expired:
         links.read(token, now=2_000)
     assert expired.value.expired
