@@ -115,6 +115,9 @@ class DmarcOutcome:
     # Who spoke for a failing message: a trusted ARC sealer that saw it pass (RFC 8617
     # 7.2.1, a local policy override); the disposition is then none.
     arc_override: str = ""
+    # What the pass or fail rests on (an aggregate report's policy_evaluated says both).
+    dkim_aligned: bool = False
+    spf_aligned: bool = False
 
 
 TxtLookup = Callable[[str], Awaitable[list[str] | None]]
@@ -149,7 +152,8 @@ def evaluate(
     )
     if dkim_aligned or spf_aligned:
         how = "DKIM" if dkim_aligned else "SPF"
-        return DmarcOutcome("pass", from_domain, policy, "none", f"aligned {how} pass")
+        return DmarcOutcome("pass", from_domain, policy, "none", f"aligned {how} pass",
+                            dkim_aligned=dkim_aligned, spf_aligned=spf_aligned)
     disposition = policy
     if record.percent < 100 and sample() * 100 >= record.percent:
         # 6.6.4: outside the sampled share, the next weaker policy applies.

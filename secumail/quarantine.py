@@ -238,7 +238,10 @@ class Quarantine:
         themselves); the message goes once no recipient is left. False when the message or
         that recipient is not there (any more)."""
         meta = self._meta_path(ident)
-        record = self.record(ident)
+        try:
+            record = QuarantineRecord.from_json(meta.read_text()) if meta else None
+        except (OSError, ValueError):
+            record = None
         if meta is None or record is None:
             return False
         left = tuple(r for r in record.rcpt_tos if r.lower() != recipient.lower())

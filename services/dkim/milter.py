@@ -585,15 +585,11 @@ class MilterSession:
         policy_domain = dmarc.organizational_domain(outcome.domain) if from_organizational \
             else outcome.domain
         origin = self._origin().address
-        passed = [r.domain for r in reports if r.result == "pass"]
         spf_domain = spf.domain if spf else outcome.domain
         check = Check(
             source_ip=str(origin) if origin else "0.0.0.0", header_from=outcome.domain,
             disposition="reject" if refused else "none",
-            dkim_aligned=any(dmarc.aligned(d, outcome.domain, record.strict_dkim)
-                             for d in passed),
-            spf_aligned=spf is not None and spf.result == "pass" and dmarc.aligned(
-                spf_domain, outcome.domain, record.strict_spf),
+            dkim_aligned=outcome.dkim_aligned, spf_aligned=outcome.spf_aligned,
             spf=(spf_domain, "helo" if spf and spf.identity == "helo" else "mfrom",
                  spf.result if spf else "none"),
             dkim=tuple((r.domain or "unknown", r.selector, r.result) for r in reports),

@@ -34,7 +34,7 @@ def make_filter(settings: Settings) -> FilterService:
     rua_addresses = settings.dmarc_rua_addresses
 
     async def inspect(info: MessageInfo, message: bytes) -> Verdict:
-        if rua_addresses & {r.lower() for r in info.rcpt_tos}:
+        if rua_addresses and rua_addresses & {r.lower() for r in info.rcpt_tos}:
             return await keep_received_report(message)
         if kind := report_addresses.kind_of(info.rcpt_tos):
             return await learn_report(info, message, kind)
