@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -62,12 +63,26 @@ PROBE_ERRORS = (OSError, TimeoutError, ConnectionError, asyncio.IncompleteReadEr
                 smtp.SmtpUnavailable)
 
 
+NOBODY = 65534
+
+
+def drop_root() -> None:
+    """Postfix's container runs as root (its master binds port 25), and so does its
+    HEALTHCHECK; a probe needs no privilege to talk to a port, so it never reads a
+    peer's answer as root."""
+    if os.getuid() == 0:
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+
+
 def main() -> None:
     """`secumail-probe KIND ADDRESS`: exit 0 when healthy (for container HEALTHCHECKs)."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("kind", choices=sorted(PROBES))
     parser.add_argument("address")
     args = parser.parse_args()
+    drop_root()
     probe, _ = PROBES[args.kind]
     try:
         print(asyncio.run(probe(args.address, 5.0)))

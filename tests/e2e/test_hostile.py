@@ -321,6 +321,20 @@ def test_every_container_runs_as_a_non_root_user_but_postfix_master(stack: Stack
             assert root == set(), (name, processes)
 
 
+def test_postfix_health_probe_reads_the_smtp_answer_as_nobody(stack: Stack) -> None:
+    """Postfix's HEALTHCHECK runs as the container's user, root: the probe caught running
+    as root in the listing above (a CI run, 2026-12-07). It drops to nobody before it
+    opens its session; here it is run as the HEALTHCHECK runs it, and asked who it is."""
+    (container,) = stack.containers("postfix")
+    script = ("import os, sys; from secumail import probes; probes.drop_root(); "
+              "sys.argv = ['secumail-probe', 'smtp', '127.0.0.1:25']; "
+              "print(os.getuid(), os.getgid(), os.getgroups()); probes.main()")
+    out = subprocess.run(["docker", "exec", container, "python3", "-c", script],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "65534 65534 []", out
+    assert out[1].startswith("220 "), out  # and the probe still works
+
+
 # Postfix's master alone keeps a few capabilities (compose.yaml's cap_add): their bits.
 POSTFIX_CAPABILITIES = sum(1 << bit for bit in (0, 1, 3, 4, 5, 6, 7, 10))  # CHOWN..
 
