@@ -3,6 +3,7 @@ authserv-id that tells which of the message's own such headers claim to be ours.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ def _blank(char: str) -> bool:
     soft hyphen...). A mail client shows NBSP before "mx.example" as a space, and U+200B as
     nothing: such characters must not make a header that shows our authserv-id read as
     another host's."""
+    if char < "\x80":  # ASCII (most of every header): no format character there
+        return char.isspace()
     return char.isspace() or unicodedata.category(char) == "Cf"
 
 
@@ -35,6 +38,12 @@ def _comparable(text: str) -> str:
     """Text as compared with our authserv-id: compatibility forms folded (fullwidth letters,
     U+3000), every blank removed, any case."""
     return "".join(c for c in unicodedata.normalize("NFKC", text) if not _blank(c)).casefold()
+
+
+@functools.lru_cache(maxsize=8)
+def _comparable_id(authserv_id: str) -> str:
+    """Our own authserv-id as compared (one per host: worked out once)."""
+    return _comparable(authserv_id).rstrip(".")
 
 
 def _skip_cfws(text: str, at: int) -> int:
@@ -103,7 +112,7 @@ def claims_to_be(value: str, authserv_id: str) -> bool:
     is ours, in any spelling; or it cannot be parsed and names us anywhere (a lenient
     reader could take it for ours, and a malformed header is no loss). Blanks count as
     nothing: a name cut by an invisible U+200B, unparsable, still names us."""
-    ours = _comparable(authserv_id).rstrip(".")
+    ours = _comparable_id(authserv_id)
     try:
         return authserv_id_of(value) == ours
     except Unparsable:

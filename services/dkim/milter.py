@@ -131,6 +131,7 @@ class MilterSession:
         self.forwarded: ForwardedClient | None = None
         self.sender = ""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.field_names: list[bytes] = []  # each header's name as compared, worked out once
         self.header_count = 0
         self.header_bytes = 0
         self.too_big = False
@@ -208,9 +209,11 @@ class MilterSession:
             return
         value = command.value if self.leading_space else b" " + command.value
         self.headers.append((command.name, header_value_crlf(value)))
+        self.field_names.append(field_name(command.name))
 
     def _header_values(self, name: bytes) -> list[bytes]:
-        return [v for n, v in self.headers if field_name(n) == name]
+        return [v for (_, v), n in zip(self.headers, self.field_names, strict=True)
+                if n == name]
 
     def _origin(self) -> ForwardedClient:
         """The client that sent this message. In before-queue mode the milter sits behind the
@@ -257,8 +260,8 @@ class MilterSession:
 
     def _decide_verifying(self) -> None:
         self.mode = "verify"
-        for name, value in self.headers:
-            if field_name(name) != b"dkim-signature":
+        for (name, value), lowered in zip(self.headers, self.field_names, strict=True):
+            if lowered != b"dkim-signature":
                 continue
             if len(self.parsed) >= MAX_SIGNATURES:
                 log_event(log, "signatures over the limit not verified", logging.WARNING,
@@ -603,8 +606,8 @@ class MilterSession:
         come from this host: only the ones added here may (RFC 8601 5)."""
         positions = []
         position = 0
-        for name, value in self.headers:
-            if field_name(name) == b"authentication-results":
+        for (_, value), name in zip(self.headers, self.field_names, strict=True):
+            if name == b"authentication-results":
                 position += 1
                 if auth_results.claims_to_be(_text(value), self.milter.authserv_id):
                     positions.append(position)
