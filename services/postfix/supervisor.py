@@ -28,6 +28,7 @@ from typing import BinaryIO
 from secumail.logs import log_event
 from secumail.settings import Settings
 from services.postfix.exporter import agent_user, start_agent
+from services.postfix.resolver import start_resolver
 
 log = logging.getLogger("secumail.postfix")
 
@@ -190,6 +191,7 @@ def supervise(settings: Settings, mailbox_base: str, queue_dir: Path = QUEUE_DIR
     running = threading.Event()
     user = agent_user(mailbox_base) if drop_agent else None
     feed, agent = start_agent(settings, queue_dir, mailbox_base, running, user)
+    resolver = start_resolver(settings)
     supervisor = Supervisor([*postfix, "start-fg"], [*postfix, "stop"], feed,
                             running=running, before_stop=lambda: finish_deliveries(postfix))
     log_event(log, "starting postfix", metrics=str(settings.metrics_listen))
@@ -198,3 +200,5 @@ def supervise(settings: Settings, mailbox_base: str, queue_dir: Path = QUEUE_DIR
     finally:
         if agent is not None:
             agent.stop()
+        if resolver is not None:
+            resolver.stop()

@@ -133,6 +133,24 @@ def test_the_tutorials_helo_and_sender_restrictions(
     assert 500 <= code < 600 and expected in reply, (code, reply)
 
 
+def test_postfix_resolves_through_secumail_dns_servers(stack: Stack) -> None:
+    """Issue 32: SECUMAIL_DNS_SERVERS reached the Python services but not Postfix, and a lab
+    host refused the first message (550 5.1.8 Domain not found). The overlay gives Postfix
+    no `dns:` of Docker's any more: the .test zones come through its forwarder, from the
+    servers the setting names, and the service names still from Docker's DNS."""
+    (container,) = stack.containers("postfix")
+
+    def run(*command: str) -> str:
+        return subprocess.run(["docker", "exec", container, *command], capture_output=True,
+                              text=True, timeout=30).stdout
+
+    assert run("cat", "/etc/resolv.conf").splitlines()[0] == "nameserver 127.0.0.1"
+    assert run("getent", "ahostsv4", "mail.remote.test").split()[:1] == ["203.0.113.7"]
+    service = run("getent", "ahostsv4", "policy").split()[:1]
+    assert service and service[0].startswith("172.29."), service
+    assert run("getent", "ahostsv4", "nowhere.test") == ""
+
+
 def test_no_relaying_for_outsiders(stack: Stack) -> None:
     code, reply = attempt(stack, "203.0.113.9", "alice@remote.test", "carol@elsewhere.test")
     assert code == 554 and b"Relay access denied" in reply, reply

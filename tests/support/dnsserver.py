@@ -43,9 +43,10 @@ class ZoneResolver(BaseResolver):  # type: ignore[misc]
 class LoopbackDNS:
     """`add("example.org", "TXT", '"v=spf1 -all"')`; `address` is (host, port)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, tcp: bool = False) -> None:
         self.resolver = ZoneResolver()
-        self.server = DNSServer(self.resolver, port=port, address=host, logger=_Quiet())
+        self.server = DNSServer(self.resolver, port=port, address=host, logger=_Quiet(),
+                                tcp=tcp)
         self.address = self.server.server.server_address
 
     @property

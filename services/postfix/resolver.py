@@ -1,0 +1,107 @@
+"""Postfix's resolver, when `SECUMAIL_DNS_SERVERS` is set (secumail/dns_forwarder.py says
+why): the supervisor binds 127.0.0.1:53 as root, points /etc/resolv.conf at it, and keeps
+this child running on those sockets as nobody.
+
+    python -m services.postfix.resolver UDP_FD TCP_FD DOCKER_DNS...   (started by
+    ResolverKeeper)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from secumail.dns_forwarder import DOCKER_DNS, Forwarder, resolv_conf, serve
+from secumail.logs import log_event, setup_logging
+from secumail.netaddr import HostPort, parse_host_port
+from secumail.settings import Settings, load_settings
+
+log = logging.getLogger("secumail.postfix.resolver")
+
+RESOLV_CONF = Path("/etc/resolv.conf")
+# Docker's own resolv.conf, kept: a restarted container finds ours in its place.
+DOCKER_RESOLV_CONF = Path("/etc/resolv.conf.docker")
+LISTEN = "127.0.0.1"
+NOBODY = 65534
+
+
+class ResolverKeeper:
+    """Binds port 53 on loopback, runs the forwarder as nobody on it, and starts it again
+    if it ends."""
+
+    RESTART_AFTER = 1.0
+
+    def __init__(self, docker: list[HostPort], port: int = 53, user: int | None = NOBODY
+                 ) -> None:
+        self.docker = docker
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.udp.bind((LISTEN, port))
+        self.tcp.bind((LISTEN, port))
+        self.tcp.listen(64)
+        self.user = user
+        self.child: subprocess.Popen[bytes] | None = None
+        self.stopping = False
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, daemon=True, name="resolver").start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.child is not None and self.child.poll() is None:
+            self.child.terminate()
+
+    def _run(self) -> None:
+        fds = (self.udp.fileno(), self.tcp.fileno())
+        identity = {} if self.user is None else {
+            "user": self.user, "group": self.user, "extra_groups": []}
+        while not self.stopping:
+            self.child = subprocess.Popen(
+                [sys.executable, "-m", "services.postfix.resolver", *map(str, fds),
+                 *map(str, self.docker)],
+                pass_fds=fds, stdin=subprocess.DEVNULL, **identity)  # type: ignore[call-overload]
+            status = self.child.wait()
+            if not self.stopping:
+                log_event(log, "resolver ended: starting it again", logging.ERROR,
+                          status=status)
+                time.sleep(self.RESTART_AFTER)
+
+
+def start_resolver(settings: Settings, resolv: Path = RESOLV_CONF,
+                   saved: Path = DOCKER_RESOLV_CONF) -> ResolverKeeper | None:
+    """With SECUMAIL_DNS_SERVERS set and in a container: the forwarder started and
+    resolv.conf pointed at it (None otherwise: Postfix keeps Docker's resolver)."""
+    if not settings.dns_servers or not Path("/.dockerenv").exists():
+        return None
+    if not saved.exists():
+        saved.write_text(resolv.read_text())
+    text, docker = resolv_conf(saved.read_text(), LISTEN)
+    docker = [server for server in docker if server.host != LISTEN] or [DOCKER_DNS]
+    keeper = ResolverKeeper(docker)
+    keeper.start()
+    resolv.write_text(text)
+    log_event(log, "postfix resolves through SECUMAIL_DNS_SERVERS",
+              servers=",".join(map(str, settings.dns_servers)),
+              service_names=",".join(map(str, docker)))
+    return keeper
+
+
+def main() -> None:
+    settings = load_settings()
+    setup_logging(settings.log_level, settings.log_format)
+    udp = socket.socket(fileno=int(sys.argv[1]))
+    tcp = socket.socket(fileno=int(sys.argv[2]))
+    forwarder = Forwarder(settings.dns_servers, [parse_host_port(a) for a in sys.argv[3:]],
+                          list(settings.subnets.values()), settings.dns_timeout)
+    asyncio.run(serve(forwarder, udp, tcp))
+
+
+if __name__ == "__main__":
+    main()
