@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 
-import dns.asyncquery
 import dns.exception
 import dns.flags
 import dns.message
@@ -43,7 +42,6 @@ from secumail.netaddr import HostPort, Network
 log = logging.getLogger("secumail.dns_forwarder")
 
 DOCKER_DNS = HostPort("127.0.0.11", 53)
-UDP_ANSWER_SIZE = 512  # what a query without EDNS may receive over UDP (RFC 1035 4.2.1)
 MAX_TCP_CLIENTS = 64
 # Seconds Docker's DNS gets for a reverse name once the configured servers said they know
 # none: it answers for its containers from memory, well under this; any other address it
@@ -98,6 +96,42 @@ def servfail(query: bytes) -> bytes | None:
     return response.to_wire()
 
 
+def question_name(query: bytes) -> dns.name.Name | None:
+    """The name a query asks about (None: not a query with one question)."""
+    if len(query) < 12 or query[2] & 0x80 or query[4:6] != b"\x00\x01":
+        return None
+    try:
+        name, _ = dns.name.from_wire(query, 12)
+    except dns.exception.DNSException:
+        return None
+    return name
+
+
+def fitted(query: bytes, answer: bytes) -> bytes:
+    """A UDP answer the client can take: a server that sent more than the client said it
+    takes (512 bytes without EDNS, RFC 1035 4.2.1) is replaced by an empty truncated one,
+    and the client asks again over TCP."""
+    if len(answer) <= 512:
+        return answer
+    try:
+        message = dns.message.from_wire(query)
+    except dns.exception.DNSException:
+        return answer  # question_name read it: cannot happen
+    if len(answer) <= (max(512, message.payload) if message.edns >= 0 else 512):
+        return answer
+    truncated = dns.message.make_response(message)
+    truncated.flags |= dns.flags.TC
+    return truncated.to_wire()
+
+
+def _rcode(answer: bytes) -> int:
+    return answer[3] & 0x0F
+
+
+def _names_something(answer: bytes) -> bool:
+    return _rcode(answer) == dns.rcode.NOERROR and answer[6:8] != b"\x00\x00"
+
+
 @dataclass
 class Forwarder:
     configured: list[HostPort]
@@ -106,43 +140,31 @@ class Forwarder:
     timeout: float
 
     async def answer(self, query: bytes, tcp: bool) -> bytes | None:
-        """The answer to one query, as the first server that answered it gave it (the
-        client's id kept); SERVFAIL when none did; None for bytes that are no query."""
-        try:
-            message = dns.message.from_wire(query)
-        except dns.exception.DNSException as error:
-            log_event(log, "malformed DNS query dropped", logging.WARNING,
-                      error=f"{type(error).__name__}: {error}", size=len(query))
+        """The answer to one query, the bytes the first server that answered gave (over
+        UDP a server fits it to the size the client said it takes, as the client asked it
+        without us); SERVFAIL when none did; None for bytes that are not even a header."""
+        name = question_name(query)
+        if name is None:
+            log_event(log, "malformed DNS query", logging.WARNING, size=len(query))
             return servfail(query)
-        if not message.question:
-            return servfail(query)
-        where = route(message.question[0].name, self.stack_subnets)
+        where = route(name, self.stack_subnets)
         if where == "both":
-            found = await self._either(message, tcp)
+            found = await self._either(query, tcp)
         else:
             servers = self.docker if where == "docker" else self.configured
-            found = await self._first_answer(message, servers, tcp)
+            found = await self._first_answer(query, servers, tcp)
         if found is None:
-            log_event(log, "no DNS server answered", logging.WARNING,
-                      name=message.question[0].name.to_text(), route=where)
+            log_event(log, "no DNS server answered", logging.WARNING, name=name.to_text(),
+                      route=where)
             return servfail(query)
-        found.id = message.id
-        limit = 65535 if tcp else max(UDP_ANSWER_SIZE, message.payload if message.edns >= 0
-                                      else 0)
-        try:
-            return found.to_wire(max_size=limit)
-        except dns.exception.TooBig:
-            truncated = dns.message.make_response(message)
-            truncated.flags |= dns.flags.TC  # the client asks again over TCP
-            return truncated.to_wire()
+        return found if tcp else fitted(query, found)
 
-    async def _either(self, message: dns.message.Message, tcp: bool
-                      ) -> dns.message.Message | None:
+    async def _either(self, query: bytes, tcp: bool) -> bytes | None:
         """Both asked at once: the first answer that names something; else the configured
         servers' (NXDOMAIN), Docker given a moment more once they answered."""
-        docker = asyncio.create_task(self._first_answer(message, self.docker, tcp))
-        configured = asyncio.create_task(self._first_answer(message, self.configured, tcp))
-        pending: set[asyncio.Task[dns.message.Message | None]] = {docker, configured}
+        docker = asyncio.create_task(self._first_answer(query, self.docker, tcp))
+        configured = asyncio.create_task(self._first_answer(query, self.configured, tcp))
+        pending: set[asyncio.Task[bytes | None]] = {docker, configured}
         fallback = None
         try:
             while pending:
@@ -153,7 +175,7 @@ class Forwarder:
                     break
                 for task in done:
                     found = task.result()
-                    if found is not None and found.rcode() == dns.rcode.NOERROR and found.answer:
+                    if found is not None and _names_something(found):
                         return found
                     if task is configured:
                         fallback = found
@@ -162,24 +184,48 @@ class Forwarder:
             for task in pending:
                 task.cancel()
 
-    async def _first_answer(self, message: dns.message.Message, servers: list[HostPort],
-                            tcp: bool) -> dns.message.Message | None:
+    async def _first_answer(self, query: bytes, servers: list[HostPort], tcp: bool
+                            ) -> bytes | None:
         for server in servers:
             try:
-                if tcp:
-                    found = await dns.asyncquery.tcp(message, server.host, self.timeout,
-                                                     port=server.port)
-                else:
-                    found = await dns.asyncquery.udp(message, server.host, self.timeout,
-                                                     port=server.port, ignore_trailing=True)
-            except (dns.exception.DNSException, OSError) as error:
+                async with asyncio.timeout(self.timeout):
+                    found = await (_ask_tcp if tcp else _ask_udp)(query, server)
+            except (TimeoutError, OSError, asyncio.IncompleteReadError) as error:
                 log_event(log, "DNS server did not answer", logging.DEBUG, server=str(server),
                           error=f"{type(error).__name__}: {error}")
                 continue
-            if found.rcode() == dns.rcode.SERVFAIL:
+            if _rcode(found) == dns.rcode.SERVFAIL:
                 continue
             return found
         return None
+
+
+async def _ask_udp(query: bytes, server: HostPort) -> bytes:
+    """One query over a socket of its own (a new random port each time, as the C library
+    does), connected: only the server's own address can answer it; an answer with
+    another id or question is not ours and is dropped."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        sock.connect((server.host, server.port))
+        await loop.sock_sendall(sock, query)
+        question_end = 12 + len(query[12:].split(b"\x00", 1)[0]) + 5  # name, type, class
+        while True:
+            answer = await loop.sock_recv(sock, 65535)
+            if (len(answer) >= 12 and answer[:2] == query[:2] and answer[2] & 0x80
+                    and answer[12:question_end].lower() == query[12:question_end].lower()):
+                return answer
+
+
+async def _ask_tcp(query: bytes, server: HostPort) -> bytes:
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(struct.pack(">H", len(query)) + query)
+        (size,) = struct.unpack(">H", await reader.readexactly(2))
+        return await reader.readexactly(size)
+    finally:
+        writer.close()
 
 
 class _UdpServer(asyncio.DatagramProtocol):
