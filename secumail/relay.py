@@ -64,7 +64,8 @@ NEXT_HOP_ERRORS = Counter(
 )
 RETRIED_ON_NEW_CONNECTION = Counter(
     "secumail_filter_retried_on_new_connection",
-    "Messages a kept next-hop connection answered 4xx, then taken on a new one", ["filter"]
+    "Transactions a kept next-hop connection answered 4xx (at MAIL or at the end of the "
+    "message), then taken on another connection", ["filter"]
 )
 UNACKNOWLEDGED = Counter(
     "secumail_filter_unacknowledged",
@@ -446,8 +447,16 @@ class RelayHandler(_HooksListedOnce):
                     if not transaction.reused:
                         raise
                     continue  # a kept connection the next hop had closed: open a new one
-                if reply.code == 421 and transaction.reused:
-                    await downstream.close()
+                if reply.code // 100 == 4 and transaction.reused:
+                    # A kept session that refuses a new transaction may hold what died since
+                    # it opened (10027's smtpd keeps its milter connection: a restarted
+                    # milter leaves it answering 451 at MAIL). Never kept again; the next
+                    # one, or a new one, answers; a new one's 4xx stands.
+                    self._quit(downstream)
+                    transaction.downstream = None
+                    RETRIED_ON_NEW_CONNECTION.labels(self.name).inc()
+                    log_event(log, "kept next-hop connection refused MAIL: taking another",
+                              logging.WARNING, filter=self.name, refused=str(reply)[:120])
                     continue
                 break
         except SmtpUnavailable as error:

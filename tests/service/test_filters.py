@@ -621,3 +621,43 @@ def test_a_kept_connection_that_refuses_a_message_is_replaced_not_blamed(
         assert filters.spamd.logged("kept next-hop connection refused a message")
     finally:
         controller.stop()
+
+
+def test_a_kept_connection_that_refuses_mail_from_is_replaced_not_blamed(
+    chain: StartChain,
+) -> None:
+    """Issue 32, item 3: Postfix's 10027 smtpd whose milter died meanwhile (a milter replica
+    restarted, its drain over) answers the next transaction of the session 451 at MAIL
+    FROM already. A kept connection refusing MAIL is closed and the transaction starts on
+    another one: the client hears 250, never the stale session's 451."""
+    from aiosmtpd.controller import Controller
+
+    class StaleSessions:
+        def __init__(self) -> None:
+            self.subjects: list[str] = []
+            self.refused = 0
+
+        async def handle_MAIL(self, server: object, session: object, envelope: object,
+                              address: str, options: list[str]) -> str:
+            if getattr(session, "messages", 0):  # carried a message before: stale now
+                self.refused += 1
+                return "451 4.7.1 Service unavailable - try again later"
+            envelope.mail_from = address  # type: ignore[attr-defined]
+            return "250 2.1.0 Ok"
+
+        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+            session.messages = 1  # type: ignore[attr-defined]
+            self.subjects.append(message_from_bytes(envelope.content)["Subject"])  # type: ignore[attr-defined]
+            return "250 2.0.0 Ok: queued as 4B2C"
+
+    hop = StaleSessions()
+    controller = Controller(hop, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        filters = chain(spamd_next_hop=f"127.0.0.1:{controller.port}")
+        for n in range(3):
+            assert filters.send(mail.plain(subject=f"message {n}")) == {}
+        assert hop.subjects == ["message 0", "message 1", "message 2"]
+        assert hop.refused == 2  # each kept connection refused MAIL once, then was dropped
+    finally:
+        controller.stop()
