@@ -206,7 +206,19 @@ def check_own_database(config: Path) -> None:
                 raise RuntimeError(f"{conf.name} sets {line.strip()!r}: not the bench's own")
 
 
-def site_config(workdir: Path, use_bayes: bool, stock_rules: bool, autolearn: bool) -> Path:
+def start_redis(workdir: Path) -> tuple[Process, int]:
+    """A Redis of the bench's own for --bayes-redis (no persistence: the run's only)."""
+    port = free_port()
+    redis = Process("redis", [shutil.which("redis-server") or "/usr/bin/redis-server",
+                              "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no", "--dir", str(workdir)],
+                    workdir / "redis.log")
+    wait_for_port(port, timeout=10)
+    return redis, port
+
+
+def site_config(workdir: Path, use_bayes: bool, stock_rules: bool, autolearn: bool,
+                redis_port: int | None = None) -> Path:
     """Debian's site config, the image's additions (but SecuMail's scores with
     `stock_rules`), and a Bayes database of the bench's own."""
     config = workdir / "spamassassin"
@@ -232,6 +244,10 @@ def site_config(workdir: Path, use_bayes: bool, stock_rules: bool, autolearn: bo
             f"bayes_auto_learn {int(autolearn)}\n"
         )
         local.write(f"use_bayes {int(use_bayes)}\n")
+        if redis_port is not None:  # SpamAssassin's Redis store, in the bench's own Redis
+            local.write("bayes_store_module Mail::SpamAssassin::BayesStore::Redis\n"
+                        f"bayes_sql_dsn server=127.0.0.1:{redis_port};database=0\n"
+                        "bayes_token_ttl 21d\nbayes_seen_ttl 8d\n")
     check_own_database(config)
     return config
 
@@ -554,6 +570,9 @@ def parse_args() -> argparse.Namespace:
                         help="SMTP sessions at once (default 3)")
     parser.add_argument("--learners", type=int, default=2,
                         help="messages being learned at once (default 2)")
+    parser.add_argument("--bayes-redis", action="store_true",
+                        help="Bayes in SpamAssassin's Redis store (a redis-server of the "
+                        "bench's own) instead of its DB_File database")
     parser.add_argument("--keep-workdir", action="store_true",
                         help="keep the spamd and filter logs and the Bayes database")
     parser.add_argument("--scores", type=Path, metavar="FILE",
@@ -597,8 +616,14 @@ def main() -> int:
     sink: Controller | None = None
     stop_sending = threading.Event()
     try:
+        redis: Process | None = None
+        redis_port = None
+        if args.bayes_redis:
+            redis, redis_port = start_redis(workdir)
+            processes.append(redis)
         config = site_config(workdir, use_bayes=not args.no_bayes,
-                             stock_rules=args.stock_rules, autolearn=args.autolearn)
+                             stock_rules=args.stock_rules, autolearn=args.autolearn,
+                             redis_port=redis_port)
         spamd, spamd_address = start_spamd(workdir, config)
         processes.append(spamd)
         print(f"spamd on {spamd_address} (-L, {SPAMD_CHILDREN} children), Bayes "
@@ -630,6 +655,7 @@ def main() -> int:
               f"(tag {args.tag:g}, quarantine {args.quarantine:g}, reject {args.reject:g})",
               flush=True)
         spamd_before, filter_before = tree_cpu_seconds(spamd.pid), tree_cpu_seconds(service.pid)
+        redis_before = tree_cpu_seconds(redis.pid) if redis else 0.0
         began = time.perf_counter()
         for folder in tests:
             send_folder(filter_port, folder, args.sessions, stop_sending)
@@ -637,6 +663,7 @@ def main() -> int:
         test_seconds = time.perf_counter() - began
         spamd_cpu = tree_cpu_seconds(spamd.pid) - spamd_before
         filter_cpu = tree_cpu_seconds(service.pid) - filter_before
+        redis_cpu = tree_cpu_seconds(redis.pid) - redis_before if redis else 0.0
 
         for folder in tests:
             print(folder.summary())
@@ -646,6 +673,8 @@ def main() -> int:
         per_message = max(total, 1)
         print(f"spamd CPU per message: {1000 * spamd_cpu / per_message:.1f} ms")
         print(f"filter CPU per message: {1000 * filter_cpu / per_message:.1f} ms")
+        if redis:
+            print(f"redis CPU per message (Bayes store): {1000 * redis_cpu / per_message:.1f} ms")
         print(f"wall time: test phase {test_seconds:.1f} s "
               f"({total / test_seconds if test_seconds else 0:.1f} messages/s), "
               f"whole run {time.perf_counter() - started:.1f} s")
