@@ -7,6 +7,7 @@ import smtplib
 import socket
 import time
 from email import message_from_bytes
+from typing import Any
 
 import pytest
 
@@ -592,7 +593,6 @@ def test_a_kept_connection_that_refuses_a_message_is_replaced_not_blamed(
     451 (Postfix's 10027 smtpd whose milter connection died with a restarted milter). The
     filter takes the same transaction to a new connection: the client hears 250, the next
     hop has each message once."""
-    from aiosmtpd.controller import Controller
 
     class StaleSessions:
         def __init__(self) -> None:
@@ -610,6 +610,16 @@ def test_a_kept_connection_that_refuses_a_message_is_replaced_not_blamed(
             return "250 2.0.0 Ok: queued as 4B2C"
 
     hop = StaleSessions()
+    filters = three_messages_through(chain, hop)
+    assert hop.refused == 2  # the kept connection refused each later one once
+    assert filters.spamd.logged("kept next-hop connection refused a message")
+
+
+def three_messages_through(chain: StartChain, hop: Any) -> Chain:
+    """Three messages through the filters to `hop` (an aiosmtpd handler with `subjects`):
+    each accepted from the client and delivered once. The filters, for more checks."""
+    from aiosmtpd.controller import Controller
+
     controller = Controller(hop, hostname="127.0.0.1", port=free_port())
     controller.start()
     try:
@@ -617,8 +627,7 @@ def test_a_kept_connection_that_refuses_a_message_is_replaced_not_blamed(
         for n in range(3):
             assert filters.send(mail.plain(subject=f"message {n}")) == {}
         assert hop.subjects == ["message 0", "message 1", "message 2"]
-        assert hop.refused == 2  # the kept connection refused each later one once
-        assert filters.spamd.logged("kept next-hop connection refused a message")
+        return filters
     finally:
         controller.stop()
 
@@ -630,7 +639,6 @@ def test_a_kept_connection_that_refuses_mail_from_is_replaced_not_blamed(
     restarted, its drain over) answers the next transaction of the session 451 at MAIL
     FROM already. A kept connection refusing MAIL is closed and the transaction starts on
     another one: the client hears 250, never the stale session's 451."""
-    from aiosmtpd.controller import Controller
 
     class StaleSessions:
         def __init__(self) -> None:
@@ -651,13 +659,6 @@ def test_a_kept_connection_that_refuses_mail_from_is_replaced_not_blamed(
             return "250 2.0.0 Ok: queued as 4B2C"
 
     hop = StaleSessions()
-    controller = Controller(hop, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    try:
-        filters = chain(spamd_next_hop=f"127.0.0.1:{controller.port}")
-        for n in range(3):
-            assert filters.send(mail.plain(subject=f"message {n}")) == {}
-        assert hop.subjects == ["message 0", "message 1", "message 2"]
-        assert hop.refused == 2  # each kept connection refused MAIL once, then was dropped
-    finally:
-        controller.stop()
+    filters = three_messages_through(chain, hop)
+    assert hop.refused == 2  # each kept connection refused MAIL once, then was dropped
+    assert filters.spamd.logged("kept next-hop connection refused MAIL")
