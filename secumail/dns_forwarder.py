@@ -88,10 +88,9 @@ def servfail(query: bytes) -> bytes | None:
     answer_flags = 0x8000 | (flags & 0x7900) | 0x0080 | dns.rcode.SERVFAIL  # QR, opcode, RD, RA
     # The question is echoed only when it parses; a header alone is a valid answer too.
     try:
-        message = dns.message.from_wire(query)
+        response = dns.message.make_response(dns.message.from_wire(query))
     except dns.exception.DNSException:
         return query[:2] + struct.pack(">HHHHH", answer_flags, 0, 0, 0, 0)
-    response = dns.message.make_response(message)
     response.set_rcode(dns.rcode.SERVFAIL)
     return response.to_wire()
 
@@ -143,6 +142,8 @@ class Forwarder:
         """The answer to one query, the bytes the first server that answered gave (over
         UDP a server fits it to the size the client said it takes, as the client asked it
         without us); SERVFAIL when none did; None for bytes that are not even a header."""
+        if len(query) >= 3 and query[2] & 0x80:
+            return None  # an answer, not a query: answering it could start a loop
         name = question_name(query)
         if name is None:
             log_event(log, "malformed DNS query", logging.WARNING, size=len(query))
@@ -188,13 +189,15 @@ class Forwarder:
                             ) -> bytes | None:
         for server in servers:
             try:
-                async with asyncio.timeout(self.timeout):
+                # Each server gets 2 s at most, so that with a server down the next one
+                # answers before the C library (5 s) gives up and asks again.
+                async with asyncio.timeout(min(self.timeout, 2.0)):
                     found = await (_ask_tcp if tcp else _ask_udp)(query, server)
             except (TimeoutError, OSError, asyncio.IncompleteReadError) as error:
                 log_event(log, "DNS server did not answer", logging.DEBUG, server=str(server),
                           error=f"{type(error).__name__}: {error}")
                 continue
-            if _rcode(found) == dns.rcode.SERVFAIL:
+            if len(found) < 12 or _rcode(found) == dns.rcode.SERVFAIL:
                 continue
             return found
         return None
@@ -213,8 +216,9 @@ async def _ask_udp(query: bytes, server: HostPort) -> bytes:
         question_end = 12 + len(query[12:].split(b"\x00", 1)[0]) + 5  # name, type, class
         while True:
             answer = await loop.sock_recv(sock, 65535)
-            if (len(answer) >= 12 and answer[:2] == query[:2] and answer[2] & 0x80
-                    and answer[12:question_end].lower() == query[12:question_end].lower()):
+            if len(answer) >= 12 and answer[:2] == query[:2] and answer[2] & 0x80 and (
+                    answer[4:6] == b"\x00\x00"  # no question: a FORMERR or NOTIMP
+                    or answer[12:question_end].lower() == query[12:question_end].lower()):
                 return answer
 
 

@@ -450,14 +450,17 @@ class RelayHandler(_HooksListedOnce):
                 if reply.code // 100 == 4 and transaction.reused:
                     # A kept session that refuses a new transaction may hold what died since
                     # it opened (10027's smtpd keeps its milter connection: a restarted
-                    # milter leaves it answering 451 at MAIL). Never kept again; the next
-                    # one, or a new one, answers; a new one's 4xx stands.
+                    # milter leaves it answering 451 at MAIL). It is never kept again, and
+                    # one new connection, not another kept one, answers; its 4xx stands.
                     self._quit(downstream)
                     transaction.downstream = None
                     RETRIED_ON_NEW_CONNECTION.labels(self.name).inc()
-                    log_event(log, "kept next-hop connection refused MAIL: taking another",
+                    log_event(log, "kept next-hop connection refused MAIL: taking a new one",
                               logging.WARNING, filter=self.name, refused=str(reply)[:120])
-                    continue
+                    fresh = await self._new_downstream(transaction)
+                    if isinstance(fresh, str):
+                        return fresh
+                    reply = await fresh.mail(sender, options, transaction.xforward)
                 break
         except SmtpUnavailable as error:
             return self._next_hop_failed(error)
@@ -581,6 +584,11 @@ class RelayHandler(_HooksListedOnce):
         if client is not None:
             transaction.downstream = client
             return client
+        return await self._new_downstream(transaction)
+
+    async def _new_downstream(self, transaction: _Transaction) -> SmtpClient | str:
+        """A new next-hop connection for this session, or the reply to give the client."""
+        transaction.reused = False
         connected = await self._connect()
         if isinstance(connected, SmtpReply):
             log_event(log, "next hop refused the session", logging.WARNING, filter=self.name,

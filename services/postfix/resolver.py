@@ -1,6 +1,6 @@
 """Postfix's resolver, when `SECUMAIL_DNS_SERVERS` is set (secumail/dns_forwarder.py says
 why): the supervisor binds 127.0.0.1:53 as root, points /etc/resolv.conf at it, and keeps
-this child running on those sockets as nobody.
+this child running on those sockets as a user of its own.
 
     python -m services.postfix.resolver UDP_FD TCP_FD DOCKER_DNS...   (started by
     ResolverKeeper)
@@ -28,16 +28,18 @@ RESOLV_CONF = Path("/etc/resolv.conf")
 # Docker's own resolv.conf, kept: a restarted container finds ours in its place.
 DOCKER_RESOLV_CONF = Path("/etc/resolv.conf.docker")
 LISTEN = "127.0.0.1"
-NOBODY = 65534
+# A user of its own (no other process of the container runs as it, so none may signal or
+# trace the process that answers Postfix's lookups); no name needed.
+RESOLVER_UID = 5053
 
 
 class ResolverKeeper:
-    """Binds port 53 on loopback, runs the forwarder as nobody on it, and starts it again
-    if it ends."""
+    """Binds port 53 on loopback, runs the forwarder on it as RESOLVER_UID, and starts it
+    again if it ends."""
 
     RESTART_AFTER = 1.0
 
-    def __init__(self, docker: list[HostPort], port: int = 53, user: int | None = NOBODY
+    def __init__(self, docker: list[HostPort], port: int = 53, user: int | None = RESOLVER_UID
                  ) -> None:
         self.docker = docker
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -63,11 +65,17 @@ class ResolverKeeper:
         identity = {} if self.user is None else {
             "user": self.user, "group": self.user, "extra_groups": []}
         while not self.stopping:
-            self.child = subprocess.Popen(
-                [sys.executable, "-m", "services.postfix.resolver", *map(str, fds),
-                 *map(str, self.docker)],
-                pass_fds=fds, stdin=subprocess.DEVNULL, **identity)  # type: ignore[call-overload]
-            status = self.child.wait()
+            # resolv.conf points at it already: Postfix resolves nothing, not even the
+            # service names, until it runs again. Whatever ends it, start it again.
+            try:
+                self.child = subprocess.Popen(
+                    [sys.executable, "-m", "services.postfix.resolver", *map(str, fds),
+                     *map(str, self.docker)],
+                    pass_fds=fds, stdin=subprocess.DEVNULL,
+                    **identity)  # type: ignore[call-overload]
+                status: int | str = self.child.wait()
+            except (OSError, subprocess.SubprocessError) as error:
+                status = f"{type(error).__name__}: {error}"
             if not self.stopping:
                 log_event(log, "resolver ended: starting it again", logging.ERROR,
                           status=status)
@@ -79,6 +87,10 @@ def start_resolver(settings: Settings, resolv: Path = RESOLV_CONF,
     """With SECUMAIL_DNS_SERVERS set and in a container: the forwarder started and
     resolv.conf pointed at it (None otherwise: Postfix keeps Docker's resolver)."""
     if not settings.dns_servers or not Path("/.dockerenv").exists():
+        return None
+    if HostPort(LISTEN, 53) in settings.dns_servers:
+        log_event(log, "SECUMAIL_DNS_SERVERS names 127.0.0.1:53, Postfix's own forwarder: "
+                  "Postfix keeps Docker's resolver", logging.ERROR)
         return None
     if not saved.exists():
         saved.write_text(resolv.read_text())

@@ -120,7 +120,11 @@ async def test_garbage_gets_a_servfail_or_nothing_and_the_forwarder_keeps_answer
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         client.setblocking(False)
         client.connect(("127.0.0.1", forwarder))
-        for garbage in (b"\x12\x34" + b"\xff" * 30, b"x", b"\x00" * 12 + b"\xc0\x0c" * 40):
+        response = dns.message.make_response(dns.message.make_query("policy.", "A"))
+        response.id = 0x5678
+        for garbage in (response.to_wire(),  # an answer, not a query: never answered
+                        b"\x12\x34\x01\x00" + b"\xff" * 30, b"x",
+                        b"\x00" * 12 + b"\xc0\x0c" * 40):
             client.send(garbage)
         client.settimeout(2)
         answer = await loop.run_in_executor(None, client.recv, 512)

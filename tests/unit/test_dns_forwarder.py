@@ -47,3 +47,6 @@ def test_servfail_answers_the_question_asked_or_only_the_header() -> None:
     assert header_only is not None and header_only[:2] == b"\xab\xcd"
     assert header_only[2] & 0x80 and header_only[3] & 0x0F == dns.rcode.SERVFAIL
     assert servfail(b"short") is None
+    # An answer that parses (QR set) is no query to answer: the header alone.
+    answer_packet = dns.message.make_response(query).to_wire()
+    assert servfail(answer_packet) == answer_packet[:2] + bytes([0x81, 0x82]) + bytes(8)
