@@ -63,7 +63,7 @@ PROBE_ERRORS = (OSError, TimeoutError, ConnectionError, asyncio.IncompleteReadEr
                 smtp.SmtpUnavailable)
 
 
-NOBODY = 65534
+NOBODY = 65534  # also the Postfix agent's user when root owns the mailboxes
 
 
 def drop_root() -> None:

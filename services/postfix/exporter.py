@@ -37,6 +37,7 @@ from secumail import tracking
 from secumail.chain import PROBE_HEADER
 from secumail.logs import log_event
 from secumail.netaddr import Network
+from secumail.probes import NOBODY
 from secumail.settings import Settings
 from services.postfix.events import CLIENT, LINE, STATUS, PostfixEvents, refusal_code
 
@@ -47,7 +48,6 @@ AFTER = struct.Struct(">Q")
 QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 TOKEN = re.compile(r"^[0-9a-f]{32}$")
 STALE_CANARY = 86400.0  # a canary nobody collected (the gateway restarted mid-probe)
-NOBODY = 65534
 
 
 class LogStats:
