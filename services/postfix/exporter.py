@@ -21,10 +21,8 @@ import os
 import re
 import socket
 import struct
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -35,10 +33,10 @@ from prometheus_client.registry import Collector
 
 from secumail import tracking
 from secumail.chain import PROBE_HEADER
-from secumail.logs import log_event
 from secumail.netaddr import Network
 from secumail.probes import NOBODY
 from secumail.settings import Settings
+from services.postfix.children import ChildKeeper
 from services.postfix.events import CLIENT, LINE, STATUS, PostfixEvents, refusal_code
 
 log = logging.getLogger("secumail.postfix")
@@ -210,45 +208,28 @@ class ProbeMailbox:
         return removed
 
 
-class AgentKeeper:
+class AgentKeeper(ChildKeeper):
     """Runs the HTTP agent (agent.py) as `user` (None: this process's own user), answers its
     questions for the metrics over a socket pair, and starts it again if it ends."""
 
-    RESTART_AFTER = 1.0
-
     def __init__(self, registry: CollectorRegistry, mailbox_base: str, user: int | None,
                  events: tracking.EventLog = tracking.EVENTS) -> None:
+        super().__init__("metrics agent", user)
         self.registry = registry
         self.events = events
         self.mailbox_base = mailbox_base
-        self.user = user
-        self.child: subprocess.Popen[bytes] | None = None
-        self.stopping = False
 
-    def stop(self) -> None:
-        self.stopping = True
-        if self.child is not None and self.child.poll() is None:
-            self.child.terminate()
-
-    def run(self) -> None:
-        while not self.stopping:
-            ours, theirs = socket.socketpair()
-            identity = {} if self.user is None else {
-                "user": self.user, "group": self.user, "extra_groups": []}
-            try:
-                self.child = child = subprocess.Popen(
-                    [sys.executable, "-m", "services.postfix.agent", str(theirs.fileno()),
-                     self.mailbox_base], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                    **identity)  # type: ignore[call-overload]
-            finally:
-                theirs.close()
-            with ours:
-                self._answer(ours)
-            status = child.wait()
-            if not self.stopping:
-                log_event(log, "metrics agent ended: starting it again", logging.ERROR,
-                          status=status)
-                time.sleep(self.RESTART_AFTER)
+    def run_once(self) -> int:
+        ours, theirs = socket.socketpair()
+        try:
+            child = self.spawn([sys.executable, "-m", "services.postfix.agent",
+                                str(theirs.fileno()), self.mailbox_base],
+                               pass_fds=(theirs.fileno(),))
+        finally:
+            theirs.close()
+        with ours:
+            self._answer(ours)
+        return child.wait()
 
     def _answer(self, channel: socket.socket) -> None:
         """Until the agent closes its end: b"m" asks for the exposition; b"e" and an 8-byte
@@ -309,5 +290,5 @@ def start_agent(settings: Settings, queue_dir: Path, mailbox_base: str,
     if settings.metrics_listen.port == 0:
         return feed, None
     keeper = AgentKeeper(registry, mailbox_base, user)
-    threading.Thread(target=keeper.run, daemon=True, name="agent").start()
+    keeper.start()
     return feed, keeper

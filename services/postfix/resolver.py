@@ -11,16 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 from secumail.dns_forwarder import DOCKER_DNS, Forwarder, resolv_conf, serve
 from secumail.logs import log_event, setup_logging
 from secumail.netaddr import HostPort, parse_host_port
 from secumail.settings import Settings, load_settings
+from services.postfix.children import ChildKeeper
 
 log = logging.getLogger("secumail.postfix.resolver")
 
@@ -33,14 +31,14 @@ LISTEN = "127.0.0.1"
 RESOLVER_UID = 5053
 
 
-class ResolverKeeper:
-    """Binds port 53 on loopback, runs the forwarder on it as RESOLVER_UID, and starts it
-    again if it ends."""
-
-    RESTART_AFTER = 1.0
+class ResolverKeeper(ChildKeeper):
+    """Binds port 53 on loopback and keeps the forwarder running on it as RESOLVER_UID
+    (resolv.conf points at it: until it runs again, Postfix resolves nothing, not even the
+    service names)."""
 
     def __init__(self, docker: list[HostPort], port: int = 53, user: int | None = RESOLVER_UID
                  ) -> None:
+        super().__init__("resolver", user)
         self.docker = docker
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -48,38 +46,11 @@ class ResolverKeeper:
         self.udp.bind((LISTEN, port))
         self.tcp.bind((LISTEN, port))
         self.tcp.listen(64)
-        self.user = user
-        self.child: subprocess.Popen[bytes] | None = None
-        self.stopping = False
 
-    def start(self) -> None:
-        threading.Thread(target=self._run, daemon=True, name="resolver").start()
-
-    def stop(self) -> None:
-        self.stopping = True
-        if self.child is not None and self.child.poll() is None:
-            self.child.terminate()
-
-    def _run(self) -> None:
+    def run_once(self) -> int:
         fds = (self.udp.fileno(), self.tcp.fileno())
-        identity = {} if self.user is None else {
-            "user": self.user, "group": self.user, "extra_groups": []}
-        while not self.stopping:
-            # resolv.conf points at it already: Postfix resolves nothing, not even the
-            # service names, until it runs again. Whatever ends it, start it again.
-            try:
-                self.child = subprocess.Popen(
-                    [sys.executable, "-m", "services.postfix.resolver", *map(str, fds),
-                     *map(str, self.docker)],
-                    pass_fds=fds, stdin=subprocess.DEVNULL,
-                    **identity)  # type: ignore[call-overload]
-                status: int | str = self.child.wait()
-            except (OSError, subprocess.SubprocessError) as error:
-                status = f"{type(error).__name__}: {error}"
-            if not self.stopping:
-                log_event(log, "resolver ended: starting it again", logging.ERROR,
-                          status=status)
-                time.sleep(self.RESTART_AFTER)
+        return self.spawn([sys.executable, "-m", "services.postfix.resolver", *map(str, fds),
+                           *map(str, self.docker)], pass_fds=fds).wait()
 
 
 def start_resolver(settings: Settings, resolv: Path = RESOLV_CONF,
