@@ -98,7 +98,13 @@ RUN echo "postfix postfix/main_mailer_type select No configuration" | debconf-se
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 5000 vmail \
  && useradd --system --uid 5000 --gid vmail --home-dir /var/mail/vhosts \
-      --shell /usr/sbin/nologin vmail \
+      --shell /usr/sbin/nologin vmail
+# postfix-mta-sts-resolver: destinations' MTA-STS policies (services/postfix/outbound_tls.py).
+COPY pyproject.toml /tmp/
+RUN /opt/secumail/bin/pip install --no-cache-dir $(python3 -c "import tomllib; \
+      extras = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['optional-dependencies']; \
+      print(*extras['mta-sts'])") \
+ && rm /tmp/pyproject.toml \
  && python3 -c "from secumail.settings import Settings; \
       from services.postfix.main import write_config; write_config(Settings())"
 # The image carries main.cf and master.cf rendered from the default settings, so that

@@ -197,6 +197,12 @@ class Settings(BaseSettings):
     smtpd_timeout: int = Field(60, ge=10, le=3600)
     # Postfix listens on IPv6 too (compose.ipv6.yaml sets it, with the network it needs).
     smtp_ipv6: bool = False
+    # Mail leaving for other domains: each destination's MTA-STS policy (RFC 8461) is enforced
+    # (services/postfix/mta_sts.py), and its DANE TLSA records (RFC 7672) when the resolver
+    # validates DNSSEC; a certificate is checked against the CAs in outbound_tls_ca_file.
+    outbound_mta_sts: bool = True
+    outbound_dane: bool = True
+    outbound_tls_ca_file: str = Field("/etc/ssl/certs/ca-certificates.crt", min_length=1)
 
     # --- content filters: ClamAV (10025 -> 10026) and SpamAssassin (10026 -> 10027) -------
     # before-queue: port 25's smtpd proxies each message through the filters while the

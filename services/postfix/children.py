@@ -9,10 +9,17 @@ import subprocess
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from secumail.logs import log_event
 
 log = logging.getLogger("secumail.postfix")
+
+
+def in_container() -> bool:
+    """Whether this is the Postfix container (the helpers that change the system's files,
+    resolv.conf and /etc/postfix, run there only: not beside the tests' own Postfix)."""
+    return Path("/.dockerenv").exists()
 
 
 class ChildKeeper:

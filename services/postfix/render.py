@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from secumail.netaddr import postfix_network
 from secumail.settings import Settings
+from services.postfix import outbound_tls
 
 MAILBOX_BASE = "/var/mail/vhosts"
 VMAIL_ID = 5000  # owner of the mailboxes (the image's vmail user)
@@ -124,7 +125,14 @@ def main_cf(settings: Settings) -> dict[str, str]:
         "smtpd_tls_key_file": settings.tls_key_file,
         "smtpd_tls_security_level": "may",
         "smtpd_tls_loglevel": "1",
-        "smtp_tls_security_level": "may",
+        # Mail to other domains: TLS when offered; required, with a verified certificate,
+        # where the destination's MTA-STS policy or DNSSEC-signed TLSA records demand it (a
+        # failure defers the mail, it never goes out in clear).
+        "smtp_tls_security_level": "dane" if settings.outbound_dane else "may",
+        "smtp_dns_support_level": "dnssec" if settings.outbound_dane else "",
+        "smtp_tls_policy_maps": outbound_tls.policy_map(settings),
+        "smtp_tls_CAfile": settings.outbound_tls_ca_file,
+        "smtp_tls_loglevel": "1",
         # Delivery to the mail domains: Maildirs in the mail volume, or the transport given.
         "virtual_mailbox_domains": domains,
         "virtual_mailbox_base": MAILBOX_BASE,
@@ -201,6 +209,10 @@ def scan_transport(max_processes: int = 16) -> list[str]:
         "  -o smtp_send_xforward_command=yes",
         "  -o disable_mime_output_conversion=yes",
         "  -o smtp_connection_cache_on_demand=no",
+        # A hop inside the stack: no TLS, no MTA-STS or DANE lookups for it.
+        "  -o smtp_tls_security_level=none",
+        "  -o smtp_tls_policy_maps=",
+        "  -o smtp_dns_support_level=",
     ]
 
 

@@ -18,7 +18,7 @@ from secumail.dns_forwarder import DOCKER_DNS, Forwarder, resolv_conf, serve
 from secumail.logs import log_event, setup_logging
 from secumail.netaddr import HostPort, parse_host_port
 from secumail.settings import Settings, load_settings
-from services.postfix.children import ChildKeeper
+from services.postfix.children import ChildKeeper, in_container
 
 log = logging.getLogger("secumail.postfix.resolver")
 
@@ -57,7 +57,7 @@ def start_resolver(settings: Settings, resolv: Path = RESOLV_CONF,
                    saved: Path = DOCKER_RESOLV_CONF) -> ResolverKeeper | None:
     """With SECUMAIL_DNS_SERVERS set and in a container: the forwarder started and
     resolv.conf pointed at it (None otherwise: Postfix keeps Docker's resolver)."""
-    if not settings.dns_servers or not Path("/.dockerenv").exists():
+    if not settings.dns_servers or not in_container():
         return None
     if HostPort(LISTEN, 53) in settings.dns_servers:
         log_event(log, "SECUMAIL_DNS_SERVERS names 127.0.0.1:53, Postfix's own forwarder: "

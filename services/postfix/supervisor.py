@@ -28,6 +28,7 @@ from typing import BinaryIO
 from secumail.logs import log_event
 from secumail.settings import Settings
 from services.postfix.exporter import agent_user, start_agent
+from services.postfix.outbound_tls import start_sts_resolver
 from services.postfix.resolver import start_resolver
 
 log = logging.getLogger("secumail.postfix")
@@ -192,13 +193,13 @@ def supervise(settings: Settings, mailbox_base: str, queue_dir: Path = QUEUE_DIR
     user = agent_user(mailbox_base) if drop_agent else None
     feed, agent = start_agent(settings, queue_dir, mailbox_base, running, user)
     resolver = start_resolver(settings)
+    sts_resolver = start_sts_resolver(settings)
     supervisor = Supervisor([*postfix, "start-fg"], [*postfix, "stop"], feed,
                             running=running, before_stop=lambda: finish_deliveries(postfix))
     log_event(log, "starting postfix", metrics=str(settings.metrics_listen))
     try:
         return supervisor.run()
     finally:
-        if agent is not None:
-            agent.stop()
-        if resolver is not None:
-            resolver.stop()
+        for keeper in (agent, resolver, sts_resolver):
+            if keeper is not None:
+                keeper.stop()

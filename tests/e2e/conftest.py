@@ -20,6 +20,7 @@ import pytest
 
 from tests.support.processes import free_port
 from tests.support.scanners import TESTFILES, write_signatures
+from tests.support.tls import write_test_pki
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "secumail-e2e"
@@ -28,6 +29,8 @@ SPAMD_REPLICAS = 2  # every filter scaled: tracking follows a message across rep
 # The stack as a site runs it, plus the tests' overlay (test_v6.py adds compose.ipv6.yaml).
 COMPOSE_FILES = ("compose.yaml", "tests/e2e/compose.test.yaml")
 IPV6_FILES = ("compose.yaml", "compose.ipv6.yaml", "tests/e2e/compose.test.yaml")
+# The MTA-STS destinations of the test stack (compose.test.yaml), each with its mailbox.
+REMOTE_RECEIVERS = ("remote-verified", "remote-selfsigned", "remote-plain")
 # What must be healthy before a test may send mail through the stack.
 CHAIN_SERVICES = ("postfix", "policy", "dkim", "clamav", "spamd", "clamd", "spamassassin")
 MODE_SERVICES = ("postfix", "dkim", "clamav", "spamd")  # what SECUMAIL_FILTER_MODE changes
@@ -63,6 +66,13 @@ def e2e_dir() -> Iterator[Path]:
     directory = Path(tempfile.mkdtemp(prefix="secumail-e2e-"))
     write_signatures(directory / "clamav-db")
     (directory / "sink").mkdir()
+    # The MTA-STS destinations' certificates and mailboxes (test_mta_sts.py).
+    policy_hosts = sorted(p.name for p in (ROOT / "tests/e2e/mta-sts").iterdir())
+    write_test_pki(directory / "tls-test", issued={"mx": ["mx.sts-good.test"],
+                                                   "web": policy_hosts},
+                   self_signed={"selfsigned": ["mx.sts-selfsigned.test"]})
+    for receiver in REMOTE_RECEIVERS:
+        (directory / receiver).mkdir()
     os.chmod(directory, 0o755)
     os.environ["SECUMAIL_E2E_DIR"] = str(directory)
     os.environ["SECUMAIL_SMTP_PUBLISH"] = f"127.0.0.1:{free_port()}"

@@ -3,6 +3,8 @@ chain of filters, the re-injection port, never an open relay."""
 
 from __future__ import annotations
 
+import itertools
+
 from secumail.settings import Settings
 from services.postfix.render import mailbox_map, main_cf, master_cf, render
 
@@ -138,3 +140,26 @@ def test_our_own_hosts_mail_is_counted_before_it_is_let_through() -> None:
     assert off["smtpd_relay_restrictions"] == (
         "permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination")
     assert "smtpd_restriction_classes" not in off
+
+
+def test_mail_to_other_domains_follows_their_mta_sts_and_dane_demands() -> None:
+    config = main_cf(settings())
+    assert config["smtp_tls_policy_maps"] == "socketmap:inet:127.0.0.1:8461:postfix"
+    assert config["smtp_tls_security_level"] == "dane"
+    assert config["smtp_dns_support_level"] == "dnssec"
+    assert config["smtp_tls_CAfile"] == "/etc/ssl/certs/ca-certificates.crt"
+    off = main_cf(settings(outbound_mta_sts="false", outbound_dane="false"))
+    assert off["smtp_tls_policy_maps"] == ""
+    assert off["smtp_tls_security_level"] == "may" and off["smtp_dns_support_level"] == ""
+
+
+def test_the_hop_to_the_filters_asks_no_tls_policy() -> None:
+    """After-queue, the scan transport is an smtp client too: the filters are inside the
+    stack, with nothing to look up for them."""
+    master = master_cf(settings(filter_mode="after-queue"))
+    lines = master[master.index("\nscan ") + 1:].splitlines()
+    options = itertools.takewhile(lambda line: line.startswith(" "), lines[1:])
+    scan = "\n".join(options) + "\n"
+    for option in ("smtp_tls_security_level=none", "smtp_tls_policy_maps=",
+                   "smtp_dns_support_level="):
+        assert f"  -o {option}\n" in scan

@@ -1,0 +1,71 @@
+"""MTA-STS (RFC 8461) for the mail Postfix sends to other domains.
+
+A domain with an MTA-STS policy in `enforce` mode asks senders for TLS with a certificate
+valid for one of its MX names: a sender that knows the policy defers the mail when STARTTLS
+is missing (stripped on the path) or the certificate is wrong, instead of sending it in
+clear. Postfix asks a socketmap for each destination's policy (`smtp_tls_policy_maps`);
+postfix-mta-sts-resolver, the daemon Mailu uses too, answers it: it looks up the
+`_mta-sts` TXT record, fetches the policy over HTTPS (the CAs of
+SECUMAIL_OUTBOUND_TLS_CA_FILE), keeps it for its max_age, and answers `secure
+match=<mx>...` for `enforce` (nothing for `testing` and `none`, which are not enforced).
+
+The supervisor keeps the daemon running on 127.0.0.1 (only Postfix asks it), as a user of
+its own; it resolves through the container's resolv.conf, so SECUMAIL_DNS_SERVERS applies.
+DANE needs no daemon: Postfix's own `dane` level, with a DNSSEC-validating resolver.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from secumail.logs import log_event
+from secumail.netaddr import HostPort
+from secumail.settings import Settings
+from services.postfix.children import CommandKeeper, in_container
+
+log = logging.getLogger("secumail.postfix.mta_sts")
+
+LISTEN = HostPort("127.0.0.1", 8461)
+CONFIG = Path("/etc/postfix/mta-sts-daemon.yml")
+# A user of its own: it fetches from the Internet, so nothing else of the container's may
+# be touched by it, nor it by anything else.
+STS_UID = 5054
+TIMEOUT = 4  # seconds for the TXT lookup, and again for the HTTPS fetch
+
+
+def policy_map(settings: Settings) -> str:
+    """Postfix's smtp_tls_policy_maps: the daemon's socketmap, or nothing."""
+    return f"socketmap:inet:{LISTEN}:postfix" if settings.outbound_mta_sts else ""
+
+
+def daemon_config() -> str:
+    """The daemon's configuration (YAML; JSON is YAML). `testing` policies are reported in
+    its log, not enforced (RFC 8461 5); servername=hostname: the MX name is sent as SNI."""
+    return json.dumps({
+        "host": LISTEN.host, "port": LISTEN.port, "reuse_port": True,
+        "shutdown_timeout": 5,
+        "cache": {"type": "internal", "options": {"cache_size": 10000}},
+        "default_zone": {"strict_testing": False, "timeout": TIMEOUT, "require_sni": True,
+                         "tlsrpt": False},
+    }, indent=2) + "\n"
+
+
+def start_sts_resolver(settings: Settings, config: Path = CONFIG,
+                       user: int | None = STS_UID) -> CommandKeeper | None:
+    """The daemon, kept running (None when SECUMAIL_OUTBOUND_MTA_STS is off, and beside
+    the tests' own Postfix)."""
+    if not settings.outbound_mta_sts or not in_container():
+        return None
+    config.write_text(daemon_config())
+    level = "debug" if settings.log_level == "DEBUG" else "info"
+    # SSL_CERT_FILE: OpenSSL's default CAs for the policy fetch (aiohttp's default context).
+    env = {**os.environ, "SSL_CERT_FILE": settings.outbound_tls_ca_file}
+    keeper = CommandKeeper("MTA-STS resolver", ["mta-sts-daemon", "-v", level, "-c",
+                                                str(config)], user, env=env)
+    keeper.start()
+    log_event(log, "MTA-STS policies of destinations enforced", resolver=str(LISTEN),
+              ca_file=settings.outbound_tls_ca_file)
+    return keeper

@@ -1,0 +1,101 @@
+"""MTA-STS for mail leaving the stack (issue 34): Postfix, as rendered, asks the resolver
+beside it (postfix-mta-sts-resolver) for each destination's policy, fetched over HTTPS from
+the tests' policy host; the destinations are the tests' own receivers (compose.test.yaml,
+names in tests/e2e/dns). A domain that demands TLS gets its mail only over TLS with a
+certificate valid for its MX; anything else defers the mail, never sends it in clear."""
+
+from __future__ import annotations
+
+import json
+import mailbox
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.conftest import Stack
+from tests.e2e.test_stack import attempt
+from tests.support import mail
+
+# Domain -> the receiver its MX points at.
+DELIVERED = {
+    "sts-good.test": "remote-verified",  # enforce, a certificate from a CA Postfix trusts
+    "sts-testing.test": "remote-plain",  # testing: reported, not enforced
+    "no-sts.test": "remote-plain",  # no policy: opportunistic TLS, as before
+}
+DEFERRED = {
+    "sts-selfsigned.test": ("remote-selfsigned", "certificate"),  # enforce, self-signed
+    "sts-wrongname.test": ("remote-verified", "certificate"),  # a valid one for another name
+    "sts-stripped.test": ("remote-plain", "TLS is required"),  # enforce, no STARTTLS
+}
+
+
+@pytest.fixture
+def delivery_by_mx(stack: Stack) -> Iterator[None]:
+    """The test stack relays to its sink; here Postfix delivers by MX, as a site does."""
+    os.environ["SECUMAIL_E2E_RELAYHOST"] = ""
+    try:
+        stack.recreate(("postfix",))
+        yield
+    finally:
+        os.environ.pop("SECUMAIL_E2E_RELAYHOST", None)
+        stack.recreate(("postfix",))
+
+
+def subjects(stack: Stack, receiver: str) -> set[str]:
+    path = stack.directory / receiver / "mbox"
+    if not path.exists():
+        return set()
+    return {str(m["Subject"]) for m in mailbox.Maildir(str(path), create=False)}
+
+
+def deferred(stack: Stack, tag: str) -> dict[str, tuple[str, str]]:
+    """Our deferred recipients' domains -> (queue id, the reason Postfix gives)."""
+    result = stack.exec("postfix", "postqueue", "-j")
+    assert result.returncode == 0, result.stderr
+    found = {}
+    for line in result.stdout.splitlines():
+        entry = json.loads(line)
+        if tag not in entry.get("sender", ""):
+            continue
+        for recipient in entry["recipients"]:
+            if recipient.get("delay_reason"):
+                domain = recipient["address"].rpartition("@")[2]
+                found[domain] = (entry["queue_id"], recipient["delay_reason"])
+    return found
+
+
+def test_mail_goes_out_only_as_each_destinations_mta_sts_policy_demands(
+    stack: Stack, delivery_by_mx: None
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    sender = f"sts-{tag}@secumail.test"
+    for domain in [*DELIVERED, *DEFERRED]:
+        recipient = f"postmaster@{domain}"
+        code, reply = attempt(stack, "127.0.0.31", sender, recipient,
+                              mail.plain(f"{tag} {domain}", sender=sender, to=recipient))
+        assert code == 250, (domain, reply)
+
+    deadline = time.monotonic() + 90
+    while True:
+        missing = [d for d, r in DELIVERED.items() if f"{tag} {d}" not in subjects(stack, r)]
+        held = deferred(stack, tag)
+        if not missing and set(held) == set(DEFERRED):
+            break
+        assert time.monotonic() < deadline, (missing, held, stack.logs("postfix")[-6000:])
+        time.sleep(1)
+    try:
+        for domain, (_, expected) in DEFERRED.items():
+            assert expected in held[domain][1], held
+        # Never sent in clear, nor to a server whose certificate was not verified.
+        for domain, (receiver, _) in DEFERRED.items():
+            assert f"{tag} {domain}" not in subjects(stack, receiver)
+        log = stack.logs("postfix")
+        assert re.search(r"Verified TLS connection established to mx\.sts-good\.test", log), \
+            log[-4000:]
+    finally:
+        for queue_id, _ in held.values():
+            stack.exec("postfix", "postsuper", "-d", queue_id)
