@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.dnssec import signed_zone, tlsa_3_1_1
 from tests.support.processes import free_port
 from tests.support.scanners import TESTFILES, write_signatures
 from tests.support.tls import write_test_pki
@@ -66,13 +67,14 @@ def e2e_dir() -> Iterator[Path]:
     directory = Path(tempfile.mkdtemp(prefix="secumail-e2e-"))
     write_signatures(directory / "clamav-db")
     (directory / "sink").mkdir()
-    # The MTA-STS destinations' certificates and mailboxes (test_mta_sts.py).
+    # The MTA-STS destinations' certificates and mailboxes (test_outbound_tls.py).
     policy_hosts = sorted(p.name for p in (ROOT / "tests/e2e/mta-sts").iterdir())
     write_test_pki(directory / "tls-test", issued={"mx": ["mx.sts-good.test"],
                                                    "web": policy_hosts},
                    self_signed={"selfsigned": ["mx.sts-selfsigned.test"]})
     for receiver in REMOTE_RECEIVERS:
         (directory / receiver).mkdir()
+    write_dane_zone(directory)
     os.chmod(directory, 0o755)
     os.environ["SECUMAIL_E2E_DIR"] = str(directory)
     os.environ["SECUMAIL_SMTP_PUBLISH"] = f"127.0.0.1:{free_port()}"
@@ -86,6 +88,25 @@ def e2e_dir() -> Iterator[Path]:
     os.environ["SECUMAIL_SPAMD_REPLICAS"] = str(SPAMD_REPLICAS)
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def write_dane_zone(directory: Path) -> None:
+    """The signed zone dane.test and its trust anchor, for the tests' validating resolver:
+    each domain's MX has TLSA records (DANE-EE, its key's SHA-256), right or wrong."""
+    tls = directory / "tls-test"
+    right = tlsa_3_1_1((tls / "mx.pem").read_bytes())  # remote-verified's key
+    wrong = tlsa_3_1_1((tls / "selfsigned.pem").read_bytes())  # another key
+    records = []
+    for name, address, tlsa in (("good", "172.29.126.61", right),
+                                ("wrongkey", "172.29.126.61", wrong),
+                                ("stripped", "172.29.126.63", right)):
+        records += [f"{name} 300 IN MX 10 mx.{name}", f"mx.{name} 300 IN A {address}",
+                    f"_25._tcp.mx.{name} 300 IN TLSA {tlsa}"]
+    zone, anchor = signed_zone("dane.test", records)
+    (directory / "unbound").mkdir()
+    for name, text in (("dane.test.zone", zone), ("dane.test.ds", anchor)):
+        (directory / "unbound" / name).write_text(text)
+        (directory / "unbound" / name).chmod(0o644)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
-"""MTA-STS for mail leaving the stack (issue 34): Postfix, as rendered, asks the resolver
-beside it (postfix-mta-sts-resolver) for each destination's policy, fetched over HTTPS from
-the tests' policy host; the destinations are the tests' own receivers (compose.test.yaml,
-names in tests/e2e/dns). A domain that demands TLS gets its mail only over TLS with a
-certificate valid for its MX; anything else defers the mail, never sends it in clear."""
+"""MTA-STS and DANE for mail leaving the stack (issue 34). Postfix, as rendered, asks the
+resolver beside it (postfix-mta-sts-resolver) for each destination's MTA-STS policy, fetched
+over HTTPS from the tests' policy host, and obeys the TLSA records of dane.test, a zone
+signed by the tests and validated by the tests' unbound. The destinations are the tests'
+own receivers (compose.test.yaml, names in tests/e2e/dns). A domain that demands TLS gets
+its mail only over TLS with the certificate it asks for; anything else defers the mail,
+never sends it in clear."""
 
 from __future__ import annotations
 
@@ -25,11 +27,14 @@ DELIVERED = {
     "sts-good.test": "remote-verified",  # enforce, a certificate from a CA Postfix trusts
     "sts-testing.test": "remote-plain",  # testing: reported, not enforced
     "no-sts.test": "remote-plain",  # no policy: opportunistic TLS, as before
+    "good.dane.test": "remote-verified",  # DANE: validated TLSA records its key matches
 }
 DEFERRED = {
     "sts-selfsigned.test": ("remote-selfsigned", "certificate"),  # enforce, self-signed
     "sts-wrongname.test": ("remote-verified", "certificate"),  # a valid one for another name
     "sts-stripped.test": ("remote-plain", "TLS is required"),  # enforce, no STARTTLS
+    "wrongkey.dane.test": ("remote-verified", "certificate"),  # TLSA of another key
+    "stripped.dane.test": ("remote-plain", "TLS is required"),  # TLSA, no STARTTLS
 }
 
 
@@ -85,7 +90,8 @@ def test_mail_goes_out_only_as_each_destinations_mta_sts_policy_demands(
         held = deferred(stack, tag)
         if not missing and set(held) == set(DEFERRED):
             break
-        assert time.monotonic() < deadline, (missing, held, stack.logs("postfix")[-6000:])
+        assert time.monotonic() < deadline, (f"not delivered: {missing}; deferred: "
+                                             f"{sorted(held)}", stack.logs("postfix")[-6000:])
         time.sleep(1)
     try:
         for domain, (_, expected) in DEFERRED.items():
@@ -94,8 +100,9 @@ def test_mail_goes_out_only_as_each_destinations_mta_sts_policy_demands(
         for domain, (receiver, _) in DEFERRED.items():
             assert f"{tag} {domain}" not in subjects(stack, receiver)
         log = stack.logs("postfix")
-        assert re.search(r"Verified TLS connection established to mx\.sts-good\.test", log), \
-            log[-4000:]
+        for mx in ("mx.sts-good.test", "mx.good.dane.test"):
+            assert re.search(rf"Verified TLS connection established to {re.escape(mx)}", log), \
+                log[-4000:]
     finally:
         for queue_id, _ in held.values():
             stack.exec("postfix", "postsuper", "-d", queue_id)
