@@ -105,6 +105,7 @@ RUN /opt/secumail/bin/pip install --no-cache-dir $(python3 -c "import tomllib; \
       extras = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['optional-dependencies']; \
       print(*extras['mta-sts'])") \
  && rm /tmp/pyproject.toml \
+ && install -d -o 5054 -g 5054 -m 0700 /var/lib/secumail/mta-sts \
  && python3 -c "from secumail.settings import Settings; \
       from services.postfix.main import write_config; write_config(Settings())"
 # The image carries main.cf and master.cf rendered from the default settings, so that

@@ -113,7 +113,7 @@ def inside(messages: int) -> None:
                    self_signed={})
     (work / "policies" / f"mta-sts.{STS}").mkdir(parents=True)
     (work / "policies" / f"mta-sts.{STS}" / "mta-sts.txt").write_text(POLICY)
-    (work / "daemon.yml").write_text(daemon_config())
+    (work / "daemon.yml").write_text(daemon_config(work / "policies.sqlite"))
     ca = str(work / "tls" / "ca.pem")
     host = subprocess.Popen([sys.executable, str(ROOT / "tests/e2e/policy_host.py"),
                              str(work / "policies"), str(work / "tls/web.pem"),

@@ -40,7 +40,8 @@ from pathlib import Path
 STATE = Path("/state")
 BACKUPS = Path("/backups")
 # The volumes that hold state, as compose.yaml names them. Signatures (clamav-db), rule
-# updates (sa-rules) and Prometheus's history are downloaded or remade: not taken.
+# updates (sa-rules), Prometheus's history and other domains' MTA-STS policies (mta-sts)
+# are downloaded or remade: not taken.
 VOLUMES = ("mail", "queue", "quarantine", "dkim-keys", "dmarc", "greylist", "tracking", "tls",
            "bayes", "redis", "redis-auth")
 MESSAGE_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")

@@ -30,6 +30,9 @@ log = logging.getLogger("secumail.postfix.mta_sts")
 
 LISTEN = HostPort("127.0.0.1", 8461)
 CONFIG = Path("/etc/postfix/mta-sts-daemon.yml")
+# The policies, kept on a volume of their own (RFC 8461 10.2): an attacker who blocks the
+# policy host while Postfix restarts or upgrades finds them still known, and still enforced.
+CACHE = Path("/var/lib/secumail/mta-sts/policies.sqlite")
 # A user of its own: it fetches from the Internet, so nothing else of the container's may
 # be touched by it, nor it by anything else.
 STS_UID = 5054
@@ -41,25 +44,26 @@ def policy_map(settings: Settings) -> str:
     return f"socketmap:inet:{LISTEN}:postfix" if settings.outbound_mta_sts else ""
 
 
-def daemon_config() -> str:
-    """The daemon's configuration (YAML; JSON is YAML). `testing` policies are reported in
-    its log, not enforced (RFC 8461 5); servername=hostname: the MX name is sent as SNI."""
+def daemon_config(cache: Path = CACHE) -> str:
+    """The daemon's configuration (YAML; JSON is YAML): policies kept in `cache`, each
+    until its max_age; `testing` policies not enforced (RFC 8461 5); servername=hostname:
+    the MX name is sent as SNI."""
     return json.dumps({
         "host": LISTEN.host, "port": LISTEN.port, "reuse_port": True,
         "shutdown_timeout": 5,
-        "cache": {"type": "internal", "options": {"cache_size": 10000}},
+        "cache": {"type": "sqlite", "options": {"filename": str(cache), "threads": 1}},
         "default_zone": {"strict_testing": False, "timeout": TIMEOUT, "require_sni": True,
                          "tlsrpt": False},
     }, indent=2) + "\n"
 
 
-def start_sts_resolver(settings: Settings, config: Path = CONFIG,
+def start_sts_resolver(settings: Settings, config: Path = CONFIG, cache: Path = CACHE,
                        user: int | None = STS_UID) -> CommandKeeper | None:
     """The daemon, kept running (None when SECUMAIL_OUTBOUND_MTA_STS is off, and beside
     the tests' own Postfix)."""
     if not settings.outbound_mta_sts or not in_container():
         return None
-    config.write_text(daemon_config())
+    config.write_text(daemon_config(cache))
     level = "debug" if settings.log_level == "DEBUG" else "info"
     # SSL_CERT_FILE: OpenSSL's default CAs for the policy fetch (aiohttp's default context).
     env = {**os.environ, "SSL_CERT_FILE": settings.outbound_tls_ca_file}

@@ -12,6 +12,7 @@ import json
 import mailbox
 import os
 import re
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ DEFERRED = {
 }
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def delivery_by_mx(stack: Stack) -> Iterator[None]:
     """The test stack relays to its sink; here Postfix delivers by MX, as a site does."""
     os.environ["SECUMAIL_E2E_RELAYHOST"] = ""
@@ -105,4 +106,41 @@ def test_mail_goes_out_only_as_each_destinations_mta_sts_policy_demands(
                 log[-4000:]
     finally:
         for queue_id, _ in held.values():
+            stack.exec("postfix", "postsuper", "-d", queue_id)
+
+
+def send_and_wait(stack: Stack, tag: str, domain: str) -> tuple[str, str]:
+    """One message to postmaster@domain: its queue id and reason once it is deferred."""
+    sender = f"sts-{tag}@secumail.test"
+    code, reply = attempt(stack, "127.0.0.31", sender, f"postmaster@{domain}",
+                          mail.plain(f"{tag} {domain}", sender=sender,
+                                     to=f"postmaster@{domain}"))
+    assert code == 250, reply
+    deadline = time.monotonic() + 60
+    while domain not in (held := deferred(stack, tag)):
+        assert time.monotonic() < deadline, stack.logs("postfix")[-4000:]
+        time.sleep(1)
+    return held[domain]
+
+
+def test_a_policy_outlives_a_restart_while_its_host_is_unreachable(
+    stack: Stack, delivery_by_mx: None
+) -> None:
+    """RFC 8461 10.2: an attacker on the path blocks the policy host while Postfix restarts
+    (an upgrade), then strips STARTTLS. A policy kept in memory only is gone: the mail went
+    out in clear. Kept on its volume, it is still enforced."""
+    first, again = uuid.uuid4().hex[:8], uuid.uuid4().hex[:8]
+    queued = [send_and_wait(stack, first, "sts-stripped.test")[0]]  # the policy now known
+    subprocess.run([*stack.compose, "stop", "sts-policies"], check=True, capture_output=True)
+    try:
+        subprocess.run([*stack.compose, "restart", "postfix"], check=True, capture_output=True)
+        stack.wait_healthy(["postfix"])
+        queue_id, reason = send_and_wait(stack, again, "sts-stripped.test")
+        queued.append(queue_id)
+        assert "TLS is required" in reason, reason
+        assert f"{again} sts-stripped.test" not in subjects(stack, "remote-plain")
+    finally:
+        subprocess.run([*stack.compose, "start", "sts-policies"], check=True,
+                       capture_output=True)
+        for queue_id in queued:
             stack.exec("postfix", "postsuper", "-d", queue_id)
