@@ -48,6 +48,7 @@ from gateway.routers import (
 )
 from gateway.scrape import Target, replica_targets
 from gateway.spamassassin import SpamAssassinCollector
+from gateway.tls_reports import TlsReporter
 from gateway.tracking import Collector, TrackingMetrics, TrackingStore
 from secumail import probes
 from secumail.dmarc import TxtLookup
@@ -115,13 +116,18 @@ def create_app(
                                  settings.gateway_wrong_token_window),
     )
     gateway.quarantine.track = gateway.track  # releases and learning, as tracking events
+    lookup = txt_lookup or async_txt_lookup(
+        make_async_resolver(settings.dns_servers, settings.dns_timeout))
     if settings.dmarc_reports:
         reports = Counter("secumail_dmarc_reports", "DMARC aggregate reports by result (sent, "
                           "failed: tried again next round, skipped: never)", ["result"],
                           registry=registry)
-        lookup = txt_lookup or async_txt_lookup(
-            make_async_resolver(settings.dns_servers, settings.dns_timeout))
         gateway.dmarc = DmarcReporter(settings, lookup, reports, notice_send, clock)
+    if settings.tlsrpt:
+        tls_reports = Counter("secumail_tlsrpt_reports", "TLS reports (RFC 8460) by result "
+                              "(sent, failed: tried again next round, skipped: never)",
+                              ["result"], registry=registry)
+        gateway.tls = TlsReporter(settings, lookup, tls_reports, notice_send, clock)
     if settings.dmarc_rua_address:
         gateway.inbox = ReportInbox(settings, registry, clock)
     if settings.quarantine_digest:
@@ -157,11 +163,14 @@ def create_app(
             tasks.append(asyncio.create_task(gateway.digest.every_day()))
         if gateway.dmarc is not None:
             tasks.append(asyncio.create_task(gateway.dmarc.every_day()))
+        if gateway.tls is not None:
+            tasks.append(asyncio.create_task(gateway.tls.every_day()))
         if gateway.inbox is not None:
             tasks.append(asyncio.create_task(gateway.inbox.every()))
         if gateway.tracking is not None:
             collector = Collector(gateway.tracking, client, event_sources,
-                                  tracking_metrics, settings.gateway_timeout)
+                                  tracking_metrics, settings.gateway_timeout,
+                                  stored=gateway.tls.count if gateway.tls else None)
             tasks.append(asyncio.create_task(collector.every(settings.tracking_interval)))
         yield
         for task in tasks:
@@ -204,7 +213,7 @@ def create_app(
                             gateway.wrong_tokens)
         for router in (health.run, greylist.router, quarantine.router, dkim.router,
                        tracking.router, learning.router, outbound.router, mta_sts.router,
-                       digest.admin, dmarc.router):
+                       digest.admin, dmarc.router, dmarc.tls):
             app.include_router(router, dependencies=[Depends(guard)], responses=UNAUTHORIZED)
         app.include_router(console.router)  # its own sign-in (a cookie), the same token
     else:

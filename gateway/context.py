@@ -23,6 +23,7 @@ from gateway.dmarc_reports import DmarcReporter, ReportInbox
 from gateway.health import HealthChecker
 from gateway.models import Problem
 from gateway.quarantine import QuarantineAdmin
+from gateway.tls_reports import TlsReporter
 from gateway.tracking import StoredEvent, TrackingStore
 from secumail.greylist_store import GreylistStore
 from secumail.logs import log_event
@@ -49,6 +50,7 @@ class Gateway:
     tracking: TrackingStore | None = None  # None: tracking is off
     digest: Digests | None = None  # None: users' quarantine digests are off
     dmarc: DmarcReporter | None = None  # None: DMARC aggregate reports are off
+    tls: TlsReporter | None = None  # None: TLS reports are off
     inbox: ReportInbox | None = None  # None: no address for others' reports
     _store: GreylistStore | None = field(default=None, repr=False)
     _outbound: OutboundStore | None = field(default=None, repr=False)

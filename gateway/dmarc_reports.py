@@ -61,6 +61,8 @@ class ReportRound:
 
 
 class DmarcReporter:
+    what = "DMARC report"  # in the log
+
     def __init__(self, settings: Settings, lookup: TxtLookup, counter: Counter,
                  send: NoticeSend | None = None, clock: Callable[[], float] = time.time
                  ) -> None:
@@ -73,8 +75,10 @@ class DmarcReporter:
         self._lock = asyncio.Lock()  # the daily round and an admin's "now" never overlap
 
     async def _send(self, recipient: str, message: bytes) -> SmtpReply:
-        return await send_own_mail(self.settings, self.settings.dmarc_report_sender, recipient,
-                                   message)
+        return await send_own_mail(self.settings, self.sender(), recipient, message)
+
+    def sender(self) -> str:
+        return self.settings.dmarc_report_sender
 
     def store(self) -> ReportStore:
         if self._store is None:
@@ -104,7 +108,7 @@ class DmarcReporter:
             return "nowhere"
         ident = report_id(day, domain)
         org = self.settings.hostname
-        xml = report_xml(org, self.settings.dmarc_report_sender, ident, day, published, rows)
+        xml = report_xml(org, self.sender(), ident, day, published, rows)
         sent = failed = False
         for address, limit in mailto_addresses(published.rua):
             what = f"{day} {domain} to {address}"
@@ -117,35 +121,39 @@ class DmarcReporter:
                 self._note(done.skipped, what, f"{address} did not publish "
                            f"{domain}._report._dmarc.{address.rpartition('@')[2]}", "skipped")
                 continue
-            message = report_mail(org, self.settings.dmarc_report_sender, address, ident, day,
+            message = report_mail(org, self.sender(), address, ident, day,
                                   domain, xml, now, self.settings.hostname)
-            if limit is not None and len(message) > limit:
-                self._note(done.skipped, what, f"{len(message)} bytes, over its {limit}",
-                           "skipped")
-                continue
-            try:
-                reply = await self.send(address, message)
-                why = "" if reply.ok else str(reply)
-            except (SmtpRefused, SmtpUnavailable, OSError) as error:
-                why = f"{type(error).__name__}: {error}"
-            if why:
-                failed = self._note(done.failed, what, why[:200], "failed")
-                continue
-            sent = True
-            done.sent.append(what)
-            self.counter.labels("sent").inc()
-            log_event(log, "DMARC report sent", day=day, domain=domain, to=address,
-                      rows=len(rows))
+            result = await self._deliver(done, what, address, limit, message, len(rows))
+            sent, failed = sent or result == "sent", failed or result == "failed"
         return "sent" if sent else "failed" if failed else "nowhere"
+
+    async def _deliver(self, done: ReportRound, what: str, address: str, limit: int | None,
+                       message: bytes, rows: int) -> str:
+        """Send one report mail: sent, failed (tried again next round) or skipped."""
+        if limit is not None and len(message) > limit:
+            self._note(done.skipped, what, f"{len(message)} bytes, over its {limit}", "skipped")
+            return "skipped"
+        try:
+            reply = await self.send(address, message)
+            why = "" if reply.ok else str(reply)
+        except (SmtpRefused, SmtpUnavailable, OSError) as error:
+            why = f"{type(error).__name__}: {error}"
+        if why:
+            self._note(done.failed, what, why[:200], "failed")
+            return "failed"
+        done.sent.append(what)
+        self.counter.labels("sent").inc()
+        log_event(log, f"{self.what} sent", report=what, rows=rows)
+        return "sent"
 
     def _note(self, where: dict[str, str], what: str, why: str, result: str) -> bool:
         where[what] = why
         self.counter.labels(result).inc()
-        log_event(log, f"DMARC report {result}", logging.WARNING, report=what, reason=why)
+        log_event(log, f"{self.what} {result}", logging.WARNING, report=what, reason=why)
         return True
 
     async def every_day(self) -> None:
-        await every_day(lambda: SEND_AT, self.run, self.clock, "DMARC report")
+        await every_day(lambda: SEND_AT, self.run, self.clock, self.what)
 
 
 INBOX_EVERY = 60.0  # seconds between two looks at the report mails the spamd filter kept

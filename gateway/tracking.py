@@ -42,8 +42,9 @@ ATTACH_WINDOW = 24 * 3600.0
 # ... or the message it came just after: Postfix logs a before-queue refusal by the filters
 # once they answered, after the filters' own events (dated when they got the message).
 AFTER_SLACK = 120.0
-# Outcomes that do not say where a message ended: a hop passed it on, Bayes learned it.
-NOT_WHERE_IT_ENDED = frozenset({"passed", "learned"})
+# Outcomes that do not say where a message ended: a hop passed it on, Bayes learned it, a
+# TLS session carried it.
+NOT_WHERE_IT_ENDED = frozenset({"passed", "learned", "tls"})
 PAGES_PER_ROUND = 10  # /events answers 5,000 at most: 50,000 per replica per round
 SEARCH_LIMIT = 500  # events matching the criteria one search starts from, newest first
 # What one search may cost, whoever made the events it meets (issue 30: an outsider's 125,000
@@ -127,12 +128,15 @@ class Trace:
     def outcome(self) -> str:
         """The last event that is not a hop passing it on ("passed") or a note on its path
         ("learned": Bayes taught it, wherever it is): delivered, bounced, refused,
-        greylisted, deferred, quarantined, released... or "passed" when that is all ("learned"
-        for a message only learned: one uploaded, or a user's report of one not tracked)."""
+        greylisted, deferred, quarantined, released... or "passed" when that is all, else the
+        last note ("learned" for a message only learned: one uploaded, or a user's report of
+        one not tracked)."""
         for stored in reversed(self.events):
             if stored.event.outcome not in NOT_WHERE_IT_ENDED:
                 return stored.event.outcome
-        return "passed" if any(s.event.outcome == "passed" for s in self.events) else "learned"
+        if any(s.event.outcome == "passed" for s in self.events):
+            return "passed"
+        return self.events[-1].event.outcome if self.events else "learned"
 
     def to_dict(self) -> dict[str, Any]:
         events = [e.event for e in self.events]
@@ -652,6 +656,7 @@ class TrackingMetrics:
 
 
 Targets = Callable[[], Awaitable[list[Target]]]
+Stored = Callable[[str, list[StoredEvent]], None]  # (service, events just stored)
 
 
 class Collector:
@@ -662,8 +667,10 @@ class Collector:
     address named one service's events after the other for good (issue 32)."""
 
     def __init__(self, store: TrackingStore, client: httpx2.AsyncClient, targets: Targets,
-                 metrics: TrackingMetrics, timeout: float, namer: Namer = reverse_name) -> None:
+                 metrics: TrackingMetrics, timeout: float, namer: Namer = reverse_name,
+                 stored: Stored | None = None) -> None:
         self.store = store
+        self.stored = stored  # told (in a thread) what each service's replica gave
         self.client = client
         self.targets = targets
         self.metrics = metrics
@@ -726,6 +733,8 @@ class Collector:
                     events.append(StoredEvent(event, self._names[boot]))
             if top > after:
                 await asyncio.to_thread(self.store.add, boot, top, events)
+                if self.stored is not None:
+                    await asyncio.to_thread(self.stored, target.service, events)
                 self.metrics.collected.labels(target.service).inc(len(events))
                 stored += len(events)
             if top >= last or top == after:

@@ -21,10 +21,11 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, astuple, dataclass
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
+from typing import Protocol, TypeVar
 from urllib.parse import unquote
 
 from secumail.dmarc import DmarcRecord, TxtLookup, organizational_domain
@@ -52,6 +53,13 @@ class Published:
         return cls(domain.lower(), "s" if record.strict_dkim else "r",
                    "s" if record.strict_spf else "r", record.policy, record.subdomain_policy,
                    record.percent, record.rua)
+
+
+class Row(Protocol):
+    def key(self) -> str: ...
+
+
+R = TypeVar("R", bound=Row)
 
 
 @dataclass(frozen=True)
@@ -148,9 +156,10 @@ class ReportStore:
     def close(self) -> None:
         self.db.close()
 
-    def add(self, counts: dict[tuple[str, str, Check], int],
+    def add(self, counts: Mapping[tuple[str, str, R], int],
             published: dict[tuple[str, str], Published]) -> int:
-        """Add a replica's counts; how many new rows the day's bound left out."""
+        """Add a replica's counts; how many new rows the day's bound left out. A row is a
+        Check here, a TLS session in the TLS-RPT store (secumail/tlsrpt.py)."""
         left_out = 0
         with self._lock, self.db:
             rows: dict[str, int] = {}
@@ -185,11 +194,14 @@ class ReportStore:
                 " ORDER BY c.day, c.domain", (before_day,)).fetchall()
 
     def rows(self, day: str, domain: str) -> list[tuple[Check, int]]:
+        return [(Check.from_key(row), count) for row, count in self.raw_rows(day, domain)]
+
+    def raw_rows(self, day: str, domain: str) -> list[tuple[str, int]]:
         with self._lock:
-            found = self.db.execute(
+            found: list[tuple[str, int]] = self.db.execute(
                 "SELECT row, count FROM checks WHERE day = ? AND domain = ? ORDER BY row",
                 (day, domain)).fetchall()
-        return [(Check.from_key(row), count) for row, count in found]
+        return found
 
     def published(self, day: str, domain: str) -> Published | None:
         with self._lock:

@@ -281,6 +281,11 @@ class Settings(BaseSettings):
     dmarc_report_db: str = "/var/lib/secumail/dmarc/reports.sqlite"
     dmarc_report_flush: float = Field(60.0, gt=0, le=3600)  # seconds between two writes
     dmarc_report_from: str = ""  # empty: dmarc-reports@ the first of SECUMAIL_DOMAINS
+    # TLS reports (RFC 8460, secumail/tlsrpt.py): each session Postfix has with another
+    # domain's MX is counted (from its log, through tracking); once a day the gateway sends
+    # each domain that publishes a _smtp._tls record its report.
+    tlsrpt: bool = False
+    tlsrpt_from: str = ""  # empty: tls-reports@ the first of SECUMAIL_DOMAINS
     # The local part of the address, at each of SECUMAIL_DOMAINS, where other receivers send
     # their DMARC and TLS-RPT reports about our domains (rua=mailto:...); empty: none.
     dmarc_rua_address: str = Field("", pattern=r"^[A-Za-z0-9._+-]{0,64}$")
@@ -501,8 +506,15 @@ class Settings(BaseSettings):
                              ", where users' links open the gateway")
         return self
 
+    @model_validator(mode="after")
+    def _tlsrpt_needs_tracking(self) -> Settings:
+        if self.tlsrpt and not self.tracking:
+            raise ValueError("SECUMAIL_TLSRPT=true needs SECUMAIL_TRACKING=true: TLS reports "
+                             "count the sessions Postfix's tracking events tell")
+        return self
+
     @field_validator("probe_mailbox", "probe_sender", "admin_address",
-                     "quarantine_digest_from", "dmarc_report_from")
+                     "quarantine_digest_from", "dmarc_report_from", "tlsrpt_from")
     @classmethod
     def _probe_mailbox(cls, address: str) -> str:
         local, at, domain = address.lower().rpartition("@")
@@ -586,6 +598,10 @@ class Settings(BaseSettings):
     @property
     def dmarc_report_sender(self) -> str:
         return self.dmarc_report_from or f"dmarc-reports@{self.domains[0]}"
+
+    @property
+    def tlsrpt_sender(self) -> str:
+        return self.tlsrpt_from or f"tls-reports@{self.domains[0]}"
 
     @property
     def digest_sender(self) -> str:

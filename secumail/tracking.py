@@ -35,9 +35,11 @@ from secumail.message import header_block_end, normalize_newlines
 #   learned     SpamAssassin's Bayes was taught it as spam or ham, whatever it answered (the
 #               gateway, the spamd filter: learning_event): a note on the message's path,
 #               never where it ended
+#   tls         Postfix's smtp client had a TLS session (or one in clear) with another
+#               domain's MX: how it went, for TLS reports (secumail/tlsrpt.py); a note too
 OUTCOMES = frozenset({
     "passed", "greylisted", "refused", "deferred", "accepted", "delivered", "quarantined",
-    "dropped", "bounced", "expired", "released", "learned",
+    "dropped", "bounced", "expired", "released", "learned", "tls",
 })
 MAX_FIELD = 512  # characters per text field: events are for finding mail, not copies of it
 MAX_RECIPIENTS = 50

@@ -13,6 +13,7 @@ from gateway.context import Gateway, GatewayDep, problem
 from gateway.models import DmarcReportRound, ReceivedReports, ReportedSender, ReportedTls
 
 router = APIRouter(prefix="/admin/dmarc", tags=["dmarc"])
+tls = APIRouter(prefix="/admin/tls", tags=["dmarc"])
 
 
 @router.post("/reports", response_model=DmarcReportRound,
@@ -22,6 +23,16 @@ async def send_reports(gateway: GatewayDep) -> DmarcReportRound:
     if gateway.dmarc is None:
         raise HTTPException(409, "DMARC reports are off (SECUMAIL_DMARC_REPORTS)")
     done = await gateway.dmarc.run()
+    return DmarcReportRound(sent=done.sent, failed=done.failed, skipped=done.skipped)
+
+
+@tls.post("/reports", response_model=DmarcReportRound,
+          summary="Send every TLS report (RFC 8460) not sent yet (days before today)",
+          responses={409: problem("TLS reports are off (SECUMAIL_TLSRPT)")})
+async def send_tls_reports(gateway: GatewayDep) -> DmarcReportRound:
+    if gateway.tls is None:
+        raise HTTPException(409, "TLS reports are off (SECUMAIL_TLSRPT)")
+    done = await gateway.tls.run()
     return DmarcReportRound(sent=done.sent, failed=done.failed, skipped=done.skipped)
 
 

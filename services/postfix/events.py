@@ -18,8 +18,10 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from secumail import tracking
+from secumail import tlsrpt, tracking
 
 # "Nov 28 01:15:55 mx postfix/smtp[2283]: 1363D21A85E: to=<...>, ..., status=sent (...)"
 # The process name may carry a service prefix (postfix/submission/smtpd): keep its last part.
@@ -133,3 +135,102 @@ class PostfixEvents:
             sender=sender if sender is not None else about.get("sender", ""),
             recipients=recipients, queue_id=queue_id, next_queue_id=next_queue_id,
             message_id=about.get("message_id", ""), time=self.clock())
+
+
+# TLS sessions with other domains' MX hosts (secumail/tlsrpt.py), from the smtp client's log:
+#   "Verified TLS connection established to mx.example.com[192.0.2.1]:25: TLSv1.3 ..."
+#   "server certificate verification failed for mx...[192.0.2.1]:25: num=62:hostname mismatch"
+#   then each recipient's status line ("status=deferred (Server certificate not verified)").
+_TLS_UP = re.compile(
+    r"^(?P<level>Verified|Trusted|Untrusted|Anonymous) TLS connection established to ")
+_CHAIN_ERROR = re.compile(r"^(?:server )?certificate verification failed for \S+: (?P<error>.+)$")
+_RELAY = re.compile(r"^(?P<mx>[^\[]+)\[(?P<ip>[^\]]+)\](?::\d+)?$")
+
+
+@dataclass
+class _Connection:
+    """What one smtp process logged of its current session."""
+
+    level: str = "none"
+    chain_error: str = ""
+    queue_id: str = ""  # the message whose status lines end the session's log
+    counted: bool = False  # its event made (the other recipients' lines add none)
+
+
+PolicyOf = Callable[[str], tlsrpt.Policy]
+
+
+class TlsSessions:
+    """Each session Postfix's smtp client had with another domain's MX, as a tracking event
+    (outcome "tls") the gateway counts for TLS reports. `policy_of` names the MTA-STS policy
+    the resolver beside Postfix applied to a domain."""
+
+    def __init__(self, filter_host: str, policy_of: PolicyOf,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.filter_relay = f"{filter_host}["
+        self.policy_of = policy_of
+        self.clock = clock
+        self._connections: dict[str, _Connection] = {}  # smtp pid -> its session
+
+    def feed(self, line: str) -> tracking.Event | None:
+        if "smtp[" not in line:
+            return None
+        found = LINE.search(line)
+        if found is None or found["daemon"] != "smtp":
+            return None
+        pid, text = found["pid"], found["text"]
+        if up := _TLS_UP.match(text):
+            # The handshake's certificate error comes first, in the same session.
+            current = self._connections.get(pid)
+            if current is None or current.counted or current.level != "none":
+                current = self._open(pid)
+            current.level = up["level"].lower()
+        elif chain := _CHAIN_ERROR.match(text):
+            self._open(pid).chain_error = chain["error"][:200]
+        elif status := STATUS.match(text):
+            return self._status(pid, status)
+        return None
+
+    def _open(self, pid: str) -> _Connection:
+        """A new session of process `pid` (an earlier one's state is done with)."""
+        connection = self._connections[pid] = _Connection()
+        if len(self._connections) > REMEMBERED:
+            self._connections.pop(next(iter(self._connections)))
+        return connection
+
+    def _status(self, pid: str, status: re.Match[str]) -> tracking.Event | None:
+        relay = _RELAY.match(status["relay"])
+        if relay is None or status["relay"].startswith(self.filter_relay):
+            return None  # no session (relay=none: no MX answered), or a hop of the stack
+        connection = self._connections.get(pid)
+        if connection is None or connection.queue_id not in ("", status["qid"]):
+            connection = self._open(pid)  # no TLS line: a session in clear
+        if connection.counted:
+            return None  # another recipient of the same session
+        connection.queue_id, connection.counted = status["qid"], True
+        domain = status["to"].rpartition("@")[2].lower()
+        policy = self.policy_of(domain)
+        deferred = status["status"] != "sent"
+        failure, reason = tlsrpt.outcome(connection.level, connection.chain_error,
+                                         status["reply"], deferred, policy)
+        if policy.type == "no-policy-found" and (
+                connection.level == "verified" or failure == tlsrpt.TLSA_INVALID
+                or (deferred and failure == tlsrpt.STARTTLS_NOT_SUPPORTED)):
+            # Without an MTA-STS policy, only DANE makes Postfix verify or demand TLS.
+            policy = tlsrpt.Policy("tlsa")
+        session = tlsrpt.Session(domain, relay["mx"], relay["ip"], connection.level, failure,
+                                 reason, policy)
+        return tracking.event("postfix", "tls", session.detail(), recipients=(status["to"],),
+                              queue_id=status["qid"], at=self.clock())
+
+
+def sts_policy(pol_body: dict[str, Any]) -> tlsrpt.Policy:
+    """An MTA-STS policy as postfix-mta-sts-resolver keeps it (its JSON), as a report names
+    it; mode none is no policy (RFC 8461 5)."""
+    mode = pol_body.get("mode")
+    if mode not in ("enforce", "testing"):
+        return tlsrpt.Policy()
+    mx = tuple(str(m) for m in pol_body.get("mx", []))
+    lines = ["version: STSv1", f"mode: {mode}", *(f"mx: {m}" for m in mx),
+             f"max_age: {pol_body.get('max_age', '')}"]
+    return tlsrpt.Policy("sts", tuple(lines), mx)

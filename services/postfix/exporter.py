@@ -37,7 +37,15 @@ from secumail.netaddr import Network
 from secumail.probes import NOBODY
 from secumail.settings import Settings
 from services.postfix.children import ChildKeeper
-from services.postfix.events import CLIENT, LINE, STATUS, PostfixEvents, refusal_code
+from services.postfix.events import (
+    CLIENT,
+    LINE,
+    STATUS,
+    PostfixEvents,
+    TlsSessions,
+    refusal_code,
+)
+from services.postfix.outbound_tls import cached_policies
 
 log = logging.getLogger("secumail.postfix")
 
@@ -281,11 +289,17 @@ def start_agent(settings: Settings, queue_dir: Path, mailbox_base: str,
     registry.register(QueueCollector(queue_dir, running))
     tracking.EVENTS.configure(settings.tracking_buffer, settings.tracking)
     events = PostfixEvents(settings.content_filter_address.host)
+    # TLS reports count sessions with destinations' MX hosts: none when a relay takes all.
+    sessions = (TlsSessions(settings.content_filter_address.host, cached_policies())
+                if settings.tlsrpt and not settings.relayhost else None)
 
     def feed(line: str) -> None:
         stats.feed(line)
-        if tracking.EVENTS.enabled and (found := events.feed(line)) is not None:
-            tracking.record(found)
+        if tracking.EVENTS.enabled:
+            if (found := events.feed(line)) is not None:
+                tracking.record(found)
+            if sessions is not None and (session := sessions.feed(line)) is not None:
+                tracking.record(session)
 
     if settings.metrics_listen.port == 0:
         return feed, None

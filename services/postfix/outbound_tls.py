@@ -19,12 +19,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from secumail.logs import log_event
 from secumail.netaddr import HostPort
 from secumail.settings import Settings
+from secumail.tlsrpt import Policy
 from services.postfix.children import CommandKeeper, in_container
+from services.postfix.events import sts_policy
 
 log = logging.getLogger("secumail.postfix.mta_sts")
 
@@ -73,3 +78,32 @@ def start_sts_resolver(settings: Settings, config: Path = CONFIG, cache: Path = 
     log_event(log, "MTA-STS policies of destinations enforced", resolver=str(LISTEN),
               ca_file=settings.outbound_tls_ca_file)
     return keeper
+
+
+def cached_policies(cache: Path = CACHE, clock: Callable[[], float] = time.time
+                    ) -> Callable[[str], Policy]:
+    """The MTA-STS policy the resolver keeps for a domain (its SQLite cache, read only), as
+    a TLS report names it: no policy when it has none, or only an expired one."""
+    connection: list[sqlite3.Connection] = []
+
+    def policy_of(domain: str) -> Policy:
+        try:
+            if not connection:
+                connection.append(sqlite3.connect(f"file:{cache}?mode=ro", uri=True,
+                                                  timeout=1, check_same_thread=False))
+            found = connection[0].execute(
+                "SELECT ts, pol_body FROM sts_policy_cache WHERE domain = ?",
+                (domain,)).fetchone()
+            if found is None:
+                return Policy()
+            body = json.loads(found[1])
+            if int(found[0]) + int(body.get("max_age", 0)) < clock():
+                return Policy()
+            return sts_policy(body)
+        except (sqlite3.Error, ValueError, TypeError, AttributeError) as error:
+            connection.clear()  # no cache yet (no policy fetched), or a bad row: asked again
+            log_event(log, "MTA-STS policy not read for a TLS report", logging.DEBUG,
+                      domain=domain, error=f"{type(error).__name__}: {error}")
+            return Policy()
+
+    return policy_of

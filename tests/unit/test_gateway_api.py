@@ -992,7 +992,7 @@ def test_openapi_documents_every_route_with_its_errors(gw: Gateway) -> None:
                                      "description": "SECUMAIL_ADMIN_TOKEN"}
     operations = [(path, method, op) for path, item in document["paths"].items()
                   for method, op in item.items()]
-    assert len(operations) == 29
+    assert len(operations) == 30
     for path, method, operation in operations:
         admin = path.startswith("/admin") or (path, method) == ("/probe", "post")
         assert ("401" in operation["responses"]) == admin, (path, method)
