@@ -20,7 +20,7 @@ import json
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import astuple, dataclass, replace
+from dataclasses import dataclass, replace
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
@@ -64,8 +64,10 @@ class Session:
 
     def key(self) -> str:
         """The session's identity in the store (its domain is the store's own column)."""
+        policy = self.policy  # not astuple(): a deep copy, most of a session's cost
         return json.dumps([self.mx, self.ip, self.level, self.failure, self.reason,
-                           astuple(self.policy)], separators=(",", ":"))
+                           [policy.type, policy.strings, policy.mx_patterns]],
+                          separators=(",", ":"))
 
     @classmethod
     def from_key(cls, text: str, domain: str = "") -> Session:

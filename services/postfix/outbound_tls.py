@@ -80,13 +80,29 @@ def start_sts_resolver(settings: Settings, config: Path = CONFIG, cache: Path = 
     return keeper
 
 
+REMEMBER_POLICY = 60.0  # seconds a policy read for a TLS report is used again, unread
+REMEMBERED_POLICIES = 10_000
+
+
 def cached_policies(cache: Path = CACHE, clock: Callable[[], float] = time.time
                     ) -> Callable[[str], Policy]:
     """The MTA-STS policy the resolver keeps for a domain (its SQLite cache, read only), as
-    a TLS report names it: no policy when it has none, or only an expired one."""
+    a TLS report names it: no policy when it has none, or only an expired one. Each answer
+    is kept a minute in memory: a read costs more than the rest of a session's counting."""
     connection: list[sqlite3.Connection] = []
+    known: dict[str, tuple[float, Policy]] = {}
 
     def policy_of(domain: str) -> Policy:
+        now = clock()
+        if (found := known.get(domain)) is not None and found[0] > now:
+            return found[1]
+        if len(known) >= REMEMBERED_POLICIES:
+            known.clear()
+        policy = read(domain, now)
+        known[domain] = (now + REMEMBER_POLICY, policy)
+        return policy
+
+    def read(domain: str, now: float) -> Policy:
         try:
             if not connection:
                 connection.append(sqlite3.connect(f"file:{cache}?mode=ro", uri=True,
@@ -97,7 +113,7 @@ def cached_policies(cache: Path = CACHE, clock: Callable[[], float] = time.time
             if found is None:
                 return Policy()
             body = json.loads(found[1])
-            if int(found[0]) + int(body.get("max_age", 0)) < clock():
+            if int(found[0]) + int(body.get("max_age", 0)) < now:
                 return Policy()
             return sts_policy(body)
         except (sqlite3.Error, ValueError, TypeError, AttributeError) as error:

@@ -8,6 +8,7 @@ never sends it in clear."""
 
 from __future__ import annotations
 
+import email
 import json
 import mailbox
 import os
@@ -17,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
+import parsedmarc
 import pytest
 
 from tests.e2e.conftest import Stack
@@ -144,3 +146,89 @@ def test_a_policy_outlives_a_restart_while_its_host_is_unreachable(
                        capture_output=True)
         for queue_id in queued:
             stack.exec("postfix", "postsuper", "-d", queue_id)
+
+
+COUNTED_SCRIPT = """
+from secumail.tlsrpt import SessionStore
+store = SessionStore("/var/lib/secumail/dmarc/tlsrpt.sqlite")
+print(" ".join(sorted({domain for _, domain in store.pending("9999-12-31")})))
+"""
+# The gateway's daily round, a day ahead: today's sessions are then yesterday's.
+REPORT_SCRIPT = """
+import asyncio, json, time
+from dataclasses import asdict
+from prometheus_client import Counter
+from gateway.tls_reports import TlsReporter
+from secumail.txt_lookup import async_txt_lookup
+from secumail.dns import make_async_resolver
+from secumail.settings import load_settings
+settings = load_settings()
+lookup = async_txt_lookup(make_async_resolver(settings.dns_servers, settings.dns_timeout))
+reporter = TlsReporter(settings, lookup, Counter("reports", "", ["result"]),
+                       clock=lambda: time.time() + 86400)
+print(json.dumps(asdict(asyncio.run(reporter.run()))))
+"""
+
+
+def test_each_destination_that_asks_gets_a_tls_report_of_its_sessions(
+    stack: Stack, delivery_by_mx: None
+) -> None:
+    """RFC 8460, from Postfix's log to the destination's mailbox: sts-good.test's verified
+    session, sts-testing.test's delivery in clear (testing mode: reported, not enforced) and
+    sts-stripped.test's deferrals, each reported to the rua its _smtp._tls record names
+    (tests/e2e/dns/dnsmasq.conf), DKIM-signed, and read by parsedmarc."""
+    # Our domain's key (test_dkim.py and test_gateway.py make the same, whichever runs
+    # first): the reports are signed with it.
+    stack.exec("dkim", "secumail-dkim", "keygen", "secumail.test", "--selector", "e2e")
+    tag = uuid.uuid4().hex[:8]
+    sender = f"tlsrpt-{tag}@secumail.test"
+    for domain in ("sts-good.test", "sts-testing.test", "sts-stripped.test"):
+        code, reply = attempt(stack, "127.0.0.31", sender, f"postmaster@{domain}",
+                              mail.plain(f"{tag} {domain}", sender=sender,
+                                         to=f"postmaster@{domain}"))
+        assert code == 250, reply
+    wanted = {"sts-good.test", "sts-testing.test", "sts-stripped.test"}
+    deadline = time.monotonic() + 90
+    while not wanted <= set((counted := stack.exec(
+            "gateway", "/opt/secumail/bin/python", "-c", COUNTED_SCRIPT)).stdout.split()):
+        assert time.monotonic() < deadline, (counted.stdout, counted.stderr,
+                                             stack.logs("gateway")[-3000:])
+        time.sleep(2)
+    queued = [queue_id for queue_id, _ in deferred(stack, tag).values()]
+    try:
+        ran = stack.exec("gateway", "/opt/secumail/bin/python", "-c", REPORT_SCRIPT)
+        assert ran.returncode == 0, ran.stderr
+        done = json.loads(ran.stdout)
+        assert done["failed"] == {} and done["skipped"] == {}, done
+        assert {what.split()[1] for what in done["sent"]} >= wanted, done
+        reports = {}
+        deadline = time.monotonic() + 90
+        while not wanted <= set(reports):
+            assert time.monotonic() < deadline, (sorted(reports), stack.logs("postfix")[-4000:])
+            time.sleep(1)
+            for raw in tls_report_mails(stack):
+                message = email.message_from_bytes(raw)
+                assert "d=secumail.test" in str(message["DKIM-Signature"]), message
+                report = parsedmarc.parse_report_email(raw, offline=True)
+                assert report["report_type"] == "smtp_tls"
+                (policy,) = report["report"]["policies"]
+                reports[policy["policy_domain"]] = policy
+    finally:
+        for queue_id in queued:
+            stack.exec("postfix", "postsuper", "-d", queue_id)
+    good, testing, stripped = (reports[d] for d in
+                               ("sts-good.test", "sts-testing.test", "sts-stripped.test"))
+    assert good["policy_type"] == "sts" and good["successful_session_count"] >= 1
+    assert good["failed_session_count"] == 0, good
+    assert "mode: testing" in testing["policy_strings"]
+    assert testing["failure_details"][0]["result_type"] == "starttls-not-supported"
+    assert stripped["failure_details"][0]["result_type"] == "starttls-not-supported"
+    assert stripped["failure_details"][0]["receiving_mx_hostname"] == "mx.sts-stripped.test"
+
+
+def tls_report_mails(stack: Stack) -> list[bytes]:
+    path = stack.directory / "remote-plain" / "mbox"
+    if not path.exists():
+        return []
+    return [bytes(m) for m in mailbox.Maildir(str(path), create=False)
+            if str(m["Subject"]).startswith("Report Domain:") and m["TLS-Report-Domain"]]

@@ -114,8 +114,10 @@ def test_a_detail_too_long_for_an_event_keeps_the_session_and_its_policy_type() 
 
 def test_the_resolvers_cached_policy_is_the_one_reported(tmp_path: Path) -> None:
     cache = tmp_path / "policies.sqlite"
-    read = cached_policies(cache, clock=lambda: 1000.0)
+    now = [940.0]
+    read = cached_policies(cache, clock=lambda: now[0])
     assert read("example.net") == Policy()  # no cache yet: no policy
+    now[0] += 60  # the answer, kept a minute, is read again
     db = sqlite3.connect(cache)  # as postfix-mta-sts-resolver writes it
     db.execute("create table sts_policy_cache (domain text, ts integer, pol_id text, "
                "pol_body text)")
