@@ -83,8 +83,8 @@ def per_line(lines: list[str], with_sessions: bool, cache: Path) -> tuple[float,
     start = time.perf_counter()
     for line in lines:
         events.feed(line)
-        if with_sessions and (event := sessions.feed(line)) is not None:
-            made.append(event)
+        if with_sessions:
+            made += sessions.feed(line)
     return (time.perf_counter() - start) / len(lines) * 1e6, len(made)
 
 
@@ -113,8 +113,7 @@ def main() -> None:
               f"({with_tls / without:.2f}x the peer's time; +{per_session:.1f} us a session)")
 
         reader = TlsSessions("clamav", cached_policies(cache))
-        stored = [StoredEvent(e, "postfix-1") for line in lines
-                  if (e := reader.feed(line)) is not None]
+        stored = [StoredEvent(e, "postfix-1") for line in lines for e in reader.feed(line)]
         settings = Settings(tlsrpt=True, dmarc_report_db=f"{folder}/dmarc/reports.sqlite",
                             domains=["secumail.test"])
         counter = Counter("reports", "", ["result"], registry=CollectorRegistry())

@@ -61,7 +61,7 @@ class ReportRound:
 
 
 class DmarcReporter:
-    what = "DMARC report"  # in the log
+    report_kind = "DMARC report"  # in the log
 
     def __init__(self, settings: Settings, lookup: TxtLookup, counter: Counter,
                  send: NoticeSend | None = None, clock: Callable[[], float] = time.time
@@ -143,17 +143,18 @@ class DmarcReporter:
             return "failed"
         done.sent.append(what)
         self.counter.labels("sent").inc()
-        log_event(log, f"{self.what} sent", report=what, rows=rows)
+        log_event(log, f"{self.report_kind} sent", report=what, rows=rows)
         return "sent"
 
     def _note(self, where: dict[str, str], what: str, why: str, result: str) -> bool:
         where[what] = why
         self.counter.labels(result).inc()
-        log_event(log, f"{self.what} {result}", logging.WARNING, report=what, reason=why)
+        log_event(log, f"{self.report_kind} {result}", logging.WARNING, report=what,
+                  reason=why)
         return True
 
     async def every_day(self) -> None:
-        await every_day(lambda: SEND_AT, self.run, self.clock, self.what)
+        await every_day(lambda: SEND_AT, self.run, self.clock, self.report_kind)
 
 
 INBOX_EVERY = 60.0  # seconds between two looks at the report mails the spamd filter kept

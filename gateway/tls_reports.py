@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,19 +22,28 @@ from gateway.tracking import StoredEvent
 from secumail.dmarc_reports import ReportStore, mailto_addresses, report_id
 from secumail.dns import DnsTemporaryError
 from secumail.logs import log_event
-from secumail.tlsrpt import Session, SessionStore, report_json, report_mail, rua_uris
+from secumail.tlsrpt import (
+    MAX_RUA,
+    Session,
+    SessionStore,
+    report_json,
+    report_mail,
+    rua_uris,
+)
 
 log = logging.getLogger("secumail.gateway")
 
 
 class TlsReporter(DmarcReporter):
-    what = "TLS report"
+    report_kind = "TLS report"
+    _opening = threading.Lock()  # the collector's thread and a round's may open it at once
 
     def store(self) -> SessionStore:
-        if self._store is None:
-            path = Path(self.settings.dmarc_report_db).parent / "tlsrpt.sqlite"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._store = SessionStore(str(path))
+        with self._opening:
+            if self._store is None:
+                path = Path(self.settings.dmarc_report_db).parent / "tlsrpt.sqlite"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._store = SessionStore(str(path))
         assert isinstance(self._store, SessionStore)
         return self._store
 
@@ -53,11 +64,17 @@ class TlsReporter(DmarcReporter):
             except ValueError as error:
                 log_event(log, "TLS session not counted", logging.WARNING, domain=domain,
                           error=str(error)[:200])
-        if sessions:
+        if not sessions:
+            return
+        try:
             left_out = self.store().add_sessions(sessions)
-            if left_out:
-                log_event(log, "TLS sessions not counted: the day's store is full",
-                          logging.WARNING, sessions=left_out)
+        except (OSError, sqlite3.Error) as error:  # the events are stored: these are lost
+            log_event(log, "TLS sessions not counted", logging.WARNING,
+                      sessions=len(sessions), error=f"{type(error).__name__}: {error}")
+            return
+        if left_out:
+            log_event(log, "TLS sessions not counted: the day's store is full",
+                      logging.WARNING, sessions=left_out)
 
     async def _report(self, store: ReportStore, day: str, domain: str, now: float,
                       done: ReportRound) -> str:
@@ -75,11 +92,14 @@ class TlsReporter(DmarcReporter):
         addresses = mailto_addresses(rua_uris(texts or []))
         if not addresses:
             return "nowhere"  # most domains ask for none
+        for address, _ in addresses[MAX_RUA:]:  # nobody's report goes to a crowd
+            self._note(done.skipped, f"{what} to {address}", f"past the first {MAX_RUA} "
+                       "addresses of the record", "skipped")
         ident = report_id(day, domain)
         org, sender = self.settings.hostname, self.sender()
-        report = report_json(org, sender, ident, day, domain, "", rows)
+        report = report_json(org, sender, ident, day, domain, rows)
         sent = failed = False
-        for address, limit in addresses:
+        for address, limit in addresses[:MAX_RUA]:
             message = report_mail(org, sender, address, ident, day, domain, report, now,
                                   self.settings.hostname)
             result = await self._deliver(done, f"{what} to {address}", address, limit,

@@ -289,18 +289,45 @@ def report_id(day: str, domain: str) -> str:
 def report_mail(org_name: str, sender: str, recipient: str, report_id: str, day: str,
                 domain: str, xml: bytes, now: float, hostname: str) -> bytes:
     """The report as RFC 7489 7.2.1.1 names and sends it: gzip-compressed, attached."""
+    return report_message(
+        sender, recipient, report_id, now, hostname,
+        subject=f"Report Domain: {domain} Submitter: {org_name} Report-ID: <{report_id}>",
+        text=f"DMARC aggregate report from {org_name} for {domain}, {day} (UTC).\n",
+        filename=f"{org_name}!{domain}!{_span(day)}!{unique_id(report_id)}.xml.gz",
+        report=xml, subtype="gzip")
+
+
+def _span(day: str) -> str:
     begin = day_start(day)
+    return f"{begin}!{begin + DAY - 1}"
+
+
+def unique_id(report_id: str) -> str:
+    """A report id as a file name's unique-id may spell it (1*(ALPHA/DIGIT), RFC 7489
+    7.2.1.1 and RFC 8460 5.1)."""
+    return "".join(c for c in report_id if c.isascii() and c.isalnum())
+
+
+def report_message(sender: str, recipient: str, report_id: str, now: float, hostname: str,
+                   *, subject: str, text: str, filename: str, report: bytes, subtype: str,
+                   headers: dict[str, str] | None = None, report_type: str = "") -> bytes:
+    """A report mail: a short text, the report gzip-compressed as an attachment; with
+    `report_type`, a multipart/report of that type (RFC 6522; TLS reports)."""
     mail = EmailMessage()
     mail["From"] = sender
     mail["To"] = recipient
-    mail["Subject"] = f"Report Domain: {domain} Submitter: {org_name} Report-ID: <{report_id}>"
+    mail["Subject"] = subject
     mail["Date"] = formatdate(now, usegmt=True)
     mail["Message-ID"] = make_msgid(domain=hostname)
     mail["Auto-Submitted"] = "auto-generated"
-    mail.set_content(f"DMARC aggregate report from {org_name} for {domain}, {day} (UTC).\n")
-    name = f"{org_name}!{domain}!{begin}!{begin + DAY - 1}!{report_id}.xml.gz"
-    mail.add_attachment(gzip.compress(xml, mtime=0), maintype="application", subtype="gzip",
-                        filename=name)
+    for name, value in (headers or {}).items():
+        mail[name] = value
+    mail.set_content(text)
+    mail.add_attachment(gzip.compress(report, mtime=0), maintype="application",
+                        subtype=subtype, filename=filename)
+    if report_type:
+        mail.set_type("multipart/report")
+        mail.set_param("report-type", report_type)
     data: bytes = mail.as_bytes()
     return data
 

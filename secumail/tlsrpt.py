@@ -15,16 +15,20 @@ domain that asks its report (`report_json`, `report_mail`), DKIM-signed, through
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from email.message import EmailMessage
-from email.utils import formatdate, make_msgid
 
-from secumail.dmarc_reports import DAY, ReportStore, day_of, day_start
+from secumail.dmarc_reports import (
+    DAY,
+    ReportStore,
+    day_of,
+    day_start,
+    report_message,
+    unique_id,
+)
 from secumail.tracking import MAX_FIELD
 
 POLICY_TYPES = ("sts", "tlsa", "no-policy-found")
@@ -82,9 +86,9 @@ class Session:
         said = f"TLS to {self.mx}[{self.ip}]: {self.level}"
         said += f", failed: {self.failure}" if self.failure else ""
         text = f"{said} ({self.policy.type}); {self.key()}"
-        if len(text) > MAX_FIELD:
-            shorter = replace(self, reason=self.reason[:100], policy=Policy(self.policy.type))
-            text = f"{said} ({self.policy.type}); {shorter.key()}"
+        if len(text) > MAX_FIELD:  # at most 253 + 45 + 25 + 60 + 60 or so: it fits
+            shorter = replace(self, reason=self.reason[:60], policy=Policy(self.policy.type))
+            text = f"TLS {self.level} ({self.policy.type}); {shorter.key()}"
         return text
 
     @classmethod
@@ -116,21 +120,46 @@ def chain_failure(text: str) -> str:
     return NOT_TRUSTED
 
 
-def outcome(level: str, chain_error: str, reply: str, deferred: bool, policy: Policy
-            ) -> tuple[str, str]:
-    """(result type, reason) of a session: ("", "") for a success. A deferral Postfix gave
-    for TLS is its failure; a delivery counts as the policy would have judged it (a
+# Postfix's own replies when it defers mail for TLS (the remote's replies say anything).
+_NOT_VERIFIED = ("Server certificate not verified", "Server certificate not trusted")
+
+
+def mx_matches(mx: str, patterns: Iterable[str]) -> bool:
+    """Whether an MX host is one an MTA-STS policy names (RFC 8461 4.1: `*.` matches one
+    label)."""
+    mx = mx.lower().rstrip(".")
+    for pattern in patterns:
+        pattern = pattern.lower().rstrip(".")
+        if pattern.startswith("*."):
+            if mx.partition(".")[2] == pattern[2:]:
+                return True
+        elif mx == pattern:
+            return True
+    return False
+
+
+def outcome(level: str, chain_error: str, reply: str, deferred: bool, policy: Policy,
+            mx: str = "") -> tuple[str, str]:
+    """(result type, reason) of a session: ("", "") for a success. A deferral Postfix made
+    for TLS is its failure; any other session counts as the policy would have judged it (a
     `testing` policy is reported, not enforced: RFC 8461 5)."""
     if deferred and reply.startswith("TLS is required"):
         return STARTTLS_NOT_SUPPORTED, reply
-    if deferred and chain_error:
-        return chain_failure(chain_error), chain_error
-    if deferred and "certificate" in reply.lower():
+    if deferred and reply.startswith(_NOT_VERIFIED):
+        if chain_error:
+            return chain_failure(chain_error), chain_error
         return VALIDATION_FAILURE, reply
+    if deferred and reply.startswith("Cannot start TLS"):
+        return VALIDATION_FAILURE, reply
+    if not deferred and not reply and chain_error:  # an MX Postfix moved past
+        return chain_failure(chain_error), chain_error
     if level == "none":
-        return STARTTLS_NOT_SUPPORTED, "STARTTLS not offered: the mail went in clear"
-    if policy.type == "sts" and level not in ("verified", "trusted"):
-        return NOT_TRUSTED, chain_error or f"{level} TLS: the certificate was not verified"
+        return STARTTLS_NOT_SUPPORTED, "STARTTLS not offered: the session went in clear"
+    if policy.type == "sts":
+        if level not in ("verified", "trusted"):
+            return NOT_TRUSTED, chain_error or f"{level} TLS: the certificate was not verified"
+        if mx and policy.mx_patterns and not mx_matches(mx, policy.mx_patterns):
+            return VALIDATION_FAILURE, f"{mx} is not an MX the policy names"
     return "", ""
 
 
@@ -141,7 +170,7 @@ def _datetime(moment: int) -> str:
 
 
 def report_json(org_name: str, contact: str, report_id: str, day: str, domain: str,
-                sending_ip: str, rows: Iterable[tuple[Session, int]]) -> bytes:
+                rows: Iterable[tuple[Session, int]]) -> bytes:
     """The report (RFC 8460 4) of one policy domain and one UTC day: one policy entry per
     policy its sessions had, each with its success count and its failures' details."""
     successes: dict[Policy, int] = {}
@@ -177,8 +206,7 @@ def report_json(org_name: str, contact: str, report_id: str, day: str, domain: s
         }
         if failures[policy]:
             item["failure-details"] = [
-                {"result-type": kind, **({"sending-mta-ip": sending_ip} if sending_ip else {}),
-                 "receiving-mx-hostname": mx, "receiving-ip": ip,
+                {"result-type": kind, "receiving-mx-hostname": mx, "receiving-ip": ip,
                  "failed-session-count": count, "failure-reason-code": reason}
                 for (kind, mx, ip, reason), count in sorted(failures[policy].items())]
         policies.append(item)
@@ -190,23 +218,17 @@ def report_mail(org_name: str, sender: str, recipient: str, report_id: str, day:
     """The report as RFC 8460 5.3 sends it: multipart/report; report-type=tlsrpt, the JSON
     gzip-compressed as application/tlsrpt+gzip, named submitter!domain!begin!end!id."""
     begin = day_start(day)
-    mail = EmailMessage()
-    mail["From"] = sender
-    mail["To"] = recipient
-    mail["Subject"] = f"Report Domain: {domain} Submitter: {org_name} Report-ID: <{report_id}>"
-    mail["Date"] = formatdate(now, usegmt=True)
-    mail["Message-ID"] = make_msgid(domain=hostname)
-    mail["Auto-Submitted"] = "auto-generated"
-    mail["TLS-Report-Domain"] = domain
-    mail["TLS-Report-Submitter"] = org_name
-    mail.set_content(f"TLS report from {org_name} for {domain}, {day} (UTC).\n")
-    name = f"{org_name}!{domain}!{begin}!{begin + DAY - 1}!{report_id}.json.gz"
-    mail.add_attachment(gzip.compress(report, mtime=0), maintype="application",
-                        subtype="tlsrpt+gzip", filename=name)
-    mail.set_type("multipart/report")
-    mail.set_param("report-type", "tlsrpt")
-    data: bytes = mail.as_bytes()
-    return data
+    return report_message(
+        sender, recipient, report_id, now, hostname,
+        subject=f"Report Domain: {domain} Submitter: {org_name} Report-ID: <{report_id}>",
+        text=f"TLS report from {org_name} for {domain}, {day} (UTC).\n",
+        filename=f"{org_name}!{domain}!{begin}!{begin + DAY - 1}!{unique_id(report_id)}"
+                 ".json.gz",
+        report=report, subtype="tlsrpt+gzip", report_type="tlsrpt",
+        headers={"TLS-Report-Domain": domain, "TLS-Report-Submitter": org_name})
+
+
+MAX_RUA = 5  # addresses a domain's report goes to: a record naming more gets no more
 
 
 def rua_uris(texts: Iterable[str]) -> list[str]:

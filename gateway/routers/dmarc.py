@@ -13,7 +13,7 @@ from gateway.context import Gateway, GatewayDep, problem
 from gateway.models import DmarcReportRound, ReceivedReports, ReportedSender, ReportedTls
 
 router = APIRouter(prefix="/admin/dmarc", tags=["dmarc"])
-tls = APIRouter(prefix="/admin/tls", tags=["dmarc"])
+tls = APIRouter(prefix="/admin/tls", tags=["tls"])
 
 
 @router.post("/reports", response_model=DmarcReportRound,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,86 +142,121 @@ class PostfixEvents:
 #   "server certificate verification failed for mx...[192.0.2.1]:25: num=62:hostname mismatch"
 #   then each recipient's status line ("status=deferred (Server certificate not verified)").
 _TLS_UP = re.compile(
-    r"^(?P<level>Verified|Trusted|Untrusted|Anonymous) TLS connection established to ")
-_CHAIN_ERROR = re.compile(r"^(?:server )?certificate verification failed for \S+: (?P<error>.+)$")
+    r"^(?P<level>Verified|Trusted|Untrusted|Anonymous) TLS connection established to "
+    r"(?P<host>[^\[\s]+)\[(?P<ip>[^\]]+)\]")
+_CHAIN_ERROR = re.compile(r"^(?:server )?certificate verification failed for "
+                          r"(?P<host>[^\[\s]+)\[(?P<ip>[^\]]+)\]\S*: (?P<error>.+)$")
 _RELAY = re.compile(r"^(?P<mx>[^\[]+)\[(?P<ip>[^\]]+)\](?::\d+)?$")
 
 
 @dataclass
 class _Connection:
-    """What one smtp process logged of its current session."""
+    """What one smtp process logged of its current session with one MX."""
 
+    mx: str
+    ip: str
     level: str = "none"
     chain_error: str = ""
-    queue_id: str = ""  # the message whose status lines end the session's log
-    counted: bool = False  # its event made (the other recipients' lines add none)
+    counted: str = ""  # the queue id whose status line counted it (others add none)
+    counted_at: float = 0.0
 
 
 PolicyOf = Callable[[str], tlsrpt.Policy]
+# A delivery's status lines, one per recipient, come together; the same message's retry comes
+# minutes later (minimal_backoff_time), perhaps from the same smtp process and in clear, which
+# logs nothing else: a new session.
+SAME_DELIVERY = 30.0
 
 
 class TlsSessions:
-    """Each session Postfix's smtp client had with another domain's MX, as a tracking event
+    """Each session Postfix's smtp client had with another domain's MX, as tracking events
     (outcome "tls") the gateway counts for TLS reports. `policy_of` names the MTA-STS policy
-    the resolver beside Postfix applied to a domain."""
+    the resolver beside Postfix applied to a domain; mail to `own_domains` (a mailbox server
+    behind SecuMail, SECUMAIL_DELIVERY_TRANSPORT) is not another domain's."""
 
-    def __init__(self, filter_host: str, policy_of: PolicyOf,
+    def __init__(self, filter_host: str, policy_of: PolicyOf, own_domains: Iterable[str] = (),
                  clock: Callable[[], float] = time.time) -> None:
         self.filter_relay = f"{filter_host}["
         self.policy_of = policy_of
+        self.own_domains = frozenset(d.lower() for d in own_domains)
         self.clock = clock
-        self._connections: dict[str, _Connection] = {}  # smtp pid -> its session
+        self._current: dict[str, _Connection] = {}  # smtp pid -> its latest session
+        # smtp pid -> sessions that failed with an MX Postfix then moved past (told with
+        # the recipient's status line, which names the domain)
+        self._abandoned: dict[str, list[_Connection]] = {}
 
-    def feed(self, line: str) -> tracking.Event | None:
+    def feed(self, line: str) -> list[tracking.Event]:
         if "smtp[" not in line:
-            return None
+            return []
         found = LINE.search(line)
         if found is None or found["daemon"] != "smtp":
-            return None
+            return []
         pid, text = found["pid"], found["text"]
         if up := _TLS_UP.match(text):
-            # The handshake's certificate error comes first, in the same session.
-            current = self._connections.get(pid)
-            if current is None or current.counted or current.level != "none":
-                current = self._open(pid)
+            # The handshake's certificate error, if any, came first, about the same host.
+            current = self._current.get(pid)
+            if current is None or current.counted or current.level != "none" or \
+                    (current.mx, current.ip) != (up["host"], up["ip"]):
+                current = self._open(pid, up["host"], up["ip"])
             current.level = up["level"].lower()
         elif chain := _CHAIN_ERROR.match(text):
-            self._open(pid).chain_error = chain["error"][:200]
+            self._open(pid, chain["host"], chain["ip"]).chain_error = chain["error"][:200]
         elif status := STATUS.match(text):
             return self._status(pid, status)
-        return None
+        return []
 
-    def _open(self, pid: str) -> _Connection:
-        """A new session of process `pid` (an earlier one's state is done with)."""
-        connection = self._connections[pid] = _Connection()
-        if len(self._connections) > REMEMBERED:
-            self._connections.pop(next(iter(self._connections)))
+    def _open(self, pid: str, mx: str, ip: str) -> _Connection:
+        """A new session of process `pid`; the one before it, never told by a status line
+        and failed, was with an MX Postfix moved past."""
+        before = self._current.get(pid)
+        if before is not None and not before.counted and before.chain_error:
+            self._abandoned.setdefault(pid, []).append(before)
+        connection = self._current[pid] = _Connection(mx, ip)
+        if len(self._current) > REMEMBERED:
+            self._current.pop(next(iter(self._current)))
+            if len(self._abandoned) > REMEMBERED:
+                self._abandoned.pop(next(iter(self._abandoned)))
         return connection
 
-    def _status(self, pid: str, status: re.Match[str]) -> tracking.Event | None:
+    def _status(self, pid: str, status: re.Match[str]) -> list[tracking.Event]:
         relay = _RELAY.match(status["relay"])
         if relay is None or status["relay"].startswith(self.filter_relay):
-            return None  # no session (relay=none: no MX answered), or a hop of the stack
-        connection = self._connections.get(pid)
-        if connection is None or connection.queue_id not in ("", status["qid"]):
-            connection = self._open(pid)  # no TLS line: a session in clear
-        if connection.counted:
-            return None  # another recipient of the same session
-        connection.queue_id, connection.counted = status["qid"], True
+            self._current.pop(pid, None)  # relay=none: no MX answered; or a hop of ours
+            self._abandoned.pop(pid, None)
+            return []
         domain = status["to"].rpartition("@")[2].lower()
+        if domain in self.own_domains:
+            return []
+        connection = self._current.get(pid)
+        if connection is None or (connection.mx, connection.ip) != (relay["mx"], relay["ip"]):
+            connection = self._open(pid, relay["mx"], relay["ip"])  # no TLS line: in clear
+        elif connection.counted == status["qid"] and \
+                self.clock() - connection.counted_at < SAME_DELIVERY:
+            return []  # another recipient of the same message, same session
+        elif connection.counted:
+            connection = self._open(pid, relay["mx"], relay["ip"])  # another delivery
+        connection.counted, connection.counted_at = status["qid"], self.clock()
         policy = self.policy_of(domain)
-        deferred = status["status"] != "sent"
-        failure, reason = tlsrpt.outcome(connection.level, connection.chain_error,
-                                         status["reply"], deferred, policy)
+        sessions = [self._session(domain, policy, earlier, "", False)
+                    for earlier in self._abandoned.pop(pid, [])]
+        sessions.append(self._session(domain, policy, connection, status["reply"],
+                                      status["status"] != "sent"))
+        return [tracking.event("postfix", "tls", session.detail(), recipients=(status["to"],),
+                               queue_id=status["qid"], at=self.clock())
+                for session in sessions]
+
+    @staticmethod
+    def _session(domain: str, policy: tlsrpt.Policy, connection: _Connection, reply: str,
+                 deferred: bool) -> tlsrpt.Session:
+        failure, reason = tlsrpt.outcome(connection.level, connection.chain_error, reply,
+                                         deferred, policy, connection.mx)
         if policy.type == "no-policy-found" and (
                 connection.level == "verified" or failure == tlsrpt.TLSA_INVALID
                 or (deferred and failure == tlsrpt.STARTTLS_NOT_SUPPORTED)):
             # Without an MTA-STS policy, only DANE makes Postfix verify or demand TLS.
             policy = tlsrpt.Policy("tlsa")
-        session = tlsrpt.Session(domain, relay["mx"], relay["ip"], connection.level, failure,
-                                 reason, policy)
-        return tracking.event("postfix", "tls", session.detail(), recipients=(status["to"],),
-                              queue_id=status["qid"], at=self.clock())
+        return tlsrpt.Session(domain, connection.mx, connection.ip, connection.level, failure,
+                              reason, policy)
 
 
 def sts_policy(pol_body: dict[str, Any]) -> tlsrpt.Policy:

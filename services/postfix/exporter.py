@@ -36,6 +36,7 @@ from secumail.chain import PROBE_HEADER
 from secumail.netaddr import Network
 from secumail.probes import NOBODY
 from secumail.settings import Settings
+from secumail.tlsrpt import Policy
 from services.postfix.children import ChildKeeper
 from services.postfix.events import (
     CLIENT,
@@ -290,16 +291,20 @@ def start_agent(settings: Settings, queue_dir: Path, mailbox_base: str,
     tracking.EVENTS.configure(settings.tracking_buffer, settings.tracking)
     events = PostfixEvents(settings.content_filter_address.host)
     # TLS reports count sessions with destinations' MX hosts: none when a relay takes all.
-    sessions = (TlsSessions(settings.content_filter_address.host, cached_policies())
-                if settings.tlsrpt and not settings.relayhost else None)
+    sessions = None
+    if settings.tlsrpt and not settings.relayhost:
+        policies = cached_policies() if settings.outbound_mta_sts else lambda _: Policy()
+        sessions = TlsSessions(settings.content_filter_address.host, policies,
+                               settings.domains)
 
     def feed(line: str) -> None:
         stats.feed(line)
         if tracking.EVENTS.enabled:
             if (found := events.feed(line)) is not None:
                 tracking.record(found)
-            if sessions is not None and (session := sessions.feed(line)) is not None:
-                tracking.record(session)
+            if sessions is not None:
+                for session in sessions.feed(line):
+                    tracking.record(session)
 
     if settings.metrics_listen.port == 0:
         return feed, None

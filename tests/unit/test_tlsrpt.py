@@ -6,6 +6,7 @@ its counting, which takes sessions from Postfix's events only."""
 from __future__ import annotations
 
 import asyncio
+import email
 import json
 import sqlite3
 from dataclasses import replace
@@ -39,11 +40,10 @@ def policy_of(domain: str) -> Policy:
 
 
 def sessions_of(lines: list[str]) -> list[tuple[Event, Session]]:
-    reader = TlsSessions("clamav", policy_of, clock=lambda: NOON)
+    reader = TlsSessions("clamav", policy_of, ["secumail.test"], clock=lambda: NOON)
     found = []
     for line in lines:
-        event = reader.feed(line)
-        if event is not None:
+        for event in reader.feed(line):
             domain = event.recipients[0].rpartition("@")[2]
             found.append((event, Session.from_detail(event.detail, domain)))
     return found
@@ -96,6 +96,74 @@ def test_recipients_of_one_session_and_hops_inside_the_stack_add_no_session() ->
         ("sts-good.test", "verified", "")]
 
 
+def smtp(pid: int, text: str) -> str:
+    return f"Dec 07 21:09:10 mx postfix/smtp[{pid}]: {text}"
+
+
+def status(queue_id: str, to: str, mx: str, ip: str, result: str = "sent (250 OK)") -> str:
+    return (f"{queue_id}: to=<{to}>, relay={mx}[{ip}]:25, delay=0.2, delays=0.1/0/0.04/0, "
+            f"dsn=2.0.0, status={result}")
+
+
+def test_a_process_next_session_starts_clean_and_each_delivery_is_one() -> None:
+    """A session's TLS never passes to the same smtp process's next one: not after a
+    delivery no MX answered, nor for the same message's other domain, nor for a retry."""
+    now = [NOON]
+    reader = TlsSessions("clamav", policy_of, clock=lambda: now[0])
+    lines = [
+        smtp(7, "Verified TLS connection established to mx1.a.test[192.0.2.1]:25: TLSv1.3"),
+        smtp(7, "AAAAA000001: to=<x@a.test>, relay=none, delay=1, delays=0/0/1/0, dsn=4.4.1, "
+                "status=deferred (connect to mx1.a.test[192.0.2.1]:25: Connection timed out)"),
+        smtp(7, status("BBBBB000002", "x@clear.test", "mx.clear.test", "192.0.2.9")),
+        smtp(7, status("BBBBB000002", "y@other.test", "mx.other.test", "192.0.2.10")),
+    ]
+    found = [Session.from_detail(e.detail, e.recipients[0].rpartition("@")[2])
+             for line in lines for e in reader.feed(line)]
+    assert [(s.domain, s.level) for s in found] == [("clear.test", "none"), ("other.test", "none")]
+    retry = smtp(7, status("CCCCC000003", "postmaster@sts-stripped.test", "mx.sts-stripped.test",
+                           "172.29.126.63", "deferred (TLS is required, but was not offered)"))
+    assert len(reader.feed(retry)) == 1
+    now[0] += 300  # the queue's retry, by the same process
+    assert len(reader.feed(retry)) == 1
+
+
+def test_a_failure_with_an_mx_postfix_moved_past_is_reported_too() -> None:
+    reader = TlsSessions("clamav", policy_of, clock=lambda: NOON)
+    lines = [
+        smtp(8, "server certificate verification failed for mx1.sts-good.test[192.0.2.1]:25: "
+                "num=62:hostname mismatch"),
+        smtp(8, "Untrusted TLS connection established to mx1.sts-good.test[192.0.2.1]:25: x"),
+        smtp(8, "Verified TLS connection established to mx.sts-good.test[192.0.2.2]:25: x"),
+        smtp(8, status("DDDDD000004", "postmaster@sts-good.test", "mx.sts-good.test",
+                       "192.0.2.2")),
+    ]
+    found = [Session.from_detail(e.detail, "sts-good.test")
+             for line in lines for e in reader.feed(line)]
+    assert [(s.mx, s.failure) for s in found] == [
+        ("mx1.sts-good.test", "certificate-host-mismatch"), ("mx.sts-good.test", "")]
+
+
+@pytest.mark.parametrize(("lines", "expected"), [
+    # The receiver's own 4xx after TLS was set up is no TLS failure.
+    ([smtp(9, "Untrusted TLS connection established to mx.no-sts.test[192.0.2.3]:25: x"),
+      smtp(9, status("EEEEE000005", "a@no-sts.test", "mx.no-sts.test", "192.0.2.3",
+                     "deferred (host mx.no-sts.test said: 450 4.2.0 certificate greylisted)"))],
+     ("untrusted", "", "no-policy-found")),
+    ([smtp(9, status("EEEEE000006", "a@sts-good.test", "mx.sts-good.test", "192.0.2.3",
+                     "deferred (Cannot start TLS: handshake failure)"))],
+     ("none", "validation-failure", "sts")),
+    # testing mode, delivered over TLS to an MX its policy does not name
+    ([smtp(9, "Trusted TLS connection established to mx.elsewhere.test[192.0.2.4]:25: x"),
+      smtp(9, status("EEEEE000007", "a@sts-testing.test", "mx.elsewhere.test", "192.0.2.4"))],
+     ("trusted", "validation-failure", "sts")),
+    ([smtp(9, status("EEEEE000008", "alice@secumail.test", "mailstore", "172.29.0.9"))], None),
+])
+def test_what_a_session_is_reported_as(lines: list[str],
+                                       expected: tuple[str, str, str] | None) -> None:
+    found = [(s.level, s.failure, s.policy.type) for _, s in sessions_of(lines)]
+    assert found == ([expected] if expected else [])
+
+
 def test_a_detail_too_long_for_an_event_keeps_the_session_and_its_policy_type() -> None:
     policy = sts_policy({"mode": "enforce", "max_age": 86400,
                          "mx": [f"mx{i}.a-rather-long-name.example.net" for i in range(30)]})
@@ -106,6 +174,9 @@ def test_a_detail_too_long_for_an_event_keeps_the_session_and_its_policy_type() 
     back = Session.from_detail(detail, "example.net")
     assert (back.failure, back.policy.type, back.policy.strings) == (
         "certificate-not-trusted", "sts", ())
+    longest = Session("example.net", ("a" * 62 + ".") * 3 + "b" * 60, "2001:db8::" + "f" * 29,
+                      "anonymous", "certificate-host-mismatch", "x" * 300, policy)
+    assert Session.from_detail(longest.detail(), "example.net").mx == longest.mx
     short = Session("example.net", "mx1.example.net", "192.0.2.1", "verified")
     assert Session.from_detail(short.detail(), "example.net") == short
     with pytest.raises(ValueError):
@@ -142,7 +213,7 @@ def test_a_report_and_its_mail_parse_with_parsedmarc() -> None:
     stripped = [(s, 1) for s in sessions if s.domain == "sts-stripped.test"]
     good = (replace(stripped[0][0], level="verified", failure="", reason=""), 5)
     report = tlsrpt.report_json("mx.secumail.test", "tls-reports@secumail.test", "id-1", DAY,
-                                "sts-stripped.test", "198.51.100.25", [good, *stripped])
+                                "sts-stripped.test", [good, *stripped])
     parsed = parsedmarc.parse_smtp_tls_report_json(report)
     assert parsed["begin_date"] == f"{DAY}T00:00:00Z"
     (policy,) = parsed["policies"]  # one policy, its successes and failures
@@ -150,7 +221,7 @@ def test_a_report_and_its_mail_parse_with_parsedmarc() -> None:
             policy["failed_session_count"]) == ("sts", 5, 3)
     assert policy["failure_details"] == [{
         "result_type": "starttls-not-supported", "failed_session_count": 3,
-        "sending_mta_ip": "198.51.100.25", "receiving_ip": "172.29.126.63",
+        "receiving_ip": "172.29.126.63",
         "receiving_mx_hostname": "mx.sts-stripped.test",
         "failure_reason_code": "TLS is required, but was not offered by host "
                                "mx.sts-stripped.test[172.29.126.63]"}]
@@ -162,6 +233,10 @@ def test_a_report_and_its_mail_parse_with_parsedmarc() -> None:
     assert read["report"]["report_id"] == "id-1"
     assert b"multipart/report" in mail and b'report-type="tlsrpt"' in mail
     assert b"TLS-Report-Domain: sts-stripped.test" in mail
+    (name,) = [part.get_filename() for part in email.message_from_bytes(mail).walk()
+               if part.get_filename()]
+    assert name.startswith("mx.secumail.test!sts-stripped.test!") and name.endswith(
+        "!id1.json.gz")  # unique-id: letters and digits only (RFC 8460 5.1)
 
 
 @pytest.mark.parametrize(("texts", "uris"), [
@@ -214,6 +289,18 @@ def test_each_domain_that_asks_gets_its_days_report_once(tmp_path: Path) -> None
     assert dane["policies"][0]["failure_details"][0]["result_type"] == "tlsa-invalid"
     assert asyncio.run(after.run()).sent == []  # sent once
     assert "_smtp._tls.no-sts.test" in dns.queries  # asked, published nothing: no report
+
+
+def test_a_record_naming_a_crowd_gets_its_report_sent_to_five(tmp_path: Path) -> None:
+    """Attack: a domain we mail naming a thousand addresses in its record, to have our
+    signed reports sent to all of them every day."""
+    crowd = ",".join(f"mailto:victim{i}@victims.test" for i in range(7))
+    dns = FakeTxt({"_smtp._tls.sts-good.test": [f"v=TLSRPTv1; rua={crowd}"]})
+    mailer = Mailer()
+    tls_reporter(tmp_path, dns, mailer, NOON).count("postfix", stored_sessions())
+    done = asyncio.run(tls_reporter(tmp_path, dns, mailer, NOON + 86400).run())
+    assert [r for r, _ in mailer.sent] == [f"victim{i}@victims.test" for i in range(5)]
+    assert len(done.skipped) == 2
 
 
 def test_a_report_whose_dns_failed_is_sent_the_next_round(tmp_path: Path) -> None:
