@@ -2,8 +2,8 @@
 why): the supervisor binds 127.0.0.1:53 as root, points /etc/resolv.conf at it, and keeps
 this child running on those sockets as a user of its own.
 
-    python -m services.postfix.resolver UDP_FD TCP_FD DOCKER_DNS...   (started by
-    ResolverKeeper)
+    python -m services.postfix.resolver UDP_FD TCP_FD DOCKER_DNS...   (ResolverKeeper's
+    command)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from secumail.dns_forwarder import DOCKER_DNS, Forwarder, resolv_conf, serve
 from secumail.logs import log_event, setup_logging
 from secumail.netaddr import HostPort, parse_host_port
 from secumail.settings import Settings, load_settings
-from services.postfix.children import ChildKeeper, in_container
+from services.postfix.children import CommandKeeper, in_container
 
 log = logging.getLogger("secumail.postfix.resolver")
 
@@ -31,14 +31,13 @@ LISTEN = "127.0.0.1"
 RESOLVER_UID = 5053
 
 
-class ResolverKeeper(ChildKeeper):
+class ResolverKeeper(CommandKeeper):
     """Binds port 53 on loopback and keeps the forwarder running on it as RESOLVER_UID
     (resolv.conf points at it: until it runs again, Postfix resolves nothing, not even the
     service names)."""
 
     def __init__(self, docker: list[HostPort], port: int = 53, user: int | None = RESOLVER_UID
                  ) -> None:
-        super().__init__("resolver", user)
         self.docker = docker
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -46,11 +45,9 @@ class ResolverKeeper(ChildKeeper):
         self.udp.bind((LISTEN, port))
         self.tcp.bind((LISTEN, port))
         self.tcp.listen(64)
-
-    def run_once(self) -> int:
         fds = (self.udp.fileno(), self.tcp.fileno())
-        return self.spawn([sys.executable, "-m", "services.postfix.resolver", *map(str, fds),
-                           *map(str, self.docker)], pass_fds=fds).wait()
+        super().__init__("resolver", [sys.executable, "-m", "services.postfix.resolver",
+                                      *map(str, fds), *map(str, docker)], user, pass_fds=fds)
 
 
 def start_resolver(settings: Settings, resolv: Path = RESOLV_CONF,
