@@ -10,6 +10,7 @@ from dataclasses import asdict
 from fastapi import APIRouter, HTTPException, Query
 
 from gateway.context import Gateway, GatewayDep, problem
+from gateway.dmarc_reports import DmarcReporter
 from gateway.models import DmarcReportRound, ReceivedReports, ReportedSender, ReportedTls
 
 router = APIRouter(prefix="/admin/dmarc", tags=["dmarc"])
@@ -20,19 +21,21 @@ tls = APIRouter(prefix="/admin/tls", tags=["tls"])
              summary="Send every DMARC aggregate report not sent yet (days before today)",
              responses={409: problem("DMARC reports are off (SECUMAIL_DMARC_REPORTS)")})
 async def send_reports(gateway: GatewayDep) -> DmarcReportRound:
-    if gateway.dmarc is None:
-        raise HTTPException(409, "DMARC reports are off (SECUMAIL_DMARC_REPORTS)")
-    done = await gateway.dmarc.run()
-    return DmarcReportRound(sent=done.sent, failed=done.failed, skipped=done.skipped)
+    return await report_round(gateway.dmarc, "DMARC reports are off (SECUMAIL_DMARC_REPORTS)")
 
 
 @tls.post("/reports", response_model=DmarcReportRound,
           summary="Send every TLS report (RFC 8460) not sent yet (days before today)",
           responses={409: problem("TLS reports are off (SECUMAIL_TLSRPT)")})
 async def send_tls_reports(gateway: GatewayDep) -> DmarcReportRound:
-    if gateway.tls is None:
-        raise HTTPException(409, "TLS reports are off (SECUMAIL_TLSRPT)")
-    done = await gateway.tls.run()
+    return await report_round(gateway.tls, "TLS reports are off (SECUMAIL_TLSRPT)")
+
+
+async def report_round(reporter: DmarcReporter | None, off: str) -> DmarcReportRound:
+    """A reporter's round now (409 when its setting is off)."""
+    if reporter is None:
+        raise HTTPException(409, off)
+    done = await reporter.run()
     return DmarcReportRound(sent=done.sent, failed=done.failed, skipped=done.skipped)
 
 

@@ -1008,6 +1008,14 @@ def test_openapi_documents_every_route_with_its_errors(gw: Gateway) -> None:
     assert "400" in document["paths"]["/admin/tracking"]["get"]["responses"]
     assert "409" in document["paths"]["/admin/quarantine/digest"]["post"]["responses"]
     assert "409" in document["paths"]["/admin/dmarc/reports"]["post"]["responses"]
+    assert "409" in document["paths"]["/admin/tls/reports"]["post"]["responses"]
+
+
+def test_a_report_round_asked_while_reports_are_off_is_409(gw: Gateway) -> None:
+    for path, setting in (("/admin/dmarc/reports", "SECUMAIL_DMARC_REPORTS"),
+                          ("/admin/tls/reports", "SECUMAIL_TLSRPT")):
+        response = gw.client.post(path, headers=AUTH)
+        assert response.status_code == 409 and setting in response.text, response.text
 
 
 def test_no_token_ever_reaches_a_log_line(make_gateway: Any, caplog: pytest.LogCaptureFixture
