@@ -116,8 +116,9 @@ def create_app(
                                  settings.gateway_wrong_token_window),
     )
     gateway.quarantine.track = gateway.track  # releases and learning, as tracking events
-    lookup = txt_lookup or async_txt_lookup(
-        make_async_resolver(settings.dns_servers, settings.dns_timeout))
+    if settings.dmarc_reports or settings.tlsrpt:  # the reporters' DNS, for them only
+        lookup = txt_lookup or async_txt_lookup(
+            make_async_resolver(settings.dns_servers, settings.dns_timeout))
     if settings.dmarc_reports:
         reports = Counter("secumail_dmarc_reports", "DMARC aggregate reports by result (sent, "
                           "failed: tried again next round, skipped: never)", ["result"],

@@ -12,6 +12,7 @@ for the gateway's route and the records it tells the admin to publish.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 MODES = ("enforce", "testing", "none")
@@ -20,9 +21,14 @@ MAX_AGE_LIMIT = 31_557_600  # RFC 8461 3.2: at most a year
 
 def policy_text(mode: str, mx: list[str], max_age: int) -> str:
     """The policy file: `key: value` lines, each ending in CRLF (RFC 8461 3.2)."""
-    lines = ["version: STSv1", f"mode: {mode}", *(f"mx: {host}" for host in mx),
-             f"max_age: {max_age}"]
-    return "".join(f"{line}\r\n" for line in lines)
+    return "".join(f"{line}\r\n" for line in policy_lines(mode, mx, max_age))
+
+
+def policy_lines(mode: str, mx: Iterable[str], max_age: int | str) -> list[str]:
+    """A policy's lines, in the policy file's order (ours, or a destination's in a TLS
+    report's policy-string)."""
+    return ["version: STSv1", f"mode: {mode}", *(f"mx: {host}" for host in mx),
+            f"max_age: {max_age}"]
 
 
 def policy_id(text: str) -> str:

@@ -19,7 +19,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from secumail import tlsrpt, tracking
 
@@ -257,15 +256,3 @@ class TlsSessions:
             policy = tlsrpt.Policy("tlsa")
         return tlsrpt.Session(domain, connection.mx, connection.ip, connection.level, failure,
                               reason, policy)
-
-
-def sts_policy(pol_body: dict[str, Any]) -> tlsrpt.Policy:
-    """An MTA-STS policy as postfix-mta-sts-resolver keeps it (its JSON), as a report names
-    it; mode none is no policy (RFC 8461 5)."""
-    mode = pol_body.get("mode")
-    if mode not in ("enforce", "testing"):
-        return tlsrpt.Policy()
-    mx = tuple(str(m) for m in pol_body.get("mx", []))
-    lines = ["version: STSv1", f"mode: {mode}", *(f"mx: {m}" for m in mx),
-             f"max_age: {pol_body.get('max_age', '')}"]
-    return tlsrpt.Policy("sts", tuple(lines), mx)

@@ -23,13 +23,14 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from secumail.logs import log_event
+from secumail.mta_sts import policy_lines
 from secumail.netaddr import HostPort
 from secumail.settings import Settings
 from secumail.tlsrpt import Policy
 from services.postfix.children import CommandKeeper, in_container
-from services.postfix.events import sts_policy
 
 log = logging.getLogger("secumail.postfix.mta_sts")
 
@@ -78,6 +79,16 @@ def start_sts_resolver(settings: Settings, config: Path = CONFIG, cache: Path = 
     log_event(log, "MTA-STS policies of destinations enforced", resolver=str(LISTEN),
               ca_file=settings.outbound_tls_ca_file)
     return keeper
+
+
+def sts_policy(pol_body: dict[str, Any]) -> Policy:
+    """An MTA-STS policy as postfix-mta-sts-resolver keeps it (its JSON), as a TLS report
+    names it; mode none is no policy (RFC 8461 5)."""
+    mode = pol_body.get("mode")
+    if mode not in ("enforce", "testing"):
+        return Policy()
+    mx = tuple(str(m) for m in pol_body.get("mx", []))
+    return Policy("sts", tuple(policy_lines(mode, mx, pol_body.get("max_age", ""))), mx)
 
 
 REMEMBER_POLICY = 60.0  # seconds a policy read for a TLS report is used again, unread

@@ -23,8 +23,8 @@ from secumail import tlsrpt
 from secumail.settings import Settings
 from secumail.tlsrpt import Policy, Session, SessionStore
 from secumail.tracking import MAX_FIELD, Event
-from services.postfix.events import TlsSessions, sts_policy
-from services.postfix.outbound_tls import cached_policies
+from services.postfix.events import TlsSessions
+from services.postfix.outbound_tls import cached_policies, sts_policy
 from tests.unit.test_dmarc_reports import DAY, NOON, FakeTxt, Mailer
 
 LOG = Path(__file__).parent / "data" / "postfix-outbound-tls.log"
