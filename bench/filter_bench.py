@@ -16,6 +16,11 @@ modes, next to plain Postfix, spamd alone and amavisd-new, in the same run.
 
     .venv/bin/python bench/filter_bench.py [--messages 2000] [--sessions 20] [--size 2048]
                                            [--scanned 300] [--rounds 3]
+    .venv/bin/python bench/filter_bench.py --hop-only [--against REV] [--rounds 3]
+
+`--hop-only` runs step 5 alone, with the filter's CPU per message; `--against REV` runs the
+same hop with the code of an earlier commit (a git worktree of it, first on PYTHONPATH) in
+alternated rounds: a change to what every message crosses, measured beside what it replaces.
 
 Needs root (Postfix), Debian's postfix, clamav-daemon and spamd (scripts/install-deps.sh),
 and amavisd-new for the peer (apt-get install amavisd-new; skipped, saying so, without it).
@@ -186,15 +191,72 @@ def through_postfix(sink_port: int, messages: int, sessions: int, size: int,
         postfix.stop()
 
 
-def start_filter(name: str, scanner: str, next_hop: int, mode: str = "after-queue"
-                 ) -> tuple[Daemon, int]:
-    """secumail-clamav or secumail-spamd on a free port, handing mail to `next_hop`."""
+def start_filter(name: str, scanner: str, next_hop: int, mode: str = "after-queue",
+                 code: Path | None = None) -> tuple[Daemon, int]:
+    """secumail-clamav or secumail-spamd on a free port, handing mail to `next_hop`; the
+    code of the checkout at `code` when given."""
     port = free_port()
-    daemon = start_service(f"secumail-{name}", service_env(**{
+    env = service_env(**{
         f"{name}_listen": f"127.0.0.1:{port}", f"{name}_next_hop": f"127.0.0.1:{next_hop}",
         SCANNER_SETTING[name]: scanner, "filter_mode": mode, "log_level": "WARNING",
-    }), f"SECUMAIL_{name.upper()}_LISTEN")
+    })
+    if code is not None:
+        env["PYTHONPATH"] = str(code)  # ahead of the editable install's finder
+    daemon = start_service(f"secumail-{name}", env, f"SECUMAIL_{name.upper()}_LISTEN")
     return daemon, port
+
+
+def hop_figures(clamd_port: int, sink_port: int, args: argparse.Namespace,
+                code: Path | None = None) -> tuple[float, float, float]:
+    """One filter hop alone: msg/s over `args.sessions`, ms added to one transaction at p50
+    (one session), the filter's CPU in us per message."""
+    hop, hop_port = start_filter("clamav", f"127.0.0.1:{clamd_port}", sink_port, code=code)
+    try:
+        cpu_before = cpu_seconds(hop.proc.pid)
+        started = time.perf_counter()
+        smtp_source(hop_port, args.messages, args.sessions, args.size)
+        # smtp-source ends when the last 250 came back: the filter answered after the sink.
+        rate = args.messages / (time.perf_counter() - started)
+        cpu = (cpu_seconds(hop.proc.pid) - cpu_before) * 1e6 / args.messages
+        direct = statistics.median(transaction_times(sink_port, 300, args.size))
+        through = statistics.median(transaction_times(hop_port, 300, args.size))
+    finally:
+        hop.stop()
+    return rate, (through - direct) * 1000, cpu
+
+
+def hop_only(args: argparse.Namespace) -> None:
+    sink, sink_port = smtp_sink()
+    stand_ins, clamd_port, _ = stand_in_scanners()
+    codes: dict[str, Path | None] = {"this tree": None}
+    worktree = None
+    if args.against:
+        worktree = Path(tempfile.mkdtemp(prefix="filter-bench-against-"))
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree),
+                        args.against], check=True, capture_output=True)
+        codes[args.against] = worktree
+    figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name in codes}
+    try:
+        for _ in range(args.rounds):
+            for name, code in codes.items():
+                figures[name].append(hop_figures(clamd_port, sink_port, args, code))
+    finally:
+        stand_ins.stop()
+        sink.terminate()
+        if worktree is not None:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                            str(worktree)], check=False)
+    print(f"one filter hop alone: {args.messages} messages of {args.size} bytes, "
+          f"{args.sessions} sessions, stand-in clamd, {args.rounds} alternated rounds")
+    for name, rounds in figures.items():
+        rates, added, cpu = zip(*rounds, strict=True)
+        print(f"{name:<14} {statistics.median(rates):8.0f} msg/s  "
+              f"p50 added {statistics.median(added):5.2f} ms  "
+              f"filter CPU {statistics.median(cpu):6.0f} us/msg  (rounds: "
+              + ", ".join(f"{r:.0f}" for r in rates) + ")")
+    if args.against:
+        this, other = (statistics.median(r for r, _, _ in figures[n]) for n in codes)
+        print(f"this tree / {args.against}: {this / other:.2f}x")
 
 
 def start_chain(clamd: str, spamd: str, next_hop: int, mode: str
@@ -309,11 +371,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternated rounds of the real chains, spamd alone, amavisd-new")
+    parser.add_argument("--hop-only", action="store_true", help="step 5 alone")
+    parser.add_argument("--against", help="with --hop-only: an earlier commit, beside")
     args = parser.parse_args()
     if os.getuid() != 0:
         raise SystemExit("run as root: the benchmark starts its own Postfix instances")
     tempfile.tempdir = tempfile.mkdtemp(prefix="secumail-filter-bench-")
     os.chmod(tempfile.tempdir, 0o755)  # Postfix's own user must reach its queue in there
+    if args.hop_only:
+        hop_only(args)
+        return
     sink, sink_port = smtp_sink()
     stand_ins, clamd_port, spamd_port = stand_in_scanners()
     clamd, spamd = Clamd().start(), Spamd().start()
@@ -427,18 +494,10 @@ def main() -> None:
                              f"{median(rates[mode]) / peer:8.2f}x"))
 
         # One hop: smtp-source -> clamav filter (stand-in clamd) -> smtp-sink.
-        hop, hop_port = start_filter("clamav", f"127.0.0.1:{clamd_port}", sink_port)
-        daemons.append(hop)
-        started = time.perf_counter()
-        smtp_source(hop_port, args.messages, args.sessions, args.size)
-        # smtp-source ends when the last 250 came back: the filter answered after the sink.
-        rate = args.messages / (time.perf_counter() - started)
+        rate, added, cpu = hop_figures(clamd_port, sink_port, args)
         rows.append(("one filter hop alone (no-op scan)", f"{rate:8.0f} msg/s"))
-        direct = median(transaction_times(sink_port, 300, args.size))
-        through = median(transaction_times(hop_port, 300, args.size))
-        rows.append(("  smtp-sink directly, p50 transaction", f"{direct * 1000:8.2f} ms"))
-        rows.append(("  through one filter, p50 transaction", f"{through * 1000:8.2f} ms"))
-        rows.append(("  added by the filter hop, p50", f"{(through - direct) * 1000:8.2f} ms"))
+        rows.append(("  added by the filter hop, p50", f"{added:8.2f} ms"))
+        rows.append(("  filter CPU per message", f"{cpu:8.0f} us"))
     finally:
         for daemon in daemons:
             daemon.stop()

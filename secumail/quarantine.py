@@ -17,21 +17,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
+
+from secumail.protocols.smtp import Envelope
 
 QUARANTINE_ID = re.compile(r"^\d{8}T\d{6}-[0-9a-f]{12}$")
 FILTER_NAME = re.compile(r"^[a-z0-9_-]{1,32}$")
-
-
-class Envelope(Protocol):
-    @property
-    def mail_from(self) -> str: ...
-
-    @property
-    def rcpt_tos(self) -> tuple[str, ...]: ...
-
-    @property
-    def client(self) -> dict[str, str]: ...
 
 
 @dataclass(frozen=True)
@@ -42,7 +33,7 @@ class QuarantineRecord:
     filter: str
     verdict: str
     reason: str
-    mail_from: str  # as the filter received it: "<>" for the null sender
+    mail_from: str  # "" for the null sender ("<>" in records kept before 2026-12-08)
     rcpt_tos: tuple[str, ...]
     client: dict[str, str] = field(default_factory=dict)  # XFORWARD attributes
     size: int = 0

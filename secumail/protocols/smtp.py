@@ -11,7 +11,7 @@
   turns into a 451: the message stays in Postfix's queue.
 - The probes: a banner, or a banner and EHLO, as healthchecks and the gateway ask.
 
-The server side is aiosmtpd's, extended in secumail/relay.py.
+The server side is aiosmtpd's, extended in secumail/filter/aiosmtpd_adapter.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from secumail.connections import IdleDeadline, send
 from secumail.logs import describe, log_event
@@ -227,12 +227,25 @@ class NextHop:
 
 @dataclass(frozen=True)
 class Envelope:
-    """One transaction's envelope, and the client attributes passed on with XFORWARD."""
+    """One transaction's envelope, the one shape it has from a filter's MAIL to its next
+    hop, the quarantine, tracking and a release: the addresses without angle brackets, ""
+    for the null sender; the client's attributes as Postfix passed them with XFORWARD
+    (ADDR, NAME, HELO, IDENT...), passed on the same way."""
 
-    mail_from: str  # without angle brackets; "" for the null sender
+    mail_from: str
     rcpt_tos: tuple[str, ...]
-    xforward: dict[str, str] = field(default_factory=dict)
+    client: dict[str, str] = field(default_factory=dict)
     mail_options: tuple[str, ...] = ()
+    rcpt_options: tuple[tuple[str, ...], ...] = ()  # each recipient's, when it has any
+
+    def with_recipient(self, recipient: str, options: Iterable[str]) -> Envelope:
+        return replace(self, rcpt_tos=(*self.rcpt_tos, recipient),
+                       rcpt_options=(*self.rcpt_options, tuple(options)))
+
+    def recipients(self) -> Iterator[tuple[str, tuple[str, ...]]]:
+        """Each recipient with its RCPT options (none when the envelope was made without)."""
+        for index, recipient in enumerate(self.rcpt_tos):
+            yield recipient, self.rcpt_options[index] if index < len(self.rcpt_options) else ()
 
 
 class SmtpClient:
@@ -432,12 +445,12 @@ async def deliver(next_hop: NextHop, helo: str, envelope: Envelope,
     try:
         steps = [("EHLO", await client.connect(next_hop, helo))]
         steps.append(("MAIL", await client.mail(envelope.mail_from, envelope.mail_options,
-                                                envelope.xforward)))
+                                                envelope.client)))
         for step, reply in steps:
             if not reply.ok:
                 raise SmtpRefused(step, reply)
-        for recipient in envelope.rcpt_tos:
-            reply = await client.rcpt(recipient)
+        for recipient, options in envelope.recipients():
+            reply = await client.rcpt(recipient, options)
             if not reply.ok:
                 raise SmtpRefused(f"RCPT {recipient}", reply)
         return await client.data(message)

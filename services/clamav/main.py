@@ -7,14 +7,11 @@ import asyncio
 from prometheus_client import Counter
 
 from secumail.backend import BackendError
+from secumail.filter.metrics import BACKEND_ERRORS
+from secumail.filter.service import FilterService, filter_service
+from secumail.filter.verdicts import Verdict
 from secumail.protocols import clamd
-from secumail.relay import (
-    BACKEND_ERRORS,
-    FilterService,
-    MessageInfo,
-    Verdict,
-    filter_service,
-)
+from secumail.protocols.smtp import Envelope
 from secumail.runtime import run_service
 from secumail.settings import Settings, load_settings
 from services.clamav import attachments
@@ -39,7 +36,7 @@ def make_filter(settings: Settings) -> FilterService:
     policy = attachment_policy(settings)
     checking = settings.attachment_action != "off"
 
-    async def inspect(info: MessageInfo, message: bytes) -> Verdict:
+    async def inspect(envelope: Envelope, message: bytes) -> Verdict:
         # clamd scans while the attachment rules run: on the loop for small mail without
         # archives (a thread's hand-off cost more than the check), else in a thread.
         scan = asyncio.ensure_future(scanner.scan(message))

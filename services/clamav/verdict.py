@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from secumail.filter.verdicts import Verdict
 from secumail.protocols.clamd import ScanResult
-from secumail.relay import Verdict
 from services.clamav.attachments import Finding, strip
 
 ATTACHMENTS_HEADER = "X-SecuMail-Attachments"

@@ -8,15 +8,12 @@ from prometheus_client import Counter
 
 from secumail import received_reports, tracking
 from secumail.backend import BackendError
+from secumail.filter.metrics import BACKEND_ERRORS
+from secumail.filter.service import FilterService, filter_service
+from secumail.filter.verdicts import Verdict
 from secumail.forwarded import ForwardedClient
 from secumail.protocols import spamc
-from secumail.relay import (
-    BACKEND_ERRORS,
-    FilterService,
-    MessageInfo,
-    Verdict,
-    filter_service,
-)
+from secumail.protocols.smtp import Envelope
 from secumail.runtime import run_service
 from secumail.settings import Settings, load_settings
 from services.spamd import reports
@@ -33,11 +30,11 @@ def make_filter(settings: Settings) -> FilterService:
 
     rua_addresses = settings.dmarc_rua_addresses
 
-    async def inspect(info: MessageInfo, message: bytes) -> Verdict:
-        if rua_addresses and rua_addresses & {r.lower() for r in info.rcpt_tos}:
+    async def inspect(envelope: Envelope, message: bytes) -> Verdict:
+        if rua_addresses and rua_addresses & {r.lower() for r in envelope.rcpt_tos}:
             return await keep_received_report(message)
-        if kind := report_addresses.kind_of(info.rcpt_tos):
-            return await learn_report(info, message, kind)
+        if kind := report_addresses.kind_of(envelope.rcpt_tos):
+            return await learn_report(envelope, message, kind)
         if settings.spam_max_size and len(message) > settings.spam_max_size:
             return oversized_verdict(len(message), settings.spam_max_size)
         try:
@@ -70,10 +67,11 @@ def make_filter(settings: Settings) -> FilterService:
                            "later")
         return Verdict("drop", "dmarc-report", f"kept for the gateway as {name}")
 
-    async def learn_report(info: MessageInfo, message: bytes, kind: spamc.Kind) -> Verdict:
+    async def learn_report(envelope: Envelope, message: bytes, kind: spamc.Kind) -> Verdict:
         """A user's report: learned, never delivered; refused from outside."""
         # Only our own users teach: mynetworks, or an authenticated session.
-        if not ForwardedClient.from_xforward(info.client).trusted(settings.trusted_networks):
+        client = ForwardedClient.from_xforward(envelope.client)
+        if not client.trusted(settings.trusted_networks):
             return Verdict("reject", "report", f"a {kind} report from outside",
                            reply="550 5.7.1 Reports are taken from this site's own users only")
         found = reports.reported_messages(message)
@@ -81,7 +79,7 @@ def make_filter(settings: Settings) -> FilterService:
             return Verdict("reject", "report", f"a {kind} report with no message attached",
                            reply="550 5.7.1 Attach the message you report (forward it as "
                            "an attachment)")
-        allowed = budget.take(info.mail_from, len(found))
+        allowed = budget.take(envelope.mail_from, len(found))
         if not allowed:
             return Verdict("tempfail", "report", f"over {settings.report_max_per_hour} "
                            "reports this hour", reply="450 4.7.1 Too many reports this hour, "
@@ -93,19 +91,19 @@ def make_filter(settings: Settings) -> FilterService:
                                         settings.relay_timeout)
             except BackendError as error:
                 BACKEND_ERRORS.labels("spamd").inc()
-                tracking.record(reports.report_event(info.mail_from, kind, reported,
+                tracking.record(reports.report_event(envelope.mail_from, kind, reported,
                                                      f"not learned: {error}"))
                 return unchecked_verdict(str(error), fail_open=False)
             learned += new
-            tracking.record(reports.report_event(info.mail_from, kind, reported,
+            tracking.record(reports.report_event(envelope.mail_from, kind, reported,
                                                  tracking.learned_result(kind, new)))
         for reported in found[allowed:]:
             tracking.record(reports.report_event(
-                info.mail_from, kind, reported, f"not learned: over the sender's "
+                envelope.mail_from, kind, reported, f"not learned: over the sender's "
                 f"{settings.report_max_per_hour} reported messages this hour"))
         REPORTS_LEARNED.labels(kind).inc(allowed)
-        return Verdict("drop", "report", f"{allowed} reported as {kind} by {info.mail_from}, "
-                       f"{learned} new to Bayes")
+        return Verdict("drop", "report", f"{allowed} reported as {kind} by "
+                       f"{envelope.mail_from}, {learned} new to Bayes")
 
     return filter_service(
         "spamd", settings.spamd_listen, settings.spamd_next_hop,

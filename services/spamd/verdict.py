@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
+from secumail.filter.verdicts import Verdict
 from secumail.protocols.spamc import SpamResult
-from secumail.relay import Verdict
 
 SPAM_HEADERS = frozenset(
     {"X-Spam-Status", "X-Spam-Score", "X-Spam-Flag", "X-Spam-Level", "X-Spam-Checker-Version"}

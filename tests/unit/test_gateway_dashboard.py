@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
-import secumail.relay
+import secumail.filter.metrics
 import services.dkim.server
 import services.policy.server
 from gateway.app import create_app
@@ -21,7 +21,7 @@ from services.postfix.exporter import LogStats, QueueCollector
 ROOT = Path(__file__).resolve().parents[2]
 GATEWAY_SERIES = {"secumail_up", "secumail_service_ready", "secumail_replica_ready",
                   "secumail_replica_probe_duration_seconds"}
-assert secumail.relay and services.dkim.server and services.policy.server  # their metrics
+assert secumail.filter.metrics and services.dkim.server and services.policy.server  # their metrics
 
 
 def exported_names() -> set[str]:

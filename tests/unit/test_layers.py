@@ -18,7 +18,7 @@ FORBIDDEN = {
     "gateway": ("services",),
     "secumail": ("services", "gateway"),
     "services": ("gateway",),
-    "secumail/protocols": ("secumail.runtime", "secumail.metrics", "secumail.relay"),
+    "secumail/protocols": ("secumail.runtime", "secumail.metrics", "secumail.filter"),
 }
 
 

@@ -13,7 +13,7 @@ from secumail import tracking
 from secumail.backend import BackendError
 from secumail.forwarded import ForwardedClient
 from secumail.protocols import spamc
-from secumail.relay import MessageInfo
+from secumail.protocols.smtp import Envelope
 from secumail.settings import Settings
 from services.spamd.main import make_filter
 from services.spamd.reports import (
@@ -117,8 +117,8 @@ def test_each_reported_message_is_an_event_saying_what_spamassassin_answered(
     settings = Settings(domains=["secumail.test"], spam_report_address="spam",
                         report_max_per_hour=3, mynetworks=["192.0.2.0/24"],
                         quarantine_dir=str(tmp_path / "q"), tracking=True)
-    inspect = make_filter(settings).handler.inspect
-    info = MessageInfo("bob@secumail.test", ("spam@secumail.test",), {"ADDR": "192.0.2.10"})
+    inspect = make_filter(settings).filter.inspect
+    info = Envelope("bob@secumail.test", ("spam@secumail.test",), {"ADDR": "192.0.2.10"})
     ids = [SPAM.replace(b"Subject", f"Message-ID: <r{n}@offers.test>\r\nSubject".encode())
            for n in range(3)]
     verdict = asyncio.run(inspect(info, forwarded(ids[0], ids[0], ids[1], ids[2])))
@@ -134,7 +134,7 @@ def test_each_reported_message_is_an_event_saying_what_spamassassin_answered(
     assert all(e.client == "" for e in recorded)  # the report's client is the user's
     recorded.clear()
     down[0] = True
-    carol = MessageInfo("carol@secumail.test", info.rcpt_tos, info.client)
+    carol = Envelope("carol@secumail.test", info.rcpt_tos, info.client)
     verdict = asyncio.run(inspect(carol, forwarded(ids[2])))
     assert verdict.action == "tempfail"  # the user's server tries again later
     assert [(e.message_id, e.detail) for e in recorded] == [

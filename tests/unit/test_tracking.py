@@ -24,10 +24,11 @@ from gateway.tracking import (
     build_traces,
 )
 from secumail import tracking
+from secumail.filter.verdicts import Verdict, verdict_event
 from secumail.greylist_store import SqliteStore
 from secumail.metrics import BAD_CURSOR, MetricsAnswers
 from secumail.protocols.http import Request
-from secumail.relay import MessageInfo, Verdict, verdict_event
+from secumail.protocols.smtp import Envelope
 from secumail.settings import Settings
 from secumail.tracking import Event, EventLog
 from services.policy.engine import Decision
@@ -189,7 +190,7 @@ def answered(decision: Decision, request: dict[str, str]) -> Event:
 ])
 def test_each_filter_verdict_is_one_event(verdict: Verdict, reply: str, outcome: str,
                                           next_id: str) -> None:
-    info = MessageInfo("a@remote.test", ("bob@secumail.test",),
+    info = Envelope("a@remote.test", ("bob@secumail.test",),
                        {"ADDR": "203.0.113.7", "IDENT": "4ABC12"})
     message = b"Message-Id: <m1@remote.test>\r\nSubject: s\r\n\r\nbody\r\n"
     found = verdict_event("clamav", info, message, verdict, reply)
@@ -491,7 +492,7 @@ def test_a_replica_that_answers_junk_is_counted_and_the_others_go_on() -> None:
 def test_what_stands_in_for_no_queue_id_links_nothing() -> None:
     """Before the queue Postfix's XFORWARD says IDENT=NOQUEUE for every message: two
     unrelated messages must not become one (the compose suite caught it)."""
-    info = MessageInfo("a@remote.test", ("bob@secumail.test",), {"ADDR": "203.0.113.7",
+    info = Envelope("a@remote.test", ("bob@secumail.test",), {"ADDR": "203.0.113.7",
                                                                   "IDENT": "NOQUEUE"})
     found = [verdict_event("clamav", replace(info, mail_from=f"s{n}@remote.test"),
                            f"Message-ID: <{n}@x>\r\n\r\n".encode(),
