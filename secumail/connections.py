@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from secumail.limits import LINE_LIMIT, WRITE_BUFFER_HIGH
 from secumail.logs import log_event
 from secumail.netaddr import HostPort, peer_name
 
@@ -116,8 +117,6 @@ class IdleDeadline:
         self._timer = self.loop.call_at(when, self._check)
 
 
-WRITE_BUFFER_HIGH = 65536
-
 
 async def send(writer: asyncio.StreamWriter, data: bytes) -> None:
     """Write an answer; wait for the socket only when it is really backed up (a peer that
@@ -168,7 +167,7 @@ class ConnectionServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._accept, self.listen.host, self.listen.port, reuse_address=True, limit=65536
+            self._accept, self.listen.host, self.listen.port, reuse_address=True, limit=LINE_LIMIT
         )
         log_event(log, "listening", service=self.name, listen=str(self.listen))
 

@@ -52,6 +52,12 @@ COMPOSE_VARIABLES = frozenset({
 RENAMED = {
     "SECUMAIL_SPAMD_ADDRESS": "SECUMAIL_SPAMASSASSIN_ADDRESS",
 }
+# Settings that took over part of what an older one meant (new -> old): a site that set the
+# old one keeps its value for both until it sets the new one.
+SPLIT = {
+    "SECUMAIL_SCANNER_TIMEOUT": "SECUMAIL_RELAY_TIMEOUT",  # it covered clamd and spamd too
+    "SECUMAIL_DKIM_ANSWER_TIMEOUT": "SECUMAIL_REQUEST_TIMEOUT",  # the milter's answer too
+}
 
 
 def carry_renamed(environ: MutableMapping[str, str]) -> list[str]:
@@ -67,6 +73,11 @@ def carry_renamed(environ: MutableMapping[str, str]) -> list[str]:
             environ[new] = environ[old]
             notes.append(f"{old} is now called {new}; it still works, rename it in "
                          "secumail.env")
+    for new, old in SPLIT.items():
+        if old in environ and new not in environ:
+            environ[new] = environ[old]
+            notes.append(f"{new} is new and takes {old}'s value ({environ[old]}), as {old} "
+                         f"meant it too before; set {new} in secumail.env to part them")
     return notes
 
 
@@ -113,8 +124,8 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(30.0, ge=0)
     dns_servers: Annotated[list[HostPort], NoDecode] = []
     dns_timeout: float = Field(5.0, gt=0)
-    # Seconds a peer of the policy service or the milter may take to send one request (a
-    # policy request, a milter packet) whole, and the milter to answer one message.
+    # Seconds a peer of the policy service, the milter, a metrics listener or Postfix's
+    # agent may take to send one request (a policy request, a milter packet) whole.
     request_timeout: float = Field(30.0, gt=0)
     mynetworks: Annotated[list[Network], NoDecode] = [
         parse_network("127.0.0.0/8"),
@@ -210,7 +221,8 @@ class Settings(BaseSettings):
     # tutorial's content_filter (queued, then filtered; refusals kept, not bounced).
     filter_mode: Literal["before-queue", "after-queue"] = "before-queue"
     message_size_limit: int = Field(10240000, ge=1024)
-    relay_timeout: float = Field(120.0, gt=0)
+    relay_timeout: float = Field(120.0, gt=0)  # an SMTP next hop's reply to one command
+    scanner_timeout: float = Field(120.0, gt=0)  # clamd's or spamd's answer on one message
     filter_idle_timeout: float = Field(300.0, gt=0)
     filter_max_connections: int = Field(200, ge=1)
     quarantine_dir: str = "/var/lib/secumail/quarantine"
@@ -268,6 +280,9 @@ class Settings(BaseSettings):
     dkim_fail_open: bool = False
     dkim_max_connections: int = Field(1000, ge=1)
     dkim_idle_timeout: float = Field(600.0, gt=0)
+    # Seconds the milter may take to decide on one message (its DNS lookups: keys, SPF,
+    # DMARC, ARC); past them it answers as SECUMAIL_DKIM_FAIL_OPEN says.
+    dkim_answer_timeout: float = Field(30.0, gt=0)
     # Key rotation (secumail/dkim_rotation.py): a successor every this many days (0: off),
     # looked for this often; a retired key's record stays published this many days.
     dkim_rotate_days: float = Field(0.0, ge=0)

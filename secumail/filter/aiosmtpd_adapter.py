@@ -13,7 +13,8 @@ one fails there first):
   of empty lines, and refused lines over 1,000 bytes that Postfix passes on), what the
   client pipelined after the final dot put back into the reader's buffer;
 - XFORWARD (Postfix's XFORWARD_README);
-- a cap on a line that never ends, and the connection count.
+- a cap on a line that never ends, and the connection count;
+- replies to pipelined commands written together (`push`, reading `_reader._buffer`).
 
 The commands go straight to the session (secumail/filter/session.py), with the null sender
 spelled "" as everywhere else; aiosmtpd's own envelope is not used.
@@ -31,6 +32,7 @@ from aiosmtpd.smtp import SMTP, Session, syntax
 
 from secumail.filter.session import Filter, FilterSession
 from secumail.filter.verdicts import TEMPFAIL_INTERNAL
+from secumail.limits import READ_SIZE, UNENDING_LINE
 from secumail.logs import log_event
 from secumail.netaddr import peer_name
 from secumail.protocols.smtp import (
@@ -43,10 +45,6 @@ from secumail.protocols.smtp import (
 
 log = logging.getLogger("secumail.filter")
 
-# aiosmtpd refuses lines over 1001 bytes only once they end: a line that never ends would
-# hold the connection until the idle timeout. Past this many bytes without one, hang up.
-UNENDING_LINE = 65536
-DATA_READ_SIZE = 65536
 # The address Postfix sends, read without aiosmtpd's parser (`_getaddr`, which parses with
 # `email`'s header parser: a tenth of a filter's time).
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -108,6 +106,7 @@ class FilterSMTP(_HooksListedOnce, SMTP):
         self.relay: FilterSession | None = filter.open_session()
         super().__init__(SessionHooks(self.relay) if self.relay else _NO_SESSION, **kwargs)
         self._unterminated = 0  # bytes received since the last line end
+        self._held: list[bytes] = []  # replies to pipelined commands, not yet written
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.relay is None:  # over the cap, or draining
@@ -203,7 +202,7 @@ class FilterSMTP(_HooksListedOnce, SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         decoder = DotDecoder(self.data_size_limit)
         while not decoder.done:
-            chunk = await self._reader.read(DATA_READ_SIZE)
+            chunk = await self._reader.read(READ_SIZE)
             if not chunk:
                 return  # the client left mid-message: nothing to answer
             decoder.feed(chunk)
@@ -233,6 +232,17 @@ class FilterSMTP(_HooksListedOnce, SMTP):
         await self.push("250 2.0.0 Ok")
 
     # --- the connection ----------------------------------------------------------------------
+
+    async def push(self, status: str | bytes) -> None:
+        """A reply. Those to commands the client pipelined (RFC 2920: Postfix sends MAIL,
+        RCPT and DATA at once) go out together, in one write, once no whole command is left
+        unread: each write costs a system call and a wake-up of the client."""
+        self._held.append((status.encode() if isinstance(status, str) else status) + b"\r\n")
+        if b"\n" in cast(Any, self._reader)._buffer:
+            return  # the next command's reply goes with this one
+        held, self._held = b"".join(self._held), []
+        self._writer.write(held)
+        await self._writer.drain()
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():

@@ -37,6 +37,7 @@ from secumail.filter.verdicts import (
 from secumail.forwarded import HEADER as CLIENT_HEADER
 from secumail.forwarded import ForwardedClient
 from secumail.kept import KeptConnections
+from secumail.limits import NEXT_HOP_IDLE, NEXT_HOP_KEPT, NEXT_HOP_REUSE_LIMIT
 from secumail.logs import log_event
 from secumail.lostacks import LostAcks, message_key
 from secumail.message import header_block, header_block_end, normalize_newlines, split_headers
@@ -45,15 +46,6 @@ from secumail.protocols.smtp import Envelope, NextHop, SmtpClient, SmtpReply, Sm
 from secumail.quarantine import Quarantine, QuarantineFull
 
 log = logging.getLogger("secumail.filter")
-
-# Next-hop connections are reused across Postfix's sessions (Postfix opens one per message):
-# it spares a connection, a banner and an EHLO per message on both ends. Like Postfix's own
-# connection cache: an idle connection is kept for a short while, and none is reused after
-# a while, so that new replicas of a scaled next hop get their share.
-REUSE_IDLE_SECONDS = 2.0
-REUSE_TIME_LIMIT = 60.0
-REUSE_MAX_IDLE = 64
-
 
 @dataclass(frozen=True)
 class Relayed:
@@ -101,7 +93,7 @@ class Filter:
         self.draining = False
         self.inflight = InFlight()
         self.closing: set[asyncio.Future[None]] = set()  # next-hop QUITs, late replies
-        self.kept = KeptConnections[SmtpClient](REUSE_IDLE_SECONDS, REUSE_MAX_IDLE, self.quit)
+        self.kept = KeptConnections[SmtpClient](NEXT_HOP_IDLE, NEXT_HOP_KEPT, self.quit)
 
     # --- connections -----------------------------------------------------------------------
 
@@ -373,7 +365,7 @@ class FilterSession:
             self.reused = True  # it served this session's previous transaction
             return client
         client = self.filter.kept.take(
-            lambda kept: kept.connected and time.monotonic() - kept.opened < REUSE_TIME_LIMIT
+            lambda kept: kept.connected and time.monotonic() - kept.opened < NEXT_HOP_REUSE_LIMIT
         )
         self.reused = client is not None
         if client is not None:

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 from secumail.backend import BackendError, open_backend, ping
 from secumail.kept import KeptConnections
+from secumail.limits import (
+    CLAMD_CHUNK,
+    CLAMD_ONE_WRITE,
+    CLAMD_SESSION_IDLE,
+    CLAMD_SESSIONS_KEPT,
+)
 from secumail.logs import describe
-
-CHUNK = 64 * 1024
-ONE_WRITE = 256 * 1024  # messages up to this size go to clamd in one write
-# clamd ends a session idle for IdleTimeout (30 s by default); keep ours well under that.
-SESSION_IDLE_SECONDS = 10.0
-SESSIONS_KEPT = 32
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ def parse_reply(reply: bytes) -> ScanResult:
 
 def instream_request(message: bytes) -> bytes:
     """zINSTREAM, the message in length-prefixed chunks, and the zero length that ends it."""
-    chunks = (message[start : start + CHUNK] for start in range(0, len(message), CHUNK))
+    chunks = (message[start : start + CLAMD_CHUNK]
+              for start in range(0, len(message), CLAMD_CHUNK))
     framed = b"".join(struct.pack(">I", len(chunk)) + chunk for chunk in chunks)
     return b"zINSTREAM\0" + framed + struct.pack(">I", 0)
 
@@ -51,7 +52,8 @@ class Clamd:
         self.address = address
         self.timeout = timeout
         self.max_length = max_length
-        self.kept = KeptConnections[_Session](SESSION_IDLE_SECONDS, SESSIONS_KEPT, _Session.close)
+        self.kept = KeptConnections[_Session](CLAMD_SESSION_IDLE, CLAMD_SESSIONS_KEPT,
+                                              _Session.close)
 
     async def scan(self, message: bytes) -> ScanResult:
         """Scan `message`; BackendError when no verdict could be had."""
@@ -103,13 +105,13 @@ class _Session:
 
     async def instream(self, message: bytes) -> bytes:
         self.requests += 1
-        if len(message) <= ONE_WRITE:
+        if len(message) <= CLAMD_ONE_WRITE:
             self.writer.write(instream_request(message))  # one write: one system call
         else:  # chunk by chunk from a view: no framed copy of a big message
             view = memoryview(message)
             self.writer.write(b"zINSTREAM\0")
-            for start in range(0, len(message), CHUNK):
-                chunk = view[start:start + CHUNK]
+            for start in range(0, len(message), CLAMD_CHUNK):
+                chunk = view[start:start + CLAMD_CHUNK]
                 self.writer.write(struct.pack(">I", len(chunk)))
                 self.writer.write(chunk)
                 await self.writer.drain()

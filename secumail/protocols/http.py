@@ -2,7 +2,7 @@
 /events (secumail/metrics.py) and the Postfix container's agent (services/postfix/agent.py).
 
 One request per connection, answered with `Connection: close`: a request head not read
-whole within `timeout` is dropped, one over MAX_REQUEST_HEAD is dropped, and connections
+whole within `timeout` is dropped, one over HTTP_REQUEST_HEAD is dropped, and connections
 over `max_connections` are closed at once. No thread: the listener it replaced (wsgiref,
 a thread per connection) kept an idle connection, and its thread, for ever, and a thread
 beside a busy event loop takes the GIL from it at each of its own system calls.
@@ -16,13 +16,12 @@ from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 from urllib.parse import parse_qs
 
+from secumail.limits import HTTP_CONNECTIONS, HTTP_REQUEST_HEAD
 from secumail.logs import log_event
 from secumail.netaddr import HostPort, peer_name
 
 log = logging.getLogger("secumail.http")
 
-MAX_REQUEST_HEAD = 8192
-MAX_CONNECTIONS = 64
 JSON = "application/json"
 
 
@@ -60,7 +59,7 @@ class OneShotServer:
     """Reads a request head, asks `answer`, writes the answer and closes."""
 
     def __init__(self, answer: Answerer, timeout: float,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 max_connections: int = HTTP_CONNECTIONS) -> None:
         self.answer = answer
         self.timeout = timeout
         self.max_connections = max_connections
@@ -95,4 +94,4 @@ class OneShotServer:
 
     async def listen(self, listen: HostPort) -> asyncio.Server:
         return await asyncio.start_server(self.handle, listen.host, listen.port,
-                                          reuse_address=True, limit=MAX_REQUEST_HEAD)
+                                          reuse_address=True, limit=HTTP_REQUEST_HEAD)

@@ -25,13 +25,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 from secumail.connections import IdleDeadline, send
+from secumail.limits import READ_SIZE, SMTP_REPLY_LINE, SMTP_REPLY_LINES
 from secumail.logs import describe, log_event
 from secumail.netaddr import HostPort, parse_host_port, resolve
 
 log = logging.getLogger("secumail.smtp")
 
-MAX_REPLY_LINES = 100
-MAX_REPLY_LINE = 4096
 XFORWARD_NAMES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 # The MAIL and RCPT parameters a filter takes and passes on (RFC 6152, 6531, 1870, 3461):
 # a relay that refused Postfix's DSN parameters would refuse every message that asks for one.
@@ -129,9 +128,9 @@ class ReplyDecoder:
             if separator != "-":
                 replies.append(SmtpReply(int(code), tuple(self._lines)))
                 self._lines = []
-            elif len(self._lines) >= MAX_REPLY_LINES:
+            elif len(self._lines) >= SMTP_REPLY_LINES:
                 raise SmtpUnavailable("reply too long")
-        if len(self._buffer) > MAX_REPLY_LINE:
+        if len(self._buffer) > SMTP_REPLY_LINE:
             raise SmtpUnavailable("reply line too long")
         return replies
 
@@ -401,7 +400,7 @@ class SmtpClient:
     async def _read_reply(self) -> SmtpReply:
         assert self._reader is not None
         while not self._replies:
-            data = await self._reader.read(65536)
+            data = await self._reader.read(READ_SIZE)
             if not data:
                 raise SmtpUnavailable("connection closed by the next hop")
             self._replies = self._decoder.feed(data)

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from secumail.backend import BackendError, open_backend, ping
+from secumail.limits import SPAMD_REPLY
 from secumail.logs import describe
 
-MAX_REPLY = 64 * 1024
 Kind = Literal["spam", "ham"]  # what TELL teaches a message is (its Message-class)
 _SPAM_LINE = re.compile(r"^Spam:\s*(\w+)\s*;\s*(-?[\d.]+)\s*/\s*(-?[\d.]+)\s*$", re.I | re.M)
 
@@ -66,10 +66,10 @@ async def _exchange(address: str, request: bytes, timeout: float) -> bytes:
                 writer.write(request)
                 await writer.drain()
                 writer.write_eof()  # spamd reads to the end of the request
-                reply = await reader.read(MAX_REPLY)
-                while chunk := await reader.read(MAX_REPLY):
+                reply = await reader.read(SPAMD_REPLY)
+                while chunk := await reader.read(SPAMD_REPLY):
                     reply += chunk
-                    if len(reply) > MAX_REPLY:
+                    if len(reply) > SPAMD_REPLY:
                         raise BackendError("spamd answer too long")
             finally:
                 writer.close()

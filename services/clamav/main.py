@@ -31,7 +31,7 @@ def attachment_policy(settings: Settings) -> attachments.AttachmentPolicy:
 
 def make_filter(settings: Settings) -> FilterService:
     scanner = clamd.Clamd(
-        settings.clamd_address, settings.relay_timeout, settings.clamd_stream_max_length
+        settings.clamd_address, settings.scanner_timeout, settings.clamd_stream_max_length
     )
     policy = attachment_policy(settings)
     checking = settings.attachment_action != "off"

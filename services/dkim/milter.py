@@ -312,11 +312,11 @@ class MilterSession:
         if not self.mode or self.too_big:  # no end of headers seen, or headers after it
             self._decide()
         try:
-            async with asyncio.timeout(self.settings.request_timeout):
+            async with asyncio.timeout(self.settings.dkim_answer_timeout):
                 reply, outcome = await self._answer()
         except TimeoutError:
             reply, outcome = self._failure(
-                self.mode, f"no answer within {self.settings.request_timeout:g} s")
+                self.mode, f"no answer within {self.settings.dkim_answer_timeout:g} s")
         except Exception as error:
             log.exception("end of message failed")
             reply, outcome = self._failure(self.mode, f"internal error: {error!r}")

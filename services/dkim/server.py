@@ -26,6 +26,7 @@ from secumail.dkim_keys import (
 )
 from secumail.dmarc_reports import ReportStore
 from secumail.dns import DnsTemporaryError
+from secumail.limits import MILTER_READ_SIZE
 from secumail.logs import log_event
 from secumail.netaddr import peer_name
 from secumail.protocols import milter as mc
@@ -255,7 +256,7 @@ class DkimService:
         try:
             await read_loop(
                 reader, IdleDeadline(writer, self.settings.dkim_idle_timeout,
-                                     self.settings.request_timeout), 262144, received,
+                                     self.settings.request_timeout), MILTER_READ_SIZE, received,
                 mid_request=lambda: decoder.pending, idle_out=idle_out, ended=ended)
         finally:
             CONNECTIONS.dec()

@@ -13,6 +13,7 @@ from secumail import dns as secumail_dns
 from secumail import tracking
 from secumail.connections import ConnectionServer, IdleDeadline, read_loop, send
 from secumail.greylist_store import GreylistStore, open_store
+from secumail.limits import READ_SIZE
 from secumail.logs import log_event
 from secumail.netaddr import peer_name
 from secumail.outbound import Held
@@ -165,7 +166,7 @@ class PolicyService:
             # (smtpd_policy_service_try_limit): a draining server hangs up between requests.
             await read_loop(
                 reader, IdleDeadline(writer, self.settings.policy_idle_timeout,
-                                     self.settings.request_timeout), 65536, received,
+                                     self.settings.request_timeout), READ_SIZE, received,
                 mid_request=lambda: decoder.pending, ended=ended,
                 idle_out=lambda reason: self._drop(peer_text, "idle", reason),
                 stop=lambda: self.server.draining)

@@ -39,7 +39,7 @@ def make_filter(settings: Settings) -> FilterService:
             return oversized_verdict(len(message), settings.spam_max_size)
         try:
             result = await spamc.check(settings.spamassassin_address, message,
-                                       settings.relay_timeout)
+                                       settings.scanner_timeout)
         except BackendError as error:
             BACKEND_ERRORS.labels("spamd").inc()
             return unchecked_verdict(str(error), settings.spamd_fail_open)
@@ -88,7 +88,7 @@ def make_filter(settings: Settings) -> FilterService:
         for reported in found[:allowed]:
             try:
                 new = await spamc.learn(settings.spamassassin_address, reported, kind,
-                                        settings.relay_timeout)
+                                        settings.scanner_timeout)
             except BackendError as error:
                 BACKEND_ERRORS.labels("spamd").inc()
                 tracking.record(reports.report_event(envelope.mail_from, kind, reported,

@@ -131,3 +131,40 @@ def test_only_the_adapter_touches_aiosmtpd_and_the_filter_has_no_type_ignore() -
         if path.name != "aiosmtpd_adapter.py":
             assert not re.search(r"^\s*(from|import) aiosmtpd\b", source, re.M), path
         assert "type: ignore" not in source, path
+
+
+def test_replies_to_pipelined_commands_go_out_in_one_write() -> None:
+    """While a whole command waits unread, a reply waits for the next one's (RFC 2920);
+    the last reply of the group writes them all, in order."""
+    async def inspect_nothing(envelope: Envelope, message: bytes) -> Verdict:
+        return Verdict("deliver", "clean")
+
+    class Writer:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+        async def drain(self) -> None:
+            return None
+
+    filter = Filter("clamav", HostPort("127.0.0.1", 1), inspect_nothing, "mx.test", 1.0,
+                    Quarantine(Path("/nonexistent")), 1)
+    loop = asyncio.new_event_loop()
+    try:
+        server = FilterSMTP(filter, hostname="mx.test", loop=loop)
+        writer = Writer()
+        server._reader, server._writer = asyncio.StreamReader(loop=loop), writer  # type: ignore[assignment]
+        server._reader.feed_data(b"RCPT TO:<b@c.test>\r\nDATA\r\n")
+        loop.run_until_complete(server.push("250 2.1.0 Ok"))  # MAIL's: RCPT is waiting
+        assert writer.writes == []
+        del server._reader._buffer[:]  # RCPT and DATA read
+        loop.run_until_complete(server.push("250 2.1.5 Ok"))
+        loop.run_until_complete(server.push("354 End data with <CR><LF>.<CR><LF>"))
+        server._reader.feed_data(b"partial line, no end yet")
+        loop.run_until_complete(server.push(b"250 2.0.0 Ok"))  # not a whole command: now
+    finally:
+        loop.close()
+    assert writer.writes == [b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n", b"354 End data with "
+                             b"<CR><LF>.<CR><LF>\r\n", b"250 2.0.0 Ok\r\n"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from secumail.backend import BackendError
-from secumail.protocols.clamd import CHUNK, ScanResult, instream_request
+from secumail.limits import CLAMD_CHUNK as CHUNK
+from secumail.protocols.clamd import ScanResult, instream_request
 from secumail.protocols.clamd import parse_reply as parse_clamd
 from secumail.protocols.spamc import SpamResult, build_request
 from secumail.protocols.spamc import parse_reply as parse_spamd

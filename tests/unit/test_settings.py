@@ -120,3 +120,16 @@ def test_the_new_name_wins_over_the_old_and_the_old_is_said_to_be_ignored(
     assert notes == ["SECUMAIL_SPAMD_ADDRESS is ignored: SECUMAIL_SPAMASSASSIN_ADDRESS, its new "
                      "name, is set too; remove SECUMAIL_SPAMD_ADDRESS"]
     assert carry_renamed({}) == []
+
+
+def test_a_setting_split_in_two_keeps_a_sites_value_for_both() -> None:
+    """SECUMAIL_RELAY_TIMEOUT covered the scanners' answers too: a site that raised it for a
+    slow spamd keeps that, and is told the new name."""
+    environ = {"SECUMAIL_RELAY_TIMEOUT": "300"}
+    [note] = carry_renamed(environ)
+    assert environ["SECUMAIL_SCANNER_TIMEOUT"] == "300" and "SECUMAIL_SCANNER_TIMEOUT" in note
+    environ = {"SECUMAIL_RELAY_TIMEOUT": "300", "SECUMAIL_SCANNER_TIMEOUT": "60"}
+    assert carry_renamed(environ) == [] and environ["SECUMAIL_SCANNER_TIMEOUT"] == "60"
+    environ = {"SECUMAIL_REQUEST_TIMEOUT": "10"}
+    carry_renamed(environ)
+    assert environ["SECUMAIL_DKIM_ANSWER_TIMEOUT"] == "10"
