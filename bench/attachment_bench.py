@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import json, sys, time
 from services.clamav.attachments import AttachmentPolicy, check
-from tests.support import mail
+from testkit import mail
 policy = AttachmentPolicy.from_lists([], [], 3, 100 * 2**20, 1000)
 docs = mail.zipped([(f"doc{n}.txt", b"Quarterly figures, line after line.\n" * 3000)
                     for n in range(10)])

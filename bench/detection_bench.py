@@ -59,13 +59,12 @@ from typing import Literal
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from secumail.backend import BackendError
+from secumail.message import normalize_newlines
+from secumail.protocols.spamc import Kind, learn
+from testkit.processes import free_port, service_env, wait_for_port
 
-from secumail.backend import BackendError  # noqa: E402
-from secumail.message import normalize_newlines  # noqa: E402
-from secumail.protocols.spamc import Kind, learn  # noqa: E402
-from tests.support.processes import free_port, service_env, wait_for_port  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 Side = Literal["train", "test"]
 Outcome = Literal["stopped", "tagged", "clean", "error"]

@@ -30,22 +30,18 @@ import asyncio
 import os
 import random
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import dkim
+from cryptography.hazmat.primitives import serialization
 
-import dkim  # noqa: E402
-from cryptography.hazmat.primitives import serialization  # noqa: E402
-
-from secumail import dkim_keys as keys  # noqa: E402
-from secumail.protocols import milter as mc  # noqa: E402
-from tests.support.dkim import (  # noqa: E402
+from secumail import dkim_keys as keys
+from secumail.protocols import milter as mc
+from testkit.dkim import (
     MilterMessage,
     dkim_env,
     run_miltertest,
@@ -53,8 +49,10 @@ from tests.support.dkim import (  # noqa: E402
     start_dkim,
     start_opendkim,
 )
-from tests.support.dnsserver import LoopbackDNS  # noqa: E402
-from tests.support.processes import Daemon, free_port  # noqa: E402
+from testkit.dnsserver import LoopbackDNS
+from testkit.processes import Daemon, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DOMAIN = "bench.test"
 SELECTOR = "b1"

@@ -42,24 +42,23 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from secumail.protocols import spamc  # noqa: E402
-from tests.support import mail  # noqa: E402
-from tests.support.postfix import (  # noqa: E402
+from secumail.protocols import spamc
+from testkit import mail
+from testkit.postfix import (
     PostfixInstance,
     filtering_postfix,
     sink_transport,
 )
-from tests.support.processes import (  # noqa: E402
+from testkit.processes import (
     Daemon,
     free_port,
     service_env,
     start_service,
     wait_for_port,
 )
-from tests.support.scanners import Clamd, Spamd  # noqa: E402
+from testkit.scanners import Clamd, Spamd
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SPAMD_CHILDREN = 2
 SCANNER_SETTING = {"clamav": "clamd_address", "spamd": "spamassassin_address"}

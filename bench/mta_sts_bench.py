@@ -32,19 +32,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from aiosmtpd.controller import Controller
+from dkim_bench import cpu_seconds
+from resolver_bench import rss_kib
+
+from services.postfix.outbound_tls import daemon_config
+from testkit.dnsserver import ReplayingDNS
+from testkit.postfix import PostfixInstance
+from testkit.processes import wait_for_port
+from testkit.sink import SinkHandler
+from testkit.tls import write_test_pki
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from aiosmtpd.controller import Controller  # noqa: E402
-
-from bench.dkim_bench import cpu_seconds  # noqa: E402
-from bench.resolver_bench import rss_kib  # noqa: E402
-from services.postfix.outbound_tls import daemon_config  # noqa: E402
-from tests.support.dnsserver import ReplayingDNS  # noqa: E402
-from tests.support.postfix import PostfixInstance  # noqa: E402
-from tests.support.processes import wait_for_port  # noqa: E402
-from tests.support.sink import SinkHandler  # noqa: E402
-from tests.support.tls import write_test_pki  # noqa: E402
 
 NAMESPACE = "secumail-mta-sts-bench"
 NO_POLICY, STS = "nopolicy.bench.test", "sts.bench.test"

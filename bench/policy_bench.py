@@ -9,7 +9,7 @@ each server, with the ratio. Greylisting only, with the defaults both servers sh
 Then the cost of selective greylisting (issue 19), same stream, same run: SecuMail with SPF
 and a DNSBL zone, greylisting every triplet, against the same with every signal on (HELO
 lookups, a DNSWL zone, the names Postfix sends), DNS answering from a loopback server
-(tests/support/dnsserver.py, in a process of its own) that knows the stream's records.
+(testkit/dnsserver.py, in a process of its own) that knows the stream's records.
 
 Then the cost of outbound limits (issue 34, `--outbound`): the same inbound stream with the
 limits on and off (inbound mail is never counted: only the trusted-client test is added),
@@ -31,19 +31,17 @@ import random
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from secumail.protocols.policy import encode_request
+from testkit.dnsserver import ReplayingDNS
+from testkit.processes import free_port, wait_for_port
 
-from secumail.protocols.policy import encode_request  # noqa: E402
-from tests.support.dnsserver import ReplayingDNS  # noqa: E402
-from tests.support.processes import free_port, wait_for_port  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BLOCKLIST, WHITELIST = "bl.bench.test", "wl.bench.test"
 

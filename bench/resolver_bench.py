@@ -5,7 +5,7 @@ confirmation, the sender's domain, the HELO name) cross the forwarder of its con
 (secumail/dns_forwarder.py) before the DNS server. Its peer is the same DNS server asked
 directly, as Postfix asks Docker's DNS without the setting. One client asks as the C
 library does, one question at a time over UDP, from `--clients` threads at once; the DNS
-server (tests/support/dnsserver.py ReplayingDNS, in a process of its own) answers from
+server (testkit/dnsserver.py ReplayingDNS, in a process of its own) answers from
 memory, so what differs is the forwarder. Prints queries/s, p50/p99 latency, the
 forwarder's CPU per query and RSS, and the ratio.
 
@@ -25,14 +25,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import dns.message
+from dkim_bench import cpu_seconds
+
+from testkit.dnsserver import ReplayingDNS
+from testkit.processes import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import dns.message  # noqa: E402
-
-from bench.dkim_bench import cpu_seconds  # noqa: E402
-from tests.support.dnsserver import ReplayingDNS  # noqa: E402
-from tests.support.processes import free_port  # noqa: E402
 
 NAMES = 500  # distinct names, each asked again and again (as a resolver's cache would see)
 

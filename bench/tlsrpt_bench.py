@@ -18,21 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry, Counter
+
+from gateway.tls_reports import TlsReporter
+from gateway.tracking import StoredEvent
+from secumail.settings import Settings
+from services.postfix.events import PostfixEvents, TlsSessions
+from services.postfix.outbound_tls import cached_policies
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from prometheus_client import CollectorRegistry, Counter  # noqa: E402
-
-from gateway.tls_reports import TlsReporter  # noqa: E402
-from gateway.tracking import StoredEvent  # noqa: E402
-from secumail.settings import Settings  # noqa: E402
-from services.postfix.events import PostfixEvents, TlsSessions  # noqa: E402
-from services.postfix.outbound_tls import cached_policies  # noqa: E402
 
 INBOUND = [
     "Dec 07 21:09:10 mx postfix/smtpd[300]: connect from client.example[198.51.100.{i}]",

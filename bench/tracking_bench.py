@@ -27,7 +27,6 @@ import multiprocessing
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -36,15 +35,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from filter_bench import cpu_seconds, smtp_sink, smtp_source, stand_in_scanners
+from policy_bench import PLAIN, make_stream, measure, replay, start_secumail
 
-from bench.filter_bench import cpu_seconds, smtp_sink, smtp_source, stand_in_scanners  # noqa: E402
-from bench.policy_bench import PLAIN, make_stream, measure, replay, start_secumail  # noqa: E402
-from gateway.tracking import StoredEvent, TrackingStore  # noqa: E402
-from secumail import tracking  # noqa: E402
-from secumail.protocols.policy import encode_request  # noqa: E402
-from tests.support.processes import free_port, scrape, service_env, start_service  # noqa: E402
+from gateway.tracking import StoredEvent, TrackingStore
+from secumail import tracking
+from secumail.protocols.policy import encode_request
+from testkit.processes import free_port, scrape, service_env, start_service
+
+ROOT = Path(__file__).resolve().parents[1]
 
 INTERVAL = 2.0  # SECUMAIL_TRACKING_INTERVAL's default
 

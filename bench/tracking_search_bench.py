@@ -21,7 +21,6 @@ import itertools
 import json
 import multiprocessing
 import random
-import sys
 import tempfile
 import time
 import tracemalloc
@@ -29,12 +28,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from gateway.tracking import Search, StoredEvent, TrackingStore
+from secumail import tracking
+from secumail.tracking import Event
 
-from gateway.tracking import Search, StoredEvent, TrackingStore  # noqa: E402
-from secumail import tracking  # noqa: E402
-from secumail.tracking import Event  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 START = 1_800_000_000.0
 WEEK = 7 * 86400.0

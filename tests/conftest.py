@@ -8,11 +8,11 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import settings
 
-from tests.support.dnsserver import LoopbackDNS
-from tests.support.policy_client import PolicyClient
-from tests.support.processes import Daemon, free_port, require_binary, wait_for_port
-from tests.support.scanners import Clamd, Spamd
-from tests.support.sink import SmtpSink
+from testkit.dnsserver import LoopbackDNS
+from testkit.policy_client import PolicyClient
+from testkit.processes import Daemon, free_port, require_binary, wait_for_port
+from testkit.scanners import Clamd, Spamd
+from testkit.sink import SmtpSink
 
 # Property and fuzz tests: 100 examples in the suite; HYPOTHESIS_PROFILE=fuzz runs 3,000.
 settings.register_profile("fuzz", max_examples=3000)

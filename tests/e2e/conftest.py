@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.dnssec import signed_zone, tlsa_3_1_1
-from tests.support.processes import free_port
-from tests.support.scanners import TESTFILES, write_signatures
-from tests.support.tls import write_test_pki
+from testkit.dnssec import signed_zone, tlsa_3_1_1
+from testkit.processes import free_port
+from testkit.scanners import TESTFILES, write_signatures
+from testkit.tls import write_test_pki
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "secumail-e2e"

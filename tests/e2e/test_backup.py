@@ -11,10 +11,10 @@ import time
 import uuid
 from pathlib import Path
 
+from testkit import mail
 from tests.e2e.conftest import CHAIN_SERVICES, Stack
 from tests.e2e.test_gateway import QUARANTINE_SCRIPT, Gateway
 from tests.e2e.test_stack import BOT_HELO, attempt
-from tests.support import mail
 
 LOCAL = "127.0.0.41"  # a host of ours (XCLIENT), in SECUMAIL_MYNETWORKS
 

@@ -14,10 +14,10 @@ from email.utils import make_msgid
 import dkim
 
 from secumail.dmarc_reports import Check, Published, report_xml
+from testkit import mail
 from tests.e2e.conftest import Stack
 from tests.e2e.test_gateway import Gateway
 from tests.e2e.test_stack import attempt, deliver
-from tests.support import mail
 
 
 def test_outbound_mail_is_signed_with_a_key_made_by_the_key_tool(stack: Stack) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from testkit import mail
 from tests.e2e.conftest import (
     CLAMAV_REPLICAS,
     COMPOSE_FILES,
@@ -21,7 +22,6 @@ from tests.e2e.conftest import (
     Stack,
 )
 from tests.e2e.test_stack import attempt
-from tests.support import mail
 
 HOST_SERVICES = ("postfix", "policy", "dkim")  # what SECUMAIL_TRUST_DOCKER_HOST changes
 

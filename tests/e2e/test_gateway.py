@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from testkit import mail
 from tests.e2e.conftest import CLAMAV_REPLICAS, Stack
 from tests.e2e.test_stack import BOT_HELO, attempt
-from tests.support import mail
 
 ADMIN = "e2e-admin-token-0123456789"  # tests/e2e/compose.test.yaml
 METRICS = "e2e-metrics-token-0123456789"

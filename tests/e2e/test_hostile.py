@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from testkit import mail
 from tests.e2e.conftest import Stack
 from tests.e2e.test_stack import BOT_HELO, attempt, session
-from tests.support import mail
 
 # --- Who may relay ------------------------------------------------------------------------
 

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from testkit import mail
 from tests.e2e.conftest import Stack
 from tests.e2e.test_stack import attempt, deliver
-from tests.support import mail
 
 
 def test_before_queue_clamd_down_is_a_4xx_then_the_message_goes_through(stack: Stack) -> None:

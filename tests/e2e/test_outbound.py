@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from testkit import mail
 from tests.e2e.conftest import Stack
 from tests.e2e.test_gateway import Gateway
 from tests.e2e.test_stack import attempt
-from tests.support import mail
 
 LIMITS = {"SECUMAIL_E2E_OUTBOUND_LIMITS": "sender:messages:3/hour,client:messages:1000/hour",
           "SECUMAIL_E2E_OUTBOUND_HOLD_FACTOR": "2"}

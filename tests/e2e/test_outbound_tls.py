@@ -21,9 +21,9 @@ from collections.abc import Iterator
 import parsedmarc
 import pytest
 
+from testkit import mail
 from tests.e2e.conftest import Stack
 from tests.e2e.test_stack import attempt
-from tests.support import mail
 
 # Domain -> the receiver its MX points at.
 DELIVERED = {

@@ -13,8 +13,8 @@ from email.utils import make_msgid
 
 import pytest
 
+from testkit import mail
 from tests.e2e.conftest import CLAMAV_REPLICAS, Stack
-from tests.support import mail
 
 # A HELO name the test DNS does not know: with no reverse DNS (the sessions' default), a
 # client that selective greylisting scores at its threshold, as a spam bot.

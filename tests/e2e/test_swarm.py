@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 
+from testkit.dnsserver import LoopbackDNS
+from testkit.processes import free_port
+from testkit.scanners import TESTFILES, write_signatures
 from tests.e2e.conftest import ROOT
 from tests.e2e.readme import README, SWARM_BLOCK, Step, blocks, run_blocks
-from tests.support.dnsserver import LoopbackDNS
-from tests.support.processes import free_port
-from tests.support.scanners import TESTFILES, write_signatures
 
 STACK = "secumail"  # the README's name
 SERVICES = ("clamav", "clamd", "dkim", "gateway", "policy", "postfix", "redis", "spamassassin",

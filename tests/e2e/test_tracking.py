@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
+from testkit import mail
 from tests.e2e.conftest import Stack
 from tests.e2e.test_gateway import Gateway
 from tests.e2e.test_stack import BOT_HELO, attempt, deliver
-from tests.support import mail
 
 GOOD_NAME = "mail.remote.test"  # forward-confirmed in the test DNS: not greylisted
 CLIENT = "198.18.0.81"  # the greylisted client (RFC 2544's benchmarking range)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.processes import Daemon, free_port, service_env, start_service
-from tests.support.scanners import Clamd, Spamd
-from tests.support.sink import SmtpSink
+from testkit.processes import Daemon, free_port, service_env, start_service
+from testkit.scanners import Clamd, Spamd
+from testkit.sink import SmtpSink
 
 
 class Chain:

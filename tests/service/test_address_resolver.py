@@ -17,7 +17,7 @@ import pytest
 
 from secumail.dns import AddressResolver, name_resolves
 from secumail.netaddr import parse_host_port
-from tests.support.dnsserver import LoopbackDNS
+from testkit.dnsserver import LoopbackDNS
 
 
 def resolver_for(server: LoopbackDNS, timeout: float = 2.0) -> AddressResolver:

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from testkit import mail
 from tests.service.test_gateway_service import ADMIN, HOSTS, Stack, stack  # noqa: F401
-from tests.support import mail
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 PHONE = (390, 844)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.dkim import (
+from testkit.dkim import (
     MilterResult,
     dkim_env,
     keygen,
@@ -29,8 +29,8 @@ from tests.support.dkim import (
     start_dkim,
     start_opendkim,
 )
-from tests.support.dnsserver import LoopbackDNS
-from tests.support.processes import VENV_BIN, Daemon, free_port, require_binary
+from testkit.dnsserver import LoopbackDNS
+from testkit.processes import VENV_BIN, Daemon, free_port, require_binary
 
 DNS_ADDRESS = "127.53.0.1"  # port 53, so that tools reading /etc/resolv.conf can use it
 UNIT_DATA = Path(__file__).parents[1] / "unit" / "data"
@@ -353,7 +353,7 @@ def test_the_running_milter_rotates_its_key_once_the_successor_is_published(
     import os
 
     from secumail import dkim_keys
-    from tests.support.processes import scrape
+    from testkit.processes import scrape
 
     keys_dir = tmp_path / "keys"
     keygen(keys_dir, "keygen", "secumail.test", "--selector", "old", "--bits", "1024")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import mail
-from tests.support.processes import (
+from testkit import mail
+from testkit.processes import (
     Daemon,
     free_port,
     require_binary,
@@ -22,7 +22,7 @@ from tests.support.processes import (
     start_service,
     wait_for_port,
 )
-from tests.support.scanners import Clamd
+from testkit.scanners import Clamd
 
 SIZE = 10_000_000
 HEAD = b"From: alice@secumail.test\r\nTo: bob@secumail.test\r\nSubject: big\r\n\r\n"

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from secumail.access import AllowedClients
+from testkit import mail
+from testkit.processes import free_port, scrape
+from testkit.sink import SmtpSink
 from tests.service.conftest import Chain, StartChain
-from tests.support import mail
-from tests.support.processes import free_port, scrape
-from tests.support.sink import SmtpSink
 
 
 def test_clean_mail_passes_both_filters_with_their_headers(

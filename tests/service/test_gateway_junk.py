@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.processes import Daemon, free_port, rss_kib, service_env, start_service
+from testkit.processes import Daemon, free_port, rss_kib, service_env, start_service
 
 
 @pytest.fixture

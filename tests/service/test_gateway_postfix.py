@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.postfix import PostfixInstance
-from tests.support.processes import Daemon, free_port, service_env, wait_for_port
-from tests.support.sink import SmtpSink
+from testkit.postfix import PostfixInstance
+from testkit.processes import Daemon, free_port, service_env, wait_for_port
+from testkit.sink import SmtpSink
 
 DRIVER = """
 import sys

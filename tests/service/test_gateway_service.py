@@ -32,13 +32,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from secumail import probes
 from secumail.quarantine import Quarantine
-from tests.service.test_gateway_postfix import DRIVER
-from tests.support import mail
-from tests.support.dkim import dkim_env
-from tests.support.dnsserver import LoopbackDNS
-from tests.support.policy_client import PolicyClient, rcpt_request
-from tests.support.postfix import PostfixInstance
-from tests.support.processes import (
+from testkit import mail
+from testkit.dkim import dkim_env
+from testkit.dnsserver import LoopbackDNS
+from testkit.policy_client import PolicyClient, rcpt_request
+from testkit.postfix import PostfixInstance
+from testkit.processes import (
     VENV_BIN,
     Daemon,
     free_port,
@@ -46,8 +45,9 @@ from tests.support.processes import (
     service_env,
     wait_for_port,
 )
-from tests.support.scanners import Clamd, Spamd
-from tests.support.sink import SmtpSink
+from testkit.scanners import Clamd, Spamd
+from testkit.sink import SmtpSink
+from tests.service.test_gateway_postfix import DRIVER
 
 ADMIN = "admin-token-for-the-service-tests"
 METRICS = "metrics-token-for-the-service-tests"

@@ -23,9 +23,9 @@ from secumail.protocols import spamc
 from secumail.protocols.smtp import SmtpReply
 from secumail.quarantine import Quarantine, QuarantineRecord
 from secumail.settings import Settings
-from tests.support.processes import free_port, service_env, start_service
-from tests.support.scanners import Spamd
-from tests.support.sink import SmtpSink
+from testkit.processes import free_port, service_env, start_service
+from testkit.scanners import Spamd
+from testkit.sink import SmtpSink
 
 ADMIN = "learning-admin-token-0123456789"
 SPAM = (b"From: Best Deals <deals@offers.test>\r\nTo: bob@secumail.test\r\n"

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from secumail.protocols.policy import encode_request
-from tests.support.processes import free_port, policy_env, scrape, start_policy
+from testkit.processes import free_port, policy_env, scrape, start_policy
 
 
 def ask(port: int, request: bytes) -> bytes:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from secumail import probes
-from tests.support.dnsserver import LoopbackDNS
-from tests.support.policy_client import PolicyClient, rcpt_request
-from tests.support.processes import (
+from testkit.dnsserver import LoopbackDNS
+from testkit.policy_client import PolicyClient, rcpt_request
+from testkit.processes import (
     VENV_BIN,
     Daemon,
     free_port,

@@ -9,7 +9,7 @@ import pytest
 
 from secumail.settings import Settings
 from services.postfix.render import render
-from tests.support.processes import require_binary
+from testkit.processes import require_binary
 
 
 @pytest.mark.parametrize("mode", ["before-queue", "after-queue"])

@@ -21,11 +21,11 @@ from secumail.dmarc_reports import ReportStore, day_of
 from secumail.dns import make_resolver
 from secumail.netaddr import parse_host_port
 from secumail.txt_lookup import dkimpy_dnsfunc
-from tests.support.dkim import dkim_env, keygen, record_from_output, start_dkim
-from tests.support.dnsserver import LoopbackDNS
-from tests.support.postfix import PostfixInstance
-from tests.support.processes import Daemon, free_port, policy_env, start_policy
-from tests.support.sink import SmtpSink
+from testkit.dkim import dkim_env, keygen, record_from_output, start_dkim
+from testkit.dnsserver import LoopbackDNS
+from testkit.postfix import PostfixInstance
+from testkit.processes import Daemon, free_port, policy_env, start_policy
+from testkit.sink import SmtpSink
 
 REMOTE_CLIENT = "203.0.113.7"
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from testkit import mail
+from testkit.dkim import dkim_env, keygen, record_from_output, start_dkim
+from testkit.dnsserver import LoopbackDNS
+from testkit.postfix import PostfixInstance, filtering_postfix
+from testkit.processes import Daemon, free_port
+from testkit.scanners import Clamd
+from testkit.sink import SmtpSink
 from tests.service.conftest import StartChain
-from tests.support import mail
-from tests.support.dkim import dkim_env, keygen, record_from_output, start_dkim
-from tests.support.dnsserver import LoopbackDNS
-from tests.support.postfix import PostfixInstance, filtering_postfix
-from tests.support.processes import Daemon, free_port
-from tests.support.scanners import Clamd
-from tests.support.sink import SmtpSink
 
 StartPostfix = Callable[..., tuple[PostfixInstance, int]]
 

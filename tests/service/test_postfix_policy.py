@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.dnsserver import LoopbackDNS
-from tests.support.postfix import PostfixInstance, sink_transport
-from tests.support.processes import Daemon, free_port, policy_env, start_policy
-from tests.support.sink import SmtpSink
+from testkit.dnsserver import LoopbackDNS
+from testkit.postfix import PostfixInstance, sink_transport
+from testkit.processes import Daemon, free_port, policy_env, start_policy
+from testkit.sink import SmtpSink
 
 DELAY = 2
 

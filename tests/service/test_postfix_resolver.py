@@ -17,8 +17,8 @@ import pytest
 
 from secumail.dns_forwarder import Forwarder, serve
 from secumail.netaddr import HostPort, parse_network
-from tests.support.dnsserver import LoopbackDNS
-from tests.support.processes import free_port
+from testkit.dnsserver import LoopbackDNS
+from testkit.processes import free_port
 
 STACK = [parse_network("172.29.126.0/24")]
 LONG_TXT = " ".join(f'"{"x" * 200}"' for _ in range(4))  # over 512 bytes in one answer

@@ -22,7 +22,7 @@ from services.clamav.attachments import (
     strip,
 )
 from services.clamav.verdict import attachment_verdict
-from tests.support.mail import (
+from testkit.mail import (
     PROGRAM,
     attaching,
     bzip2_bomb,

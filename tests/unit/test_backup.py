@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from secumail import backup
-from tests.support.processes import free_port, require_binary, wait_for_port
+from testkit.processes import free_port, require_binary, wait_for_port
 
 
 def state_tree(root: Path) -> Path:

@@ -11,8 +11,8 @@ import pytest
 from secumail.greylist_store import SqliteStore, Triplet, WhitelistEntry, normalize_whitelist_entry
 from secumail.settings import Settings
 from services.policy.engine import PolicyEngine
-from tests.support.fakes import FakeAsyncResolver, FakeClock, FakeResolver
-from tests.support.policy_client import rcpt_request
+from testkit.fakes import FakeAsyncResolver, FakeClock, FakeResolver
+from testkit.policy_client import rcpt_request
 
 
 def rcpt(client: str, sender: str, recipient: str) -> dict[str, str]:

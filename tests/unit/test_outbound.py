@@ -19,8 +19,8 @@ from secumail.outbound import (
 from secumail.outbound_store import SqliteOutbound
 from secumail.settings import Settings
 from services.policy.engine import PolicyEngine
-from tests.support.fakes import FakeAsyncResolver, FakeClock, FakeResolver
-from tests.support.policy_client import rcpt_request
+from testkit.fakes import FakeAsyncResolver, FakeClock, FakeResolver
+from testkit.policy_client import rcpt_request
 
 LOCAL = "127.0.0.5"  # in the default SECUMAIL_MYNETWORKS
 

@@ -10,8 +10,8 @@ import pytest
 from secumail.greylist_store import ClientRecord, SqliteStore, Triplet
 from secumail.settings import Settings
 from services.policy.engine import TEMPORARY_FAILURE, PolicyEngine
-from tests.support.fakes import FakeAsyncResolver, FakeClock, FakeResolver
-from tests.support.policy_client import rcpt_request
+from testkit.fakes import FakeAsyncResolver, FakeClock, FakeResolver
+from testkit.policy_client import rcpt_request
 
 
 class BrokenStore(SqliteStore):

@@ -34,7 +34,7 @@ from secumail.tracking import Event, EventLog
 from services.policy.engine import Decision
 from services.policy.server import PolicyService
 from services.postfix.events import PostfixEvents
-from tests.support.policy_client import rcpt_request
+from testkit.policy_client import rcpt_request
 
 # --- what the services record ------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.processes import VENV_BIN, Daemon, free_port, require_binary, wait_for_port
+from testkit.processes import VENV_BIN, Daemon, free_port, require_binary, wait_for_port
 
 HOSTNAME = "mx.secumail.test"
 

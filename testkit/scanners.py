@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.support.processes import Daemon, free_port, require_binary
+from testkit.processes import Daemon, free_port, require_binary
 
 TESTFILES = Path("/usr/share/clamav-testfiles")
 EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"

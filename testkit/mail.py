@@ -8,7 +8,7 @@ import functools
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
-from tests.support.scanners import EICAR, GTUBE, TESTFILES
+from testkit.scanners import EICAR, GTUBE, TESTFILES
 
 
 def plain(

@@ -17,7 +17,7 @@ from services.postfix.render import (
     smtp_options,
     standard_services,
 )
-from tests.support.processes import free_port, require_binary, wait_for_port
+from testkit.processes import free_port, require_binary, wait_for_port
 
 
 class PostfixInstance:

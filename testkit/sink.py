@@ -11,7 +11,7 @@ from email.message import Message
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from tests.support.processes import free_port
+from testkit.processes import free_port
 
 
 class SinkHandler:
