@@ -18,8 +18,37 @@ from email import policy
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from functools import cached_property
+from typing import Any
 
-_HEADERS = BytesHeaderParser(policy=policy.default)
+_UNSET = object()
+
+
+class PartHeaders(EmailMessage):
+    """A part's header block, as the email package reads it, each field parsed at most once.
+
+    Every get() of a field makes the email package parse it into a header object again
+    (get_content_type, get_param and get_filename each get() Content-Type or
+    Content-Disposition): 3 or 4 parses a part, most of a filter's attachment check. The
+    same parser with the same policy, its first answer kept: what is read does not change."""
+
+    def get(self, name: str, failobj: Any = None) -> Any:
+        parsed: dict[str, Any] = self.__dict__.setdefault("_parsed", {})
+        key = name.lower()
+        value = parsed.get(key, _UNSET)
+        if value is _UNSET:
+            value = parsed[key] = super().get(name, _UNSET)
+        return failobj if value is _UNSET else value
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self.__dict__.pop("_parsed", None)
+        super().__setitem__(name, value)
+
+    def __delitem__(self, name: str) -> None:
+        self.__dict__.pop("_parsed", None)
+        super().__delitem__(name)
+
+
+_HEADERS = BytesHeaderParser(_class=PartHeaders, policy=policy.default)
 # Every byte but base64's alphabet: line breaks, padding, junk (bytes.translate drops them
 # ten times faster than a regular expression).
 _NOT_BASE64 = bytes(sorted(set(range(256)) - set(

@@ -433,3 +433,33 @@ def test_small_text_mail_is_checked_inline_and_archives_go_to_a_thread() -> None
                               "executable-content: a.zip > invoice.pdf.exe"]
     with pytest.raises(NeedsThread):  # over INLINE_MAX_BYTES, text or not
         check(attaching([("a.txt", b"x" * 300_000)]), POLICY, inline=True)
+
+
+@pytest.mark.parametrize("block", [
+    b"Content-Type: text/plain; charset=utf-8\r\n\r\n",
+    b"Content-Type: multipart/mixed; boundary=\"b1\"\r\nContent-Type: text/plain\r\n\r\n",
+    b"content-type: APPLICATION/octet-stream; name*0=\"ev\"; name*1=\"il.exe\"\r\n"
+    b"Content-Disposition: attachment; filename=\"=?utf-8?q?a=2Eexe?=\"\r\n\r\n",
+    b"Content-Type: text\r\nContent-Transfer-Encoding: BASE64\r\n\r\n",
+    b"Subject: no MIME fields at all\r\n\r\n",
+    b"Content-Disposition: attachment; filename*=utf-8''%E2%80%AEexe.txt\r\n\r\n",
+])
+def test_headers_read_once_read_as_the_email_package_reads_them(block: bytes) -> None:
+    """secumail/mime.py's PartHeaders keeps each field's first parse: every answer the
+    attachment check asks for, asked twice, is what a plain EmailMessage gives."""
+    from email import policy
+    from email.parser import BytesHeaderParser
+
+    from secumail.mime import PartHeaders
+
+    ours = BytesHeaderParser(_class=PartHeaders, policy=policy.default).parsebytes(block)
+    plain = BytesHeaderParser(policy=policy.default).parsebytes(block)
+    assert isinstance(ours, PartHeaders)
+    for _ in range(2):
+        assert ours.get_content_type() == plain.get_content_type()
+        assert ours.get_param("boundary") == plain.get_param("boundary")
+        assert ours.get_filename() == plain.get_filename()
+        assert ours.get("content-transfer-encoding", "x") == \
+            plain.get("content-transfer-encoding", "x")
+        assert ours.get("Content-Type") == plain.get("Content-Type")
+        assert list(ours.raw_items()) == list(plain.raw_items())
