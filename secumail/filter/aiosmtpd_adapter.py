@@ -14,7 +14,7 @@ one fails there first):
   client pipelined after the final dot put back into the reader's buffer;
 - XFORWARD (Postfix's XFORWARD_README);
 - a cap on a line that never ends, and the connection count;
-- replies to pipelined commands written together (`push`, reading `_reader._buffer`).
+- replies to pipelined commands written together (`_reply`, reading `_reader._buffer`).
 
 The commands go straight to the session (secumail/filter/session.py), with the null sender
 spelled "" as everywhere else; aiosmtpd's own envelope is not used.
@@ -159,9 +159,10 @@ class FilterSMTP(_HooksListedOnce, SMTP):
             await self.push(problem)
             return
         if verb == "MAIL":
-            await self.push(await relay.mail("" if address == "<>" else address, parameters))
+            reply = await relay.mail("" if address == "<>" else address, parameters)
         else:
-            await self.push(await relay.rcpt(address, parameters))
+            reply = await relay.rcpt(address, parameters)
+        await self._reply(reply, pipelined=True)
 
     def _address_and_parameters(self, keyword: str, arg: str) -> tuple[str | None, list[str]]:
         """The address and parameters of MAIL or RCPT; (None, [the reply]) when malformed."""
@@ -229,17 +230,23 @@ class FilterSMTP(_HooksListedOnce, SMTP):
             attributes[name.upper()] = value
         assert self.relay is not None
         self.relay.xforward(attributes)
-        await self.push("250 2.0.0 Ok")
+        await self._reply("250 2.0.0 Ok", pipelined=True)
 
     # --- the connection ----------------------------------------------------------------------
 
     async def push(self, status: str | bytes) -> None:
-        """A reply. Those to commands the client pipelined (RFC 2920: Postfix sends MAIL,
-        RCPT and DATA at once) go out together, in one write, once no whole command is left
-        unread: each write costs a system call and a wake-up of the client."""
+        """Every reply aiosmtpd writes, and ours: written now, after any held back."""
+        await self._reply(status, pipelined=False)
+
+    async def _reply(self, status: str | bytes, pipelined: bool) -> None:
+        """A reply. Those to MAIL, RCPT and XFORWARD (`pipelined`), which a client may send
+        in a group (RFC 2920: Postfix sends MAIL, RCPT and DATA at once), wait while a whole
+        command is left unread, and go out with the next reply, in one write: each write
+        costs a system call and a wake-up of the client. Any other reply (354, the end of
+        DATA, an error, a goodbye before the connection closes) is written at once."""
         self._held.append((status.encode() if isinstance(status, str) else status) + b"\r\n")
-        if b"\n" in cast(Any, self._reader)._buffer:
-            return  # the next command's reply goes with this one
+        if pipelined and b"\n" in cast(Any, self._reader)._buffer:
+            return
         held, self._held = b"".join(self._held), []
         self._writer.write(held)
         await self._writer.drain()

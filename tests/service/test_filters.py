@@ -490,6 +490,23 @@ def test_only_the_hosts_that_hand_a_filter_mail_may_use_it(
 
 
 
+def test_a_refused_client_that_talks_first_still_hears_why(chain: StartChain) -> None:
+    """Commands sent before the greeting (spam bots do) are unread when the filter refuses
+    the client: its 554 is written all the same, before it hangs up."""
+    filters = chain(clamav_allowed_clients="127.0.0.3")
+    with socket.create_connection(("127.0.0.1", filters.port), timeout=10,
+                                  source_address=("127.0.0.2", 0)) as sock:
+        sock.sendall(b"EHLO bot.test\r\nMAIL FROM:<a@evil.test>\r\nRCPT TO:<x@b.test>\r\n")
+        heard = b""
+        try:
+            while chunk := sock.recv(4096):
+                heard += chunk
+        except OSError:
+            pass  # reset: what came before it counts
+    assert heard.startswith(b"554 5.7.1 "), heard
+    assert b"250" not in heard
+
+
 def test_clients_arriving_while_the_allowed_names_resolve_all_get_an_answer(
     chain: StartChain,
 ) -> None:

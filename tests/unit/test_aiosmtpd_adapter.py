@@ -134,8 +134,9 @@ def test_only_the_adapter_touches_aiosmtpd_and_the_filter_has_no_type_ignore() -
 
 
 def test_replies_to_pipelined_commands_go_out_in_one_write() -> None:
-    """While a whole command waits unread, a reply waits for the next one's (RFC 2920);
-    the last reply of the group writes them all, in order."""
+    """While a whole command waits unread, the reply to MAIL, RCPT or XFORWARD waits for the
+    next one's (RFC 2920); the next reply writes them all, in order. Any other reply goes at
+    once: a goodbye before the connection closes is never held back."""
     async def inspect_nothing(envelope: Envelope, message: bytes) -> Verdict:
         return Verdict("deliver", "clean")
 
@@ -157,14 +158,18 @@ def test_replies_to_pipelined_commands_go_out_in_one_write() -> None:
         writer = Writer()
         server._reader, server._writer = asyncio.StreamReader(loop=loop), writer  # type: ignore[assignment]
         server._reader.feed_data(b"RCPT TO:<b@c.test>\r\nDATA\r\n")
-        loop.run_until_complete(server.push("250 2.1.0 Ok"))  # MAIL's: RCPT is waiting
+        loop.run_until_complete(server._reply("250 2.1.0 Ok", pipelined=True))  # MAIL's
+        assert writer.writes == []  # RCPT is waiting
+        del server._reader._buffer[:len(b"RCPT TO:<b@c.test>\r\n")]  # DATA is waiting
+        loop.run_until_complete(server._reply("250 2.1.5 Ok", pipelined=True))
         assert writer.writes == []
-        del server._reader._buffer[:]  # RCPT and DATA read
-        loop.run_until_complete(server.push("250 2.1.5 Ok"))
+        del server._reader._buffer[:]
         loop.run_until_complete(server.push("354 End data with <CR><LF>.<CR><LF>"))
         server._reader.feed_data(b"partial line, no end yet")
-        loop.run_until_complete(server.push(b"250 2.0.0 Ok"))  # not a whole command: now
+        loop.run_until_complete(server._reply(b"250 2.1.0 Ok", pipelined=True))  # now
+        server._reader.feed_data(b"\r\nNOOP\r\n")
+        loop.run_until_complete(server.push("221 Bye"))  # never held
     finally:
         loop.close()
-    assert writer.writes == [b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n", b"354 End data with "
-                             b"<CR><LF>.<CR><LF>\r\n", b"250 2.0.0 Ok\r\n"]
+    assert writer.writes == [b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with "
+                             b"<CR><LF>.<CR><LF>\r\n", b"250 2.1.0 Ok\r\n", b"221 Bye\r\n"]
